@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up everything the test suite needs on a fresh Debian machine, then runs it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v prometheus >/dev/null 2>&1; then
+    # The service's integration test scrapes real metrics with a real Prometheus server.
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+python3 -m pip install -q -e '.[test]'
+python3 -m pip check
+exec python3 -m pytest -q "$@"
