@@ -29,7 +29,7 @@ def as_float64(x: ArrayLike, device: torch.device | str | None = None) -> torch.
     return t.to(device=device if device is not None else t.device, dtype=torch.float64)
 
 
-def _pearson_from_moments(n: int, sx, sxx, sy, syy, sxy) -> torch.Tensor:
+def _pearson_from_moments(n: "int | torch.Tensor", sx, sxx, sy, syy, sxy) -> torch.Tensor:
     """Pearson r from sums over n items; zero variance on either side gives 0."""
     vx = sxx - sx * sx / n
     vy = syy - sy * sy / n
@@ -41,18 +41,29 @@ def _pearson_from_moments(n: int, sx, sxx, sy, syy, sxy) -> torch.Tensor:
     return torch.where(degenerate, torch.zeros_like(r), r)
 
 
+def _unit_rows(m: torch.Tensor) -> torch.Tensor:
+    """Rows centred and scaled to unit norm; a constant row becomes all zeros."""
+    centred = m - m.mean(dim=-1, keepdim=True)
+    norms = torch.linalg.vector_norm(centred, dim=-1, keepdim=True)
+    constant = norms <= 1e-12 * torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(1e-300)
+    return torch.where(constant, torch.zeros_like(centred), centred / norms.clamp_min(1e-300))
+
+
 def _correlation_matrix_t(m: torch.Tensor) -> torch.Tensor:
     """(..., n, k) float64 -> (..., n, n) row correlations, constant rows correlating 0."""
-    centred = m - m.mean(dim=-1, keepdim=True)
-    norms = torch.linalg.vector_norm(centred, dim=-1)  # (..., n)
-    scale = torch.linalg.vector_norm(m, dim=-1)
-    constant = norms <= 1e-12 * scale.clamp_min(1e-300)
-    unit = centred / torch.where(constant, torch.ones_like(norms), norms).unsqueeze(-1)
-    unit = unit * (~constant).unsqueeze(-1)
-    c = unit @ unit.transpose(-1, -2)
-    c = c.clamp(-1.0, 1.0)
+    unit = _unit_rows(m)
+    c = (unit @ unit.transpose(-1, -2)).clamp(-1.0, 1.0)
     c.diagonal(dim1=-2, dim2=-1).fill_(1.0)
     return c
+
+
+def _check_rows(name: str, t: torch.Tensor) -> None:
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, k), got shape {tuple(t.shape)}")
+    if t.shape[1] < 2:
+        raise ValueError(f"{name} needs at least 2 columns to correlate rows, got {t.shape[1]}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
 
 
 def correlation_matrix(m: ArrayLike) -> np.ndarray:
@@ -62,13 +73,22 @@ def correlation_matrix(m: ArrayLike) -> np.ndarray:
     correlates 0 with every other row.
     """
     t = as_float64(m)
-    if t.ndim != 2:
-        raise ValueError(f"m must be 2-D (n, k), got shape {tuple(t.shape)}")
-    if t.shape[1] < 2:
-        raise ValueError(f"m needs at least 2 columns to correlate rows, got {t.shape[1]}")
-    if not torch.isfinite(t).all():
-        raise ValueError("m contains NaN or infinite values")
+    _check_rows("m", t)
     return _correlation_matrix_t(t).cpu().numpy()
+
+
+def cross_correlation(x: ArrayLike, y: ArrayLike) -> np.ndarray:
+    """Pearson correlation of every row of x with every row of y: (n, k), (m, k) -> (n, m).
+
+    Used for 1 vs 2 profiles: an image's representation against reference concepts'.
+    A constant row correlates 0.
+    """
+    a, b = as_float64(x), as_float64(y)
+    _check_rows("x", a)
+    _check_rows("y", b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"x and y must have the same number of columns, got {a.shape[1]} and {b.shape[1]}")
+    return (_unit_rows(a) @ _unit_rows(b).T).clamp(-1.0, 1.0).cpu().numpy()
 
 
 def _check_square_pair(c_i: torch.Tensor, c_d: torch.Tensor) -> int:
@@ -157,20 +177,26 @@ def two_vs_two(c_i: ArrayLike, c_d: ArrayLike) -> float:
     return float(_accuracy_from_outcomes(_pair_outcomes_t(a, b)))
 
 
-def _rowwise_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(..., K), (..., K) -> (...,) Pearson r per row, 0 where either row is constant."""
-    k = x.shape[-1]
+def _rowwise_correlation(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., K), (..., K) -> (...,) Pearson r per row over the kept columns, 0 where either side is constant."""
+    if keep is None:
+        keep = torch.ones_like(x)
+    x, y = x * keep, y * keep
     return _pearson_from_moments(
-        k, x.sum(-1), (x * x).sum(-1), y.sum(-1), (y * y).sum(-1), (x * y).sum(-1)
+        keep.sum(-1), x.sum(-1), (x * x).sum(-1), y.sum(-1), (y * y).sum(-1), (x * y).sum(-1)
     )
 
 
-def one_vs_two_margin(profiles: ArrayLike, d_true: ArrayLike, d_pred: ArrayLike) -> np.ndarray:
+def one_vs_two_margin(
+    profiles: ArrayLike, d_true: ArrayLike, d_pred: ArrayLike, keep: ArrayLike | None = None
+) -> np.ndarray:
     """corr(i, d_true) - corr(i, d_pred) per item (paper section 4).
 
     profiles: (n, K) correlations of each image's layer representation with K reference
     concepts. d_true, d_pred: (n, K) or (K,) correlations of the true and the predicted
-    label's word vectors with the same K references. Returns (n,) float64.
+    label's word vectors with the same K references. keep: optional (n, K) bool, the
+    reference columns each item uses (the caller drops references equal to either label).
+    Returns (n,) float64.
     """
     i = as_float64(profiles)
     if i.ndim != 2:
@@ -180,17 +206,23 @@ def one_vs_two_margin(profiles: ArrayLike, d_true: ArrayLike, d_pred: ArrayLike)
         if d.shape not in (i.shape, i.shape[1:]):
             raise ValueError(f"{name} must be (n, K) or (K,) matching profiles {tuple(i.shape)}, got {tuple(d.shape)}")
     t, p = t.expand_as(i), p.expand_as(i)
-    if i.shape[1] < 2:
-        raise ValueError(f"profiles need at least 2 reference concepts, got K={i.shape[1]}")
+    mask = None
+    if keep is not None:
+        mask = as_float64(keep)
+        if mask.shape != i.shape:
+            raise ValueError(f"keep must be (n, K) = {tuple(i.shape)}, got {tuple(mask.shape)}")
+    if (i.shape[1] if mask is None else int(mask.sum(1).min())) < 2:
+        raise ValueError("each item needs at least 2 reference concepts (K >= 2 after leaving labels out)")
     if not (torch.isfinite(i).all() and torch.isfinite(t).all() and torch.isfinite(p).all()):
         raise ValueError("profiles, d_true and d_pred must be finite")
-    return (_rowwise_correlation(i, t) - _rowwise_correlation(i, p)).cpu().numpy()
+    return (_rowwise_correlation(i, t, mask) - _rowwise_correlation(i, p, mask)).cpu().numpy()
 
 
-def one_vs_two(profiles: ArrayLike, d_true: ArrayLike, d_pred: ArrayLike) -> np.ndarray:
+def one_vs_two(
+    profiles: ArrayLike, d_true: ArrayLike, d_pred: ArrayLike, keep: ArrayLike | None = None
+) -> np.ndarray:
     """1 vs 2 test per item (paper section 4): passes when corr(i, d_true) > corr(i, d_pred).
 
-    Shapes as in `one_vs_two_margin`. Returns (n,) bool. The caller leaves out reference
-    concepts equal to either label before building the profiles.
+    Shapes as in `one_vs_two_margin`. Returns (n,) bool.
     """
-    return one_vs_two_margin(profiles, d_true, d_pred) > TIE_TOLERANCE
+    return one_vs_two_margin(profiles, d_true, d_pred, keep) > TIE_TOLERANCE

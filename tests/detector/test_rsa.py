@@ -5,6 +5,7 @@ import torch
 
 from detector.rsa import (
     correlation_matrix,
+    cross_correlation,
     one_vs_two,
     one_vs_two_margin,
     two_vs_two,
@@ -155,3 +156,32 @@ def test_one_vs_two_rejects_bad_input():
         one_vs_two(np.full((2, 3), np.nan), np.zeros(3), np.zeros(3))
     with pytest.raises(ValueError, match="d_true"):
         one_vs_two(np.zeros((2, 3)), np.zeros(4), np.zeros(3))
+
+
+def test_one_vs_two_keep_leaves_reference_columns_out_like_the_loop():
+    rng = np.random.default_rng(13)
+    n, k = 20, 12
+    profiles, d_true, d_pred = rng.normal(size=(n, k)), rng.normal(size=(n, k)), rng.normal(size=(n, k))
+    keep = np.ones((n, k), bool)
+    for j in range(n):
+        keep[j, rng.choice(k, size=2, replace=False)] = False
+    expected = np.array([
+        pearson(profiles[j, keep[j]], d_true[j, keep[j]]) - pearson(profiles[j, keep[j]], d_pred[j, keep[j]])
+        for j in range(n)
+    ])
+    np.testing.assert_allclose(one_vs_two_margin(profiles, d_true, d_pred, keep), expected, atol=1e-12)
+    with pytest.raises(ValueError, match="keep must be"):
+        one_vs_two_margin(profiles, d_true, d_pred, keep[:, :3])
+    keep[0, 1:] = False
+    with pytest.raises(ValueError, match="at least 2 reference"):
+        one_vs_two_margin(profiles, d_true, d_pred, keep)
+
+
+def test_cross_correlation_matches_loop():
+    rng = np.random.default_rng(14)
+    x, y = rng.normal(size=(6, 9)), rng.normal(size=(4, 9))
+    y[2] = 5.0
+    expected = np.array([[pearson(a, b) for b in y] for a in x])
+    np.testing.assert_allclose(cross_correlation(x, y), expected, atol=1e-12)
+    with pytest.raises(ValueError, match="same number of columns"):
+        cross_correlation(x, y[:, :4])
