@@ -17,6 +17,11 @@ from detector.rsa import ArrayLike, TIE_TOLERANCE, _accuracy_from_outcomes, _che
 Alternative = Literal["greater", "less", "two-sided"]
 
 
+# The 2 vs 2 kernel holds about this many (w, w) float64 temporaries per matrix evaluated.
+_TEMPORARIES = 24
+_WORK_SPACE_BYTES = 256 * 2**20
+
+
 class PermutationResult(NamedTuple):
     accuracy: float  # observed statistic
     p_value: float  # with the +1 correction
@@ -52,7 +57,7 @@ def permutation_test_two_vs_two(
     n_permutations: int = 1000,
     seed: int = 0,
     alternative: Alternative = "greater",
-    batch_size: int = 8,  # (permutation, image set) matrices evaluated at once
+    batch_size: int | None = None,  # (permutation, image set) matrices at once; None: ~256 MB of work space
     device: torch.device | str | None = None,
 ) -> PermutationResult:
     """Permutation test of a 2 vs 2 accuracy, averaged over image sets (paper 3.3 and 3.5).
@@ -62,7 +67,6 @@ def permutation_test_two_vs_two(
     relabels the concepts of the word side (rows and columns of C_D together), the same
     relabelling for every image set, as the authors' code permutes word-vector rows.
     """
-    _check_permutations(n_permutations, batch_size)
     dev = torch.device(device) if device is not None else default_device()
     a = as_float64(c_i, dev)
     a = a.unsqueeze(0) if a.ndim == 2 else a
@@ -70,6 +74,9 @@ def permutation_test_two_vs_two(
     if a.ndim != 3 or b.ndim != 2:
         raise ValueError(f"c_i must be (w, w) or (S, w, w) and c_d (w, w), got {tuple(a.shape)}, {tuple(b.shape)}")
     w = _check_square_pair(a, b)
+    if batch_size is None:
+        batch_size = max(1, _WORK_SPACE_BYTES // (_TEMPORARIES * 8 * w * w))
+    _check_permutations(n_permutations, batch_size)
     observed = float(_accuracy_from_outcomes(_pair_outcomes_t(a, b.expand_as(a))).mean())
     generator = torch.Generator().manual_seed(seed)
     null = np.empty(n_permutations)

@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from analysis.cli import add_quickstart_command
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semguard", description=__doc__)
-    parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_quickstart_command(subparsers)
     return parser
 
 

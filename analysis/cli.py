@@ -1,0 +1,54 @@
+"""`semguard quickstart` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_quickstart_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "quickstart",
+        help="run the paper's method end to end on the embedded world (offline)",
+        description="Builds (or reuses) the embedded world, its word vectors and CNN, then runs 2 vs 2 "
+        "through the layers with permutation tests and BHY; writes summary.json, figures and report.md.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--cache-dir", type=Path, default=Path(".cache/semguard"), help="where built worlds are kept")
+    p.add_argument("--classes", type=int, default=None, help="number of concepts (default: all 100)")
+    p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
+    p.add_argument("--image-sets", type=int, default=5, help="image sets per concept (paper: 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from analysis.quickstart import QuickstartConfig, run_quickstart
+    from world import WorldSettings
+
+    world = WorldSettings()
+    if args.classes is not None:
+        world = replace(world, n_classes=args.classes)
+    config = QuickstartConfig(
+        out=args.out,
+        cache_dir=args.cache_dir,
+        world=world,
+        image_sets=args.image_sets,
+        n_permutations=args.permutations,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    summary = run_quickstart(config)
+    t = summary["two_vs_two"]
+    print(json.dumps({
+        "test_accuracy": round(summary["world"]["test_accuracy"], 4),
+        "two_vs_two_pixels": round(t["pixels"], 4),
+        "two_vs_two_first_layer": round(t["accuracy"][0], 4),
+        "two_vs_two_last_layer": round(t["accuracy"][-1], 4),
+        "timings_s": summary["timings_s"],
+    }, indent=2))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0

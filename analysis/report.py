@@ -1,0 +1,74 @@
+"""summary.json and report.md of a quickstart run."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def write_json_atomic(path: Path, payload: dict) -> Path:
+    """Write JSON via a temp file and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, default=_to_builtin)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _to_builtin(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _layer_table(layers, columns: dict[str, list]) -> str:
+    head = "| layer | " + " | ".join(columns) + " |"
+    rule = "|---|" + "---|" * len(columns)
+    rows = [
+        f"| {layer} | " + " | ".join(_fmt(col[i]) for col in columns.values()) + " |"
+        for i, layer in enumerate(layers)
+    ]
+    return "\n".join([head, rule, *rows])
+
+
+def _fmt(x) -> str:
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "no"
+    if isinstance(x, (float, np.floating)):
+        return f"{x:.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
+    return str(x)
+
+
+def render_report(summary: dict) -> str:
+    """Markdown report of a quickstart summary (the figures sit beside it)."""
+    w, t = summary["world"], summary["two_vs_two"]
+    lines = [
+        "# semguard quickstart report",
+        "",
+        f"Embedded world: {len(w['classes'])} concepts, world CNN test accuracy {w['test_accuracy']:.3f}.",
+        "",
+        "## 2 vs 2 through the layers (paper section 3, Figure 1)",
+        "",
+        f"Raw pixels: {t['pixels']:.3f} (chance 0.5). Each layer's accuracy is the mean over "
+        f"{t['image_sets']} image sets (one distinct image per concept each), with "
+        f"{t['n_permutations']} permutations of the word side and BHY correction across layers.",
+        "",
+        "![2 vs 2 by layer](two_vs_two_by_layer.png)",
+        "",
+        _layer_table(t["layers"], {
+            "2 vs 2": t["accuracy"], "spread across sets": t["spread"],
+            "p": t["p_value"], "p (BHY)": t["p_bhy"], "significant": [p < 0.05 for p in t["p_bhy"]],
+        }),
+    ]
+    lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
+    return "\n".join(lines) + "\n"
