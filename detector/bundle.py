@@ -1,0 +1,250 @@
+"""Guard bundle on disk (DESIGN.md "Artifacts"): a directory read and written without pickle.
+
+    bundle.json              manifest: model spec + weights hash, input shape, normalisation note,
+                             tapped layers, labels, signature settings, sha256 of every file
+    model.safetensors        the model's weights (safetensors.torch.save_model)
+    words.safetensors        label word vectors (C, d) (the similarity space's source)
+    reference.safetensors    detector.reference bank
+    flagger.json             detector.flagger
+    mahalanobis.safetensors  detector.mahalanobis, when the flagger uses its scores
+
+Models are rebuilt by name from a registry (timm-style): `register_model_builder("worldnet",
+fn)`; builders take the JSON kwargs stored in bundle.json and return an nn.Module taking
+[0, 1] images. The direction of imports stays models -> detector: a model package registers
+its builders when imported. So that a fresh process can load a bundle without knowing which
+package to import, a spec may name the registering module (`ModelSpec.module`); it is imported
+on demand only when it lies in an allow-listed package (`PLUGIN_PACKAGES`), never an arbitrary
+module named by a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_file, save_model
+from torch import nn
+
+from detector.flagger import Flagger
+from detector.mahalanobis import MahalanobisDetector, load_mahalanobis, save_mahalanobis
+from detector.reference import ReferenceBank, load_bank, save_bank, word_similarity
+
+BUNDLE_FORMAT = "semguard.bundle/1"
+FILES = {
+    "model": "model.safetensors",
+    "words": "words.safetensors",
+    "reference": "reference.safetensors",
+    "flagger": "flagger.json",
+    "mahalanobis": "mahalanobis.safetensors",
+}
+PLUGIN_PACKAGES = ("models",)  # packages whose modules a bundle may ask to import to register a builder
+
+
+class BundleError(ValueError):
+    """A bundle that is incomplete, corrupt, or does not belong to its model."""
+
+
+# ----------------------------------------------------------------------------- model builders
+
+ModelBuilder = Callable[..., nn.Module]
+_BUILDERS: dict[str, ModelBuilder] = {}
+
+
+def register_model_builder(name: str, builder: ModelBuilder | None = None, *, overwrite: bool = False):
+    """Register `builder(**kwargs) -> nn.Module` under `name`; usable as a decorator."""
+
+    def add(fn: ModelBuilder) -> ModelBuilder:
+        if name in _BUILDERS and _BUILDERS[name] is not fn and not overwrite:
+            raise ValueError(f"name: model builder {name!r} is already registered; pass overwrite=True")
+        _BUILDERS[name] = fn
+        return fn
+
+    return add(builder) if builder is not None else add
+
+
+def known_model_builders() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+@register_model_builder("torchvision")
+def _torchvision(arch: str, num_classes: int = 1000) -> nn.Module:
+    # A bare torchvision classifier (no normalisation inside): models.normalize registers wrapped ones.
+    from detector.layers import build_torchvision_model
+
+    return build_torchvision_model(arch, None, num_classes)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild the guarded model: a registered builder, its JSON kwargs, the module registering it."""
+
+    builder: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    module: str | None = None  # e.g. "models.worldnet"; imported on demand if in PLUGIN_PACKAGES
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The spec's architecture with freshly initialised weights, eval mode."""
+    if spec.builder not in _BUILDERS and spec.module:
+        if spec.module.split(".")[0] not in PLUGIN_PACKAGES:
+            raise BundleError(f"model.module {spec.module!r} is not in an allowed package {PLUGIN_PACKAGES}")
+        importlib.import_module(spec.module)
+    if spec.builder not in _BUILDERS:
+        raise BundleError(
+            f"model.builder {spec.builder!r} is not registered; known builders: {known_model_builders()} "
+            "(import the package that registers it, e.g. models.worldnet)"
+        )
+    return _BUILDERS[spec.builder](**spec.kwargs).eval()
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    model_name: str
+    model: ModelSpec
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    layers: tuple[str, ...]
+    labels: tuple[str, ...]
+    normalisation: str = "inside the model: images (B, C, H, W) float32 in [0, 1]"
+    source_weights: str | None = None  # provenance only; the bundle's own copy is model.safetensors
+    n_alternatives: int | None = None  # signature settings (None: every other label)
+    signature_seed: int = 0
+    files: dict[str, str] = field(default_factory=dict)  # role -> file name in the bundle
+    sha256: dict[str, str] = field(default_factory=dict)  # file name -> hex digest
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["input_shape"], d["layers"], d["labels"] = list(self.input_shape), list(self.layers), list(self.labels)
+        return {"format": BUNDLE_FORMAT, **d}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BundleManifest":
+        if d.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"bundle.json: format {d.get('format')!r} is not {BUNDLE_FORMAT!r}")
+        try:
+            d = {k: v for k, v in d.items() if k != "format"}
+            d["model"] = ModelSpec(**d["model"])
+            d["input_shape"] = tuple(int(v) for v in d["input_shape"])
+            d["layers"], d["labels"] = tuple(d["layers"]), tuple(d["labels"])
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"bundle.json: malformed manifest ({e})") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- write / read
+
+
+@dataclass(frozen=True)
+class Bundle:
+    manifest: BundleManifest
+    model: nn.Module
+    words: np.ndarray  # (C, d) float32
+    bank: ReferenceBank
+    flagger: Flagger
+    mahalanobis: MahalanobisDetector | None
+
+
+def write_bundle(
+    out_dir: str | Path,
+    manifest: BundleManifest,
+    model: nn.Module,
+    words: np.ndarray,
+    bank: ReferenceBank,
+    flagger: Flagger,
+    mahalanobis: MahalanobisDetector | None = None,
+) -> Path:
+    """Write every file, then bundle.json (last, with their hashes: a bundle without it is incomplete)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bundle.json").unlink(missing_ok=True)
+    save_model(model, str(out / FILES["model"]))
+    save_file({"vectors": torch.from_numpy(np.ascontiguousarray(words, dtype=np.float32))}, str(out / FILES["words"]),
+              metadata={"labels": json.dumps(list(manifest.labels))})
+    save_bank(bank, out / FILES["reference"])
+    flagger.save(out / FILES["flagger"])
+    roles = ["model", "words", "reference", "flagger"]
+    if mahalanobis is not None:
+        save_mahalanobis(mahalanobis, out / FILES["mahalanobis"])
+        roles.append("mahalanobis")
+    files = {r: FILES[r] for r in roles}
+    hashes = {name: sha256_file(out / name) for name in files.values()}
+    final = BundleManifest(**{**asdict(manifest), "model": manifest.model, "files": files, "sha256": hashes})
+    tmp = out / "bundle.json.tmp"
+    tmp.write_text(json.dumps(final.to_json(), indent=1))
+    tmp.replace(out / "bundle.json")
+    return out
+
+
+def _file(root: Path, manifest: BundleManifest, role: str) -> Path:
+    name = manifest.files.get(role)
+    if name is None:
+        raise BundleError(f"bundle.json lists no {role} file")
+    path = root / name
+    if not path.is_file():
+        raise BundleError(f"bundle {str(root)!r} is missing {name}")
+    if sha256_file(path) != manifest.sha256.get(name):
+        raise BundleError(f"{name}: sha256 does not match bundle.json (a file from another bundle or corrupted)")
+    return path
+
+
+def read_bundle(bundle_dir: str | Path) -> Bundle:
+    """Load and cross-check a bundle; every inconsistency is a BundleError (a ValueError)."""
+    root = Path(bundle_dir)
+    if not (root / "bundle.json").is_file():
+        raise BundleError(f"bundle_dir: {str(root)!r} has no bundle.json (not a guard bundle, or incomplete)")
+    try:
+        manifest = BundleManifest.from_json(json.loads((root / "bundle.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise BundleError(f"bundle.json is not valid JSON: {e}") from None
+    model = build_model(manifest.model)
+    fits = f"model.safetensors does not fit builder {manifest.model.builder!r} with kwargs {manifest.model.kwargs}"
+    try:
+        missing, unexpected = load_model(model, str(_file(root, manifest, "model")), strict=False)
+    except RuntimeError as e:  # shape mismatches: weights of another architecture
+        raise BundleError(f"{fits}: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise BundleError(f"{fits}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    words_path = _file(root, manifest, "words")
+    with safe_open(str(words_path), framework="pt") as f:
+        words = f.get_tensor("vectors").numpy()
+    bank = load_bank(_file(root, manifest, "reference"))
+    flagger = Flagger.load(_file(root, manifest, "flagger"))
+    maha = load_mahalanobis(_file(root, manifest, "mahalanobis")) if "mahalanobis" in manifest.files else None
+    bundle = Bundle(manifest, model.eval(), words, bank, flagger, maha)
+    check_consistency(bundle)
+    return bundle
+
+
+def check_consistency(bundle: Bundle) -> None:
+    """Layers, labels and words agree across the bundle's parts."""
+    m, bank = bundle.manifest, bundle.bank
+    c = len(m.labels)
+    if bank.layers != m.layers:
+        raise BundleError(f"reference bank layers {list(bank.layers)[:3]}... differ from bundle.json layers {list(m.layers)[:3]}...")
+    if bank.num_labels != c or len(bundle.words) != c:
+        raise BundleError(f"label count mismatch: bundle.json {c}, reference bank {bank.num_labels}, words {len(bundle.words)}")
+    if bank.space == "words" and not np.allclose(word_similarity(bundle.words)[:, bank.concepts], bank.label_profiles, atol=1e-5):
+        raise BundleError("words.safetensors does not match the reference bank's word profiles")
+    used = {n.split("/", 1)[1] for n in bundle.flagger.feature_names} | set(bundle.flagger.explain_layers)
+    known = set(m.layers) | set(bundle.mahalanobis.layers if bundle.mahalanobis else ())
+    if not used <= known:
+        raise BundleError(f"flagger uses layers not in the bundle: {sorted(used - known)[:5]}")
+    if any(n.startswith("mahalanobis/") for n in bundle.flagger.feature_names) and bundle.mahalanobis is None:
+        raise BundleError("flagger uses Mahalanobis scores but the bundle has no mahalanobis file")

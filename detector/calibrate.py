@@ -1,0 +1,195 @@
+"""Build a guard bundle from a model and clean images (reference bank, Mahalanobis, flagger).
+
+Clean images are split (seeded) into a fitting part (reference prototypes, Mahalanobis
+Gaussians, flagger fit) and a held-out part used only for the threshold and the per-layer
+explanation quantiles, so the realised false-positive rate is measured on images nothing was
+fitted on. Activations are streamed batch by batch; only reduced features are kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from detector.bundle import BundleManifest, ModelSpec, write_bundle
+from detector.flagger import assemble_features, feature_names, fit_flagger
+from detector.layers import LayerTap, iter_activations
+from detector.mahalanobis import MahalanobisDetector, fit_mahalanobis
+from detector.reference import (
+    SPACES, Reduction, ReferenceBank, build_reference_bank, class_similarity, select_references,
+    shuffled_word_similarity, word_similarity,
+)
+from detector.signature import signature_parts
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    k: int = 100  # reference concepts (all eligible ones when fewer): the paper's 100
+    per_concept: int = 5  # correctly classified images averaged into each prototype
+    space: str = "words"  # similarity space: "words", "class_similarity", "shuffled_words"
+    features: tuple[str, ...] = ("fraction", "margin", "mahalanobis")  # what the flagger scores
+    method: str = "gaussian"  # "gaussian" (clean only) or "logistic" (needs attack_images)
+    target_fpr: float = 0.05
+    calib_fraction: float = 0.5  # share of clean images held out for the threshold
+    n_alternatives: int | None = None  # None: every other label (the paper's proposal)
+    bank_max_width: int | None = None  # layers wider than this are stored reduced in the bank
+    bank_reduction: str = "projection"  # "projection" or "channel_pool" for those layers
+    bank_projection_dim: int = 4096
+    mahalanobis_max_dim: int = 2048  # flat layers wider than this are projected for the Gaussians
+    penultimate_layer: str | None = None  # class_similarity source; default the last tapped layer
+    batch_size: int = 64
+    seed: int = 0
+
+
+class CalibrationReport(NamedTuple):
+    bundle_dir: Path
+    n_fit: int
+    n_calib: int
+    n_references: int
+    clean_accuracy: float  # on all clean images
+    threshold: float
+    fpr_calib: float  # realised on the held-out clean images
+    bank_bytes: dict[str, int]
+
+
+def layer_shapes(tap: LayerTap, input_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
+    """Unflattened per-image activation shape of each tapped layer (one dummy pass)."""
+    with torch.no_grad():
+        _, raw = tap.module(torch.zeros(1, *input_shape, device=tap.device))
+    return {n: tuple(a.shape[1:]) for n, a in zip(tap.layers, raw)}
+
+
+def density_reductions(shapes: dict[str, tuple[int, ...]], max_dim: int, seed: int) -> dict[str, Reduction]:
+    """Lee et al.: conv maps -> channel means; wide flat layers -> a sparse projection."""
+    out = {}
+    for n, s in shapes.items():
+        if len(s) == 3:
+            out[n] = Reduction("channel_pool", channels=s[0])
+        elif int(np.prod(s)) > max_dim:
+            out[n] = Reduction("projection", dim=max_dim, seed=seed)
+    return out
+
+
+def bank_reductions(shapes: dict[str, tuple[int, ...]], cfg: CalibrationConfig) -> dict[str, Reduction]:
+    out = {}
+    for n, s in shapes.items():
+        if cfg.bank_max_width is None or int(np.prod(s)) <= cfg.bank_max_width:
+            continue
+        if cfg.bank_reduction == "channel_pool" and len(s) == 3:
+            out[n] = Reduction("channel_pool", channels=s[0])
+        elif cfg.bank_reduction in ("projection", "channel_pool"):
+            out[n] = Reduction("projection", dim=cfg.bank_projection_dim, seed=cfg.seed)
+        else:
+            raise ValueError(f"bank_reduction must be 'projection' or 'channel_pool', got {cfg.bank_reduction!r}")
+    return out
+
+
+def _reduced_pass(tap, images, reductions, batch_size, progress=False):
+    """Predictions (N,) and {layer: (N, d)} reduced activations of every tapped layer."""
+    preds, feats = [], {n: [] for n in tap.layers}
+    for _, out in iter_activations(tap, images, batch_size, progress=progress):
+        preds.append(out.logits.argmax(1).cpu())
+        for n in tap.layers:
+            feats[n].append(reductions.get(n, Reduction()).apply(out.acts[n].double()).cpu())
+    return torch.cat(preds).numpy(), {n: torch.cat(v).numpy() for n, v in feats.items()}
+
+
+def guard_features(
+    tap: LayerTap, images: torch.Tensor, bank: ReferenceBank, mahalanobis: MahalanobisDetector | None,
+    kinds: tuple[str, ...], n_alternatives: int | None, seed: int, batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, F) flagger features and (N, L) signature fractions, computed as the guard computes them."""
+    feats, fractions = [], []
+    for _, out in iter_activations(tap, images, batch_size):
+        sig = signature_parts({n: out.acts[n] for n in bank.layers}, out.logits.argmax(1), bank, n_alternatives, seed)
+        maha = mahalanobis.layer_scores(out.acts) if "mahalanobis" in kinds else None
+        feats.append(assemble_features(kinds, sig, maha))
+        fractions.append(sig.fraction)
+    return np.concatenate(feats), np.concatenate(fractions)
+
+
+def _similarity(cfg, word_vectors, feats, labels, layers, num_classes) -> np.ndarray:
+    if cfg.space == "words":
+        return word_similarity(word_vectors)
+    if cfg.space == "shuffled_words":
+        return shuffled_word_similarity(word_vectors, cfg.seed)
+    if cfg.space != "class_similarity":
+        raise ValueError(f"space must be one of {SPACES}, got {cfg.space!r}")
+    x = feats[cfg.penultimate_layer or layers[-1]]
+    sums = np.zeros((num_classes, x.shape[1]))
+    np.add.at(sums, labels, x)
+    counts = np.bincount(labels, minlength=num_classes)[:, None]
+    return class_similarity(sums / np.maximum(counts, 1))  # a class never seen: zero row, correlates 0
+
+
+def calibrate_guard(
+    model: nn.Module,
+    model_spec: ModelSpec,
+    layers: list[str],
+    label_names: list[str],
+    word_vectors: np.ndarray,
+    clean_images: torch.Tensor,
+    clean_labels: np.ndarray,
+    out_dir: str | Path,
+    *,
+    model_name: str | None = None,
+    attack_images: torch.Tensor | None = None,
+    config: CalibrationConfig = CalibrationConfig(),
+    source_weights: str | None = None,
+    progress: bool = False,
+) -> CalibrationReport:
+    """Build reference bank, Mahalanobis detector and flagger for `model`, and write the bundle.
+
+    model: takes (B, C, H, W) [0, 1] images (normalises inside); model_spec rebuilds it from the
+    bundle. word_vectors: (C, d), row c for label_names[c]. clean_images: (N, C, H, W) float32;
+    clean_labels: (N,). attack_images: adversarial images, required for config.method "logistic".
+    """
+    cfg = config
+    y = np.asarray(clean_labels).astype(np.int64)
+    c = len(label_names)
+    if clean_images.ndim != 4 or len(clean_images) != len(y) or len(y) < 4:
+        raise ValueError(f"clean_images must be (N >= 4, C, H, W) matching clean_labels, got {tuple(clean_images.shape)} and {y.shape}")
+    if np.asarray(word_vectors).shape[0] != c or y.min() < 0 or y.max() >= c:
+        raise ValueError(f"word_vectors must have one row per label ({c}) and clean_labels lie in [0, {c})")
+    tap = LayerTap(model, layers)
+    input_shape = tuple(int(v) for v in clean_images.shape[1:])
+    shapes = layer_shapes(tap, input_shape)
+    perm = np.random.default_rng(cfg.seed).permutation(len(y))
+    n_calib = max(2, int(round(cfg.calib_fraction * len(y))))
+    calib_idx, fit_idx = np.sort(perm[:n_calib]), np.sort(perm[n_calib:])
+
+    dens_red = density_reductions(shapes, cfg.mahalanobis_max_dim, cfg.seed)
+    fit_pred, fit_feats = _reduced_pass(tap, clean_images[fit_idx], dens_red, cfg.batch_size, progress)
+    similarity = _similarity(cfg, word_vectors, fit_feats, y[fit_idx], layers, c)
+    selection = select_references(y[fit_idx], fit_pred, cfg.k, cfg.per_concept, cfg.seed)
+    chosen = fit_idx[np.concatenate(selection.images)]
+    red = bank_reductions(shapes, cfg)
+    _, proto_acts = _reduced_pass(tap, clean_images[chosen], red, cfg.batch_size)
+    bank = build_reference_bank(proto_acts, selection, similarity, cfg.space)
+    bank = dataclasses.replace(bank, reductions=red)  # prototypes were reduced batch by batch above
+    maha = fit_mahalanobis(fit_feats, y[fit_idx], c, dens_red) if "mahalanobis" in cfg.features else None
+
+    kinds = tuple(cfg.features)
+    args = (tap, bank, maha, kinds, cfg.n_alternatives, cfg.seed, cfg.batch_size)
+    fit_x, _ = guard_features(args[0], clean_images[fit_idx], *args[1:])
+    calib_x, calib_frac = guard_features(args[0], clean_images[calib_idx], *args[1:])
+    attack_x = guard_features(args[0], attack_images, *args[1:])[0] if attack_images is not None else None
+    names = feature_names(kinds, layers)
+    flagger = fit_flagger(fit_x, calib_x, names, cfg.method, attack_x, cfg.target_fpr, explain=(layers, calib_frac))
+
+    manifest = BundleManifest(
+        model_name=model_name or model_spec.builder, model=model_spec, input_shape=input_shape, layers=tuple(layers),
+        labels=tuple(label_names), source_weights=source_weights, n_alternatives=cfg.n_alternatives, signature_seed=cfg.seed,
+    )
+    out = write_bundle(out_dir, manifest, model, np.asarray(word_vectors, np.float32), bank, flagger, maha)
+    with torch.no_grad():
+        all_pred = np.concatenate([o.logits.argmax(1).cpu().numpy() for _, o in iter_activations(tap, clean_images, cfg.batch_size)])
+    return CalibrationReport(
+        out, len(fit_idx), len(calib_idx), len(bank.concepts), float((all_pred == y).mean()),
+        flagger.threshold, flagger.calibration["fpr_calib"], bank.bytes_per_layer(),
+    )

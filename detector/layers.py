@@ -1,0 +1,430 @@
+"""Layer taps: flattened activations of named graph nodes, and layer presets as data.
+
+Layer names are the node names of `torchvision.models.feature_extraction`
+(`get_graph_node_names(model)[1]`, the eval-mode graph): "layer1.0.relu_1",
+"Mixed_5b.cat", "features.29". A preset is a validated list of `LayerInfo`
+records (name, block, depth); the built-in presets (the paper's layers) are
+computed from the torchvision graph on first use, so they are exactly the
+names the graph gives.
+
+    model = build_torchvision_model("resnet50", "resnet50.pth")
+    tap = LayerTap(model, preset_layers("resnet50"))
+    out = tap(images)            # TapOutput(logits (B, 1000), {name: (B, k) float32})
+
+Wrappers (`models.normalize.Normalized`) declare `tap_prefix = "model."`: the
+tap then accepts the inner model's names (a preset) as well as full names.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import itertools
+import math
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torchvision
+from torch import fx, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models.feature_extraction import NodePathTracer
+from tqdm.auto import tqdm
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One tapped layer: graph node name, the block/module it belongs to, its index in depth order."""
+
+    name: str
+    block: str
+    depth: int
+
+
+_PRESETS: dict[str, list[LayerInfo]] = {}
+# Built-in presets are computed from the torchvision graph when first asked for (then cached in _PRESETS).
+_LAZY_PRESETS: dict[str, Callable[[], list[LayerInfo]]] = {}
+
+
+def _validate_preset(name: str, layers: list[LayerInfo]) -> list[LayerInfo]:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty string, got {name!r}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"layers: preset {name!r} needs at least one LayerInfo")
+    for i, info in enumerate(layers):
+        if not isinstance(info, LayerInfo):
+            raise ValueError(f"layers[{i}]: expected LayerInfo, got {type(info).__name__}")
+        if not info.name or not info.block:
+            raise ValueError(f"layers[{i}]: name and block must be non-empty, got {info}")
+        if info.depth != i:
+            raise ValueError(f"layers[{i}]: depth must equal the position in depth order ({i}), got {info.depth}")
+    seen: set[str] = set()
+    duplicates = sorted({x.name for x in layers if x.name in seen or seen.add(x.name)})
+    if duplicates:
+        raise ValueError(f"layers: preset {name!r} repeats layer names {duplicates[:5]}")
+    return layers
+
+
+def register_preset(name: str, layers: list[LayerInfo], *, overwrite: bool = False) -> None:
+    """Register a preset: `layers` in depth order (layers[i].depth == i), unique names.
+
+    Registering an existing name with different layers raises unless `overwrite=True`
+    (registering the identical list again, e.g. on a module reload, is a no-op).
+    """
+    layers = _validate_preset(name, layers)
+    existing = _PRESETS.get(name)
+    if existing is not None and existing != layers and not overwrite:
+        raise ValueError(f"name: preset {name!r} is already registered with other layers; pass overwrite=True")
+    _PRESETS[name] = layers
+
+
+def known_presets() -> list[str]:
+    """Names of all registered and built-in presets."""
+    return sorted(set(_PRESETS) | set(_LAZY_PRESETS))
+
+
+def preset_info(name: str) -> list[LayerInfo]:
+    """The preset's `LayerInfo` records in depth order; unknown name -> ValueError listing known presets."""
+    if name not in _PRESETS:
+        if name not in _LAZY_PRESETS:
+            raise ValueError(f"name: unknown layer preset {name!r}; known presets: {known_presets()}")
+        register_preset(name, _LAZY_PRESETS[name]())
+    return list(_PRESETS[name])
+
+
+def preset_layers(name: str) -> list[str]:
+    """The preset's node names in depth order."""
+    return [info.name for info in preset_info(name)]
+
+
+# --------------------------------------------------------------------------- graph tracing
+
+
+class _Trace(NamedTuple):
+    graph: fx.Graph
+    names: dict[str, fx.Node]  # node name (torchvision convention) -> node, in execution order
+
+
+def _tracer() -> NodePathTracer:
+    # The defaults of torchvision's get_graph_node_names / create_feature_extractor, so names agree with it.
+    ops_modules = [
+        obj for _, obj in inspect.getmembers(torchvision.ops)
+        if inspect.isclass(obj) and issubclass(obj, nn.Module)
+    ]
+    return NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=ops_modules)
+
+
+def _trace(model: nn.Module) -> _Trace:
+    """Symbolically trace `model` in eval mode (its mode is restored afterwards)."""
+    was_training = model.training
+    tracer = _tracer()
+    try:
+        graph = tracer.trace(model.eval())
+    finally:
+        model.train(was_training)
+    return _Trace(graph, {qualname: node for node, qualname in tracer.node_to_qualname.items()})
+
+
+def graph_node_names(model: nn.Module) -> list[str]:
+    """Eval-graph node names in execution order (same as `get_graph_node_names(model)[1]`, one trace)."""
+    return list(_trace(model).names)
+
+
+def _is_relu(node: fx.Node, model: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(model.get_submodule(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.relu_, nn.functional.relu)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def relu_nodes(model: nn.Module) -> list[str]:
+    """Names of the eval graph's ReLU nodes (modules, functions, methods), in execution order."""
+    return [name for name, node in _trace(model).names.items() if _is_relu(node, model)]
+
+
+# --------------------------------------------------------------------------- model construction
+
+# torchvision builds these with auxiliary heads and input transform when weights are given;
+# we do the same, load the file, then drop the heads so the eval graph has one output.
+_AUX_HEADS = {"inception_v3": ("AuxLogits",), "googlenet": ("aux1", "aux2")}
+
+
+def _construct(arch: str, num_classes: int, pretrained: bool, **model_kwargs) -> nn.Module:
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=5)
+        raise ValueError(f"arch: unknown torchvision classification model {arch!r}; close names: {close}")
+    kwargs: dict = {"num_classes": num_classes}
+    if arch in _AUX_HEADS:
+        kwargs.update(aux_logits=True, init_weights=not pretrained)
+        if pretrained:
+            kwargs["transform_input"] = True
+    kwargs.update(model_kwargs)
+    return torchvision.models.get_model(arch, weights=None, **kwargs)
+
+
+def _drop_aux_heads(arch: str, model: nn.Module) -> None:
+    for head in _AUX_HEADS.get(arch, ()):
+        setattr(model, head, None)
+    if arch in _AUX_HEADS:
+        model.aux_logits = False
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: .safetensors, or a torch file read with weights_only=True (never unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights_path: no such file {str(path)!r}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refuses anything but tensors and containers
+        raise ValueError(f"weights_path: {str(path)!r} is not a plain tensor state dict: {error}") from error
+    # Training checkpoints often nest the weights one level down.
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights_path: {str(path)!r} does not hold a state dict of tensors")
+    return state
+
+
+def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], optional: tuple[str, ...], path) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.startswith(optional)]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items() if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            f"weights_path: {str(path)!r} does not match the model: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}, shape mismatches {wrong_shape[:5]}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def build_torchvision_model(
+    arch: str, weights_path: str | Path | None = None, num_classes: int = 1000, **model_kwargs
+) -> nn.Module:
+    """A torchvision classifier in eval mode, weights from a local file (never downloads).
+
+    `weights_path`: .safetensors or a torch state dict (loaded with weights_only=True); None keeps
+    the random initialisation. Inception-v3 / GoogLeNet are built as torchvision builds them for
+    pretrained weights (aux heads on, transform_input=True), loaded, then the aux heads are dropped;
+    a file without the aux-head keys loads too. `model_kwargs` override constructor arguments.
+    """
+    model = _construct(arch, num_classes, pretrained=weights_path is not None, **model_kwargs)
+    if weights_path is not None:
+        optional = tuple(f"{head}." for head in _AUX_HEADS.get(arch, ()))
+        _load_checked(model, load_state_dict_file(weights_path), optional, weights_path)
+    _drop_aux_heads(arch, model)
+    return model.eval()
+
+
+def _meta_model(arch: str) -> nn.Module:
+    # Parameters on the meta device: tracing needs only the structure, so building is instant.
+    with torch.device("meta"):
+        model = _construct(arch, 1000, pretrained=False)
+    _drop_aux_heads(arch, model)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- built-in presets
+
+
+def _resnet50_preset() -> list[LayerInfo]:
+    # 49 ReLUs: the stem's, then 3 per bottleneck block layer1.0 .. layer4.2 (16 blocks).
+    names = relu_nodes(_meta_model("resnet50"))
+    block = lambda n: ".".join(n.split(".")[:2]) if n.startswith("layer") else "stem"  # noqa: E731
+    return [LayerInfo(n, block(n), i) for i, n in enumerate(names)]
+
+
+def _inception_v3_preset() -> list[LayerInfo]:
+    # 94 ReLUs plus each Mixed_* module's output (its last node: a cat), grouped by top-level module.
+    model = _meta_model("inception_v3")
+    trace = _trace(model)
+    order = list(trace.names)
+    mixed_last: dict[str, str] = {}
+    for name in order:
+        top = name.split(".")[0]
+        if top.startswith("Mixed_") and "." in name:
+            mixed_last[top] = name
+    chosen = set(mixed_last.values()) | {n for n, node in trace.names.items() if _is_relu(node, model)}
+    names = [n for n in order if n in chosen]
+    return [LayerInfo(n, n.split(".")[0], i) for i, n in enumerate(names)]
+
+
+def _vgg16_preset() -> list[LayerInfo]:
+    # 13 conv ReLUs grouped into the five stages between max-pools (conv1 .. conv5), then 2 classifier ReLUs.
+    model = _meta_model("vgg16")
+    layers: list[LayerInfo] = []
+    stage = 1
+    for name, node in _trace(model).names.items():
+        if node.op == "call_module" and isinstance(model.get_submodule(node.target), nn.MaxPool2d):
+            stage += 1
+        elif _is_relu(node, model):
+            block = "classifier" if name.startswith("classifier") else f"conv{stage}"
+            layers.append(LayerInfo(name, block, len(layers)))
+    return layers
+
+
+_LAZY_PRESETS.update(resnet50=_resnet50_preset, inception_v3=_inception_v3_preset, vgg16=_vgg16_preset)
+
+
+# --------------------------------------------------------------------------- taps
+
+
+class TapOutput(NamedTuple):
+    logits: torch.Tensor  # (B, C): the model's output
+    acts: dict[str, torch.Tensor]  # layer name -> (B, k_l) float32, in the tap's layer order
+
+
+def _resolve(name: str, names: list[str], prefix: str) -> str:
+    """The graph node for `name`: exact node name, or torchvision's module query (last node under it)."""
+    for candidate in ([name, prefix + name] if prefix else [name]):
+        if candidate in names:
+            return candidate
+        under = [n for n in names if n.startswith(candidate + ".")]
+        if under:
+            return under[-1]
+    bare = [n[len(prefix):] for n in names if prefix and n.startswith(prefix)]
+    close = difflib.get_close_matches(name, bare + names, n=5, cutoff=0.5)
+    raise ValueError(
+        f"layers: {name!r} is not a node of the model's graph; close node names: {close} "
+        "(all names: detector.layers.graph_node_names(model))"
+    )
+
+
+def _extractor(model: nn.Module, trace: _Trace, nodes: list[str]) -> fx.GraphModule:
+    """Eval-graph module returning (output, tuple of copies of `nodes`), with dead code removed."""
+    graph, by_name = trace
+    output = next(n for n in graph.nodes if n.op == "output")
+    logits = output.args[0]
+    if not isinstance(logits, fx.Node):
+        raise ValueError("model: its output must be a single tensor of logits (eval mode), not a tuple or dict")
+    copies: dict[str, fx.Node] = {}
+    for name in dict.fromkeys(nodes):
+        # Copy right after the node: a later in-place op (ReLU(inplace=True) after a conv) would
+        # otherwise change the tapped tensor before the forward pass returns it.
+        with graph.inserting_after(by_name[name]):
+            copies[name] = graph.call_function(torch.clone, (by_name[name],))
+    graph.erase_node(output)
+    graph.output((logits, tuple(copies[n] for n in nodes)))
+    module = fx.GraphModule(model, graph, type(model).__name__ + "Tap")
+    # Only the requested nodes outlive the pass: FX frees every other value after its last use.
+    module.graph.eliminate_dead_code()
+    module.delete_all_unused_submodules()
+    module.recompile()
+    return module.eval()
+
+
+class LayerTap:
+    """Run a model once and return its logits plus the flattened activations of named nodes.
+
+    `model` takes the images the caller has (for the project: [0, 1] images, normalised inside
+    the model). `layers`: node names as in `graph_node_names(model)` or a torchvision module query
+    ("layer1" = the last node under layer1); a model with a `tap_prefix` attribute also accepts
+    names relative to its inner model. The tap reads the model in eval mode (and sets it there);
+    it shares the model's parameters, so build it after moving the model to its device.
+    Works with and without grad.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str]):
+        layers = list(layers)
+        if not layers or not all(isinstance(n, str) for n in layers):
+            raise ValueError(f"layers: expected a non-empty list of node names, got {layers!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers: names must be unique, got {len(layers) - len(set(layers))} repeats")
+        trace = _trace(model)
+        prefix = getattr(model, "tap_prefix", "")
+        self.layers: list[str] = layers
+        self.nodes: list[str] = [_resolve(n, list(trace.names), prefix) for n in layers]
+        self.model = model.eval()
+        self.module = _extractor(model, trace, self.nodes)
+
+    @property
+    def device(self) -> torch.device:
+        tensor = next(itertools.chain(self.module.parameters(), self.module.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> "LayerTap":
+        self.model.to(device)
+        self.module.to(device)
+        return self
+
+    def __call__(self, images: torch.Tensor) -> TapOutput:
+        """images: (B, ...) model inputs -> TapOutput(logits (B, C), {layer: (B, k) float32})."""
+        if not isinstance(images, torch.Tensor) or images.ndim < 2 or len(images) == 0:
+            raise ValueError(f"images: expected a non-empty (B, ...) tensor, got {_describe(images)}")
+        self.module.eval()  # cheap, and a model put back in train mode must not change what is tapped
+        logits, acts = self.module(images)
+        flat = {}
+        for name, act in zip(self.layers, acts):
+            if not isinstance(act, torch.Tensor) or act.ndim == 0 or len(act) != len(images):
+                raise ValueError(f"layers: node {name!r} does not produce a (B, ...) tensor ({_describe(act)})")
+            flat[name] = act.reshape(len(act), -1).float()  # (B, k)
+        return TapOutput(logits, flat)
+
+
+def _describe(x) -> str:
+    return f"tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _first_item(item):
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _collate_images(items: list) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(_first_item(item)) for item in items])
+
+
+def iter_activations(
+    tap: LayerTap,
+    images_or_dataset: torch.Tensor | Dataset,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> Iterator[tuple[slice, TapOutput]]:
+    """Tap a tensor (N, C, H, W) or a Dataset yielding images or (image, label) in chunks.
+
+    Yields (slice of item indices, TapOutput) batch by batch, without grad, so only one batch of
+    activations is alive at a time. Images move to the tap's device; outputs stay there.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if isinstance(images_or_dataset, torch.Tensor):
+        source = images_or_dataset
+        batches = (source[i : i + batch_size] for i in range(0, len(source), batch_size))
+    elif isinstance(images_or_dataset, Dataset):
+        batches = iter(DataLoader(
+            images_or_dataset, batch_size=batch_size, shuffle=False,
+            num_workers=num_workers, collate_fn=_collate_images,
+        ))
+    else:
+        raise ValueError(
+            f"images_or_dataset: expected a torch.Tensor (N, C, H, W) or a torch Dataset, "
+            f"got {type(images_or_dataset).__name__}"
+        )
+    total = math.ceil(len(images_or_dataset) / batch_size) if hasattr(images_or_dataset, "__len__") else None
+    device = tap.device
+    start = 0
+    for images in tqdm(batches, total=total, disable=not progress, desc="activations"):
+        # no_grad only around the pass: a context held across `yield` would leak into the caller.
+        with torch.no_grad():
+            out = tap(images.to(device))
+        stop = start + len(images)
+        yield slice(start, stop), out
+        start = stop

@@ -1,0 +1,172 @@
+"""Mahalanobis detector baseline (Lee, Lee, Lee & Shin, NeurIPS 2018, "A simple unified framework
+for detecting out-of-distribution samples and adversarial attacks").
+
+Per tapped layer: class-conditional Gaussians with one tied covariance over the layer's
+features (conv maps reduced to their channel means, as Lee et al. do, via `Reduction`). An
+image's layer score is its Mahalanobis distance to the closest class mean,
+
+    M_l(x) = min_c (f_l(x) - mu_c)^T Sigma_l^{-1} (f_l(x) - mu_c),
+
+large for inputs unlike the training data. Lee et al. combine the per-layer scores with a
+logistic regression on validation data; here the (B, L) scores are features for
+`detector.flagger` (supervised = their combination, unsupervised = a Gaussian on clean scores).
+Lee et al.'s input pre-processing (a gradient step on the input) is left out: it needs
+gradients at serving time. The covariance is Ledoit-Wolf shrunk so that wide layers with few
+images stay invertible.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, NamedTuple
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from detector.reference import Reduction
+from detector.rsa import ArrayLike, as_float64
+
+MAHALANOBIS_FORMAT = "semguard.mahalanobis/1"
+
+
+class ShrunkCovariance(NamedTuple):
+    covariance: np.ndarray  # (d, d) (1 - s) S + s mu I
+    shrinkage: float  # s in [0, 1]
+
+
+def ledoit_wolf(centred: ArrayLike) -> ShrunkCovariance:
+    """Ledoit & Wolf (2004) shrinkage of the empirical covariance towards mu I.
+
+    centred: (n, d) rows already centred (here: minus their class mean). Same estimator as
+    sklearn.covariance.ledoit_wolf(assume_centered=True).
+    """
+    x = as_float64(centred)
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"centred must be (n >= 1, d >= 1), got {tuple(x.shape)}")
+    n, d = x.shape
+    emp = x.T @ x / n  # (d, d)
+    mu = torch.trace(emp) / d
+    x2 = x * x
+    beta_sum = (x2.T @ x2).sum()  # sum_ij sum_k x_ki^2 x_kj^2
+    delta_sum = (emp * emp).sum()  # ||S||_F^2
+    beta = (beta_sum / n - delta_sum) / n / d
+    delta = (delta_sum - 2 * mu * torch.trace(emp) + d * mu * mu) / d  # ||S - mu I||_F^2 / d
+    beta = torch.minimum(beta, delta)
+    s = 0.0 if float(delta) <= 0 else float(beta / delta)
+    cov = (1 - s) * emp + s * mu * torch.eye(d, dtype=emp.dtype)
+    return ShrunkCovariance(cov.numpy(), s)
+
+
+@dataclass(frozen=True)
+class MahalanobisDetector:
+    """Fitted per-layer class means (C, d_l) and tied precision matrices (d_l, d_l)."""
+
+    layers: tuple[str, ...]
+    means: Mapping[str, np.ndarray]
+    precisions: Mapping[str, np.ndarray]
+    reductions: Mapping[str, Reduction] = field(default_factory=dict)
+    shrinkage: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.layers:
+            m, p = self.means.get(name), self.precisions.get(name)
+            if m is None or p is None or m.ndim != 2 or p.shape != (m.shape[1], m.shape[1]):
+                raise ValueError(f"layer {name!r} needs means (C, d) and precision (d, d)")
+
+    def reduction(self, layer: str) -> Reduction:
+        return self.reductions.get(layer, Reduction())
+
+    def features(self, acts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{layer: (B, k_l)} tapped activations -> {layer: (B, d_l)} the features the Gaussians model."""
+        missing = [n for n in self.layers if n not in acts]
+        if missing:
+            raise ValueError(f"acts lacks layers {missing}; the detector uses {list(self.layers)}")
+        return {n: self.reduction(n).apply(torch.as_tensor(acts[n]).double()) for n in self.layers}
+
+    def layer_scores(self, acts: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """(B, L) float64: per layer, squared Mahalanobis distance to the closest class mean."""
+        out = []
+        for name, f in self.features(acts).items():
+            mu = torch.from_numpy(self.means[name]).to(f.device)  # (C, d); NaN rows: classes never seen
+            prec = torch.from_numpy(self.precisions[name]).to(f.device)
+            if f.shape[1] != mu.shape[1]:
+                raise ValueError(f"acts[{name!r}] gives {f.shape[1]} features, the detector was fitted on {mu.shape[1]}")
+            seen = torch.isfinite(mu).all(1)
+            mu = mu[seen]
+            # (x - mu)^T P (x - mu) = x P x - 2 x P mu + mu P mu, for all classes at once
+            fp = f @ prec  # (B, d)
+            dist = (fp * f).sum(1, keepdim=True) - 2 * fp @ mu.T + ((mu @ prec) * mu).sum(1)  # (B, C)
+            out.append(dist.min(1).values if len(f) else f.new_zeros(0))
+        return torch.stack(out, 1).cpu().numpy() if out else np.zeros((0, 0))
+
+    def bytes_per_layer(self) -> dict[str, int]:
+        return {n: int(self.means[n].nbytes + self.precisions[n].nbytes) for n in self.layers}
+
+
+def fit_mahalanobis(
+    features: Mapping[str, ArrayLike],
+    labels: ArrayLike,
+    num_classes: int,
+    reductions: Mapping[str, Reduction] | None = None,
+) -> MahalanobisDetector:
+    """Fit class means and a Ledoit-Wolf tied covariance per layer.
+
+    features: {layer: (N, d_l)} already reduced features of clean training images (use
+    `reduce_features` on tapped activations); labels: (N,) their true labels. `reductions`
+    is stored so that `layer_scores` reduces tapped activations the same way.
+    """
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if y.ndim != 1 or y.numel() < 2 or y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels must be (N >= 2,) in [0, {num_classes}), got shape {tuple(y.shape)}")
+    means, precisions, shrink = {}, {}, {}
+    for name, a in features.items():
+        x = as_float64(a)
+        if x.ndim != 2 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"features[{name!r}] must be (N={y.shape[0]}, d), got {tuple(x.shape)}")
+        counts = torch.bincount(y, minlength=num_classes).double()
+        sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, y, x)
+        mu = sums / counts.unsqueeze(1)  # NaN rows for unseen classes: skipped when scoring
+        cov = ledoit_wolf(x - mu[y])
+        means[name] = mu.numpy()
+        precisions[name] = np.linalg.pinv(cov.covariance, hermitian=True)
+        shrink[name] = cov.shrinkage
+    return MahalanobisDetector(tuple(features), means, precisions, dict(reductions or {}), shrink)
+
+
+def reduce_features(acts: Mapping[str, torch.Tensor], reductions: Mapping[str, Reduction]) -> dict[str, np.ndarray]:
+    """{layer: (B, k_l)} -> {layer: (B, d_l)} float64 numpy, each through its Reduction (default exact)."""
+    return {n: reductions.get(n, Reduction()).apply(torch.as_tensor(a).double()).cpu().numpy() for n, a in acts.items()}
+
+
+def save_mahalanobis(detector: MahalanobisDetector, path: str | Path) -> Path:
+    tensors = {}
+    for n in detector.layers:
+        tensors[f"means/{n}"] = torch.from_numpy(np.ascontiguousarray(detector.means[n]))
+        tensors[f"precisions/{n}"] = torch.from_numpy(np.ascontiguousarray(detector.precisions[n]))
+    meta = {
+        "format": MAHALANOBIS_FORMAT,
+        "layers": json.dumps(list(detector.layers)),
+        "reductions": json.dumps({n: r.to_json() for n, r in detector.reductions.items()}),
+        "shrinkage": json.dumps(dict(detector.shrinkage)),
+    }
+    save_file(tensors, str(path), metadata=meta)
+    return Path(path)
+
+
+def load_mahalanobis(path: str | Path) -> MahalanobisDetector:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != MAHALANOBIS_FORMAT:
+        raise ValueError(f"{path} is not a semguard Mahalanobis detector (format {meta.get('format')!r})")
+    t = load_file(str(path))
+    layers = tuple(json.loads(meta["layers"]))
+    return MahalanobisDetector(
+        layers,
+        {n: t[f"means/{n}"].numpy() for n in layers},
+        {n: t[f"precisions/{n}"].numpy() for n in layers},
+        {n: Reduction(**r) for n, r in json.loads(meta["reductions"]).items()},
+        json.loads(meta["shrinkage"]),
+    )

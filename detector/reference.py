@@ -1,0 +1,312 @@
+"""Reference bank for 1 vs 2 signatures (paper section 4 and 5.3).
+
+Per tapped layer: the representations of K reference concepts (the mean of a few correctly
+classified images each), plus, shared by all layers, every label's similarity profile
+against the same K references, `label_profiles` (C, K): row c is `d_c`, the correlation of
+label c with each reference concept in the chosen similarity space.
+
+Similarity spaces (pluggable, all reduce to a (C, C) label-similarity matrix):
+  "words"           correlation of the labels' word vectors (the paper's method, default);
+  "class_similarity" correlation of class-mean activations at the model's penultimate layer;
+  "shuffled_words"  word vectors with their rows permuted (a seeded control: what do the
+                    words themselves contribute?).
+
+Very large layers can be stored reduced (`Reduction`): channel-pooled (spatial mean per
+channel) or a seeded very sparse random projection (Li, Hastie & Church 2006) whose inner
+products are exact in expectation. Reductions are linear, so the prototype of reduced
+activations is the reduced prototype. `detector.signature.reduction_agreement` measures how
+far a reduced bank's signature is from the exact one.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Literal, Mapping, NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from detector.rsa import ArrayLike, _correlation_matrix_t, _unit_rows, as_float64
+
+SpaceName = Literal["words", "class_similarity", "shuffled_words"]
+SPACES = ("words", "class_similarity", "shuffled_words")
+REDUCTIONS = ("exact", "channel_pool", "projection")
+BANK_FORMAT = "semguard.reference/1"
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How a layer's flattened activations (B, k) are reduced before correlating.
+
+    kind: "exact" (identity), "channel_pool" (acts were a (channels, H, W) map flattened
+    channel-major, as torch.flatten(1) does: mean over H*W per channel), or "projection"
+    (x centred, then a seeded very sparse random projection to `dim` coordinates).
+    """
+
+    kind: str = "exact"
+    channels: int = 0  # channel_pool: number of channels of the (channels, H, W) map
+    dim: int = 0  # projection: output dimension
+    seed: int = 0  # projection: the matrix is regenerated from (k, dim, seed), never stored
+
+    def __post_init__(self) -> None:
+        if self.kind not in REDUCTIONS:
+            raise ValueError(f"reduction kind must be one of {REDUCTIONS}, got {self.kind!r}")
+        if self.kind == "channel_pool" and self.channels < 1:
+            raise ValueError(f"channel_pool needs channels >= 1, got {self.channels}")
+        if self.kind == "projection" and self.dim < 2:
+            raise ValueError(f"projection needs dim >= 2, got {self.dim}")
+
+    def output_dim(self, k: int) -> int:
+        return {"exact": k, "channel_pool": self.channels, "projection": self.dim}[self.kind]
+
+    def apply(self, acts: torch.Tensor) -> torch.Tensor:
+        """acts: (B, k) -> (B, output_dim(k)), same dtype."""
+        if self.kind == "exact":
+            return acts
+        b, k = acts.shape
+        if self.kind == "channel_pool":
+            if k % self.channels:
+                raise ValueError(f"channel_pool: {k} features do not split into {self.channels} channels")
+            return acts.reshape(b, self.channels, k // self.channels).mean(-1)  # (B, channels)
+        centred = acts - acts.mean(-1, keepdim=True)  # Pearson centres: project the centred vector
+        p = _sparse_projection(k, self.dim, self.seed).to(device=acts.device, dtype=acts.dtype)
+        return (p @ centred.T).T  # (B, dim)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "channels": self.channels, "dim": self.dim, "seed": self.seed}
+
+
+@lru_cache(maxsize=16)
+def _sparse_projection(k: int, dim: int, seed: int) -> torch.Tensor:
+    """(dim, k) very sparse random projection, E[(Px).(Py)] = x.y.
+
+    Li, Hastie & Church (2006): entries +-sqrt(s / dim) with probability 1/s, s = sqrt(k);
+    here each row gets exactly round(k / s) non-zeros (positions drawn with replacement), which
+    keeps the expectation and makes the cost predictable.
+    """
+    s = max(1.0, float(np.sqrt(k)))
+    nnz = max(1, int(round(k / s)))
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.randint(0, k, (dim, nnz), generator=g)
+    signs = torch.randint(0, 2, (dim, nnz), generator=g, dtype=torch.float32) * 2 - 1
+    rows = torch.arange(dim).unsqueeze(1).expand(dim, nnz)
+    values = signs * float(np.sqrt(s / dim))
+    index = torch.stack([rows.reshape(-1), cols.reshape(-1)])
+    return torch.sparse_coo_tensor(index, values.reshape(-1), (dim, k), check_invariants=True).coalesce()
+
+
+# ----------------------------------------------------------------------------- similarity spaces
+
+
+def word_similarity(vectors: ArrayLike) -> np.ndarray:
+    """(C, d) label word vectors -> (C, C) Pearson correlation (the paper's C_D)."""
+    v = as_float64(vectors)
+    if v.ndim != 2 or v.shape[0] < 3 or v.shape[1] < 2:
+        raise ValueError(f"vectors must be (C, d) with C >= 3 and d >= 2, got {tuple(v.shape)}")
+    if not torch.isfinite(v).all():
+        raise ValueError("vectors contain NaN or infinite values")
+    return _correlation_matrix_t(v).numpy()
+
+
+def shuffled_word_similarity(vectors: ArrayLike, seed: int = 0) -> np.ndarray:
+    """Control space: the word vectors' rows permuted (seeded) before correlating."""
+    v = np.asarray(vectors)
+    perm = np.random.default_rng(seed).permutation(len(v))
+    return word_similarity(v[perm])
+
+
+def class_similarity(class_means: ArrayLike) -> np.ndarray:
+    """(C, k) class-mean activations at the penultimate layer -> (C, C) correlation."""
+    return word_similarity(class_means)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+class ReferenceSelection(NamedTuple):
+    concepts: np.ndarray  # (K,) int64 label index of each reference concept, sorted
+    images: list[np.ndarray]  # K arrays of image indices (correctly classified, <= per_concept each)
+
+
+def select_references(
+    labels: ArrayLike, predicted: ArrayLike, k: int = 100, per_concept: int = 5, seed: int = 0
+) -> ReferenceSelection:
+    """Pick K reference concepts among those with a correctly classified image.
+
+    labels, predicted: (N,) ints. Takes all eligible concepts when fewer than k, else a
+    seeded random subset; each concept keeps up to `per_concept` of its correct images
+    (seeded choice), whose mean activation will be its prototype.
+    """
+    y, p = np.asarray(labels).astype(np.int64), np.asarray(predicted).astype(np.int64)
+    if y.ndim != 1 or y.shape != p.shape:
+        raise ValueError(f"labels and predicted must be equal-length 1-D arrays, got {y.shape} and {p.shape}")
+    if k < 2 or per_concept < 1:
+        raise ValueError(f"k must be >= 2 and per_concept >= 1, got k={k}, per_concept={per_concept}")
+    rng = np.random.default_rng(seed)
+    correct = np.flatnonzero(y == p)
+    eligible = np.unique(y[correct])
+    if len(eligible) < 2:
+        raise ValueError(f"need correctly classified images of at least 2 concepts, got {len(eligible)}")
+    concepts = eligible if len(eligible) <= k else np.sort(rng.choice(eligible, size=k, replace=False))
+    images = []
+    for c in concepts:
+        idx = correct[y[correct] == c]
+        images.append(np.sort(rng.choice(idx, size=min(per_concept, len(idx)), replace=False)))
+    return ReferenceSelection(concepts.astype(np.int64), images)
+
+
+# ----------------------------------------------------------------------------- the bank
+
+
+@dataclass(frozen=True)
+class ReferenceBank:
+    """Per-layer reference prototypes and label profiles (see module docstring).
+
+    layers: tapped layer names, in order. prototypes[layer]: (K, k'_l) float32, k'_l the
+    layer's width after its reduction. concepts: (K,) label index of each reference (unique).
+    label_profiles: (C, K) float64, similarity of every label with each reference.
+    """
+
+    layers: tuple[str, ...]
+    prototypes: Mapping[str, np.ndarray]
+    concepts: np.ndarray
+    label_profiles: np.ndarray
+    space: str = "words"
+    reductions: Mapping[str, Reduction] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        k = len(self.concepts)
+        c = self.label_profiles.shape[0] if self.label_profiles.ndim == 2 else -1
+        if self.label_profiles.shape != (c, k) or c < 2:
+            raise ValueError(f"label_profiles must be (C, K={k}), got {self.label_profiles.shape}")
+        if len(np.unique(self.concepts)) != k or k < 2 or self.concepts.min() < 0 or self.concepts.max() >= c:
+            raise ValueError(f"concepts must be >= 2 unique label indices in [0, {c}), got {self.concepts}")
+        if set(self.prototypes) != set(self.layers):
+            raise ValueError(f"prototypes must have exactly the layers {list(self.layers)}, got {list(self.prototypes)}")
+        for name in self.layers:
+            if self.prototypes[name].ndim != 2 or self.prototypes[name].shape[0] != k:
+                raise ValueError(f"prototypes[{name!r}] must be (K={k}, k_l), got {self.prototypes[name].shape}")
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
+        unknown = set(self.reductions) - set(self.layers)
+        if unknown:
+            raise ValueError(f"reductions name layers not in the bank: {sorted(unknown)}")
+
+    @property
+    def num_labels(self) -> int:
+        return self.label_profiles.shape[0]
+
+    def reduction(self, layer: str) -> Reduction:
+        return self.reductions.get(layer, Reduction())
+
+    @cached_property
+    def unit_prototypes(self) -> dict[str, torch.Tensor]:
+        """Per layer (K, k'_l) float32, centred and unit-norm, so a profile is one matmul."""
+        return {n: _unit_rows(as_float64(self.prototypes[n])).float() for n in self.layers}
+
+    def bytes_per_layer(self) -> dict[str, int]:
+        """Bytes of the stored prototypes per layer (the shared (C, K) profiles not included)."""
+        return {n: int(self.prototypes[n].nbytes) for n in self.layers}
+
+    def layer_profiles(self, acts: Mapping[str, torch.Tensor] | list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """acts: {layer: (B, k_l)} (or a list in bank layer order) -> (L, B, K) Pearson profiles."""
+        acts = _acts_by_layer(acts, self.layers)
+        out = []
+        for name in self.layers:
+            x = self.reduction(name).apply(torch.as_tensor(acts[name]).to(dtype))
+            # float64 on request (tests, exact comparisons); the serving path stays float32
+            exact = dtype == torch.float64
+            proto = _unit_rows(as_float64(self.prototypes[name])) if exact else self.unit_prototypes[name]
+            proto = proto.to(x.device)
+            if x.ndim != 2 or x.shape[1] != proto.shape[1]:
+                raise ValueError(
+                    f"acts[{name!r}] must be (B, {proto.shape[1]}) after {self.reduction(name).kind}, got {tuple(x.shape)}"
+                )
+            # centring in float64 so a constant row is recognised (zero profile) in either dtype
+            out.append(_unit_rows(x.double()).to(dtype) @ proto.T)  # (B, K)
+        return torch.stack(out).clamp(-1.0, 1.0)  # (L, B, K)
+
+
+def _acts_by_layer(acts: Mapping[str, torch.Tensor] | list, layers: tuple[str, ...]) -> Mapping[str, torch.Tensor]:
+    if isinstance(acts, Mapping):
+        missing = [n for n in layers if n not in acts]
+        if missing:
+            raise ValueError(f"acts lacks layers {missing}; the bank taps {list(layers)}")
+        return acts
+    if len(acts) != len(layers):
+        raise ValueError(f"acts list must have one entry per bank layer ({len(layers)}), got {len(acts)}")
+    return dict(zip(layers, acts))
+
+
+def build_reference_bank(
+    prototype_acts: Mapping[str, ArrayLike],
+    selection: ReferenceSelection,
+    similarity: ArrayLike,
+    space: str = "words",
+    reductions: Mapping[str, Reduction] | None = None,
+) -> ReferenceBank:
+    """Average each reference concept's images into its prototype.
+
+    prototype_acts: {layer: (n, k_l)} activations of the selected images, in the order of
+    np.concatenate(selection.images). similarity: (C, C) label similarity of the space.
+    reductions: optional per-layer Reduction, applied before averaging.
+    """
+    reductions = dict(reductions or {})
+    s = np.asarray(similarity, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"similarity must be square (C, C), got {s.shape}")
+    counts = np.array([len(i) for i in selection.images])
+    owner = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))  # (n,) reference of each image
+    prototypes = {}
+    for name, a in prototype_acts.items():
+        x = reductions.get(name, Reduction()).apply(as_float64(a))
+        if x.shape[0] != counts.sum():
+            raise ValueError(f"prototype_acts[{name!r}] must have {counts.sum()} rows, got {x.shape[0]}")
+        sums = torch.zeros(len(counts), x.shape[1], dtype=torch.float64).index_add_(0, owner, x)
+        prototypes[name] = (sums / torch.from_numpy(counts).unsqueeze(1)).float().numpy()
+    return ReferenceBank(
+        layers=tuple(prototype_acts),
+        prototypes=prototypes,
+        concepts=selection.concepts,
+        label_profiles=s[:, selection.concepts],
+        space=space,
+        reductions=reductions,
+    )
+
+
+def save_bank(bank: ReferenceBank, path: str | Path) -> Path:
+    """Write the bank as one safetensors file (tensors + JSON metadata)."""
+    tensors = {f"prototypes/{n}": torch.from_numpy(np.ascontiguousarray(bank.prototypes[n])) for n in bank.layers}
+    tensors["concepts"] = torch.from_numpy(bank.concepts.astype(np.int64))
+    tensors["label_profiles"] = torch.from_numpy(np.ascontiguousarray(bank.label_profiles, dtype=np.float64))
+    meta = {
+        "format": BANK_FORMAT,
+        "layers": json.dumps(list(bank.layers)),
+        "space": bank.space,
+        "reductions": json.dumps({n: r.to_json() for n, r in bank.reductions.items()}),
+    }
+    save_file(tensors, str(path), metadata=meta)
+    return Path(path)
+
+
+def load_bank(path: str | Path) -> ReferenceBank:
+    """Read a bank written by `save_bank`; a file of another kind is a ValueError."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != BANK_FORMAT:
+        raise ValueError(f"{path} is not a semguard reference bank (format {meta.get('format')!r}, expected {BANK_FORMAT!r})")
+    t = load_file(str(path))
+    layers = tuple(json.loads(meta["layers"]))
+    return ReferenceBank(
+        layers=layers,
+        prototypes={n: t[f"prototypes/{n}"].numpy() for n in layers},
+        concepts=t["concepts"].numpy(),
+        label_profiles=t["label_profiles"].numpy(),
+        space=meta["space"],
+        reductions={n: Reduction(**r) for n, r in json.loads(meta["reductions"]).items()},
+    )

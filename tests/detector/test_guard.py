@@ -1,0 +1,183 @@
+"""detector.guard end to end on a tiny random CNN: calibrate -> bundle -> load -> inspect, and bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from detector.bundle import BundleError, ModelSpec, read_bundle, register_model_builder
+from detector.calibrate import CalibrationConfig
+from detector.guard import Guard, Verdict, calibrate_guard
+
+N_CLASSES = 8
+LAYERS = ["conv1", "relu2", "pool"]
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, width: int = 6, num_classes: int = N_CLASSES):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+register_model_builder("tiny_cnn_test", TinyCNN, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    gen = torch.Generator().manual_seed(1)
+    # images whose colour carries a class-like signal, so predictions spread over the classes
+    base = torch.rand(N_CLASSES, 3, 1, 1, generator=gen)
+    src = torch.randint(0, N_CLASSES, (160,), generator=gen)
+    images = (base[src] + 0.25 * torch.rand(160, 3, 8, 8, generator=gen)).clamp(0, 1).float()
+    with torch.no_grad():
+        # a least-squares head on the random features, so predictions spread over the classes
+        feats = model.flatten(model.pool(model.relu2(model.conv2(model.relu1(model.conv1(images))))))
+        x = torch.cat([feats, torch.ones(len(feats), 1)], 1).double()
+        w = torch.linalg.lstsq(x, 10.0 * nn.functional.one_hot(src, N_CLASSES).double()).solution
+        model.fc.weight.copy_(w[:-1].T.float())
+        model.fc.bias.copy_(w[-1].float())
+        labels = model(images).argmax(1).numpy()  # a random CNN: call its own predictions the truth
+    words = np.random.default_rng(2).normal(size=(N_CLASSES, 12)).astype(np.float32)
+    return model, images, labels, words
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(world, tmp_path_factory):
+    model, images, labels, words = world
+    out = tmp_path_factory.mktemp("bundle")
+    report = calibrate_guard(
+        model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)], words,
+        images, labels, out, config=CalibrationConfig(k=100, per_concept=3, target_fpr=0.1, batch_size=32),
+    )
+    assert report.n_references >= 4 and report.clean_accuracy == 1.0
+    assert report.fpr_calib <= 0.1
+    return out
+
+
+def test_bundle_files_and_manifest(bundle_dir):
+    names = {p.name for p in bundle_dir.iterdir()}
+    assert {"bundle.json", "model.safetensors", "words.safetensors", "reference.safetensors", "flagger.json",
+            "mahalanobis.safetensors"} <= names
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    assert manifest["layers"] == LAYERS and manifest["input_shape"] == [3, 8, 8]
+    assert len(manifest["sha256"]) == 5
+
+
+def test_inspect_matches_model_and_arrays(world, bundle_dir):
+    model, images, labels, _ = world
+    guard = Guard.load(bundle_dir)
+    assert guard.info.layers == LAYERS and guard.info.input_shape == (3, 8, 8)
+    verdicts = guard.inspect(images[:5])
+    assert len(verdicts) == 5 and all(isinstance(v, Verdict) for v in verdicts)
+    with torch.no_grad():
+        logits = model(images[:5]).numpy()
+    for v, row in zip(verdicts, logits):
+        assert v.prediction == int(row.argmax()) and v.label == f"c{v.prediction}"
+        np.testing.assert_allclose(v.logits, row, rtol=1e-5, atol=1e-6)
+        assert v.top5[0][0] == v.prediction and len(v.top5) == 5
+        assert v.signature.shape == (3,) and np.all((v.signature >= 0) & (v.signature <= 1))
+        assert set(v.disagreeing_layers) <= set(LAYERS)
+    out = guard.inspect_arrays(images[:5])
+    assert out.signature.shape == (5, 3) and out.score.shape == (5,)
+    assert all(t >= 0 for t in out.timings)
+    np.testing.assert_array_equal(out.flagged, out.score > guard.info.threshold)
+
+
+def test_inspect_is_batch_independent(bundle_dir, world):
+    guard = Guard.load(bundle_dir)
+    images = world[1]
+    one = guard.inspect_arrays(images[3:4])
+    many = guard.inspect_arrays(images[:8])
+    np.testing.assert_allclose(one.signature[0], many.signature[3], atol=1e-12)
+    np.testing.assert_allclose(one.score[0], many.score[3], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "images,match",
+    [
+        (torch.zeros(2, 3, 16, 16), r"shape \(B, 3, 8, 8\)"),
+        (torch.zeros(2, 1, 8, 8), r"shape \(B, 3, 8, 8\)"),
+        (torch.zeros(0, 3, 8, 8), "empty batch"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.float64), "float32"),
+        (torch.full((2, 3, 8, 8), float("nan")), "NaN"),
+        (torch.full((2, 3, 8, 8), 255.0), r"\[0, 1\]"),
+    ],
+)
+def test_bad_images_raise(bundle_dir, images, match):
+    guard = Guard.load(bundle_dir)
+    with pytest.raises(ValueError, match=match):
+        guard.inspect(images)
+
+
+def copy_bundle(src, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_file_and_tampered_file(bundle_dir, tmp_path):
+    b = copy_bundle(bundle_dir, tmp_path)
+    (b / "flagger.json").unlink()
+    with pytest.raises(BundleError, match="missing flagger.json"):
+        Guard.load(b)
+    b2 = copy_bundle(bundle_dir, tmp_path / "2")
+    (b2 / "reference.safetensors").write_bytes((b2 / "reference.safetensors").read_bytes()[:-4] + b"    ")
+    with pytest.raises(BundleError, match="sha256"):
+        Guard.load(b2)
+    with pytest.raises(BundleError, match="no bundle.json"):
+        Guard.load(tmp_path / "nowhere")
+
+
+def test_bundle_from_another_model(bundle_dir, tmp_path, world):
+    """A bundle whose weights come from a model of another shape: clear error, not a crash."""
+    b = copy_bundle(bundle_dir, tmp_path)
+    manifest = json.loads((b / "bundle.json").read_text())
+    manifest["model"]["kwargs"] = {"width": 4}
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="does not fit builder"):
+        Guard.load(b)
+    manifest["model"]["kwargs"] = {"width": 6}
+    manifest["labels"] = manifest["labels"][:-1]
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="label count mismatch"):
+        Guard.load(b)
+    manifest["labels"] = [f"c{i}" for i in range(N_CLASSES)]
+    manifest["layers"] = ["conv1", "relu1", "pool"]
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="layers"):
+        Guard.load(b)
+    manifest["layers"] = LAYERS
+    manifest["model"]["builder"] = "no_such_model"
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not registered"):
+        Guard.load(b)
+    manifest["model"]["module"] = "os"
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not in an allowed package"):
+        Guard.load(b)
+
+
+def test_logistic_flagger_with_attack_images(world, tmp_path):
+    model, images, labels, words = world
+    attack = (images[:40] + 0.3 * torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
+    cfg = CalibrationConfig(per_concept=3, method="logistic", features=("fraction", "mahalanobis"), space="class_similarity")
+    report = calibrate_guard(model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
+                             words, images, labels, tmp_path, attack_images=attack, config=cfg)
+    bundle = read_bundle(report.bundle_dir)
+    assert bundle.flagger.method == "logistic" and bundle.bank.space == "class_similarity"
+    guard = Guard(bundle)
+    assert guard.inspect_arrays(attack).score.mean() > guard.inspect_arrays(images[:40]).score.mean()

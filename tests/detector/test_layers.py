@@ -1,0 +1,353 @@
+"""detector.layers (presets, LayerTap, iter_activations, weight loading) and models.normalize."""
+import re
+import weakref
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision.models.feature_extraction import get_graph_node_names
+
+from detector import layers
+from detector.layers import (
+    LayerInfo,
+    LayerTap,
+    TapOutput,
+    build_torchvision_model,
+    graph_node_names,
+    iter_activations,
+    preset_info,
+    preset_layers,
+    register_preset,
+)
+from models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalized, imagenet_classifier
+
+
+def eval_nodes(model: nn.Module) -> list[str]:
+    return get_graph_node_names(model)[1]
+
+
+# --------------------------------------------------------------------------- presets on real graphs
+
+
+def test_resnet50_preset_is_the_49_relus_of_16_blocks():
+    model = torchvision.models.resnet50(weights=None)
+    nodes = eval_nodes(model)
+    relus = [n for n in nodes if re.search(r"(^|\.)relu(_\d+)?$", n)]
+    info = preset_info("resnet50")
+    assert [i.name for i in info] == relus
+    assert len(info) == 49
+    blocks = [i.block for i in info]
+    assert blocks[0] == "stem" and info[0].name == "relu"
+    assert len(set(blocks)) == 1 + 16
+    assert all(blocks.count(b) == 3 for b in set(blocks) - {"stem"})
+    assert info[1].name == "layer1.0.relu" and info[-1].name == "layer4.2.relu_2"
+    assert [i.depth for i in info] == list(range(49))
+
+
+def test_inception_v3_preset_is_94_relus_plus_11_mixed_outputs():
+    model = build_torchvision_model("inception_v3")  # random init, aux head dropped, eval graph
+    assert model.AuxLogits is None
+    nodes = eval_nodes(model)
+    relus = [n for n in nodes if n.endswith(".relu")]
+    mixed = sorted({n.split(".")[0] for n in nodes if n.startswith("Mixed_")})
+    mixed_outputs = [[n for n in nodes if n.startswith(m + ".")][-1] for m in mixed]
+    info = preset_info("inception_v3")
+    names = [i.name for i in info]
+    assert len(relus) == 94 and len(mixed_outputs) == 11 and len(info) == 105
+    assert set(names) == set(relus) | set(mixed_outputs)
+    assert names == [n for n in nodes if n in set(names)]  # depth order = graph order
+    assert mixed_outputs[-1] == "Mixed_7c.cat_2" and names[-1] == "Mixed_7c.cat_2"
+    assert {i.block for i in info if i.name in mixed_outputs} == set(mixed)
+    assert all(i.block == i.name.split(".")[0] for i in info)
+
+
+def test_vgg16_preset_is_its_relus():
+    with torch.device("meta"):  # the graph only: 138M parameters need not be initialised
+        model = torchvision.models.vgg16(weights=None)
+    modules = dict(model.named_modules())
+    relus = [n for n in eval_nodes(model) if isinstance(modules.get(n), nn.ReLU)]
+    assert preset_layers("vgg16") == relus and len(relus) == 15
+    blocks = [i.block for i in preset_info("vgg16")]
+    assert blocks == ["conv1"] * 2 + ["conv2"] * 2 + ["conv3"] * 3 + ["conv4"] * 3 + ["conv5"] * 3 + ["classifier"] * 2
+
+
+def test_graph_node_names_equal_torchvisions():
+    model = torchvision.models.resnet18(weights=None)
+    assert graph_node_names(model) == eval_nodes(model)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    monkeypatch.setattr(layers, "_PRESETS", dict(layers._PRESETS))
+
+
+def test_register_preset_validates(fresh_registry):
+    good = [LayerInfo("a", "b1", 0), LayerInfo("b", "b1", 1)]
+    register_preset("tiny", good)
+    register_preset("tiny", list(good))  # identical again: fine (module reload)
+    assert preset_layers("tiny") == ["a", "b"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_preset("tiny", good[:1])
+    register_preset("tiny", good[:1], overwrite=True)
+    assert preset_layers("tiny") == ["a"]
+    with pytest.raises(ValueError, match="repeats layer names"):
+        register_preset("dup", [LayerInfo("a", "b", 0), LayerInfo("a", "b", 1)])
+    with pytest.raises(ValueError, match="depth must equal"):
+        register_preset("order", [LayerInfo("a", "b", 1)])
+    with pytest.raises(ValueError, match="at least one"):
+        register_preset("empty", [])
+    with pytest.raises(ValueError, match="expected LayerInfo"):
+        register_preset("bad", ["a"])
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ValueError, match=r"known presets: .*resnet50"):
+        preset_layers("resnet51")
+
+
+# --------------------------------------------------------------------------- taps
+
+
+class Tiny(nn.Module):
+    """Conv, in-place ReLU (which would overwrite a tapped conv output), functional ReLU, head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = self.act(self.conv1(x))
+        x = torch.relu(self.bn(self.conv2(x)))
+        return self.head(x.flatten(1))
+
+
+def hooked(model, names, x):
+    """Eager forward with hooks on modules: copies of their outputs (B, k)."""
+    seen = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: seen.__setitem__(n, o.detach().clone().flatten(1))
+        )
+        for n in names
+    ]
+    logits = model(x)
+    for h in handles:
+        h.remove()
+    return logits, seen
+
+
+def test_tap_matches_forward_hooks_on_tiny_model():
+    torch.manual_seed(0)
+    model = Tiny()
+    model.bn.running_mean.normal_()  # eval-mode statistics differ from batch statistics
+    x = torch.randn(3, 3, 8, 8)
+    tap = LayerTap(model, ["conv1", "act", "bn", "relu", "head"])
+    out = tap(x)
+    assert isinstance(out, TapOutput) and tap.layers == ["conv1", "act", "bn", "relu", "head"]
+    logits, seen = hooked(model.eval(), ["conv1", "act", "bn", "head"], x)
+    torch.testing.assert_close(out.logits, logits)
+    assert (out.acts["conv1"] < 0).any()  # the copy was taken before the in-place ReLU
+    for name in ["conv1", "act", "bn", "head"]:
+        torch.testing.assert_close(out.acts[name], seen[name])
+    torch.testing.assert_close(out.acts["relu"], seen["bn"].clamp_min(0))
+    shapes = {k: tuple(v.shape) for k, v in out.acts.items()}
+    assert shapes == {"conv1": (3, 256), "act": (3, 256), "bn": (3, 96), "relu": (3, 96), "head": (3, 5)}
+    assert all(v.dtype == torch.float32 for v in out.acts.values())
+
+
+def test_tap_keeps_eval_mode_and_supports_grad():
+    torch.manual_seed(1)
+    model = Tiny()
+    tap = LayerTap(model, ["bn"])
+    model.train()  # the tap reads eval-mode activations regardless
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    out = tap(x)
+    (out.logits.sum() + out.acts["bn"].sum()).backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    model.eval()
+    y = model.bn(model.conv2(model.act(model.conv1(x2))))
+    (model(x2).sum() + y.sum()).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_tap_rejects_unknown_names_with_suggestions():
+    model = Tiny()
+    with pytest.raises(ValueError, match=r"'conv3'.*close node names: .*'conv1'"):
+        LayerTap(model, ["conv3"])
+    with pytest.raises(ValueError, match="unique"):
+        LayerTap(model, ["conv1", "conv1"])
+    with pytest.raises(ValueError, match="non-empty"):
+        LayerTap(model, [])
+    with pytest.raises(ValueError, match="images"):
+        LayerTap(model, ["conv1"])(torch.zeros(0, 3, 8, 8))
+
+
+def test_tap_does_not_keep_untapped_intermediates_alive():
+    torch.manual_seed(2)
+    model = nn.Sequential(*[nn.Linear(16, 16) if i % 2 == 0 else nn.Tanh() for i in range(8)])
+    refs = {}
+    alive_at_end = []
+    for i in range(7):
+        model[i].register_forward_hook(lambda m, inp, out, i=i: refs.__setitem__(i, weakref.ref(out)))
+    model[7].register_forward_pre_hook(
+        lambda m, inp: alive_at_end.append([i for i, r in refs.items() if r() is not None])
+    )
+    with torch.no_grad():  # with grad, autograd itself saves tensors for backward
+        out = LayerTap(model, ["1", "3"])(torch.randn(4, 16))
+    # Only the last layer's input is alive when it runs; the tapped ones live on as copies.
+    assert alive_at_end == [[6]]
+    assert set(out.acts) == {"1", "3"}
+
+
+def test_resnet50_preset_forward_matches_hooks():
+    torch.manual_seed(3)
+    model = torchvision.models.resnet50(weights=None).eval()
+    x = torch.rand(2, 3, 64, 64)
+    out = LayerTap(model, preset_layers("resnet50"))(x)
+    assert out.logits.shape == (2, 1000) and len(out.acts) == 49
+    assert out.acts["relu"].shape == (2, 64 * 32 * 32)
+    assert out.acts["layer4.2.relu_2"].shape == (2, 2048 * 2 * 2)
+    # A bottleneck calls its one ReLU module three times: relu, relu_1, relu_2.
+    calls = []
+    hook = model.layer3[4].relu.register_forward_hook(lambda m, i, o: calls.append(o.detach().clone().flatten(1)))
+    torch.testing.assert_close(model(x), out.logits)
+    hook.remove()
+    for suffix, expected in zip(["", "_1", "_2"], calls):
+        torch.testing.assert_close(out.acts[f"layer3.4.relu{suffix}"], expected)
+
+
+def test_inception_v3_preset_taps_a_normalized_model():
+    torch.manual_seed(4)
+    model = imagenet_classifier("inception_v3")
+    tap = LayerTap(model, preset_layers("inception_v3"))  # preset names resolve under "model."
+    assert tap.nodes[0] == "model.Conv2d_1a_3x3.relu"
+    out = tap(torch.rand(1, 3, 75, 75))  # Inception-v3's smallest input
+    assert out.logits.shape == (1, 1000) and len(out.acts) == 105
+    assert out.acts["Mixed_7c.cat_2"].shape == (1, 2048)
+
+
+# --------------------------------------------------------------------------- Normalized
+
+
+def test_normalized_normalises_then_calls_the_model():
+    torch.manual_seed(5)
+    inner = Tiny().eval()
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+    model = Normalized(inner, mean, std)
+    x = torch.rand(2, 3, 8, 8)
+    expected = inner((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    torch.testing.assert_close(model(x), expected)
+    bare, full = LayerTap(model, ["conv1"])(x), LayerTap(model, ["model.conv1"])(x)
+    torch.testing.assert_close(bare.acts["conv1"], full.acts["model.conv1"])
+    with pytest.raises(ValueError, match="mean, std"):
+        Normalized(inner, (0.1, 0.2), std)
+    with pytest.raises(ValueError, match="std"):
+        Normalized(inner, mean, (0.5, 0.0, 1.0))
+
+
+def test_imagenet_classifier_uses_imagenet_statistics():
+    model = imagenet_classifier("resnet18", num_classes=7)
+    assert isinstance(model, Normalized) and not model.training
+    torch.testing.assert_close(model.mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    torch.testing.assert_close(model.std.flatten(), torch.tensor(IMAGENET_STD))
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 7)
+
+
+# --------------------------------------------------------------------------- iter_activations
+
+
+class Pairs(Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], i % 3
+
+
+def test_iter_activations_chunks_equal_one_pass():
+    torch.manual_seed(6)
+    tap = LayerTap(Tiny(), ["conv1", "relu"])
+    images = torch.randn(7, 3, 8, 8)
+    full = tap(images)
+    for source in (images, Pairs(images)):
+        grad_inside = []
+        chunks = []
+        for where, out in iter_activations(tap, source, batch_size=3):
+            grad_inside.append(torch.is_grad_enabled())  # no_grad must not leak into the caller
+            assert not out.logits.requires_grad
+            chunks.append((where, out))
+        assert [(w.start, w.stop) for w, _ in chunks] == [(0, 3), (3, 6), (6, 7)]
+        assert all(grad_inside)
+        torch.testing.assert_close(torch.cat([o.logits for _, o in chunks]), full.logits.detach())
+        for name in tap.layers:
+            torch.testing.assert_close(torch.cat([o.acts[name] for _, o in chunks]), full.acts[name].detach())
+
+
+def test_iter_activations_rejects_bad_input():
+    tap = LayerTap(Tiny(), ["conv1"])
+    with pytest.raises(ValueError, match="batch_size"):
+        next(iter_activations(tap, torch.zeros(2, 3, 8, 8), 0))
+    with pytest.raises(ValueError, match="images_or_dataset"):
+        next(iter_activations(tap, [torch.zeros(3, 8, 8)], 2))
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def test_weights_round_trip_torch_and_safetensors(tmp_path):
+    torch.manual_seed(7)
+    source = torchvision.models.squeezenet1_1(weights=None, num_classes=10).eval()  # small: 0.7M parameters
+    state = source.state_dict()
+    torch.save(state, tmp_path / "w.pth")
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "checkpoint.pth")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    x = torch.rand(2, 3, 32, 32)
+    for name in ["w.pth", "checkpoint.pth", "w.safetensors"]:
+        model = build_torchvision_model("squeezenet1_1", tmp_path / name, num_classes=10)
+        assert not model.training
+        torch.testing.assert_close(model(x), source(x))
+
+
+def test_weights_errors(tmp_path):
+    torch.save(torchvision.models.squeezenet1_1(weights=None, num_classes=10).state_dict(), tmp_path / "w.pth")
+    with pytest.raises(FileNotFoundError, match="weights_path"):
+        build_torchvision_model("squeezenet1_1", tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match=r"classifier.1.weight: file \(10, 512, 1, 1\) vs model \(1000, 512, 1, 1\)"):
+        build_torchvision_model("squeezenet1_1", tmp_path / "w.pth")
+    torch.save({"features.0.weight": torch.zeros(1), "extra": torch.zeros(1)}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"missing keys .*1 unexpected keys \['extra'\]"):
+        build_torchvision_model("squeezenet1_1", tmp_path / "partial.pth")
+    torch.save({"weights": Tiny}, tmp_path / "pickled.pth")  # a class: refused by weights_only
+    with pytest.raises(ValueError, match="not a plain tensor state dict"):
+        build_torchvision_model("squeezenet1_1", tmp_path / "pickled.pth")
+    with pytest.raises(ValueError, match=r"arch: .*resnet50"):
+        build_torchvision_model("resnet5O")
+
+
+def test_inception_weights_with_or_without_aux_head(tmp_path):
+    torch.manual_seed(8)
+    with_aux = torchvision.models.inception_v3(weights=None, aux_logits=True, num_classes=10, init_weights=False)
+    state = with_aux.state_dict()
+    save_file(state, str(tmp_path / "aux.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("AuxLogits.")}, str(tmp_path / "noaux.safetensors"))
+    x = torch.rand(1, 3, 75, 75)
+    outputs = []
+    for name in ["aux.safetensors", "noaux.safetensors"]:
+        model = build_torchvision_model("inception_v3", tmp_path / name, num_classes=10)
+        assert model.AuxLogits is None and not model.aux_logits and model.transform_input
+        assert set(preset_layers("inception_v3")) <= set(graph_node_names(model))
+        outputs.append(model(x))
+    torch.testing.assert_close(outputs[0], outputs[1])

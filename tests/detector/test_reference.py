@@ -1,0 +1,110 @@
+"""detector.reference: selection, prototypes, similarity spaces, reductions, safetensors round trip."""
+import numpy as np
+import pytest
+import torch
+
+from detector.reference import (
+    Reduction, ReferenceBank, build_reference_bank, class_similarity, load_bank, save_bank, select_references,
+    shuffled_word_similarity, word_similarity,
+)
+
+
+def pearson(x, y):
+    x, y = x - x.mean(), y - y.mean()
+    d = np.sqrt((x * x).sum() * (y * y).sum())
+    return 0.0 if d < 1e-12 else float((x * y).sum() / d)
+
+
+def test_select_references_only_correct_images():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3, 3])
+    predicted = np.array([0, 0, 1, 1, 0, 0, 0, 3, 3, 3])  # concept 2 never correct
+    sel = select_references(labels, predicted, k=10, per_concept=2, seed=0)
+    assert sel.concepts.tolist() == [0, 1, 3]
+    for c, idx in zip(sel.concepts, sel.images):
+        assert len(idx) <= 2 and (labels[idx] == c).all() and (predicted[idx] == c).all()
+    sub = select_references(np.repeat(np.arange(20), 2), np.repeat(np.arange(20), 2), k=5, seed=1)
+    assert len(sub.concepts) == 5 and len(set(sub.concepts)) == 5
+    np.testing.assert_array_equal(sub.concepts, select_references(np.repeat(np.arange(20), 2), np.repeat(np.arange(20), 2), k=5, seed=1).concepts)
+
+
+def test_prototypes_are_means_and_profiles_are_similarity_columns():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), 4)
+    sel = select_references(labels, labels, k=4, per_concept=3, seed=2)
+    chosen = np.concatenate(sel.images)
+    acts = {"a": rng.normal(size=(len(labels), 5)), "b": rng.normal(size=(len(labels), 3))}
+    vectors = rng.normal(size=(6, 10))
+    bank = build_reference_bank({n: a[chosen] for n, a in acts.items()}, sel, word_similarity(vectors))
+    for j, idx in enumerate(sel.images):
+        np.testing.assert_allclose(bank.prototypes["a"][j], acts["a"][idx].mean(0), rtol=1e-6)
+    want = np.array([[pearson(vectors[c], vectors[r]) for r in sel.concepts] for c in range(6)])
+    np.testing.assert_allclose(bank.label_profiles, want, atol=1e-12)
+    assert bank.bytes_per_layer() == {"a": 4 * 5 * 4, "b": 4 * 3 * 4}
+    # profiles: Pearson of each image with each prototype
+    x = torch.from_numpy(acts["a"][:3])
+    got = bank.layer_profiles({"a": x, "b": torch.from_numpy(acts["b"][:3])}, dtype=torch.float64)
+    want = np.array([[pearson(acts["a"][i], bank.prototypes["a"][j].astype(np.float64)) for j in range(4)] for i in range(3)])
+    np.testing.assert_allclose(got[0].numpy(), want, atol=1e-12)
+
+
+def test_similarity_spaces():
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(7, 5))
+    s = word_similarity(v)
+    assert s.shape == (7, 7) and np.allclose(np.diag(s), 1)
+    shuffled = shuffled_word_similarity(v, seed=3)
+    perm = np.random.default_rng(3).permutation(7)
+    np.testing.assert_allclose(shuffled, s[np.ix_(perm, perm)], atol=1e-12)
+    np.testing.assert_allclose(class_similarity(v), s)
+
+
+def test_reductions_are_linear_and_exact_in_expectation():
+    x = torch.arange(24, dtype=torch.float64).reshape(2, 12)  # (B, 3 channels x 4 positions)
+    pooled = Reduction("channel_pool", channels=3).apply(x)
+    np.testing.assert_allclose(pooled.numpy(), x.reshape(2, 3, 4).mean(-1).numpy())
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=2000), rng.normal(size=2000)
+    b = 0.6 * a + 0.8 * b
+    dots = []
+    for seed in range(30):
+        r = Reduction("projection", dim=64, seed=seed)
+        pa, pb = r.apply(torch.from_numpy(np.stack([a, b])))
+        dots.append(float(pa @ pb))
+    ca, cb = a - a.mean(), b - b.mean()
+    assert abs(np.mean(dots) - ca @ cb) < 0.1 * abs(ca @ cb)  # inner product of centred vectors, in expectation
+    assert Reduction("projection", dim=64).output_dim(2000) == 64
+
+
+def test_roundtrip(tmp_path):
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(5), 2)
+    sel = select_references(labels, labels, k=5, per_concept=2)
+    red = {"a": Reduction("projection", dim=4, seed=7)}
+    acts = {"a": red["a"].apply(torch.from_numpy(rng.normal(size=(10, 9)))).numpy()}
+    bank = build_reference_bank(acts, sel, word_similarity(rng.normal(size=(5, 4))), space="shuffled_words")
+    bank = ReferenceBank(bank.layers, bank.prototypes, bank.concepts, bank.label_profiles, bank.space, red)
+    back = load_bank(save_bank(bank, tmp_path / "r.safetensors"))
+    assert back.layers == bank.layers and back.space == "shuffled_words" and back.reductions == red
+    np.testing.assert_array_equal(back.prototypes["a"], bank.prototypes["a"])
+    np.testing.assert_array_equal(back.label_profiles, bank.label_profiles)
+
+
+def test_bad_input_raises(tmp_path):
+    with pytest.raises(ValueError, match="reduction kind"):
+        Reduction("pca")
+    with pytest.raises(ValueError, match="channels"):
+        Reduction("channel_pool")
+    with pytest.raises(ValueError, match="do not split"):
+        Reduction("channel_pool", channels=5).apply(torch.zeros(1, 12))
+    with pytest.raises(ValueError, match="at least 2 concepts"):
+        select_references(np.array([0, 1]), np.array([0, 0]))
+    with pytest.raises(ValueError, match="vectors"):
+        word_similarity(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="concepts must be"):
+        ReferenceBank(("a",), {"a": np.zeros((2, 3))}, np.array([1, 1]), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="space must be"):
+        ReferenceBank(("a",), {"a": np.zeros((2, 3))}, np.array([0, 1]), np.zeros((4, 2)), space="glove")
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a semguard reference bank"):
+        load_bank(tmp_path / "other.safetensors")
