@@ -3,6 +3,7 @@ its true label or with the label the network predicted? For adversarial and misc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -58,9 +59,24 @@ class OneVsTwoScores:
         }
 
 
+def reference_profiles(
+    batches: Iterable[dict[str, np.ndarray]], reference_acts: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """1 vs 2 profiles, streamed: every image's correlation with each reference, per layer.
+
+    batches: layer -> (b, k_l) activations, batch after batch; reference_acts: layer -> (R, k_l).
+    Returns layer -> (n, R). Only the (n, R) profiles are kept, never all activations.
+    """
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in reference_acts}
+    for acts in batches:
+        for name, ref in reference_acts.items():
+            collected[name].append(cross_correlation(acts[name], ref))
+    return {name: np.concatenate(parts) if parts else np.zeros((0, len(reference_acts[name])))
+            for name, parts in collected.items()}
+
+
 def layer_margins(
-    item_acts: np.ndarray,
-    reference_acts: np.ndarray,
+    profiles: np.ndarray,
     true: np.ndarray,
     predicted: np.ndarray,
     reference: ReferenceSet,
@@ -68,17 +84,16 @@ def layer_margins(
 ) -> np.ndarray:
     """1 vs 2 margins of n items at one layer: corr(i, d_true) - corr(i, d_pred), shape (n,).
 
-    item_acts: (n, k); reference_acts: (R, k); word_profiles: (C, R) correlation of every
-    label's word vector with the references'. References equal to either label are left out.
+    profiles: (n, R) correlation of each image with the R references at this layer;
+    word_profiles: (C, R) correlation of every label's word vector with the references'.
+    References equal to either label are left out.
     """
-    profiles = cross_correlation(item_acts, reference_acts)  # (n, R)
     keep = (reference.concepts[None, :] != true[:, None]) & (reference.concepts[None, :] != predicted[:, None])
     return one_vs_two_margin(profiles, word_profiles[true], word_profiles[predicted], keep)
 
 
 def one_vs_two_by_layer(
-    item_acts: dict[str, np.ndarray],
-    reference_acts: dict[str, np.ndarray],
+    profiles: dict[str, np.ndarray],
     true: np.ndarray,
     predicted: np.ndarray,
     reference: ReferenceSet,
@@ -89,8 +104,8 @@ def one_vs_two_by_layer(
 ) -> OneVsTwoScores:
     """1 vs 2 accuracy of true vs predicted label per layer, with p-values and BHY across layers.
 
-    item_acts / reference_acts: layer -> (n, k_l) / (R, k_l); true, predicted: (n,) label
-    indices (they differ); word_vectors: (C, d); groups: optional (n,) int, e.g. target rank.
+    profiles: layer -> (n, R) from `reference_profiles`; true, predicted: (n,) label indices
+    (they differ); word_vectors: (C, d); groups: optional (n,) int, e.g. target similarity rank.
     """
     true, predicted = np.asarray(true), np.asarray(predicted)
     if len(true) == 0:
@@ -100,10 +115,10 @@ def one_vs_two_by_layer(
     word_profiles = cross_correlation(word_vectors, word_vectors[reference.concepts])  # (C, R)
     groups = np.zeros(len(true), int) if groups is None else np.asarray(groups)
     group_ids = sorted(set(groups.tolist()))
-    layers = list(item_acts)
+    layers = list(profiles)
     accuracy, p_values, by_group = [], [], []
     for layer in layers:
-        margins = layer_margins(item_acts[layer], reference_acts[layer], true, predicted, reference, word_profiles)
+        margins = layer_margins(profiles[layer], true, predicted, reference, word_profiles)
         result = permutation_test_one_vs_two(margins, n_permutations=n_permutations, seed=seed)
         accuracy.append(result.accuracy)
         p_values.append(result.p_value)

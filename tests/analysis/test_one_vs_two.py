@@ -8,6 +8,7 @@ from analysis.one_vs_two import (
     layer_margins,
     mean_cosine,
     one_vs_two_by_layer,
+    reference_profiles,
 )
 from tests.detector.test_rsa import pearson
 
@@ -39,7 +40,9 @@ def test_layer_margins_match_loop():
     ref = choose_reference_set(labels, predictions, n_concepts=12, size=9, seed=1)
     items, refs = rng.normal(size=(len(true), k)), rng.normal(size=(len(ref.concepts), k))
     word_profiles = np.array([[pearson(w, words[c]) for c in ref.concepts] for w in words])
-    got = layer_margins(items, refs, true, pred, ref, word_profiles)
+    batches = [{"layer": items[:7]}, {"layer": items[7:]}]
+    profiles = reference_profiles(batches, {"layer": refs})["layer"]
+    got = layer_margins(profiles, true, pred, ref, word_profiles)
     np.testing.assert_allclose(got, margins_loop(items, refs, true, pred, ref.concepts, words), atol=1e-12)
 
 
@@ -60,15 +63,16 @@ def test_one_vs_two_by_layer_groups_and_errors():
     proj = rng.normal(size=(words.shape[1], k))
     acts = {"true": words[true] @ proj, "pred": words[pred] @ proj}
     ref_acts = {name: words[ref.concepts] @ proj for name in acts}
+    profiles = reference_profiles([acts], ref_acts)
     groups = np.arange(len(true)) % 3
-    scores = one_vs_two_by_layer(acts, ref_acts, true, pred, ref, words, groups=groups, n_permutations=200)
+    scores = one_vs_two_by_layer(profiles, true, pred, ref, words, groups=groups, n_permutations=200)
     assert scores.accuracy[0] > 0.9 and scores.accuracy[1] < 0.1
     assert np.all(scores.p_bhy < 0.05)
     assert scores.group_counts == [10, 10, 10] and scores.group_accuracy.shape == (3, 2)
     with pytest.raises(ValueError, match="must differ"):
-        one_vs_two_by_layer(acts, ref_acts, true, true, ref, words)
+        one_vs_two_by_layer(profiles, true, true, ref, words)
     with pytest.raises(ValueError, match="no items"):
-        one_vs_two_by_layer({"a": np.zeros((0, k))}, ref_acts, true[:0], pred[:0], ref, words)
+        one_vs_two_by_layer(reference_profiles([], ref_acts), true[:0], pred[:0], ref, words)
 
 
 def test_mean_cosine_and_block_average():

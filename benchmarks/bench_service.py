@@ -1,0 +1,197 @@
+"""Load test of the guard server: dynamic batching vs batch-1 serving, side by side.
+
+    python benchmarks/bench_service.py [--clients 16] [--requests 800]
+
+Loopback only and bounded: the server runs in a child process (its own GIL, as in production),
+N client threads in this process each send their share of M single-image ModelInfer requests with
+tritonclient.grpc, then everything stops. Reports throughput, p50/p99 latency and errors (must be
+0) for max_batch_size=B (dynamic batching) and max_batch_size=1, and the throughput ratio.
+
+The guard here is a benchmark stand-in with the real cost profile of the service path: WorldNet
+(models/worldnet.py, random init; the world's 32x32 residual CNN) forward pass plus a per-layer
+mean-activation signature over its 3 stages; the real detector.guard.Guard adds its signature
+and flagger work per batch, which batching amortises the same way. `--bundle DIR` benchmarks a
+real bundle instead.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class _Info:
+    model_name: str
+    labels: list[str]
+    layers: list[str]
+    input_shape: tuple[int, int, int]
+    threshold: float
+    flagger_method: str
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    prediction: int
+    label: str
+    top5: list
+    logits: np.ndarray
+    signature: np.ndarray
+    score: float
+    flagged: bool
+    disagreeing_layers: list
+
+
+class BenchGuard:
+    """WorldNet forward + per-stage mean activations as signature (a benchmark stand-in, not a detector)."""
+
+    def __init__(self) -> None:
+        import torch
+        from models.worldnet import WorldNet
+
+        torch.manual_seed(0)
+        self.model = WorldNet().eval()
+        self.layers = ["stage1", "stage2", "stage3"]
+        self.acts: dict[str, torch.Tensor] = {}
+        for name in self.layers:
+            getattr(self.model, name).register_forward_hook(
+                lambda _m, _i, out, name=name: self.acts.__setitem__(name, out))
+        k = self.model.config.num_classes
+        self.info = _Info("worldnet", [f"c{i}" for i in range(k)], self.layers, (3, 32, 32), 1.0, "bench")
+
+    def inspect(self, images):
+        import torch
+
+        with torch.no_grad():
+            logits = self.model(images)                                   # (B, K)
+            sig = torch.stack([self.acts[n].mean(dim=(1, 2, 3)) for n in self.layers], 1)  # (B, L)
+            probs = torch.softmax(logits, 1)
+            top_p, top_i = probs.topk(5, 1)
+        out = []
+        for b in range(len(images)):
+            pred = int(top_i[b, 0])
+            out.append(_Verdict(pred, self.info.labels[pred], list(zip(top_i[b].tolist(), top_p[b].tolist())),
+                                logits[b].numpy(), sig[b].numpy(), float(sig[b].mean()), False, []))
+        return out
+
+
+def _serve(max_batch_size: int, delay_ms: float, bundle: str | None, torch_threads: int | None, conn) -> None:
+    from service.config import ServiceConfig
+    from service.server import create_server, load_guard
+
+    guard = load_guard(bundle) if bundle else BenchGuard()
+    config = ServiceConfig(grpc_port=0, metrics_port=None, max_batch_size=max_batch_size,
+                           max_queue_delay_ms=delay_ms, max_workers=64, torch_threads=torch_threads)
+    created = create_server(config, guard)
+    created.server.start()
+    conn.send((created.port, guard.info.model_name, tuple(guard.info.input_shape)))
+    conn.recv()  # until the parent says stop
+    created.server.stop(grace=5).wait(10)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    seconds: float
+    latencies_ms: list[float]
+    errors: int
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+def _load(port: int, model: str, shape: tuple[int, int, int], clients: int, requests: int) -> LoadResult:
+    import tritonclient.grpc as triton
+
+    image = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    start_gate = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        c = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        inp = triton.InferInput("IMAGE", list(image.shape), "FP32")
+        inp.set_data_from_numpy(image)
+        outs = [triton.InferRequestedOutput(n) for n in ("PREDICTION", "SCORE", "FLAG")]
+        for _ in range(3):  # warm-up, not timed
+            c.infer(model, [inp], outputs=outs)
+        start_gate.wait()
+        for _ in range(requests // clients):
+            t0 = time.perf_counter()
+            try:
+                c.infer(model, [inp], outputs=outs, client_timeout=30)
+                latencies[i].append((time.perf_counter() - t0) * 1000)
+            except Exception:
+                errors[i] += 1
+        c.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start_gate.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join(600)
+    return LoadResult(time.perf_counter() - t0, [x for lat in latencies for x in lat], sum(errors))
+
+
+def run(max_batch_size: int, args: argparse.Namespace) -> LoadResult:
+    torch_threads = args.torch_threads or None
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve, args=(max_batch_size, args.delay_ms, args.bundle, torch_threads, child), daemon=True)
+    proc.start()
+    try:
+        port, model, shape = parent.recv()
+        return _load(port, model, shape, args.clients, args.requests)
+    finally:
+        parent.send("stop")
+        proc.join(30)
+
+
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{os.cpu_count()} CPUs (nproc), {model}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=800, help="total requests per mode (1 image each)")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--delay-ms", type=float, default=2.0, help="max queue delay of the dynamic batcher")
+    # 1 by default: the 16 client threads share this machine's cores with the server, and
+    # oversubscribed OpenMP threads stall batched forwards (measured: see BENCHMARKS.md).
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="server intra-op threads (0 = torch's default); the clients share these cores")
+    p.add_argument("--bundle", default=None, help="benchmark a real guard bundle instead of the WorldNet stand-in")
+    args = p.parse_args()
+    results = {f"dynamic (max_batch_size={args.max_batch_size})": run(args.max_batch_size, args),
+               "batch-1 (max_batch_size=1)": run(1, args)}
+    print(f"machine: {machine()}; {args.clients} clients x {args.requests // args.clients} requests, "
+          f"1 image 3x32x32 FP32 each, loopback; server torch threads: {args.torch_threads or 'default'}")
+    print(f"{'mode':32s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}")
+    for name, r in results.items():
+        print(f"{name:32s} {r.throughput:8.1f} {r.percentile(50):8.2f} {r.percentile(99):8.2f} {r.errors:7d}")
+    dyn, one = results.values()
+    print(f"throughput ratio dynamic / batch-1: {dyn.throughput / one.throughput:.2f}x")
+    if dyn.errors or one.errors:
+        raise SystemExit("errors during the load test")
+
+
+if __name__ == "__main__":
+    main()

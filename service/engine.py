@@ -1,0 +1,88 @@
+"""GuardEngine: the Guard behind the dynamic batcher, with stage timings; shared by both servicers.
+
+The Guard decides (detector/guard.py contract: `info`, `inspect(images) -> list[Verdict]`); the
+engine only batches, times and counts. The whole `inspect` call is exported as stage "inspect".
+Optional hook, read right after each `inspect` call (one worker thread, so no race): a
+`stage_timings` attribute on the guard, either a mapping {"forward"|"signature"|"flagger": s} or
+an object with `forward_s`, `signature_s`, `flagger_s` (detector.guard.StageTimings); when
+present those stages are exported too.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import numpy as np
+import torch
+
+from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
+from service.metrics import ServiceMetrics
+
+T = TypeVar("T")
+GUARD_STAGES = ("forward", "signature", "flagger")
+
+
+class GuardLike(Protocol):
+    """What the service needs of detector.guard.Guard (see .notes/TEAM.md for the contract)."""
+
+    @property
+    def info(self) -> Any: ...
+
+    def inspect(self, images: torch.Tensor) -> list[Any]: ...
+
+
+def stage_seconds(timings: Any) -> dict[str, float]:
+    """The optional hook (see module doc) as {stage: seconds}; {} when absent."""
+    if timings is None:
+        return {}
+    if isinstance(timings, Mapping):
+        return {s: float(timings[s]) for s in GUARD_STAGES if s in timings}
+    return {s: float(getattr(timings, f"{s}_s")) for s in GUARD_STAGES if hasattr(timings, f"{s}_s")}
+
+
+def time_remaining(context: grpc.ServicerContext | None) -> float | None:
+    """Seconds left of the RPC's deadline; None without one (grpc reports "no deadline" as ~1e9 s)."""
+    remaining = context.time_remaining() if context is not None else None
+    return None if remaining is None or remaining > 1e6 else remaining
+
+
+class GuardEngine:
+    def __init__(self, guard: GuardLike, config: ServiceConfig, metrics: ServiceMetrics):
+        self.guard, self.info, self.metrics = guard, guard.info, metrics
+        self.input_shape = tuple(int(s) for s in self.info.input_shape)  # (C, H, W)
+        self.batcher = DynamicBatcher(self._run, config.max_batch_size, config.max_queue_delay_ms / 1000.0,
+                                      config.max_queue_images, observe=metrics.observe_batcher)
+        metrics.set_bundle({"model_name": self.info.model_name, "flagger_method": self.info.flagger_method,
+                            "layers": len(self.info.layers), "classes": len(self.info.labels),
+                            "input_shape": "x".join(map(str, self.input_shape))}, float(self.info.threshold))
+
+    def decode(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a decode function, timing it as stage "decode"."""
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - start)
+
+    def inspect(self, images: np.ndarray, context: grpc.ServicerContext | None = None) -> list[Any]:
+        """Verdicts for images (B, C, H, W) float32, through the batcher, within the RPC's deadline."""
+        remaining = time_remaining(context)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return self.batcher.infer(images, deadline)
+
+    def _run(self, images: np.ndarray) -> list[Any]:
+        start = time.perf_counter()
+        verdicts = self.guard.inspect(torch.from_numpy(images))
+        self.metrics.stage_seconds.labels("inspect").observe(time.perf_counter() - start)
+        for stage, seconds in stage_seconds(getattr(self.guard, "stage_timings", None)).items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        if len(verdicts) != len(images):
+            raise RuntimeError(f"guard returned {len(verdicts)} verdicts for {len(images)} images")
+        self.metrics.observe_verdicts([float(v.score) for v in verdicts], [bool(v.flagged) for v in verdicts])
+        return verdicts
+
+    def close(self) -> None:
+        self.batcher.close()

@@ -1,0 +1,61 @@
+"""semguard.v1.Guard servicer: InspectRequest -> images -> Guard verdicts -> InspectResponse."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from service import decode
+from service.config import ServiceConfig
+from service.engine import GuardEngine
+from service.generated import guard_pb2 as pb
+from service.generated import guard_pb2_grpc as pb_grpc
+
+
+def request_images(request: pb.InspectRequest, input_shape: Sequence[int], max_pixels: int) -> np.ndarray:
+    """InspectRequest -> images (B, C, H, W) float32 in [0, 1]; ValueError on anything malformed."""
+    kind = request.WhichOneof("images")
+    if kind == "encoded":
+        return decode.encoded_images(list(request.encoded.images), input_shape, max_pixels, "encoded.images")
+    if kind == "tensor":
+        t = request.tensor
+        if t.layout == pb.Tensor.FP32_NCHW:
+            return decode.fp32_nchw(t.data, list(t.shape), input_shape, "tensor")
+        if t.layout == pb.Tensor.UINT8_NHWC:
+            return decode.uint8_nhwc(t.data, list(t.shape), input_shape, "tensor")
+        raise ValueError(f"tensor.layout must be FP32_NCHW or UINT8_NHWC, got "
+                         f"{pb.Tensor.Layout.Name(t.layout) if t.layout in pb.Tensor.Layout.values() else t.layout}")
+    raise ValueError("InspectRequest: set `encoded` (PNG/JPEG files) or `tensor` (raw pixels)")
+
+
+def verdict_message(v: Any, labels: Sequence[str], layers: Sequence[str], threshold: float) -> pb.Verdict:
+    return pb.Verdict(
+        prediction=int(v.prediction), label=v.label,
+        top5=[pb.ClassProbability(class_index=int(c), label=labels[int(c)], probability=float(p)) for c, p in v.top5],
+        signature=[pb.LayerValue(layer=name, value=float(x)) for name, x in zip(layers, np.asarray(v.signature))],
+        score=float(v.score), threshold=float(threshold), flagged=bool(v.flagged),
+        disagreeing_layers=list(v.disagreeing_layers))
+
+
+class GuardServicer(pb_grpc.GuardServicer):
+    def __init__(self, engine: GuardEngine, config: ServiceConfig):
+        self.engine, self.config = engine, config
+
+    def Inspect(self, request, context):
+        info = self.engine.info
+        images = self.engine.decode(request_images, request, self.engine.input_shape, self.config.max_image_pixels)
+        verdicts = self.engine.inspect(images, context)
+        return pb.InspectResponse(request_id=request.request_id, verdicts=[
+            verdict_message(v, info.labels, info.layers, info.threshold) for v in verdicts])
+
+    def InspectStream(self, request_iterator, context) -> Iterator[pb.InspectResponse]:
+        for request in request_iterator:
+            yield self.Inspect(request, context)
+
+    def GetInfo(self, request, context):
+        info = self.engine.info
+        return pb.GuardInfo(model_name=info.model_name, labels=list(info.labels), layers=list(info.layers),
+                            input_shape=list(self.engine.input_shape), threshold=float(info.threshold),
+                            flagger_method=info.flagger_method, max_batch_size=self.config.max_batch_size,
+                            policy=self.config.policy)

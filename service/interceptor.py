@@ -1,0 +1,92 @@
+"""One server interceptor for every RPC: safe request parsing, error -> status mapping, metrics.
+
+Requests are deserialized here instead of by grpc, so a malformed message becomes
+INVALID_ARGUMENT with a clear message (grpc's own path answers INTERNAL "Exception deserializing
+request!"). Servicers raise ServiceError / ValueError and never call context.abort themselves.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+import grpc
+
+from service.errors import ServiceError, status_for
+from service.metrics import ServiceMetrics
+
+
+def _parser(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        if deserializer is None:
+            return data
+        try:
+            return deserializer(data)
+        except Exception:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request is not a valid protobuf message for {method}") from None
+    return parse
+
+
+def _fail(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    """Abort the RPC with the status `exc` maps to (keeping a code a handler already set)."""
+    preset = context.code()
+    if preset not in (None, grpc.StatusCode.OK):  # context.abort() or a generated UNIMPLEMENTED stub
+        details = context.details() or b""
+        code, message = preset, details.decode() if isinstance(details, bytes) else str(details)
+    else:
+        code, message = status_for(exc)
+    context.abort(code, message)  # raises
+    raise AssertionError("context.abort returned")  # grpc's abort always raises
+
+
+class GuardInterceptor(grpc.ServerInterceptor):
+    def __init__(self, metrics: ServiceMetrics):
+        self.metrics = metrics
+
+    def _record(self, method: str, context: grpc.ServicerContext, start: float) -> None:
+        code = context.code() or grpc.StatusCode.OK
+        self.metrics.requests.labels(method, code.name).inc()
+        self.metrics.request_seconds.labels(method).observe(time.perf_counter() - start)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None  # grpc answers UNIMPLEMENTED for unknown methods
+        method = handler_call_details.method.lstrip("/")
+        parse = _parser(handler.request_deserializer, method)
+        if handler.unary_unary:
+            return handler._replace(request_deserializer=None,
+                                    unary_unary=self._unary(handler.unary_unary, parse, method))
+        if handler.unary_stream:
+            return handler._replace(request_deserializer=None,
+                                    unary_stream=self._streaming(handler.unary_stream, parse, method, False))
+        if handler.stream_unary:
+            return handler._replace(request_deserializer=None,
+                                    stream_unary=self._unary(handler.stream_unary, parse, method, True))
+        return handler._replace(request_deserializer=None,
+                                stream_stream=self._streaming(handler.stream_stream, parse, method, True))
+
+    def _unary(self, behaviour, parse, method, streaming_request=False):
+        def wrapped(request, context):
+            start = time.perf_counter()
+            try:
+                req = (parse(r) for r in request) if streaming_request else parse(request)
+                return behaviour(req, context)
+            except Exception as exc:
+                _fail(context, exc)
+            finally:
+                self._record(method, context, start)
+        return wrapped
+
+    def _streaming(self, behaviour, parse, method, streaming_request):
+        def wrapped(request, context) -> Iterator[Any]:
+            start = time.perf_counter()
+            try:
+                req = (parse(r) for r in request) if streaming_request else parse(request)
+                yield from behaviour(req, context)
+            except Exception as exc:
+                _fail(context, exc)
+            finally:
+                self._record(method, context, start)
+        return wrapped

@@ -1,0 +1,181 @@
+"""Open Inference Protocol v2 servicer (`inference.GRPCInferenceService`), as tritonclient speaks it.
+
+Messages and the servicer base are tritonclient's own (see proto/README.md), so RPCs of Triton's
+superset that are not overridden here answer UNIMPLEMENTED. Every output is returned in
+`raw_output_contents`, one entry per output in the order of `outputs`, because that is the only
+place tritonclient reads them.
+
+Input: exactly one tensor, any name; its datatype picks the layout:
+  FP32 [B, C, H, W] in [0, 1] | UINT8 [B, H, W, C] | BYTES [B] (or [B, 1]) of PNG/JPEG files.
+Outputs: LOGITS FP32 [B, K], PROBABILITIES FP32 [B, K], PREDICTION INT64 [B], LABEL BYTES [B],
+  SCORE FP32 [B], FLAG BOOL [B], SIGNATURE FP32 [B, L].
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from service import decode
+from service.config import ServiceConfig
+from service.engine import GuardEngine, time_remaining
+from service.errors import ServiceError
+from service.upstream import Upstream
+
+VERSION = "1"
+GUARD_OUTPUTS = ("SCORE", "FLAG", "SIGNATURE")  # what the guard adds to an upstream's answer
+DATATYPES = {"LOGITS": "FP32", "PROBABILITIES": "FP32", "PREDICTION": "INT64", "LABEL": "BYTES",
+             "SCORE": "FP32", "FLAG": "BOOL", "SIGNATURE": "FP32"}
+NUMPY = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?"}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (B, K), shifted by the row max for stability."""
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def verdict_outputs(verdicts: Sequence[Any], refused: np.ndarray) -> dict[str, np.ndarray | list[bytes]]:
+    """Verdicts -> output arrays; `refused` (B,) bool images get blank classifier outputs."""
+    logits = np.stack([np.asarray(v.logits, dtype=np.float32) for v in verdicts])  # (B, K)
+    probs = softmax(logits.astype(np.float64)).astype(np.float32)
+    pred = np.array([v.prediction for v in verdicts], dtype=np.int64)
+    labels = [v.label.encode() for v in verdicts]
+    if refused.any():
+        logits[refused], probs[refused], pred[refused] = 0.0, 0.0, -1
+        labels = [b"" if r else lab for lab, r in zip(labels, refused)]
+    return {"LOGITS": logits, "PROBABILITIES": probs, "PREDICTION": pred, "LABEL": labels,
+            "SCORE": np.array([v.score for v in verdicts], dtype=np.float32),
+            "FLAG": np.array([v.flagged for v in verdicts], dtype=bool),
+            "SIGNATURE": np.stack([np.asarray(v.signature, dtype=np.float32) for v in verdicts])}
+
+
+def decode_infer_inputs(request: pb.ModelInferRequest, input_shape: Sequence[int], max_pixels: int) -> np.ndarray:
+    """ModelInferRequest -> images (B, C, H, W) float32 in [0, 1]; ValueError on anything malformed."""
+    if len(request.inputs) != 1:
+        raise ValueError(f"ModelInfer: expected exactly 1 input tensor (the images), got {len(request.inputs)}")
+    tensor, raw = request.inputs[0], request.raw_input_contents
+    what = f"input '{tensor.name}'"
+    if raw and len(raw) != len(request.inputs):
+        raise ValueError(f"ModelInfer: {len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    if raw and tensor.HasField("contents"):
+        raise ValueError(f"{what}: give raw_input_contents or typed contents, not both")
+    shape = list(tensor.shape)
+    if tensor.datatype == "FP32":
+        return decode.fp32_nchw(raw[0] if raw else np.asarray(tensor.contents.fp32_contents, np.float32),
+                                shape, input_shape, what)
+    if tensor.datatype == "UINT8":
+        return decode.uint8_nhwc(raw[0] if raw else np.asarray(tensor.contents.uint_contents, np.int64),
+                                 shape, input_shape, what)
+    if tensor.datatype == "BYTES":
+        items = decode.split_bytes_tensor(raw[0], what) if raw else list(tensor.contents.bytes_contents)
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or any(s < 0 for s in shape):
+            raise ValueError(f"{what}: BYTES shape must be [batch] or [batch, 1], got {shape}")
+        if shape[0] != len(items):
+            raise ValueError(f"{what}: shape {shape} declares {shape[0]} images, contents hold {len(items)}")
+        return decode.encoded_images(items, input_shape, max_pixels, what)
+    raise ValueError(f"{what}: datatype must be one of FP32 (NCHW), UINT8 (NHWC), BYTES (PNG/JPEG), "
+                     f"got {tensor.datatype!r}")
+
+
+def add_output(response: pb.ModelInferResponse, name: str, value: np.ndarray | list[bytes]) -> None:
+    """Append one output, raw, in tritonclient's layout."""
+    datatype = DATATYPES[name]
+    out = response.outputs.add(name=name, datatype=datatype)
+    if datatype == "BYTES":
+        out.shape.extend([len(value)])
+        response.raw_output_contents.append(decode.pack_bytes_tensor(value))
+    else:
+        out.shape.extend(value.shape)
+        response.raw_output_contents.append(np.ascontiguousarray(value, dtype=NUMPY[datatype]).tobytes())
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, engine: GuardEngine, config: ServiceConfig, upstream: Upstream | None = None):
+        self.engine, self.config, self.upstream = engine, config, upstream
+        self.model_name = config.model_name or engine.info.model_name
+        self.ready = True  # cleared by the server at shutdown
+
+    def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.ready)
+
+    def ModelReady(self, request, context):
+        # A readiness probe for another name is an answer ("not ready"), not an error.
+        ours = request.name == self.model_name and request.version in ("", VERSION)
+        return pb.ModelReadyResponse(ready=self.ready and ours)
+
+    def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="semguard", version=_version(), extensions=[])
+
+    def ModelMetadata(self, request, context):
+        self._check_model(request.name, request.version)
+        c, h, w = self.engine.input_shape
+        k, n_layers = len(self.engine.info.labels), len(self.engine.info.layers)
+        shapes = {"LOGITS": [-1, k], "PROBABILITIES": [-1, k], "PREDICTION": [-1], "LABEL": [-1],
+                  "SCORE": [-1], "FLAG": [-1], "SIGNATURE": [-1, n_layers]}
+        T = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=self.model_name, versions=[VERSION], platform="semguard",
+            inputs=[T(name="IMAGE", datatype="FP32", shape=[-1, c, h, w])],
+            outputs=[T(name=n, datatype=DATATYPES[n], shape=s) for n, s in shapes.items()])
+
+    def ModelInfer(self, request, context):
+        self._check_model(request.model_name, request.model_version)
+        wanted = self._requested(request)
+        images = self.engine.decode(decode_infer_inputs, request, self.engine.input_shape,
+                                    self.config.max_image_pixels)
+        verdicts = self.engine.inspect(images, context)
+        refused = self._apply_policy(verdicts)
+        outputs = verdict_outputs(verdicts, refused)
+        if self.upstream is not None:
+            response = self.upstream.infer(request, GUARD_OUTPUTS, time_remaining(context))
+            wanted = [n for n in wanted if n in GUARD_OUTPUTS] if request.outputs else list(GUARD_OUTPUTS)
+        else:
+            response = pb.ModelInferResponse()
+        response.model_name, response.model_version, response.id = self.model_name, VERSION, request.id
+        for name in wanted:
+            add_output(response, name, outputs[name])
+        return response
+
+    def _requested(self, request: pb.ModelInferRequest) -> list[str]:
+        names = [o.name for o in request.outputs]
+        if self.upstream is None:
+            unknown = [n for n in names if n not in DATATYPES]
+            if unknown:
+                raise ValueError(f"unknown output(s) {unknown}; this model has {list(DATATYPES)}")
+        return names or list(DATATYPES)
+
+    def _apply_policy(self, verdicts: Sequence[Any]) -> np.ndarray:
+        """Returns (B,) bool: images whose classifier outputs are refused; raises for block+error."""
+        flagged = np.array([bool(v.flagged) for v in verdicts])
+        if self.config.policy != "block" or not flagged.any():
+            return np.zeros(len(verdicts), dtype=bool)
+        self.engine.metrics.blocked.inc(int(flagged.sum()))
+        if self.config.block_action == "error":
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"blocked by policy: image(s) {np.flatnonzero(flagged).tolist()} flagged as "
+                               f"adversarial (score above threshold {self.engine.info.threshold:g})")
+        return flagged
+
+    def _check_model(self, name: str, version: str) -> None:
+        if name != self.model_name:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND,
+                               f"unknown model {name!r}; this server serves {self.model_name!r}")
+        if version not in ("", VERSION):
+            raise ServiceError(grpc.StatusCode.NOT_FOUND,
+                               f"unknown version {version!r} of model {name!r}; available: [{VERSION!r}]")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("semguard")
+    except PackageNotFoundError:
+        return "0+unknown"

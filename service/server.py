@@ -1,0 +1,138 @@
+"""Server bootstrap: create_server(config, guard) wires servicers, batcher, health, reflection, metrics.
+
+    created = create_server(ServiceConfig(grpc_port=0, metrics_port=0), guard)
+    created.server.start(); ...; created.server.stop(grace=5).wait()
+
+`serve(config, bundle)` is what `semguard serve` runs: load the Guard, start, stop on SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import NamedTuple
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2 as oip_pb
+from tritonclient.grpc import service_pb2_grpc as oip_grpc
+
+from service.config import ServiceConfig
+from service.engine import GuardEngine, GuardLike
+from service.generated import guard_pb2, guard_pb2_grpc
+from service.guard_api import GuardServicer
+from service.interceptor import GuardInterceptor
+from service.metrics import ServiceMetrics
+from service.oip import InferenceServicer
+from service.upstream import Upstream
+
+log = logging.getLogger(__name__)
+OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+GUARD_SERVICE = guard_pb2.DESCRIPTOR.services_by_name["Guard"].full_name
+
+
+class GuardServer:
+    """A grpc.Server plus what must start and stop with it (batcher, metrics endpoint, health)."""
+
+    def __init__(self, grpc_server: grpc.Server, config: ServiceConfig, engine: GuardEngine,
+                 metrics: ServiceMetrics, health_servicer: health.HealthServicer,
+                 inference: InferenceServicer, upstream: Upstream | None):
+        self.grpc_server, self.config, self.engine, self.metrics = grpc_server, config, engine, metrics
+        self.health, self.inference, self.upstream = health_servicer, inference, upstream
+        self.metrics_port: int | None = None
+
+    def start(self) -> None:
+        if self.config.torch_threads is not None:
+            import torch
+            torch.set_num_threads(self.config.torch_threads)  # process-wide, hence at start, not in create
+        self.grpc_server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http(self.config.metrics_host or self.config.host,
+                                                        self.config.metrics_port)
+        for name in ("", OIP_SERVICE, GUARD_SERVICE):  # the guard is loaded: serve
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        """Refuse new RPCs, let in-flight ones finish within `grace` s, then release everything."""
+        grace = self.config.grace_seconds if grace is None else grace
+        self.health.enter_graceful_shutdown()  # NOT_SERVING: load balancers stop sending
+        self.inference.ready = False
+        stopped = self.grpc_server.stop(grace)
+        done = threading.Event()
+
+        def release() -> None:
+            stopped.wait()
+            self.engine.close()
+            self.metrics.stop_http()
+            if self.upstream is not None:
+                self.upstream.close()
+            done.set()
+        threading.Thread(target=release, name="semguard-shutdown", daemon=True).start()
+        return done
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.grpc_server.wait_for_termination(timeout)
+
+
+class CreatedServer(NamedTuple):
+    server: GuardServer
+    port: int  # the bound gRPC port (useful with grpc_port=0)
+
+
+def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
+    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def create_server(config: ServiceConfig, guard: GuardLike) -> CreatedServer:
+    """Build (not start) the guard server on config.host:config.grpc_port (0 = any free port)."""
+    metrics = ServiceMetrics()
+    engine = GuardEngine(guard, config, metrics)
+    upstream = Upstream(config.upstream, config.upstream_model, config.max_message_bytes) if config.upstream else None
+    options = [("grpc.max_send_message_length", config.max_message_bytes),
+               ("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.so_reuseport", 0)]  # port 0 must mean a port no other server holds
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="semguard-rpc"),
+                         interceptors=[GuardInterceptor(metrics)], options=options)
+    inference = InferenceServicer(engine, config, upstream)
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+    guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(engine, config), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", OIP_SERVICE, GUARD_SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        [OIP_SERVICE, GUARD_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{config.host}:{config.grpc_port}"
+    port = (server.add_secure_port(address, _credentials(config)) if config.tls_cert
+            else server.add_insecure_port(address))
+    if port == 0:
+        raise OSError(f"could not bind the gRPC port at {address}")
+    return CreatedServer(GuardServer(server, config, engine, metrics, health_servicer, inference, upstream), port)
+
+
+def load_guard(bundle: str | Path) -> GuardLike:
+    """The real Guard, imported lazily so `semguard --help` does not pay for torch and the detector."""
+    from detector.guard import Guard
+    return Guard.load(bundle)
+
+
+def serve(config: ServiceConfig, bundle: str | Path) -> int:
+    """Load the bundle, serve until SIGTERM/SIGINT, then shut down gracefully."""
+    guard = load_guard(bundle)
+    created = create_server(config, guard)
+    created.server.start()
+    log.info("semguard serving %s on %s:%d (metrics port %s)", guard.info.model_name, config.host,
+             created.port, created.server.metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down: up to %.1f s for in-flight requests", config.grace_seconds)
+    created.server.stop().wait()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,79 @@
+"""Smoke test with the real detector.guard.Guard: calibrate a tiny bundle, `Guard.load` it, serve it,
+and check tritonclient and the guard API agree with `guard.inspect` (the other service tests use
+the test double in conftest.py)."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton
+from torch import nn
+
+from detector.bundle import ModelSpec, register_model_builder
+from detector.calibrate import CalibrationConfig
+from detector.guard import Guard, calibrate_guard
+from service.generated import guard_pb2, guard_pb2_grpc
+
+N_CLASSES, LAYERS = 6, ["conv1", "relu2", "pool"]
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, width: int = 6, num_classes: int = N_CLASSES):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))))
+
+
+register_model_builder("service_test_cnn", SmallCNN, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def real_guard(tmp_path_factory) -> tuple[Guard, torch.Tensor]:
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    gen = torch.Generator().manual_seed(1)
+    base = torch.rand(N_CLASSES, 3, 1, 1, generator=gen)  # colour carries the class: predictions spread
+    src = torch.randint(0, N_CLASSES, (120,), generator=gen)
+    images = (base[src] + 0.25 * torch.rand(120, 3, 8, 8, generator=gen)).clamp(0, 1).float()
+    with torch.no_grad():  # a least-squares head on the random features, so predictions spread over classes
+        feats = model.flatten(model.pool(model.relu2(model.conv2(model.relu1(model.conv1(images))))))
+        x = torch.cat([feats, torch.ones(len(feats), 1)], 1).double()
+        w = torch.linalg.lstsq(x, 10.0 * nn.functional.one_hot(src, N_CLASSES).double()).solution
+        model.fc.weight.copy_(w[:-1].T.float())
+        model.fc.bias.copy_(w[-1].float())
+        labels = model(images).argmax(1).numpy()  # a random CNN: its own predictions are the truth
+    words = np.random.default_rng(2).normal(size=(N_CLASSES, 12)).astype(np.float32)
+    out = tmp_path_factory.mktemp("bundle")
+    calibrate_guard(model, ModelSpec("service_test_cnn", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
+                    words, images, labels, out, model_name="smallcnn",
+                    config=CalibrationConfig(k=100, per_concept=3, target_fpr=0.1, batch_size=32))
+    return Guard.load(out), images[:5]
+
+
+def test_real_guard_served(real_guard, make_server):
+    guard, images = real_guard
+    created = make_server(guard)
+    want = guard.inspect(images)
+    client = triton.InferenceServerClient(f"127.0.0.1:{created.port}")
+    inp = triton.InferInput("IMAGE", list(images.shape), "FP32")
+    inp.set_data_from_numpy(images.numpy())
+    res = client.infer(guard.info.model_name, [inp])
+    client.close()
+    np.testing.assert_array_equal(res.as_numpy("PREDICTION"), [v.prediction for v in want])
+    np.testing.assert_allclose(res.as_numpy("SCORE"), [v.score for v in want], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(res.as_numpy("FLAG"), [v.flagged for v in want])
+    np.testing.assert_allclose(res.as_numpy("SIGNATURE"), np.stack([v.signature for v in want]), rtol=1e-5)
+    with grpc.insecure_channel(f"127.0.0.1:{created.port}") as channel:
+        info = guard_pb2_grpc.GuardStub(channel).GetInfo(guard_pb2.GetInfoRequest(), timeout=10)
+    assert list(info.layers) == guard.info.layers and info.model_name == "smallcnn"
+    assert created.server.metrics.registry.get_sample_value(
+        "semguard_stage_duration_seconds_count", {"stage": "inspect"}) >= 1
