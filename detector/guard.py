@@ -85,6 +85,7 @@ class Guard:
         self.info = GuardInfo(m.model_name, list(m.labels), list(m.layers), tuple(m.input_shape),
                               bundle.flagger.threshold, bundle.flagger.method)
         self._kinds = [k for k in ("fraction", "margin", "mahalanobis") if any(n.startswith(k + "/") for n in bundle.flagger.feature_names)]
+        self.stage_timings: StageTimings | None = None
         self._check_model()
 
     @classmethod
@@ -147,10 +148,11 @@ class Guard:
         t3 = time.perf_counter()
         probs = torch.softmax(out.logits.double(), 1)
         top = probs.topk(min(5, probs.shape[1]), dim=1)
+        self.stage_timings = StageTimings(t1 - t0, t2 - t1, t3 - t2)  # of the last call, read by the service's metrics
         return GuardOutput(
             out.logits.float().cpu().numpy(), predicted.cpu().numpy(), top.indices.cpu().numpy(),
             top.values.cpu().numpy(), sig.fraction, sig.margin, score, score > fl.threshold, disagree,
-            StageTimings(t1 - t0, t2 - t1, t3 - t2),
+            self.stage_timings,
         )
 
     def inspect(self, images: torch.Tensor | np.ndarray) -> list[Verdict]:
