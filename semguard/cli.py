@@ -5,12 +5,16 @@ import argparse
 import sys
 
 from analysis.cli import add_quickstart_command
+from attacks.cli import add_attack_commands
+from service.cli import add_serve_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semguard", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_quickstart_command(subparsers)
+    add_serve_command(subparsers)
+    add_attack_commands(subparsers)
     return parser
 
 

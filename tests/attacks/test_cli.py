@@ -1,0 +1,29 @@
+"""`semguard attack generate` end to end on the tiny model (the world loader replaced)."""
+import pytest
+
+import attacks.cli
+from attacks.store import load_attack_set
+from semguard.cli import build_parser, main
+from tests.attacks.tiny import tiny_world
+
+
+def test_generate_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(attacks.cli, "_world_inputs", lambda cache: tiny_world())
+    argv = ["attack", "generate", "--out", str(tmp_path / "set"), "--sources", "3", "--iterations", "4",
+            "--batch-size", "9", "--seed", "1"]
+    assert main(argv) == 0
+    s = load_attack_set(tmp_path / "set")
+    assert s.complete and len(s) == 18 and s.header["generate"]["seed"] == 1
+    assert "attacks succeeded (2 shards computed, 0 already done)" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "(0 shards computed, 2 already done)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="different parameters"):
+        main(argv[:-2] + ["--seed", "2"])
+
+
+def test_generate_command_bad_flags(tmp_path):
+    with pytest.raises(SystemExit, match="eps must be a finite number > 0"):
+        main(["attack", "generate", "--out", str(tmp_path / "x"), "--eps", "0"])
+    assert not (tmp_path / "x").exists()
+    args = build_parser().parse_args(["attack", "generate", "--out", "o"])
+    assert (args.eps, args.step, args.decay, args.iterations, args.backend) == (0.15, 0.03, 1.0, 20, "native")
