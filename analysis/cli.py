@@ -52,3 +52,45 @@ def run(args: argparse.Namespace) -> int:
     }, indent=2))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def add_attack_analyze_command(attack_commands: argparse._SubParsersAction) -> None:
+    """`semguard attack analyze`: the paper's 1 vs 2 analyses of an attack set and of natural mistakes."""
+    p = attack_commands.add_parser(
+        "analyze",
+        help="1 vs 2 by layer for an attack set (by target rank) and for misclassified test images",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--attack-set", type=Path, required=True, help="directory written by `semguard attack generate`")
+    p.add_argument("--out", type=Path, required=True, help="where analysis.json and the figures go")
+    p.add_argument("--world-cache", type=Path, default=Path(".semguard/world"), help="the embedded world's cache")
+    p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
+    p.add_argument("--reference-size", type=int, default=100, help="reference concepts (paper: 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_attack_analyze)
+
+
+def run_attack_analyze(args: argparse.Namespace) -> int:
+    from analysis.quickstart import analyze_attacks
+    from attacks.generate import model_fingerprint
+    from attacks.store import load_attack_set
+    from world.inputs import load_world_inputs
+
+    try:
+        attack_set = load_attack_set(args.attack_set)
+        inputs = load_world_inputs(cache_dir=args.world_cache)
+        if attack_set.header["model_sha256"] != model_fingerprint(inputs.model):
+            raise ValueError(f"{args.attack_set} was generated against another model than the world in {args.world_cache}")
+        result = analyze_attacks(inputs, attack_set, args.out, args.reference_size, args.permutations, args.seed)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"semguard attack analyze: {err}") from None
+    adv = result["adversarial_one_vs_two"]
+    print(json.dumps({
+        "attacks": result["attacks"],
+        "layers": adv["layers"],
+        "one_vs_two_mean_over_ranks": [round(a, 3) for a in adv["accuracy"]],
+        "misclassified_count": result["misclassified"]["count"],
+        "misclassified_mean_cosine": round(result["misclassified"]["mean_cosine"], 3),
+    }, indent=2))
+    print(f"figures and analysis.json in {args.out}")
+    return 0

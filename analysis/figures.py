@@ -27,7 +27,7 @@ def plot_by_layer(
     """
     path = Path(path)
     x = np.arange(len(layers))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(layers) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(layers) + 2) + 1.6, 4.2))
     for name, y in curves.items():
         y = np.asarray(y, dtype=float)
         line = ax.plot(x, y, "-", lw=1.4, label=name)[0]
@@ -43,7 +43,7 @@ def plot_by_layer(
     ax.set_ylabel(ylabel)
     ax.set_title(title + ("\nfilled: significant after BHY (q < 0.05)" if significant else ""), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

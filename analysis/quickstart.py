@@ -1,6 +1,8 @@
 """`semguard quickstart`: the paper's method end to end on the embedded world, offline."""
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -10,23 +12,29 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from analysis.adversarial import CleanSet, adversarial_one_vs_two, misclassified_one_vs_two
 from analysis.figures import plot_by_layer
+from analysis.one_vs_two import block_average
 from analysis.report import render_report, write_json_atomic
 from analysis.two_vs_two import activations_by_set, image_set_indices, two_vs_two_by_layer
-from detector.layers import LayerTap, iter_activations, preset_layers
-from detector.words import load_vectors, match_labels
-from world import WorldSettings, build_world, load_world_model
+from attacks.generate import GenerateParams, generate_attack_set
+from attacks.store import AttackSet, load_attack_set
+from detector.layers import LayerTap, iter_activations, preset_info, preset_layers
+from world import WorldSettings
+from world.inputs import DEFAULT_CACHE_DIR, WorldInputs, load_world_inputs
 
 
 @dataclass(frozen=True)
 class QuickstartConfig:
     out: Path
-    cache_dir: Path = Path(".cache/semguard")  # world, vectors and CNN, reused across runs by settings hash
+    cache_dir: Path = DEFAULT_CACHE_DIR  # world, vectors, CNN and attack sets, reused across runs by settings hash
     world: WorldSettings = field(default_factory=WorldSettings)
     image_sets: int = 5  # paper 3.2: five distinct images per concept, one per set
     n_permutations: int = 1000  # paper 3.5
     seed: int = 0
     batch_size: int = 256
+    attack: GenerateParams = field(default_factory=GenerateParams)  # paper: 100 sources x 6 targets, eps 0.15
+    reference_size: int = 100  # paper 4: 100 correctly predicted reference concepts
     progress: bool = True
 
 
@@ -39,6 +47,10 @@ class Timer:
         start = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 2)
+
+
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -70,14 +82,9 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     with timer.stage("world"):
-        world = build_world(config.world, Path(config.cache_dir), progress=config.progress)
-    with timer.stage("load"):
-        model = load_world_model(world.model_path)
-        tap = LayerTap(model, preset_layers("worldnet"))
-        words = match_labels(load_vectors(world.vectors_path), world.classes)
-        if words.unmatched:
-            missing = [world.classes[i] for i in words.unmatched]
-            raise ValueError(f"world vectors lack {len(missing)} class names: {missing[:5]}")
+        inputs = load_world_inputs(config.world, config.cache_dir, progress=config.progress)
+    world, model, vectors = inputs.world, inputs.model, inputs.word_vectors
+    tap = LayerTap(model, preset_layers("worldnet"))
     with timer.stage("test_accuracy"):
         test_pred = predict(tap, world.test_images, config.batch_size)
         test_accuracy = float(np.mean(test_pred == world.test_labels))
@@ -85,7 +92,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         sets = image_set_indices(world.test_labels, len(world.classes), config.image_sets)
         set_acts = activations_by_set(world.test_images, sets, lambda imgs: layer_activations(tap, imgs))
         pixel_acts = [{"pixels": acts.pop("pixels")} for acts in set_acts]
-        run = dict(word_vectors=words.vectors, n_permutations=config.n_permutations, seed=config.seed)
+        run = dict(word_vectors=vectors, n_permutations=config.n_permutations, seed=config.seed)
         pixels = two_vs_two_by_layer(pixel_acts, progress=False, **run)
         scores = two_vs_two_by_layer(set_acts, progress=config.progress, **run)
     summary = {
@@ -111,7 +118,85 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         errors={"world CNN": np.concatenate([pixels.spread, scores.spread])},
         title=f"2 vs 2 by layer, embedded world ({len(world.classes)} concepts, {config.image_sets} image sets)",
     )
+    # Attack sets live beside the world they attack, keyed by their parameters, so reruns reuse them.
+    attack_dir = world.root / f"attacks-{settings_key(asdict(config.attack))}"
+    with timer.stage("attacks"):
+        generate_attack_set(model, world.test_images, world.test_labels, list(world.classes), vectors,
+                            attack_dir, config.attack, progress=config.progress)
+    with timer.stage("one_vs_two"):
+        summary.update(analyze_attacks(
+            inputs, load_attack_set(attack_dir), out, config.reference_size, config.n_permutations, config.seed,
+            test_pred, tap,
+        ))
     summary["timings_s"] = timer.seconds
     write_json_atomic(out / "summary.json", summary)
     (out / "report.md").write_text(render_report(summary))
     return summary
+
+
+def analyze_attacks(
+    inputs: WorldInputs,
+    attack_set: AttackSet,
+    out: Path,
+    reference_size: int = 100,
+    n_permutations: int = 1000,
+    seed: int = 0,
+    test_predictions: np.ndarray | None = None,
+    tap: LayerTap | None = None,
+) -> dict:
+    """1 vs 2 of the attack set's successful images and of the misclassified test images:
+    summary sections `attacks`, `adversarial_one_vs_two`, `misclassified`; figures and analysis.json in out."""
+    world = inputs.world
+    tap = tap or LayerTap(inputs.model, preset_layers("worldnet"))
+    if test_predictions is None:
+        test_predictions = predict(tap, world.test_images, 256)
+    clean = CleanSet(world.test_images, world.test_labels, test_predictions)
+    run = dict(reference_size=reference_size, n_permutations=n_permutations, seed=seed)
+    adversarial = adversarial_one_vs_two(attack_set, tap, clean, inputs.word_vectors, **run)
+    misclassified = misclassified_one_vs_two(tap, clean, inputs.word_vectors, **run)
+    result = attack_summary(attack_set, adversarial)
+    result["misclassified"] = {**misclassified.scores.as_json(), "mean_cosine": misclassified.mean_cosine}
+    plot_attack_figures(out, adversarial, misclassified.scores, [i.block for i in preset_info("worldnet")])
+    write_json_atomic(out / "analysis.json", result)
+    return result
+
+
+def attack_summary(attack_set, adversarial) -> dict:
+    """summary.json's `attacks` and `adversarial_one_vs_two` sections."""
+    params = attack_set.header["generate"]
+    return {
+        "attacks": {
+            "path": str(attack_set.path),
+            "requested": len(attack_set),
+            "succeeded": len(attack_set.successful()),
+            "eps": params["eps"],
+            "step": params["step"],
+            "decay": params["decay"],
+            "iterations": params["iterations"],
+            "backend": params["backend"],
+        },
+        "adversarial_one_vs_two": {
+            **adversarial.as_json(),
+            "pooled_accuracy": adversarial.accuracy.tolist(),
+            "accuracy": adversarial.group_accuracy.mean(axis=0).tolist(),  # mean over target ranks
+            "by_rank": {str(g): acc.tolist() for g, acc in zip(adversarial.groups, adversarial.group_accuracy)},
+        },
+    }
+
+
+def plot_attack_figures(out: Path, adversarial, misclassified, blocks: list[str]) -> None:
+    """Paper Figure 6 (1 vs 2 of adversarial images by target rank) and Figures 4-5 (misclassified)."""
+    curves = {f"rank {g} (n={n})": acc for g, n, acc in
+              zip(adversarial.groups, adversarial.group_counts, adversarial.group_accuracy)}
+    curves["all ranks"] = adversarial.accuracy
+    plot_by_layer(
+        out / "adversarial_one_vs_two_by_layer.png", adversarial.layers, curves,
+        significant={"all ranks": adversarial.p_bhy < 0.05}, ylabel="1 vs 2 accuracy (true label wins)",
+        title=f"1 vs 2, successful MI-FGSM images (n={adversarial.count}), by target similarity rank",
+    )
+    names, averaged = block_average(misclassified.accuracy, blocks)
+    plot_by_layer(
+        out / "misclassified_one_vs_two_by_block.png", names, {"block average": averaged},
+        ylabel="1 vs 2 accuracy (true label wins)",
+        title=f"1 vs 2, misclassified test images (n={misclassified.count}), block averaged",
+    )

@@ -69,6 +69,36 @@ def render_report(summary: dict) -> str:
             "p": t["p_value"], "p (BHY)": t["p_bhy"], "significant": [p < 0.05 for p in t["p_bhy"]],
         }),
     ]
+    if "adversarial_one_vs_two" in summary:
+        lines += _attack_sections(summary)
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _attack_sections(summary: dict) -> list[str]:
+    a, adv, mis = summary["attacks"], summary["adversarial_one_vs_two"], summary["misclassified"]
+    by_rank = {f"rank {g}": adv["by_rank"][str(g)] for g in adv["groups"]}
+    return [
+        "",
+        "## 1 vs 2 of adversarial images (paper section 4, Figure 6)",
+        "",
+        f"Targeted MI-FGSM ({a['backend']}), eps {a['eps']}, step {a['step']}, decay {a['decay']}, "
+        f"{a['iterations']} iterations on [0, 1] pixels: {a['succeeded']} of {a['requested']} attacks succeeded "
+        "(failures are kept in the manifest and left out here). Accuracy is the fraction of images whose "
+        "layer sides with the true (source) label rather than the predicted (target) label; rank 0 is the "
+        "target most similar to the source by word vectors. p-values: two-sided, labels swapped per image, BHY across layers.",
+        "",
+        "![1 vs 2 of adversarial images](adversarial_one_vs_two_by_layer.png)",
+        "",
+        _layer_table(adv["layers"], {"mean over ranks": adv["accuracy"], **by_rank, "p (BHY)": adv["p_bhy"]}),
+        "",
+        "## 1 vs 2 of misclassified test images (paper Figures 4 and 5)",
+        "",
+        f"{mis['count']} misclassified clean test images; mean cosine similarity of true and predicted "
+        f"labels' word vectors {mis['mean_cosine']:.3f} (paper: 0.22-0.29 on ImageNet models).",
+        "",
+        "![1 vs 2 of misclassified images](misclassified_one_vs_two_by_block.png)",
+        "",
+        _layer_table(mis["layers"], {"1 vs 2": mis["accuracy"], "p": mis["p_value"], "p (BHY)": mis["p_bhy"]}),
+    ]

@@ -8,12 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from attacks.generate import GenerateParams, generate_attack_set
 from attacks.mifgsm import BACKENDS
 
-DEFAULT_WORLD_CACHE = Path(".cache/world")
+DEFAULT_WORLD_CACHE = Path(".semguard/world")  # = world.inputs.DEFAULT_CACHE_DIR (not imported: world is heavy)
 
 
 def add_attack_commands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -42,19 +40,12 @@ def add_attack_commands(subparsers: argparse._SubParsersAction) -> argparse._Sub
 
 
 def _world_inputs(cache_dir: Path):
-    """(model, test images, test labels, class names, word vectors (n_classes, d), NaN rows unmatched)."""
-    try:
-        from world import WorldSettings, build_world, load_world_model
-    except ImportError as err:  # the world package is optional at import time of this module
-        raise SystemExit(f"the embedded world is not available ({err})") from None
-    from detector.words import load_vectors, match_labels
+    """(model, test images, test labels, class names, word vectors (n_classes, d))."""
+    from world.inputs import load_world_inputs
 
-    world = build_world(WorldSettings(), cache_dir)
-    kv = load_vectors(world.vectors_path)
-    match = match_labels(kv, list(world.classes))
-    vectors = np.full((len(world.classes), kv.vector_size), np.nan)
-    vectors[match.matched] = match.vectors
-    return load_world_model(world.model_path), world.test_images, world.test_labels, list(world.classes), vectors
+    inputs = load_world_inputs(cache_dir=cache_dir)
+    w = inputs.world
+    return inputs.model, w.test_images, w.test_labels, list(w.classes), inputs.word_vectors
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -1,0 +1,70 @@
+"""A reduced `semguard quickstart` end to end: shapes and sanity of summary.json, real figures."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.quickstart import QuickstartConfig, run_quickstart
+from attacks.generate import GenerateParams
+from world import WorldSettings
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL_WORLD = WorldSettings(  # learns to ~0.65 test accuracy in ~16 s on one core
+    n_classes=10, train_per_class=100, test_per_class=6, epochs=40, batch_size=64, corpus_sentences=4000, w2v_epochs=3
+)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quickstart")
+    config = QuickstartConfig(
+        out=root / "out", cache_dir=root / "cache", world=SMALL_WORLD, image_sets=3, n_permutations=50,
+        attack=GenerateParams(n_sources=5, iterations=5, batch_size=16), progress=False,
+    )
+    return config, run_quickstart(config)
+
+
+def test_summary_has_every_section_with_consistent_shapes(quickstart):
+    config, summary = quickstart
+    on_disk = json.loads((config.out / "summary.json").read_text())
+    assert on_disk["two_vs_two"]["accuracy"] == summary["two_vs_two"]["accuracy"]
+    assert len(on_disk["world"]["classes"]) == 10
+    assert 0.0 <= on_disk["world"]["test_accuracy"] <= 1.0
+    t = on_disk["two_vs_two"]
+    n_layers = len(t["layers"])
+    assert n_layers >= 10 and t["layers"][0] != "pixels"
+    for key in ("accuracy", "spread", "p_value", "p_bhy"):
+        assert len(t[key]) == n_layers
+    assert all(0.0 <= a <= 1.0 for a in t["accuracy"]) and 0.0 <= t["pixels"] <= 1.0
+    assert all(1 / 51 - 1e-12 <= p <= 1.0 for p in t["p_value"])  # +1-corrected with 50 permutations
+    assert all(b >= p - 1e-12 for b, p in zip(t["p_bhy"], t["p_value"]))
+    a = on_disk["attacks"]
+    # 6 targets per source; a source needs a correctly classified test image, so at most 5 sources
+    assert 6 <= a["requested"] <= 30 and a["requested"] % 6 == 0 and a["eps"] == 0.15
+    assert 0 <= a["succeeded"] <= a["requested"]
+    adv = on_disk["adversarial_one_vs_two"]
+    assert adv["layers"] == t["layers"] and len(adv["accuracy"]) == n_layers
+    assert set(adv["by_rank"]) <= {str(r) for r in range(6)}
+    assert adv["count"] == a["succeeded"]
+    mis = on_disk["misclassified"]
+    assert mis["count"] >= 1 and -1.0 <= mis["mean_cosine"] <= 1.0
+    assert set(on_disk["timings_s"]) >= {"world", "two_vs_two", "attacks", "one_vs_two"}
+
+
+def test_figures_are_real_pngs_and_the_report_shows_them(quickstart):
+    config, _ = quickstart
+    report = (config.out / "report.md").read_text()
+    for name in ("two_vs_two_by_layer.png", "adversarial_one_vs_two_by_layer.png", "misclassified_one_vs_two_by_block.png"):
+        data = (config.out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+        assert f"]({name})" in report
+
+
+def test_second_run_reuses_the_world_and_gives_the_same_figures(quickstart):
+    config, first = quickstart
+    second = run_quickstart(config)
+    assert second["timings_s"]["world"] < first["timings_s"]["world"] or first["timings_s"]["world"] < 1
+    for section in ("two_vs_two", "adversarial_one_vs_two", "misclassified"):
+        np.testing.assert_array_equal(second[section]["accuracy"], first[section]["accuracy"])
+    assert second["two_vs_two"]["p_value"] == first["two_vs_two"]["p_value"]
