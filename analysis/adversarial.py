@@ -16,9 +16,9 @@ from analysis.one_vs_two import (
     one_vs_two_by_layer,
     reference_profiles,
 )
-from attacks.generate import as_model_input
 from attacks.store import AttackSet
 from detector.layers import LayerTap, iter_activations
+from models.inputs import as_model_input
 
 
 @dataclass(frozen=True)

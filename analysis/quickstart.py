@@ -19,7 +19,8 @@ from analysis.report import render_report, write_json_atomic
 from analysis.two_vs_two import activations_by_set, image_set_indices, two_vs_two_by_layer
 from attacks.generate import GenerateParams, generate_attack_set
 from attacks.store import AttackSet, load_attack_set
-from detector.layers import LayerTap, iter_activations, preset_info, preset_layers
+from detector.layers import LayerTap, preset_info, preset_layers
+from models.inputs import as_model_input, predict
 from world import WorldSettings
 from world.inputs import DEFAULT_CACHE_DIR, WorldInputs, load_world_inputs
 
@@ -53,23 +54,10 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1], the input every model takes."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def predict(tap: LayerTap, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """(N,) predicted labels."""
-    out = np.empty(len(images), dtype=np.int64)
-    for index, result in iter_activations(tap, images_to_tensor(images), batch_size):
-        out[index] = result.logits.argmax(1).numpy()
-    return out
-
-
 def layer_activations(tap: LayerTap, images: np.ndarray) -> dict[str, np.ndarray]:
     """layer -> (n, k) float32 for a small batch of uint8 images, pixels first."""
     with torch.no_grad():
-        result = tap(images_to_tensor(images))
+        result = tap(as_model_input(images))
     acts = {"pixels": images.reshape(len(images), -1).astype(np.float32)}
     acts.update({name: a.numpy() for name, a in result.acts.items()})
     return acts
@@ -86,7 +74,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     world, model, vectors = inputs.world, inputs.model, inputs.word_vectors
     tap = LayerTap(model, preset_layers("worldnet"))
     with timer.stage("test_accuracy"):
-        test_pred = predict(tap, world.test_images, config.batch_size)
+        test_pred = predict(model, world.test_images, config.batch_size)
         test_accuracy = float(np.mean(test_pred == world.test_labels))
     with timer.stage("two_vs_two"):
         sets = image_set_indices(world.test_labels, len(world.classes), config.image_sets)
@@ -149,7 +137,7 @@ def analyze_attacks(
     world = inputs.world
     tap = tap or LayerTap(inputs.model, preset_layers("worldnet"))
     if test_predictions is None:
-        test_predictions = predict(tap, world.test_images, 256)
+        test_predictions = predict(inputs.model, world.test_images)
     clean = CleanSet(world.test_images, world.test_labels, test_predictions)
     run = dict(reference_size=reference_size, n_permutations=n_permutations, seed=seed)
     adversarial = adversarial_one_vs_two(attack_set, tap, clean, inputs.word_vectors, **run)

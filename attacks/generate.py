@@ -23,6 +23,7 @@ from attacks.mifgsm import BACKENDS
 from attacks.registry import get_attack
 from attacks.store import open_attack_set, shard_name
 from attacks.targets import TargetPlan, choose_sources, plan_targets
+from models.inputs import as_model_input, predict
 
 # Parameters each stored attack takes from GenerateParams.
 _ATTACK_ARGS = {"mifgsm": ("eps", "step", "decay", "iterations", "backend"), "pgd": ("eps", "step", "iterations")}
@@ -74,25 +75,6 @@ class GenerateResult(NamedTuple):
     n_success: int
     computed: list[int]  # shards computed by this call
     skipped: list[int]  # shards already on disk
-
-
-def as_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) (the world's format) -> float32 (N, 3, H, W) in [0, 1]; float32 (N, 3, H, W) passes."""
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3:
-        return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div_(255)
-    x = torch.as_tensor(images)
-    if x.dtype != torch.float32 or x.ndim != 4:
-        raise ValueError(f"images must be uint8 (N, H, W, 3) or float32 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
-    return x
-
-
-def predict(model: nn.Module, images: np.ndarray | torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
-    """Predicted class (N,) int64, in batches."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            out.append(model(as_model_input(images[start : start + batch_size]).to(device)).argmax(1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -20,7 +20,8 @@ from detector.rsa import correlation_matrix, two_vs_two
 from detector.words import load_vectors
 from models.worldnet import load_world_model
 from world.build import World, WorldSettings, build_world
-from world.train import predict, to_tensor
+from models.inputs import predict
+from world.train import to_tensor
 
 
 def two_vs_two_curve(world: World, n_sets: int = 5) -> dict[str, float]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from models.inputs import as_model_input, predict
 from models.worldnet import WorldNet, WorldNetConfig
 
 
@@ -23,9 +24,8 @@ class TrainSettings:
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1], channels-last in memory (faster convs on CPU)."""
-    t = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    return t.contiguous(memory_format=torch.channels_last)
+    """(N, H, W, 3) uint8 -> model input, channels-last in memory (faster convs on CPU)."""
+    return as_model_input(images).contiguous(memory_format=torch.channels_last)
 
 
 def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
@@ -78,13 +78,6 @@ def train_worldnet(images: np.ndarray, labels: np.ndarray, num_classes: int, set
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
     bar.close()
     return model.eval()
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N,) int64 predicted classes."""
-    out = [model(to_tensor(images[i : i + batch_size])).argmax(1) for i in range(0, len(images), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
 def accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> float:

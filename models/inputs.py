@@ -1,0 +1,29 @@
+"""The one image convention of the project: float32 (N, 3, H, W) in [0, 1]; models normalise inside."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def as_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) (the world's format) -> float32 (N, 3, H, W) in [0, 1]; float32 (N, 3, H, W) passes."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3:
+        return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div_(255)
+    x = torch.as_tensor(images)
+    if x.dtype != torch.float32 or x.ndim != 4:
+        raise ValueError(f"images must be uint8 (N, H, W, 3) or float32 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+    return x
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 256, device: torch.device | str | None = None
+) -> np.ndarray:
+    """Predicted class (N,) int64, in batches, on the model's device unless `device` is given."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    out = [
+        model(as_model_input(images[start : start + batch_size]).to(device)).argmax(1).cpu()
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
