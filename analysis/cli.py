@@ -5,16 +5,20 @@ import argparse
 import json
 from pathlib import Path
 
+WORLD_CACHE = Path(".semguard/world")  # = world.inputs.DEFAULT_CACHE_DIR, not imported: world is heavy
+
 
 def add_quickstart_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "quickstart",
         help="run the paper's method end to end on the embedded world (offline)",
-        description="Builds (or reuses) the embedded world, its word vectors and CNN, then runs 2 vs 2 "
-        "through the layers with permutation tests and BHY; writes summary.json, figures and report.md.",
+        description="Builds (or reuses) the embedded world, its word vectors and CNN; runs 2 vs 2 through the "
+        "layers, a targeted MI-FGSM attack set and the 1 vs 2 analyses of adversarial and misclassified images, "
+        "each with permutation tests and BHY; writes summary.json, figures and report.md.",
     )
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--cache-dir", type=Path, default=Path(".cache/semguard"), help="where built worlds are kept")
+    p.add_argument("--world-cache", type=Path, default=WORLD_CACHE,
+                   help="where built worlds (images, vectors, CNN, attack sets) are kept and reused")
     p.add_argument("--classes", type=int, default=None, help="number of concepts (default: all 100)")
     p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
     p.add_argument("--image-sets", type=int, default=5, help="image sets per concept (paper: 5)")
@@ -34,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         world = replace(world, n_classes=args.classes)
     config = QuickstartConfig(
         out=args.out,
-        cache_dir=args.cache_dir,
+        cache_dir=args.world_cache,
         world=world,
         image_sets=args.image_sets,
         n_permutations=args.permutations,
@@ -63,7 +67,7 @@ def add_attack_analyze_command(attack_commands: argparse._SubParsersAction) -> N
     )
     p.add_argument("--attack-set", type=Path, required=True, help="directory written by `semguard attack generate`")
     p.add_argument("--out", type=Path, required=True, help="where analysis.json and the figures go")
-    p.add_argument("--world-cache", type=Path, default=Path(".semguard/world"), help="the embedded world's cache")
+    p.add_argument("--world-cache", type=Path, default=WORLD_CACHE, help="the embedded world's cache")
     p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
     p.add_argument("--reference-size", type=int, default=100, help="reference concepts (paper: 100)")
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,76 @@
+"""Readers for the real image sets the paper used, from paths the user gives (nothing downloads).
+
+CIFAR-100 is read from its *binary* distribution (cifar-100-binary: fixed-size records), never
+from the python one, which is a pickle. ImageNet-style folders (one sub-folder per class) are
+read with PIL, resized and centre-cropped as torchvision's evaluation transforms do.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+CIFAR_RECORD = 2 + 32 * 32 * 3  # coarse label byte, fine label byte, 3 planes of 32x32 pixels
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG"}
+
+
+class LabelledImages(NamedTuple):
+    images: np.ndarray  # uint8 (N, 32, 32, 3)
+    labels: np.ndarray  # (N,) int64 fine labels, CIFAR-100 order (detector.words.CIFAR100_CLASSES)
+    coarse: np.ndarray  # (N,) int64 superclass labels
+
+
+def read_cifar100_binary(path: str | Path) -> LabelledImages:
+    """One file of cifar-100-binary (`train.bin` or `test.bin`)."""
+    raw = np.fromfile(Path(path), dtype=np.uint8) if Path(path).exists() else None
+    if raw is None:
+        raise FileNotFoundError(f"path {path}: no such CIFAR-100 binary file (train.bin / test.bin)")
+    if raw.size == 0 or raw.size % CIFAR_RECORD:
+        raise ValueError(f"path {path}: {raw.size} bytes is not a whole number of {CIFAR_RECORD}-byte CIFAR-100 records")
+    records = raw.reshape(-1, CIFAR_RECORD)
+    if records[:, 1].max() >= 100 or records[:, 0].max() >= 20:
+        raise ValueError(f"path {path}: labels out of range for CIFAR-100 (is it CIFAR-10?)")
+    images = records[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return LabelledImages(np.ascontiguousarray(images), records[:, 1].astype(np.int64), records[:, 0].astype(np.int64))
+
+
+class ImageFolder(Dataset):
+    """root/<class>/<image>: (float32 (3, size, size) in [0, 1], class index); classes sorted by name.
+
+    Resize the short side to `resize`, then centre-crop `size` (224/256 for ResNet-50 and
+    VGG-16, 299/342 for Inception-v3). Unreadable files raise ValueError naming the file.
+    """
+
+    def __init__(self, root: str | Path, size: int = 224, resize: int | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"root {self.root}: not a directory")
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.samples = [
+            (f, label) for label, name in enumerate(self.classes)
+            for f in sorted((self.root / name).iterdir()) if f.suffix in IMAGE_SUFFIXES
+        ]
+        if not self.samples:
+            raise ValueError(f"root {self.root}: no images in class sub-folders ({sorted(IMAGE_SUFFIXES)})")
+        self.size, self.resize = size, resize or round(size * 8 / 7)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                scale = self.resize / min(img.size)
+                img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+                left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
+                img = img.crop((left, top, left + self.size, top + self.size))
+                pixels = np.asarray(img, dtype=np.uint8)
+        except (OSError, Image.DecompressionBombError) as err:
+            raise ValueError(f"image {path}: cannot be read ({err})") from None
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy()).float().div_(255), label
