@@ -23,6 +23,7 @@ def add_quickstart_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
     p.add_argument("--image-sets", type=int, default=5, help="image sets per concept (paper: 5)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (the world's tensors are small)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         image_sets=args.image_sets,
         n_permutations=args.permutations,
         seed=args.seed,
+        torch_threads=args.torch_threads,
         progress=not args.quiet,
     )
     summary = run_quickstart(config)
