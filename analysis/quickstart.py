@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from analysis.adversarial import CleanSet, adversarial_one_vs_two, misclassified_one_vs_two
+from analysis.detector_eval import DetectorEvalConfig, evaluate_world_detector
 from analysis.figures import plot_by_layer
 from analysis.one_vs_two import block_average
 from analysis.report import render_report, write_json_atomic
@@ -36,6 +39,8 @@ class QuickstartConfig:
     batch_size: int = 256
     attack: GenerateParams = field(default_factory=GenerateParams)  # paper: 100 sources x 6 targets, eps 0.15
     reference_size: int = 100  # paper 4: 100 correctly predicted reference concepts
+    # Guard calibration and evaluation (clean test images split in halves; MI-FGSM, PGD, C&W L2).
+    detector: DetectorEvalConfig = field(default_factory=DetectorEvalConfig)
     # One intra-op thread: the world's tensors are small, and on shared cores oversubscribed
     # OpenMP threads stalled the permutation tests 45x (2 threads vs 1, measured here).
     torch_threads: int = 1
@@ -128,10 +133,27 @@ def _run_quickstart(config: QuickstartConfig) -> dict:
             inputs, load_attack_set(attack_dir), out, config.reference_size, config.n_permutations, config.seed,
             test_pred, tap,
         ))
+    with timer.stage("detector"):
+        summary["detector"] = detector_stage(inputs, out, replace(config.detector, progress=config.progress))
     summary["timings_s"] = timer.seconds
     write_json_atomic(out / "summary.json", summary)
     (out / "report.md").write_text(render_report(summary))
     return summary
+
+
+def detector_stage(inputs: WorldInputs, out: Path, config: DetectorEvalConfig) -> dict:
+    """Calibrate and evaluate the guard (or reuse an evaluation of the same world and settings);
+    the bundle and the ROC figure land in out/."""
+    key = settings_key(json.loads(json.dumps(asdict(config) | {"progress": None}, default=str)))
+    cached = inputs.world.root / f"detector-{key}"
+    if not (cached / "detector_eval.json").exists():
+        staging = inputs.world.root / f"detector-{key}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        evaluate_world_detector(inputs.world, inputs.model, inputs.word_vectors, staging, config)
+        os.replace(staging, cached)
+    shutil.copytree(cached / "bundle", out / "bundle", dirs_exist_ok=True)
+    shutil.copy2(cached / "detector_roc.png", out / "detector_roc.png")
+    return json.loads((cached / "detector_eval.json").read_text())
 
 
 def analyze_attacks(

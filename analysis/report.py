@@ -71,6 +71,8 @@ def render_report(summary: dict) -> str:
     ]
     if "adversarial_one_vs_two" in summary:
         lines += _attack_sections(summary)
+    if "detector" in summary:
+        lines += _detector_section(summary["detector"])
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
     return "\n".join(lines) + "\n"
@@ -102,3 +104,34 @@ def _attack_sections(summary: dict) -> list[str]:
         "",
         _layer_table(mis["layers"], {"1 vs 2": mis["accuracy"], "p": mis["p_value"], "p (BHY)": mis["p_bhy"]}),
     ]
+
+
+def _detector_section(d: dict) -> list[str]:
+    head = ("| attack | successful / attacked | guard AUROC | TPR at 5% FPR | realised FPR | signature alone "
+            "| shuffled words | class similarity | Mahalanobis (Lee et al.) |" + (" ART binary |" if _has_art(d) else ""))
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, a in d["per_attack"].items():
+        c, b = a.get("controls", {}), a["baselines"]
+        cells = [name, f"{a['n_successful']} / {a['n_attacked']}", a["auroc"], a["tpr_at_5fpr"], a["fpr_realised"],
+                 a["signature_only_auroc"], c.get("signature_shuffled_words", {}).get("auroc", "-"),
+                 c.get("signature_class_similarity", {}).get("auroc", "-"), b["mahalanobis"]["auroc"]]
+        if _has_art(d):
+            cells.append(b.get("art_binary_activation", {}).get("auroc", "-"))
+        rows.append("| " + " | ".join(_fmt(x) for x in cells) + " |")
+    return [
+        "",
+        "## The guard: calibrated on clean images, evaluated on held-out clean and adversarial images",
+        "",
+        f"Clean test images split per class: {d['split']['n_calibration']} for calibration, "
+        f"{d['split']['n_evaluation']} for evaluation; adversarial images come from evaluation images only. "
+        "AUROC of the shipped guard (semantic signature + per-layer feature density) beside the semantic "
+        "signature alone, its controls and the baselines. The bundle is in `bundle/`.",
+        "",
+        "![ROC curves](detector_roc.png)",
+        "",
+        *rows,
+    ]
+
+
+def _has_art(d: dict) -> bool:
+    return any("art_binary_activation" in a["baselines"] for a in d["per_attack"].values())

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from analysis.cli import add_quickstart_command
+from analysis.cli import add_attack_analyze_command, add_quickstart_command
+from analysis.detector_cli import add_detector_commands
 from attacks.cli import add_attack_commands
 from service.cli import add_serve_command
 
@@ -14,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_quickstart_command(subparsers)
     add_serve_command(subparsers)
-    add_attack_commands(subparsers)
+    add_attack_analyze_command(add_attack_commands(subparsers))
+    add_detector_commands(subparsers)
     return parser
 
 

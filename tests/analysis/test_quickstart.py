@@ -5,8 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from analysis.detector_eval import AttackSpec, DetectorEvalConfig
 from analysis.quickstart import QuickstartConfig, run_quickstart
 from attacks.generate import GenerateParams
+from detector.calibrate import CalibrationConfig
+from detector.guard import Guard
 from world import WorldSettings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -15,12 +18,20 @@ SMALL_WORLD = WorldSettings(  # learns to ~0.65 test accuracy in ~16 s on one co
 )
 
 
+FAST = dict(n_sources=10, batch_size=16)
+SMALL_DETECTOR = DetectorEvalConfig(
+    detector=CalibrationConfig(per_concept=1, target_fpr=0.1, batch_size=64, method="gaussian"),
+    attacks=(AttackSpec("mifgsm_paper", "mifgsm", {"eps": 0.15, "step": 0.03, "iterations": 5}, **FAST),),
+    train_attacks=(), art_layer=None,
+)
+
+
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     root = tmp_path_factory.mktemp("quickstart")
     config = QuickstartConfig(
         out=root / "out", cache_dir=root / "cache", world=SMALL_WORLD, image_sets=3, n_permutations=50,
-        attack=GenerateParams(n_sources=5, iterations=5, batch_size=16), progress=False,
+        attack=GenerateParams(n_sources=5, iterations=5, batch_size=16), detector=SMALL_DETECTOR, progress=False,
     )
     return config, run_quickstart(config)
 
@@ -49,13 +60,26 @@ def test_summary_has_every_section_with_consistent_shapes(quickstart):
     assert adv["count"] == a["succeeded"]
     mis = on_disk["misclassified"]
     assert mis["count"] >= 1 and -1.0 <= mis["mean_cosine"] <= 1.0
-    assert set(on_disk["timings_s"]) >= {"world", "two_vs_two", "attacks", "one_vs_two"}
+    d = on_disk["detector"]
+    for key in ("auroc", "tpr_at_5fpr", "fpr_realised", "signature_only_auroc"):
+        assert 0.0 <= d[key] <= 1.0
+    assert 0.0 <= d["baselines"]["mahalanobis"]["auroc"] <= 1.0
+    assert set(on_disk["timings_s"]) >= {"world", "two_vs_two", "attacks", "one_vs_two", "detector"}
+
+
+def test_the_guard_bundle_loads_and_inspects(quickstart):
+    config, summary = quickstart
+    guard = Guard.load(config.out / "bundle")
+    assert guard.info.labels == summary["world"]["classes"]
+    verdicts = guard.inspect(np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32))
+    assert len(verdicts) == 2 and verdicts[0].signature.shape == (len(guard.info.layers),)
 
 
 def test_figures_are_real_pngs_and_the_report_shows_them(quickstart):
     config, _ = quickstart
     report = (config.out / "report.md").read_text()
-    for name in ("two_vs_two_by_layer.png", "adversarial_one_vs_two_by_layer.png", "misclassified_one_vs_two_by_block.png"):
+    for name in ("two_vs_two_by_layer.png", "adversarial_one_vs_two_by_layer.png",
+                 "misclassified_one_vs_two_by_block.png", "detector_roc.png"):
         data = (config.out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
         assert f"]({name})" in report

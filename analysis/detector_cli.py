@@ -1,0 +1,137 @@
+"""`semguard detector ...`: calibrate the guard on the embedded world, and evaluate it against baselines.
+
+    semguard detector calibrate --out BUNDLE      # guard bundle from the world's calibration split
+    semguard detector evaluate --out DIR          # attacks + every detector on the held-out split
+
+The CLI is the edge: flags fill CalibrationConfig / DetectorEvalConfig, then it calls
+detector.calibrate.calibrate_guard or analysis.detector_eval.evaluate_detector. Both commands
+split the world's clean test images with the same seed, so a bundle from `calibrate` never saw
+the images `evaluate` holds out.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+DEFAULT_CACHE = Path(".cache/semguard")  # quickstart's world cache
+
+
+def add_detector_commands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add `detector` with `calibrate` and `evaluate`; returns the detector subparsers."""
+    det = subparsers.add_parser("detector", help="calibrate and evaluate the adversarial-image guard")
+    commands = det.add_subparsers(dest="detector_command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    cal = commands.add_parser("calibrate", formatter_class=fmt,
+                              help="write a guard bundle (reference bank, Mahalanobis, flagger) for the world CNN")
+    cal.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    ev = commands.add_parser("evaluate", formatter_class=fmt,
+                             help="AUROC / TPR at 5%% FPR / realised FPR per attack, with baselines and ROC curves")
+    ev.add_argument("--out", type=Path, required=True, help="output directory (bundle/, detector_roc.png, detector_eval.json)")
+    ev.add_argument("--sources", type=int, default=None, help="images attacked per attack; unset: each attack's own count")
+    ev.add_argument("--quick", action="store_true", help="reduced setting: 60 images per attack, short C&W")
+    ev.add_argument("--no-art", action="store_true", help="skip ART's BinaryActivationDetector")
+    for p in (cal, ev):
+        _add_common(p)
+    cal.set_defaults(func=run_calibrate)
+    ev.set_defaults(func=run_evaluate)
+    return commands
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    from analysis.detector_eval import DetectorEvalConfig
+
+    d, e = DetectorEvalConfig().detector, DetectorEvalConfig()
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="embedded world cache (built when missing)")
+    p.add_argument("--method", default=d.method, choices=["gaussian", "logistic"],
+                   help="flagger: gaussian (clean images only) or logistic (also trained on MI-FGSM images)")
+    p.add_argument("--features", default=",".join(d.features), help="comma list of fraction, margin, mahalanobis")
+    p.add_argument("--space", default=d.space, choices=["words", "class_similarity", "shuffled_words"])
+    p.add_argument("--target-fpr", type=float, default=d.target_fpr)
+    p.add_argument("--references", type=int, default=d.k, help="reference concepts K")
+    p.add_argument("--eval-fraction", type=float, default=e.eval_fraction, help="share of test images held out")
+    p.add_argument("--seed", type=int, default=e.seed)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _config(args: argparse.Namespace):
+    from analysis.detector_eval import DetectorEvalConfig, quick_config
+
+    d = DetectorEvalConfig()
+    detector = dataclasses.replace(d.detector, method=args.method, features=tuple(args.features.split(",")),
+                                   space=args.space, target_fpr=args.target_fpr, k=args.references, seed=args.seed)
+    cfg = dataclasses.replace(d, detector=detector, eval_fraction=args.eval_fraction, seed=args.seed,
+                              progress=not args.quiet)
+    if getattr(args, "no_art", False):
+        cfg = dataclasses.replace(cfg, art_layer=None)
+    if getattr(args, "quick", False):
+        cfg = quick_config(cfg)
+    if getattr(args, "sources", None):
+        cfg = dataclasses.replace(cfg, attacks=tuple(dataclasses.replace(a, n_sources=args.sources) for a in cfg.attacks))
+    return cfg
+
+
+def _world(args: argparse.Namespace):
+    """(world, model, word vectors (C, d) aligned with world.classes)."""
+    from detector.words import load_vectors, match_labels
+    from world import WorldSettings, build_world, load_world_model
+
+    world = build_world(WorldSettings(), args.cache_dir, progress=not args.quiet)
+    words = match_labels(load_vectors(world.vectors_path), list(world.classes))
+    if words.unmatched:
+        raise SystemExit(f"semguard detector: the world's vectors lack {len(words.unmatched)} class names")
+    return world, load_world_model(world.model_path), words.vectors
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from analysis.detector_eval import predict_all, split_clean, training_attacks, worldnet_spec
+    from attacks.generate import as_model_input
+    from detector.guard import calibrate_guard
+    from detector.layers import preset_layers
+
+    try:
+        cfg = _config(args)
+    except ValueError as err:
+        raise SystemExit(f"semguard detector calibrate: {err}") from None
+    world, model, vectors = _world(args)
+    x, y = as_model_input(world.test_images), world.test_labels
+    split = split_clean(y, cfg.eval_fraction, cfg.seed)  # the same split `evaluate` uses: its held-out part stays unseen
+    attack_images = None
+    if cfg.detector.method == "logistic":
+        predicted = predict_all(model, x, cfg.batch_size)
+        attack_images, _ = training_attacks(model, x, y, predicted, split.calibration, vectors, cfg)
+    report = calibrate_guard(
+        model, worldnet_spec(model), preset_layers("worldnet"), list(world.classes), vectors, x[split.calibration],
+        y[split.calibration], args.out, model_name="worldnet", attack_images=attack_images, config=cfg.detector,
+        source_weights=str(world.model_path), progress=cfg.progress,
+    )
+    print(json.dumps({"bundle": str(report.bundle_dir), "threshold": report.threshold, "fpr_calib": report.fpr_calib,
+                      "n_fit": report.n_fit, "n_calib": report.n_calib, "references": report.n_references}, indent=2))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from analysis.detector_eval import evaluate_world_detector
+
+    try:
+        cfg = _config(args)
+    except ValueError as err:
+        raise SystemExit(f"semguard detector evaluate: {err}") from None
+    world, model, vectors = _world(args)
+    ev = evaluate_world_detector(world, model, vectors, args.out, cfg)
+    print(format_results(ev.results))
+    print(f"bundle: {ev.bundle_dir}\nROC curves: {ev.roc_path}\nfigures: {Path(args.out) / 'detector_eval.json'}")
+    return 0
+
+
+def format_results(results: dict) -> str:
+    """A table: per attack, AUROC / TPR at 5% FPR of every detector, realised FPR and image counts."""
+    lines = ["attack           n_adv  detector  (tpr@5%)  fpr_real  signature  mahalanobis  others"]
+    for name, a in results["per_attack"].items():
+        others = {**a.get("baselines", {}), **a.get("controls", {})}
+        rest = " ".join(f"{k}={v['auroc']:.3f}" for k, v in others.items() if k != "mahalanobis")
+        maha = others.get("mahalanobis", {}).get("auroc", float("nan"))
+        lines.append(f"{name:16s} {a['n_adversarial']:5d}  {a['auroc']:.3f}     ({a['tpr_at_5fpr']:.3f})   "
+                     f"{a['fpr_realised']:.3f}     {a.get('signature_only_auroc', float('nan')):.3f}      {maha:.3f}  {rest}")
+    return "\n".join(lines)

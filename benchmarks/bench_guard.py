@@ -1,0 +1,204 @@
+"""Guard overhead: plain forward pass vs forward + taps + signature + flagger (Guard.inspect_arrays).
+
+Run: python benchmarks/bench_guard.py [--repeats 3] [--skip-exact-resnet]
+
+For the world CNN (32x32, 100 classes) and a randomly initialised torchvision resnet50 (224x224,
+1000 classes, its 49 ReLUs tapped), at batch 1 and 32, in two modes:
+
+  exact  every layer's reference prototypes at full width (the paper's signature);
+  fast   layers wider than 4096 features stored channel-pooled (`bank_max_width`, `bank_reduction`),
+         optionally a seeded subset of alternatives (`--fast-alternatives`), with its measured
+         agreement with exact (signature fraction, score rank, flags).
+
+The bundle is built like `calibrate_guard` builds one (bank, Mahalanobis, flagger fitted on features
+computed as the guard computes them) from random images, one reference image per concept and random
+labels: the figures are about speed and memory, not detection. The flagger scores the features the
+evaluation ships (`analysis.detector_eval.DetectorEvalConfig().detector`), fitted as a Gaussian since
+there are no attack images here (a logistic flagger's score, one dot product, costs less). Each timing is the median
+of `repeats` runs, plain and guard interleaved so background load hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from analysis.detector_eval import DetectorEvalConfig
+from detector.bundle import Bundle, BundleManifest, ModelSpec
+from detector.calibrate import CalibrationConfig, bank_reductions, density_reductions, guard_features, layer_shapes
+from detector.flagger import feature_names, fit_flagger
+from detector.guard import Guard
+from detector.layers import LayerTap, preset_layers
+from detector.mahalanobis import MahalanobisDetector, fit_mahalanobis, reduce_features
+from detector.reference import Reduction, ReferenceBank, word_similarity
+from detector.signature import reduction_agreement
+from models.normalize import imagenet_classifier
+
+FAST_WIDTH = 4096  # layers wider than this are channel-pooled in fast mode
+
+
+def world_model(cache_dir: Path) -> tuple[torch.nn.Module, str, list[str]]:
+    """The embedded world's trained CNN when it is already built in cache_dir, else a fresh WorldNet (same cost)."""
+    from models.worldnet import WorldNet
+    from world import WorldSettings, build_world, load_world_model
+
+    settings = WorldSettings()
+    if (cache_dir / settings.key() / "meta.json").is_file():  # built: reading it is cheap, building is not
+        world = build_world(settings, cache_dir, progress=False)
+        return load_world_model(world.model_path), "worldnet (trained)", preset_layers("worldnet")
+    print(f"note: no world built in {cache_dir}; timing a fresh WorldNet")
+    return WorldNet().eval(), "worldnet (random init)", preset_layers("worldnet")
+
+
+def _float32_pass(tap: LayerTap, images: torch.Tensor, reductions: dict, batch: int) -> dict[str, np.ndarray]:
+    """{layer: (n, d)} float32 reduced activations (float32 keeps an exact resnet50 bank at 3.8 GB, not 7.7)."""
+    parts: dict[str, list] = {n: [] for n in tap.layers}
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            out = tap(images[i : i + batch])
+            for n in tap.layers:
+                parts[n].append(reductions.get(n, Reduction()).apply(out.acts[n]).numpy())
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def every_class_seen(maha: MahalanobisDetector, rng: np.random.Generator) -> MahalanobisDetector:
+    """A real calibration sees every class; 48 random labels do not. Fill the unseen classes' means
+    (NaN rows, skipped when scoring) around the seen ones, so scoring costs what it would: (C, d) per layer."""
+    means = {}
+    for n, m in maha.means.items():
+        seen = np.isfinite(m).all(1)
+        fill = m[seen].mean(0) + (m[seen].std(0) + 1e-6) * rng.normal(size=m.shape)
+        means[n] = np.where(seen[:, None], m, fill)
+    return dataclasses.replace(maha, means=means)
+
+
+def synthetic_bundle(model, layers, input_shape, n_classes, cfg: CalibrationConfig, seed: int = 0) -> Bundle:
+    """A bundle built as calibrate_guard builds one, from random images (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    k, n_fit = min(cfg.k, n_classes), 48
+    images = torch.rand(k + 2 * n_fit, *input_shape, generator=gen)
+    tap = LayerTap(model, layers)
+    shapes = layer_shapes(tap, input_shape)
+    red, dens = bank_reductions(shapes, cfg), density_reductions(shapes, cfg.mahalanobis_max_dim, seed)
+    concepts = np.sort(rng.choice(n_classes, k, replace=False))
+    words = rng.normal(size=(n_classes, 300)).astype(np.float32)
+    # one reference image per concept: its activation is the prototype (the mean of one)
+    prototypes = _float32_pass(tap, images[:k], red, 16)
+    bank = ReferenceBank(tuple(layers), prototypes, concepts, word_similarity(words)[:, concepts], "words", red)
+    fit, calib = images[k : k + n_fit], images[k + n_fit :]
+    labels = rng.integers(0, n_classes, n_fit)
+    with torch.no_grad():
+        maha = every_class_seen(fit_mahalanobis(reduce_features(tap(fit).acts, dens), labels, n_classes, dens), rng)
+    kinds = tuple(cfg.features)
+    args = (bank, maha, kinds, cfg.n_alternatives, seed, 16)
+    fit_x, _ = guard_features(tap, fit, *args)
+    calib_x, calib_frac = guard_features(tap, calib, *args)
+    flagger = fit_flagger(fit_x, calib_x, feature_names(kinds, layers), "gaussian", explain=(layers, calib_frac))
+    manifest = BundleManifest(type(model).__name__, ModelSpec("bench"), tuple(input_shape), tuple(layers),
+                              tuple(f"class{i}" for i in range(n_classes)), n_alternatives=cfg.n_alternatives)
+    return Bundle(manifest, model, words, bank, flagger, maha)
+
+
+def time_pair(model, guard: Guard, x: torch.Tensor, repeats: int) -> tuple[float, float, tuple]:
+    """Median seconds of model(x) and guard.inspect_arrays(x), interleaved; plus the guard's median stage times."""
+    plain, guarded, stages = [], [], []
+    with torch.no_grad():
+        model(x), guard.inspect_arrays(x)  # warm-up: allocator, lazy caches (unit prototypes)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(x)
+            plain.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            out = guard.inspect_arrays(x)
+            guarded.append(time.perf_counter() - t)
+            stages.append(out.timings)
+    med = tuple(statistics.median(s[i] for s in stages) for i in range(3))
+    return statistics.median(plain), statistics.median(guarded), med
+
+
+def agreement(exact: Guard, fast: Guard, x: torch.Tensor) -> str:
+    """Fast vs exact on the same images: signature fraction MAE, score rank correlation, flag agreement."""
+    a, b = exact.inspect_arrays(x), fast.inspect_arrays(x)
+    with torch.no_grad():
+        acts = exact.tap(x).acts
+    agree = reduction_agreement(acts, a.predicted, exact.bundle.bank, fast.bundle.bank)
+    rho = spearmanr(a.score, b.score).statistic
+    return (f"fraction MAE {agree.fraction_mae.mean():.4f} (max layer {agree.fraction_mae.max():.4f}), "
+            f"score Spearman {rho:.3f}, flags agree {np.mean(a.flagged == b.flagged):.3f} on {len(x)} random images")
+
+
+def bench_model(title, model, layers, input_shape, n_classes, cfg, repeats, modes, fast_alternatives=None) -> list[str]:
+    rows, guards = [], {}
+    for mode in modes:
+        mode_cfg = cfg if mode == "exact" else dataclasses.replace(
+            cfg, bank_max_width=FAST_WIDTH, bank_reduction="channel_pool", n_alternatives=fast_alternatives)
+        start = time.perf_counter()
+        guards[mode] = Guard(synthetic_bundle(model, layers, input_shape, n_classes, mode_cfg))
+        mib = sum(guards[mode].bundle.bank.bytes_per_layer().values()) / 2**20
+        print(f"  {title} {mode}: bundle built in {time.perf_counter() - start:.1f} s; reference bank {mib:.1f} MiB")
+        for batch in (1, 32):
+            x = torch.rand(batch, *input_shape, generator=torch.Generator().manual_seed(batch))
+            reps = repeats if batch == 32 else 3 * repeats
+            plain, guarded, st = time_pair(model, guards[mode], x, reps)
+            rows.append(f"| {title} | {mode} | {batch} | {1e3 * plain / batch:.2f} | {1e3 * guarded / batch:.2f} | "
+                        f"{batch / plain:.1f} | {batch / guarded:.1f} | {guarded / plain:.2f}x | "
+                        f"{1e3 * st[0]:.0f} / {1e3 * st[1]:.0f} / {1e3 * st[2]:.0f} | {mib:.1f} |")
+            print(rows[-1], flush=True)
+    if len(guards) == 2:
+        x = torch.rand(32, *input_shape, generator=torch.Generator().manual_seed(7))
+        rows.append(f"\n{title}, fast vs exact (fraction MAE: bank reduction alone): {agreement(guards['exact'], guards['fast'], x)}")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def machine() -> str:
+    model_name = subprocess.run("lscpu | grep 'Model name' | head -1 | cut -d: -f2", shell=True,
+                                capture_output=True, text=True).stdout.strip()
+    return (f"nproc {os.cpu_count()}, CPU {model_name or platform.processor()}, torch {torch.__version__}, "
+            f"torch threads {torch.get_num_threads()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch-32 cell (batch 1: three times as many)")
+    parser.add_argument("--skip-exact-resnet", action="store_true",
+                        help="skip resnet50 exact mode (its bank is 3.8 GB, held twice while the guard runs)")
+    parser.add_argument("--skip-resnet", action="store_true")
+    parser.add_argument("--fast-alternatives", type=int, default=None,
+                        help="fast mode also compares each prediction with this seeded subset of alternatives (default: all)")
+    parser.add_argument("--world-cache", type=Path, default=Path(".cache/semguard"), help="where a built world is read")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, title, layers = world_model(args.world_cache)  # before set_num_threads: build_world sets its own
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = DetectorEvalConfig().detector
+    print(f"machine: {machine()}")
+    print(f"flagger features {list(cfg.features)}, K = {cfg.k} references, all other labels as alternatives")
+    header = ["| model | mode | batch | plain ms/img | guard ms/img | plain img/s | guard img/s | guard / plain | "
+              "stages fwd / sig / flag ms | bank MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(header))
+    rows = bench_model(title, model.eval(), layers, (3, 32, 32), 100, cfg, args.repeats, ("exact", "fast"),
+                       args.fast_alternatives)
+    if not args.skip_resnet:
+        resnet = imagenet_classifier("resnet50").eval()  # [0, 1] images, normalised inside (project convention)
+        modes = ("fast",) if args.skip_exact_resnet else ("exact", "fast")
+        rows += bench_model("resnet50 (random init)", resnet, preset_layers("resnet50"), (3, 224, 224), 1000, cfg,
+                            args.repeats, modes, args.fast_alternatives)
+    print("\n" + "\n".join(header + [r for r in rows if r.startswith("|")]))
+    print("\n".join(r for r in rows if not r.startswith("|")))
+
+
+if __name__ == "__main__":
+    main()

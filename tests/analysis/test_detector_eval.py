@@ -1,0 +1,139 @@
+"""analysis.detector_eval: the evaluation protocol end to end on a tiny CNN (reduced settings, seconds)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from analysis.detector_eval import (
+    AttackSpec, DetectorEvalConfig, evaluate_detector, plan_attack, split_clean,
+)
+from detector.bundle import ModelSpec, register_model_builder
+from detector.calibrate import CalibrationConfig
+from detector.guard import Guard
+
+N_CLASSES = 10
+LAYERS = ["conv1", "relu2", "pool"]
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, width: int = 8, num_classes: int = N_CLASSES):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))))
+
+
+register_model_builder("tiny_cnn_eval_test", TinyCNN, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_world():
+    """A random CNN with a least-squares head on colour-coded images; its own predictions are the truth."""
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    gen = torch.Generator().manual_seed(1)
+    base = torch.rand(N_CLASSES, 3, 1, 1, generator=gen)
+    src = torch.arange(360) % N_CLASSES
+    images = (base[src] * 0.8 + 0.2 * torch.rand(360, 3, 8, 8, generator=gen)).clamp(0, 1).float()
+    with torch.no_grad():
+        feats = model.flatten(model.pool(model.relu2(model.conv2(model.relu1(model.conv1(images))))))
+        x = torch.cat([feats, torch.ones(len(feats), 1)], 1).double()
+        w = torch.linalg.lstsq(x, 10.0 * nn.functional.one_hot(src, N_CLASSES).double()).solution
+        model.fc.weight.copy_(w[:-1].T.float())
+        model.fc.bias.copy_(w[-1].float())
+        labels = model(images).argmax(1).numpy()
+    words = np.random.default_rng(2).normal(size=(N_CLASSES, 12)).astype(np.float32)
+    return model, images, labels, words
+
+
+def test_split_is_per_class_disjoint_and_seeded():
+    labels = np.repeat(np.arange(5), [10, 11, 4, 7, 20])
+    a, b = split_clean(labels, 0.5, seed=3), split_clean(labels, 0.5, seed=3)
+    np.testing.assert_array_equal(a.evaluation, b.evaluation)
+    assert len(np.intersect1d(a.calibration, a.evaluation)) == 0
+    assert len(a.calibration) + len(a.evaluation) == len(labels)
+    for c, n in zip(range(5), [10, 11, 4, 7, 20]):
+        assert np.sum(labels[a.evaluation] == c) == round(n / 2)
+
+
+def test_plan_attack_sources_from_pool_round_robin():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 10)
+    predicted = labels.copy()
+    predicted[::7] = (predicted[::7] + 1) % 8  # some misclassified: never attacked
+    pool = np.arange(0, 80, 2)
+    vectors = rng.normal(size=(8, 5))
+    sources, targets = plan_attack(labels, predicted, pool, vectors, n=16, seed=1)
+    assert set(sources) <= set(pool) and np.all(predicted[sources] == labels[sources])
+    assert np.all(np.bincount(labels[sources], minlength=8) == 2)  # two rounds over the 8 classes
+    assert np.all(targets != labels[sources])
+
+
+def test_evaluate_detector_end_to_end(tiny_world, tmp_path):
+    model, images, labels, words = tiny_world
+    fast = dict(n_sources=24, batch_size=24)
+    cfg = DetectorEvalConfig(
+        detector=CalibrationConfig(per_concept=2, target_fpr=0.1, batch_size=64),
+        attacks=(
+            AttackSpec("mifgsm_paper", "mifgsm", {"eps": 0.15, "step": 0.03, "iterations": 10}, **fast),
+            AttackSpec("pgd", "pgd", {"eps": 0.1, "step": 0.02, "iterations": 5}, **fast),
+            AttackSpec("cw_l2", "cw_l2", {"binary_search_steps": 1, "iterations": 2, "initial_const": 10.0,
+                                          "learning_rate": 0.1}, **fast),
+        ),
+        train_attacks=(AttackSpec("train", "mifgsm", {"eps": 0.15, "step": 0.03, "iterations": 10}, **fast),),
+        art_layer="relu2", art_epochs=2, progress=False,
+    )
+    ev = evaluate_detector(model, ModelSpec("tiny_cnn_eval_test", {"width": 8}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
+                           words, images, labels, tmp_path, cfg)
+    r = ev.results
+    for key in ("auroc", "tpr_at_5fpr", "fpr_realised", "signature_only_auroc", "n_adversarial"):
+        assert key in r
+    assert 0 <= r["auroc"] <= 1 and 0 <= r["fpr_realised"] <= 1
+    assert set(r["baselines"]) == {"mahalanobis", "mahalanobis_logistic", "art_binary_activation"}
+    assert set(r["controls"]) == {"signature_shuffled_words", "signature_class_similarity"}
+    assert set(r["per_attack"]) == {"mifgsm_paper", "pgd", "cw_l2"}
+    for name, a in r["per_attack"].items():
+        assert a["n_adversarial"] == a["n_successful"] >= 1 and a["n_attacked"] == 24
+        assert a["n_clean"] == r["split"]["n_evaluation"] == len(labels) // 2
+        assert 0 <= a["baselines"]["mahalanobis"]["auroc"] <= 1
+    assert r["auroc"] == r["per_attack"]["mifgsm_paper"]["auroc"]
+    # the shipped bundle loads and its threshold is the one evaluated
+    guard = Guard.load(ev.bundle_dir)
+    assert guard.info.threshold == r["detectors"]["detector"]["threshold"]
+    assert ev.roc_path.stat().st_size > 0
+    assert json.loads((tmp_path / "detector_eval.json").read_text())["auroc"] == r["auroc"]
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="eval_fraction must lie in"):
+        DetectorEvalConfig(eval_fraction=1.0)
+    with pytest.raises(ValueError, match="variants must be among"):
+        DetectorEvalConfig(variants=("nope",))
+    with pytest.raises(ValueError, match="headline"):
+        DetectorEvalConfig(headline="nope")
+
+
+def test_cli_registers_detector_commands_and_formats(tiny_world):
+    from analysis.detector_cli import _config, format_results
+    from semguard.cli import build_parser
+
+    args = build_parser().parse_args(["detector", "evaluate", "--out", "x", "--quick", "--sources", "7", "--no-art",
+                                      "--method", "gaussian", "--features", "fraction,mahalanobis"])
+    cfg = _config(args)
+    assert cfg.art_layer is None and cfg.detector.method == "gaussian" and cfg.detector.features == ("fraction", "mahalanobis")
+    assert all(a.n_sources == 7 for a in cfg.attacks)
+    args = build_parser().parse_args(["detector", "calibrate", "--out", "b"])
+    assert args.func.__name__ == "run_calibrate"
+    metric = {"auroc": 0.9, "tpr_at_5fpr": 0.5, "fpr_realised": 0.05, "n_adversarial": 3}
+    table = format_results({"per_attack": {"pgd": {**metric, "signature_only_auroc": 0.6,
+                                                   "baselines": {"mahalanobis": {"auroc": 0.8}}}}})
+    assert "pgd" in table and "0.900" in table and "0.800" in table
