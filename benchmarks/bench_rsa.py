@@ -54,7 +54,10 @@ def matrices(w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--permutations", type=int, default=50, help="permutations timed at w=838")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (on shared cores more threads than free cores stall badly)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
     print(f"{'w':>5} {'loop s':>10} {'two_vs_two s':>13} {'speed-up':>9}  agree")
     for w in (100, 200):

@@ -36,12 +36,16 @@ FLAGS: list[tuple[str, str, Any, str]] = [
 ]
 
 
+DEFAULT_BUNDLE = "runs/quickstart/bundle"
+
+
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     defaults = ServiceConfig()
     p = subparsers.add_parser("serve", help="run the gRPC guard server (Open Inference Protocol + semguard.v1)",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", default=os.environ.get("SEMGUARD_BUNDLE"),
-                   help="guard bundle directory (env SEMGUARD_BUNDLE)")
+    p.add_argument("--bundle", default=os.environ.get("SEMGUARD_BUNDLE", DEFAULT_BUNDLE),
+                   help="guard bundle directory (env SEMGUARD_BUNDLE; default: the embedded world's, "
+                   "written by `semguard quickstart --out runs/quickstart`)")
     for flag, field, kind, text in FLAGS:
         env = f"SEMGUARD_{field.upper()}"
         default = getattr(defaults, field)
@@ -74,7 +78,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.bundle:
-        raise SystemExit("semguard serve: --bundle DIR (or SEMGUARD_BUNDLE) is required")
+    if not os.path.isdir(args.bundle):
+        hint = " (run `semguard quickstart --out runs/quickstart` first)" if args.bundle == DEFAULT_BUNDLE else ""
+        raise SystemExit(f"semguard serve: bundle directory {args.bundle} does not exist{hint}")
     from service.server import serve  # grpc/torch imported only when serving
     return serve(config_from_args(args), args.bundle)
