@@ -161,6 +161,11 @@ def select_references(
 # ----------------------------------------------------------------------------- the bank
 
 
+class _RowStats(NamedTuple):
+    mean: torch.Tensor  # (K,) float64 mean of each prototype row
+    inv_norm: torch.Tensor  # (K,) float64 1 / |row - mean|, 0 for a constant row
+
+
 @dataclass(frozen=True)
 class ReferenceBank:
     """Per-layer reference prototypes and label profiles (see module docstring).
@@ -203,9 +208,21 @@ class ReferenceBank:
         return self.reductions.get(layer, Reduction())
 
     @cached_property
-    def unit_prototypes(self) -> dict[str, torch.Tensor]:
-        """Per layer (K, k'_l) float32, centred and unit-norm, so a profile is one matmul."""
-        return {n: _unit_rows(as_float64(self.prototypes[n])).float() for n in self.layers}
+    def _row_stats(self) -> dict[str, _RowStats]:
+        """Per layer, each prototype's mean and 1 / centred norm (K,) float64, computed once.
+
+        The serving path folds the unit normalisation into the matmul instead of caching
+        unit-norm prototypes: an exact resnet50 bank is 3.7 GB, and a normalised copy doubled it.
+        """
+        out = {}
+        for name in self.layers:
+            p = as_float64(self.prototypes[name])  # (K, k) float64 temporary, one layer at a time
+            mean = p.mean(-1)
+            norm = torch.linalg.vector_norm(p - mean[:, None], dim=-1)
+            # _unit_rows' rule: a constant row has a zero profile
+            constant = norm <= 1e-12 * torch.linalg.vector_norm(p, dim=-1).clamp_min(1e-300)
+            out[name] = _RowStats(mean, torch.where(constant, 0.0, 1.0 / norm.clamp_min(1e-300)))
+        return out
 
     def bytes_per_layer(self) -> dict[str, int]:
         """Bytes of the stored prototypes per layer (the shared (C, K) profiles not included)."""
@@ -217,16 +234,22 @@ class ReferenceBank:
         out = []
         for name in self.layers:
             x = self.reduction(name).apply(torch.as_tensor(acts[name]).to(dtype))
-            # float64 on request (tests, exact comparisons); the serving path stays float32
-            exact = dtype == torch.float64
-            proto = _unit_rows(as_float64(self.prototypes[name])) if exact else self.unit_prototypes[name]
-            proto = proto.to(x.device)
-            if x.ndim != 2 or x.shape[1] != proto.shape[1]:
+            if x.ndim != 2 or x.shape[1] != self.prototypes[name].shape[1]:
                 raise ValueError(
-                    f"acts[{name!r}] must be (B, {proto.shape[1]}) after {self.reduction(name).kind}, got {tuple(x.shape)}"
+                    f"acts[{name!r}] must be (B, {self.prototypes[name].shape[1]}) after {self.reduction(name).kind}, "
+                    f"got {tuple(x.shape)}"
                 )
             # centring in float64 so a constant row is recognised (zero profile) in either dtype
-            out.append(_unit_rows(x.double()).to(dtype) @ proto.T)  # (B, K)
+            unit = _unit_rows(x.double()).to(dtype)  # (B, k)
+            if dtype == torch.float64:  # on request (tests, exact comparisons): normalise the prototypes too
+                out.append(unit @ _unit_rows(as_float64(self.prototypes[name], x.device)).T)  # (B, K)
+                continue
+            # serving path: unit(p) = (p - mean_p) / |p - mean_p|, so unit(x) . unit(p) =
+            # (unit(x) . p - sum(unit(x)) mean_p) / |p - mean_p| with the stored (float32) p as is
+            proto = torch.as_tensor(self.prototypes[name]).to(device=x.device, dtype=dtype)  # no copy for float32 on CPU
+            mean, inv_norm = (t.to(x.device) for t in self._row_stats[name])
+            dots = (unit @ proto.T).double() - unit.double().sum(1, keepdim=True) * mean  # (B, K)
+            out.append((dots * inv_norm).to(dtype))
         return torch.stack(out).clamp(-1.0, 1.0)  # (L, B, K)
 
 

@@ -65,3 +65,29 @@ def test_bad_input_raises(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"")
     with pytest.raises(Exception):
         load_mahalanobis(tmp_path / "x.safetensors")
+
+
+def direct_scores(det, feats):
+    """The score written out per layer with nothing cached: min_c (x - mu_c)^T P (x - mu_c) over seen classes."""
+    out = []
+    for n in det.layers:
+        mu, prec = det.means[n], det.precisions[n]
+        mu = mu[np.isfinite(mu).all(1)]
+        diff = feats[n][:, None, :] - mu[None]  # (B, C, d)
+        out.append(np.einsum("bcd,de,bce->bc", diff, prec, diff).min(1))
+    return np.stack(out, 1)
+
+
+def test_cached_class_constants_give_the_direct_scores():
+    # the per-class constants mu^T P mu are computed once; scores must not change across calls or batches
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 7, size=80)  # classes 7 and 8 never seen: NaN means, skipped
+    feats = {"a": rng.normal(size=(80, 6)) * 3 + labels[:, None], "b": rng.normal(size=(80, 11)) + 50.0}
+    det = fit_mahalanobis(feats, labels, num_classes=9)
+    for batch in (1, 13):
+        test = {n: rng.normal(size=(batch, v.shape[1])) * 2 + v.mean() for n, v in feats.items()}
+        acts = {n: torch.from_numpy(v) for n, v in test.items()}
+        want = direct_scores(det, test)
+        np.testing.assert_allclose(det.layer_scores(acts), want, rtol=1e-9)
+        np.testing.assert_array_equal(det.layer_scores(acts), det.layer_scores(acts))  # second call: cached constants
+    assert det.layer_scores({n: torch.zeros(0, v.shape[1], dtype=torch.float64) for n, v in feats.items()}).shape == (0, 2)

@@ -108,3 +108,24 @@ def test_bad_input_raises(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a semguard reference bank"):
         load_bank(tmp_path / "other.safetensors")
+
+
+def test_float32_profiles_match_pearson_without_a_normalised_copy():
+    # serving path folds the prototype normalisation into the matmul: same Pearson profiles, incl. a
+    # constant prototype (zero profile), a constant image and activations with a large common offset
+    rng = np.random.default_rng(7)
+    protos = {"a": (rng.normal(size=(5, 300)) + 20.0).astype(np.float32), "b": rng.normal(size=(5, 4)).astype(np.float32)}
+    protos["a"][2] = 3.0
+    labels = np.arange(5)
+    bank = ReferenceBank(("a", "b"), protos, labels, word_similarity(rng.normal(size=(5, 8))))
+    acts = {"a": rng.normal(size=(6, 300)) + 20.0, "b": rng.normal(size=(6, 4))}
+    acts["b"][1] = -1.5
+    got = bank.layer_profiles({n: torch.from_numpy(v).float() for n, v in acts.items()})
+    assert got.dtype == torch.float32 and got.shape == (2, 6, 5)
+    for layer, (n, a) in enumerate(acts.items()):
+        x = a.astype(np.float32).astype(np.float64)
+        want = np.array([[pearson(x[i], protos[n][j].astype(np.float64)) for j in range(5)] for i in range(6)])
+        np.testing.assert_allclose(got[layer].numpy(), want, atol=2e-6)
+    assert (got[0, :, 2] == 0).all() and (got[1, 1] == 0).all()
+    # what the bank caches per layer is (K,) row statistics, not a second (K, k) copy of the prototypes
+    assert all(t.shape == (5,) for stats in bank._row_stats.values() for t in stats)
