@@ -4,53 +4,30 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from analysis.detector_eval import (
     AttackSpec, DetectorEvalConfig, evaluate_detector, plan_attack, split_clean,
 )
-from detector.bundle import ModelSpec, register_model_builder
+from detector.bundle import ModelSpec
 from detector.calibrate import CalibrationConfig
 from detector.guard import Guard
+from tests.tiny_cnn import LAYERS, TinyCNN, fit_head
 
 N_CLASSES = 10
-LAYERS = ["conv1", "relu2", "pool"]
 
 
-class TinyCNN(nn.Module):
-    def __init__(self, width: int = 8, num_classes: int = N_CLASSES):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.flatten(self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))))
-
-
-register_model_builder("tiny_cnn_eval_test", TinyCNN, overwrite=True)
 
 
 @pytest.fixture(scope="module")
 def tiny_world():
     """A random CNN with a least-squares head on colour-coded images; its own predictions are the truth."""
     torch.manual_seed(0)
-    model = TinyCNN().eval()
+    model = TinyCNN(width=8, num_classes=N_CLASSES).eval()
     gen = torch.Generator().manual_seed(1)
     base = torch.rand(N_CLASSES, 3, 1, 1, generator=gen)
     src = torch.arange(360) % N_CLASSES
     images = (base[src] * 0.8 + 0.2 * torch.rand(360, 3, 8, 8, generator=gen)).clamp(0, 1).float()
-    with torch.no_grad():
-        feats = model.flatten(model.pool(model.relu2(model.conv2(model.relu1(model.conv1(images))))))
-        x = torch.cat([feats, torch.ones(len(feats), 1)], 1).double()
-        w = torch.linalg.lstsq(x, 10.0 * nn.functional.one_hot(src, N_CLASSES).double()).solution
-        model.fc.weight.copy_(w[:-1].T.float())
-        model.fc.bias.copy_(w[-1].float())
-        labels = model(images).argmax(1).numpy()
+    labels = fit_head(model, images, src)  # a random CNN: its own predictions are the truth
     words = np.random.default_rng(2).normal(size=(N_CLASSES, 12)).astype(np.float32)
     return model, images, labels, words
 
@@ -92,7 +69,7 @@ def test_evaluate_detector_end_to_end(tiny_world, tmp_path):
         train_attacks=(AttackSpec("train", "mifgsm", {"eps": 0.15, "step": 0.03, "iterations": 10}, **fast),),
         art_layer="relu2", art_epochs=2, progress=False,
     )
-    ev = evaluate_detector(model, ModelSpec("tiny_cnn_eval_test", {"width": 8}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
+    ev = evaluate_detector(model, ModelSpec("tiny_cnn_test", {"width": 8, "num_classes": N_CLASSES}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
                            words, images, labels, tmp_path, cfg)
     r = ev.results
     for key in ("auroc", "tpr_at_5fpr", "fpr_realised", "signature_only_auroc", "n_adversarial"):

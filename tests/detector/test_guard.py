@@ -5,33 +5,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from detector.bundle import BundleError, ModelSpec, read_bundle, register_model_builder
+from detector.bundle import BundleError, ModelSpec, read_bundle
 from detector.calibrate import CalibrationConfig
 from detector.guard import Guard, Verdict, calibrate_guard
+from tests.tiny_cnn import LAYERS, TinyCNN, fit_head
 
 N_CLASSES = 8
-LAYERS = ["conv1", "relu2", "pool"]
 
 
-class TinyCNN(nn.Module):
-    def __init__(self, width: int = 6, num_classes: int = N_CLASSES):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x):
-        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
-        return self.fc(self.flatten(self.pool(x)))
-
-
-register_model_builder("tiny_cnn_test", TinyCNN, overwrite=True)
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +25,7 @@ def world():
     base = torch.rand(N_CLASSES, 3, 1, 1, generator=gen)
     src = torch.randint(0, N_CLASSES, (160,), generator=gen)
     images = (base[src] + 0.25 * torch.rand(160, 3, 8, 8, generator=gen)).clamp(0, 1).float()
-    with torch.no_grad():
-        # a least-squares head on the random features, so predictions spread over the classes
-        feats = model.flatten(model.pool(model.relu2(model.conv2(model.relu1(model.conv1(images))))))
-        x = torch.cat([feats, torch.ones(len(feats), 1)], 1).double()
-        w = torch.linalg.lstsq(x, 10.0 * nn.functional.one_hot(src, N_CLASSES).double()).solution
-        model.fc.weight.copy_(w[:-1].T.float())
-        model.fc.bias.copy_(w[-1].float())
-        labels = model(images).argmax(1).numpy()  # a random CNN: call its own predictions the truth
+    labels = fit_head(model, images, src)  # a random CNN: its own predictions are the truth
     words = np.random.default_rng(2).normal(size=(N_CLASSES, 12)).astype(np.float32)
     return model, images, labels, words
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from detector.reference import Reduction, ReferenceBank, build_reference_bank, select_references, word_similarity
+from tests.detector.test_rsa import pearson
 from detector.signature import (
     alternative_table,
     reduction_agreement,
@@ -11,14 +12,6 @@ from detector.signature import (
     signature_from_profiles,
     signature_parts,
 )
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Textbook Pearson r; 0 when either side is constant (rsa's convention)."""
-    x = x - x.mean()
-    y = y - y.mean()
-    denominator = np.sqrt((x * x).sum() * (y * y).sum())
-    return 0.0 if denominator < 1e-12 else float((x * y).sum() / denominator)
 
 
 def signature_loop(profiles, predicted, d, concepts, alternatives):

@@ -8,52 +8,30 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as triton
-from torch import nn
 
-from detector.bundle import ModelSpec, register_model_builder
+from detector.bundle import ModelSpec
 from detector.calibrate import CalibrationConfig
 from detector.guard import Guard, calibrate_guard
 from service.generated import guard_pb2, guard_pb2_grpc
+from tests.tiny_cnn import LAYERS, TinyCNN, fit_head
 
-N_CLASSES, LAYERS = 6, ["conv1", "relu2", "pool"]
-
-
-class SmallCNN(nn.Module):
-    def __init__(self, width: int = 6, num_classes: int = N_CLASSES):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.flatten(self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))))
+N_CLASSES = 6
 
 
-register_model_builder("service_test_cnn", SmallCNN, overwrite=True)
 
 
 @pytest.fixture(scope="module")
 def real_guard(tmp_path_factory) -> tuple[Guard, torch.Tensor]:
     torch.manual_seed(0)
-    model = SmallCNN().eval()
+    model = TinyCNN(num_classes=N_CLASSES).eval()
     gen = torch.Generator().manual_seed(1)
     base = torch.rand(N_CLASSES, 3, 1, 1, generator=gen)  # colour carries the class: predictions spread
     src = torch.randint(0, N_CLASSES, (120,), generator=gen)
     images = (base[src] + 0.25 * torch.rand(120, 3, 8, 8, generator=gen)).clamp(0, 1).float()
-    with torch.no_grad():  # a least-squares head on the random features, so predictions spread over classes
-        feats = model.flatten(model.pool(model.relu2(model.conv2(model.relu1(model.conv1(images))))))
-        x = torch.cat([feats, torch.ones(len(feats), 1)], 1).double()
-        w = torch.linalg.lstsq(x, 10.0 * nn.functional.one_hot(src, N_CLASSES).double()).solution
-        model.fc.weight.copy_(w[:-1].T.float())
-        model.fc.bias.copy_(w[-1].float())
-        labels = model(images).argmax(1).numpy()  # a random CNN: its own predictions are the truth
+    labels = fit_head(model, images, src)  # a random CNN: its own predictions are the truth
     words = np.random.default_rng(2).normal(size=(N_CLASSES, 12)).astype(np.float32)
     out = tmp_path_factory.mktemp("bundle")
-    calibrate_guard(model, ModelSpec("service_test_cnn", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
+    calibrate_guard(model, ModelSpec("tiny_cnn_test", {"width": 6, "num_classes": N_CLASSES}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
                     words, images, labels, out, model_name="smallcnn",
                     config=CalibrationConfig(k=100, per_concept=3, target_fpr=0.1, batch_size=32))
     return Guard.load(out), images[:5]
