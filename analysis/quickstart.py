@@ -94,12 +94,7 @@ def _run_quickstart(config: QuickstartConfig) -> dict:
         test_pred = predict(model, world.test_images, config.batch_size)
         test_accuracy = float(np.mean(test_pred == world.test_labels))
     with timer.stage("two_vs_two"):
-        sets = image_set_indices(world.test_labels, len(world.classes), config.image_sets)
-        set_acts = activations_by_set(world.test_images, sets, lambda imgs: layer_activations(tap, imgs))
-        pixel_acts = [{"pixels": acts.pop("pixels")} for acts in set_acts]
-        run = dict(word_vectors=vectors, n_permutations=config.n_permutations, seed=config.seed)
-        pixels = two_vs_two_by_layer(pixel_acts, progress=False, **run)
-        scores = two_vs_two_by_layer(set_acts, progress=config.progress, **run)
+        two_vs_two = two_vs_two_stage(tap, world, vectors, out, config)
     summary = {
         "world": {
             "classes": list(world.classes),
@@ -107,22 +102,8 @@ def _run_quickstart(config: QuickstartConfig) -> dict:
             "test_images": int(len(world.test_labels)),
             "settings": asdict(config.world),
         },
-        "two_vs_two": {
-            **scores.as_json(),
-            "pixels": float(pixels.accuracy[0]),
-            "pixels_p_value": float(pixels.p_value[0]),
-            "image_sets": config.image_sets,
-            "n_permutations": config.n_permutations,
-        },
+        "two_vs_two": two_vs_two,
     }
-    plot_by_layer(
-        out / "two_vs_two_by_layer.png",
-        ["pixels", *scores.layers],
-        {"world CNN": np.concatenate([pixels.accuracy, scores.accuracy])},
-        significant={"world CNN": np.concatenate([pixels.p_value < 0.05, scores.significant()])},
-        errors={"world CNN": np.concatenate([pixels.spread, scores.spread])},
-        title=f"2 vs 2 by layer, embedded world ({len(world.classes)} concepts, {config.image_sets} image sets)",
-    )
     # Attack sets live beside the world they attack, keyed by their parameters, so reruns reuse them.
     attack_dir = world.root / f"attacks-{settings_key(asdict(config.attack))}"
     with timer.stage("attacks"):
@@ -139,6 +120,31 @@ def _run_quickstart(config: QuickstartConfig) -> dict:
     write_json_atomic(out / "summary.json", summary)
     (out / "report.md").write_text(render_report(summary))
     return summary
+
+
+def two_vs_two_stage(tap: LayerTap, world, vectors: np.ndarray, out: Path, config: QuickstartConfig) -> dict:
+    """2 vs 2 of raw pixels and of every tapped layer (paper Figure 1): summary section and figure."""
+    sets = image_set_indices(world.test_labels, len(world.classes), config.image_sets)
+    set_acts = activations_by_set(world.test_images, sets, lambda imgs: layer_activations(tap, imgs))
+    pixel_acts = [{"pixels": acts.pop("pixels")} for acts in set_acts]
+    run = dict(word_vectors=vectors, n_permutations=config.n_permutations, seed=config.seed)
+    pixels = two_vs_two_by_layer(pixel_acts, progress=False, **run)
+    scores = two_vs_two_by_layer(set_acts, progress=config.progress, **run)
+    plot_by_layer(
+        out / "two_vs_two_by_layer.png",
+        ["pixels", *scores.layers],
+        {"world CNN": np.concatenate([pixels.accuracy, scores.accuracy])},
+        significant={"world CNN": np.concatenate([pixels.p_value < 0.05, scores.significant()])},
+        errors={"world CNN": np.concatenate([pixels.spread, scores.spread])},
+        title=f"2 vs 2 by layer, embedded world ({len(world.classes)} concepts, {config.image_sets} image sets)",
+    )
+    return {
+        **scores.as_json(),
+        "pixels": float(pixels.accuracy[0]),
+        "pixels_p_value": float(pixels.p_value[0]),
+        "image_sets": config.image_sets,
+        "n_permutations": config.n_permutations,
+    }
 
 
 def detector_stage(inputs: WorldInputs, out: Path, config: DetectorEvalConfig) -> dict:
