@@ -92,3 +92,22 @@ def test_second_run_reuses_the_world_and_gives_the_same_figures(quickstart):
     for section in ("two_vs_two", "adversarial_one_vs_two", "misclassified"):
         np.testing.assert_array_equal(second[section]["accuracy"], first[section]["accuracy"])
     assert second["two_vs_two"]["p_value"] == first["two_vs_two"]["p_value"]
+
+
+def test_attack_analyze_command_on_the_quickstart_attack_set(quickstart, tmp_path, monkeypatch, capsys):
+    import world.inputs
+    from semguard.cli import main
+
+    config, summary = quickstart
+    small = world.inputs.load_world_inputs(SMALL_WORLD, config.cache_dir, progress=False)
+    monkeypatch.setattr(world.inputs, "load_world_inputs", lambda **kwargs: small)
+    args = ["attack", "analyze", "--attack-set", summary["attacks"]["path"], "--out", str(tmp_path), "--permutations", "50"]
+    assert main(args) == 0
+    analysis = json.loads((tmp_path / "analysis.json").read_text())
+    assert analysis["adversarial_one_vs_two"]["accuracy"] == summary["adversarial_one_vs_two"]["accuracy"]
+    assert (tmp_path / "adversarial_one_vs_two_by_layer.png").read_bytes()[:8] == PNG_MAGIC
+    assert "misclassified_count" in capsys.readouterr().out
+    other = world.inputs.WorldInputs(small.world, type(small.model)(small.model.config).eval(), small.word_vectors)
+    monkeypatch.setattr(world.inputs, "load_world_inputs", lambda **kwargs: other)
+    with pytest.raises(SystemExit, match="another model"):
+        main(args)
