@@ -36,10 +36,20 @@ def tapped(tap: LayerTap, images: np.ndarray, batch_size: int = 128) -> Iterator
         yield {name: a.cpu().numpy() for name, a in out.acts.items()}
 
 
-def reference_activations(tap: LayerTap, clean: CleanSet, reference: ReferenceSet) -> dict[str, np.ndarray]:
-    """layer -> (R, k): the representation of each reference concept (its one clean image)."""
-    batches = list(tapped(tap, clean.images[reference.image_index]))
-    return {name: np.concatenate([b[name] for b in batches]) for name in tap.layers}
+@dataclass(frozen=True)
+class References:
+    """The reference set and, per layer, the representation of each reference concept (R, k)."""
+
+    concepts: ReferenceSet
+    acts: dict[str, np.ndarray]
+
+
+def build_references(tap: LayerTap, clean: CleanSet, n_concepts: int, size: int = 100, seed: int = 0) -> References:
+    """Paper 4: `size` correctly predicted concepts (all when fewer), one clean image each, tapped."""
+    reference = choose_reference_set(clean.labels, clean.predictions, n_concepts, size, seed)
+    with torch.no_grad():
+        batches = list(tapped(tap, clean.images[reference.image_index]))
+    return References(reference, {name: np.concatenate([b[name] for b in batches]) for name in tap.layers})
 
 
 def _profiles(tap: LayerTap, images: np.ndarray, ref_acts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -50,27 +60,24 @@ def _profiles(tap: LayerTap, images: np.ndarray, ref_acts: dict[str, np.ndarray]
 def adversarial_one_vs_two(
     attack_set: AttackSet,
     tap: LayerTap,
-    clean: CleanSet,
     word_vectors: np.ndarray,
-    reference_size: int = 100,
+    references: References,
     n_permutations: int = 1000,
     seed: int = 0,
 ) -> OneVsTwoScores:
     """1 vs 2 of source (true) vs target (predicted) label for the successful attacks, by target rank.
 
-    Failed attacks are excluded (paper: 4 of 600). The reference set holds one correctly
-    predicted clean image per concept; references equal to either label are left out per item.
+    Failed attacks are excluded (paper: 4 of 600). References equal to either label are left
+    out per item.
     """
     kept = attack_set.successful().records
     if not kept:
         raise ValueError(f"attack set {attack_set.path} has no successful attack to analyse")
-    reference = choose_reference_set(clean.labels, clean.predictions, len(word_vectors), reference_size, seed)
-    ref_acts = reference_activations(tap, clean, reference)
-    profiles = _profiles(tap, attack_set.images(kept), ref_acts)
+    profiles = _profiles(tap, attack_set.images(kept), references.acts)
     true = np.array([r.source_class for r in kept])
     predicted = np.array([r.target_class for r in kept])
     ranks = np.array([r.rank for r in kept])
-    return one_vs_two_by_layer(profiles, true, predicted, reference, word_vectors, ranks, n_permutations, seed)
+    return one_vs_two_by_layer(profiles, true, predicted, references.concepts, word_vectors, ranks, n_permutations, seed)
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ def misclassified_one_vs_two(
     tap: LayerTap,
     clean: CleanSet,
     word_vectors: np.ndarray,
-    reference_size: int = 100,
+    references: References,
     n_permutations: int = 1000,
     seed: int = 0,
 ) -> MisclassifiedResult:
@@ -91,9 +98,7 @@ def misclassified_one_vs_two(
     wrong = np.flatnonzero(clean.labels != clean.predictions)
     if len(wrong) == 0:
         raise ValueError("the model misclassifies no test image: nothing to analyse")
-    reference = choose_reference_set(clean.labels, clean.predictions, len(word_vectors), reference_size, seed)
-    ref_acts = reference_activations(tap, clean, reference)
-    profiles = _profiles(tap, clean.images[wrong], ref_acts)
+    profiles = _profiles(tap, clean.images[wrong], references.acts)
     true, predicted = clean.labels[wrong], clean.predictions[wrong]
-    scores = one_vs_two_by_layer(profiles, true, predicted, reference, word_vectors, None, n_permutations, seed)
+    scores = one_vs_two_by_layer(profiles, true, predicted, references.concepts, word_vectors, None, n_permutations, seed)
     return MisclassifiedResult(scores, mean_cosine(word_vectors, true, predicted))

@@ -85,8 +85,8 @@ def _world(args: argparse.Namespace):
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from analysis.detector_eval import predict_all, split_clean, training_attacks, worldnet_spec
-    from attacks.generate import as_model_input
+    from analysis.detector_eval import split_clean, training_attacks, worldnet_spec
+    from models.inputs import as_model_input, predict
     from detector.guard import calibrate_guard
     from detector.layers import preset_layers
 
@@ -99,7 +99,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     split = split_clean(y, cfg.eval_fraction, cfg.seed)  # the same split `evaluate` uses: its held-out part stays unseen
     attack_images = None
     if cfg.detector.method == "logistic":
-        predicted = predict_all(model, x, cfg.batch_size)
+        predicted = predict(model, x, cfg.batch_size)
         attack_images, _ = training_attacks(model, x, y, predicted, split.calibration, vectors, cfg)
     report = calibrate_guard(
         model, worldnet_spec(model), preset_layers("worldnet"), list(world.classes), vectors, x[split.calibration],

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from attacks.generate import as_model_input
+from models.inputs import as_model_input, predict
 from attacks.registry import get_attack
 from attacks.targets import select_targets
 from detector.bundle import ModelSpec
@@ -148,11 +148,6 @@ def split_clean(labels: np.ndarray, eval_fraction: float, seed: int) -> CleanSpl
         evaluation.append(idx[: int(round(eval_fraction * len(idx)))])
     ev = np.sort(np.concatenate(evaluation))
     return CleanSplit(np.setdiff1d(np.arange(len(y)), ev), ev)
-
-
-def predict_all(model: nn.Module, images: torch.Tensor, batch_size: int) -> np.ndarray:
-    with torch.no_grad():
-        return torch.cat([model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)]).numpy()
 
 
 def plan_attack(labels: np.ndarray, predicted: np.ndarray, pool: np.ndarray, word_vectors: np.ndarray,
@@ -352,7 +347,7 @@ def evaluate_detector(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     x, y = as_model_input(images), np.asarray(labels).astype(np.int64)
-    predicted = predict_all(model.eval(), x, cfg.batch_size)
+    predicted = predict(model.eval(), x, cfg.batch_size)
     split = split_clean(y, cfg.eval_fraction, cfg.seed)
     train_adv, train_info = training_attacks(model, x, y, predicted, split.calibration, word_vectors, cfg)
     runs = {}

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from analysis.adversarial import CleanSet, adversarial_one_vs_two, misclassified_one_vs_two
+from analysis.adversarial import CleanSet, adversarial_one_vs_two, build_references, misclassified_one_vs_two
 from analysis.detector_eval import DetectorEvalConfig, evaluate_world_detector
 from analysis.figures import plot_by_layer
 from analysis.one_vs_two import block_average
@@ -179,9 +179,9 @@ def analyze_attacks(
     if test_predictions is None:
         test_predictions = predict(inputs.model, world.test_images)
     clean = CleanSet(world.test_images, world.test_labels, test_predictions)
-    run = dict(reference_size=reference_size, n_permutations=n_permutations, seed=seed)
-    adversarial = adversarial_one_vs_two(attack_set, tap, clean, inputs.word_vectors, **run)
-    misclassified = misclassified_one_vs_two(tap, clean, inputs.word_vectors, **run)
+    references = build_references(tap, clean, len(inputs.word_vectors), reference_size, seed)
+    adversarial = adversarial_one_vs_two(attack_set, tap, inputs.word_vectors, references, n_permutations, seed)
+    misclassified = misclassified_one_vs_two(tap, clean, inputs.word_vectors, references, n_permutations, seed)
     result = attack_summary(attack_set, adversarial)
     result["misclassified"] = {**misclassified.scores.as_json(), "mean_cosine": misclassified.mean_cosine}
     plot_attack_figures(out, adversarial, misclassified.scores, [i.block for i in preset_info("worldnet")])
