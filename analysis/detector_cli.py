@@ -44,12 +44,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
     d, e = DetectorEvalConfig().detector, DetectorEvalConfig()
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="embedded world cache (built when missing)")
-    p.add_argument("--method", default=d.method, choices=["gaussian", "logistic"],
-                   help="flagger: gaussian (clean images only) or logistic (also trained on MI-FGSM images)")
+    p.add_argument("--world-seed", type=int, default=0,
+                   help="embedded world to use: 0 is the default world; the shipped design was chosen on 1 and 2")
+    p.add_argument("--method", default=d.method, choices=["gaussian", "logistic", "ensemble"],
+                   help="flagger: gaussian (clean images only), logistic (also trained on MI-FGSM images) or "
+                        "ensemble (logistic members, the most surprised one scores)")
     p.add_argument("--features", default=",".join(d.features), help="comma list of fraction, margin, mahalanobis")
     p.add_argument("--space", default=d.space, choices=["words", "class_similarity", "shuffled_words"])
     p.add_argument("--target-fpr", type=float, default=d.target_fpr)
     p.add_argument("--references", type=int, default=d.k, help="reference concepts K")
+    p.add_argument("--bank-max-width", type=int, default=d.bank_max_width,
+                   help="store layers wider than this reduced in the reference bank (fast mode); unset: exact")
+    p.add_argument("--bank-reduction", default=d.bank_reduction, choices=["projection", "channel_pool"],
+                   help="how --bank-max-width reduces a wide layer")
     p.add_argument("--eval-fraction", type=float, default=e.eval_fraction, help="share of test images held out")
     p.add_argument("--seed", type=int, default=e.seed)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -60,7 +67,8 @@ def _config(args: argparse.Namespace):
 
     d = DetectorEvalConfig()
     detector = dataclasses.replace(d.detector, method=args.method, features=tuple(args.features.split(",")),
-                                   space=args.space, target_fpr=args.target_fpr, k=args.references, seed=args.seed)
+                                   space=args.space, target_fpr=args.target_fpr, k=args.references, seed=args.seed,
+                                   bank_max_width=args.bank_max_width, bank_reduction=args.bank_reduction)
     cfg = dataclasses.replace(d, detector=detector, eval_fraction=args.eval_fraction, seed=args.seed,
                               progress=not args.quiet)
     if getattr(args, "no_art", False):
@@ -77,7 +85,7 @@ def _world(args: argparse.Namespace):
     from detector.words import load_vectors, match_labels
     from world import WorldSettings, build_world, load_world_model
 
-    world = build_world(WorldSettings(), args.cache_dir, progress=not args.quiet)
+    world = build_world(WorldSettings(seed=args.world_seed), args.cache_dir, progress=not args.quiet)
     words = match_labels(load_vectors(world.vectors_path), list(world.classes))
     if words.unmatched:
         raise SystemExit(f"semguard detector: the world's vectors lack {len(words.unmatched)} class names")
@@ -86,6 +94,7 @@ def _world(args: argparse.Namespace):
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from analysis.detector_eval import split_clean, training_attacks, worldnet_spec
+    from detector.flagger import SUPERVISED
     from models.inputs import as_model_input, predict
     from detector.guard import calibrate_guard
     from detector.layers import preset_layers
@@ -98,7 +107,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     x, y = as_model_input(world.test_images), world.test_labels
     split = split_clean(y, cfg.eval_fraction, cfg.seed)  # the same split `evaluate` uses: its held-out part stays unseen
     attack_images = None
-    if cfg.detector.method == "logistic":
+    if cfg.detector.method in SUPERVISED:
         predicted = predict(model, x, cfg.batch_size)
         attack_images, _ = training_attacks(model, x, y, predicted, split.calibration, vectors, cfg)
     report = calibrate_guard(

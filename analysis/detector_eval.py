@@ -38,6 +38,7 @@ from attacks.targets import select_targets
 from detector.bundle import ModelSpec
 from detector.calibrate import CalibrationConfig, calibrate_guard
 from detector.evaluate import DetectionMetrics, detection_metrics, roc_curve
+from detector.flagger import SUPERVISED
 from detector.guard import Guard
 
 import attacks  # noqa: F401,E402  (registers every attack)
@@ -59,6 +60,9 @@ class AttackSpec:
 # (Madry et al.'s 2/255) with 20 iterations.
 PAPER_MIFGSM = {"eps": 0.15, "step": 0.03, "decay": 1.0, "iterations": 20}
 SMALL_MIFGSM = {"eps": 8 / 255, "step": 2 / 255, "decay": 1.0, "iterations": 20}
+# Training only: MI-FGSM stopped at each image's first iterate in the target class, small steps, so
+# supervised detectors also see adversarial images just across the decision boundary.
+EARLY_MIFGSM = {"eps": 8 / 255, "step": 1 / 255, "decay": 1.0, "iterations": 20, "early_stop": True}
 DEFAULT_ATTACKS = (
     AttackSpec("mifgsm_paper", "mifgsm", PAPER_MIFGSM),
     AttackSpec("mifgsm_8_255", "mifgsm", SMALL_MIFGSM),
@@ -71,10 +75,11 @@ DEFAULT_ATTACKS = (
                                   "iterations": 5, "initial_const": 10.0}, n_sources=400, batch_size=32),
 )
 SIGNATURE = ("fraction", "margin")
-# name -> (role, changes to the shipped CalibrationConfig). Roles group the results.
+# name -> (role, changes to the shipped CalibrationConfig). Roles group the results. A variant keeps the
+# shipped flagger method, a logistic regression where the shipped one is an ensemble of them.
 VARIANTS = {
     "signature_only": ("signature", {"features": SIGNATURE}),
-    "mahalanobis": ("baseline", {"features": ("mahalanobis",)}),  # same flagger method as the shipped one
+    "mahalanobis": ("baseline", {"features": ("mahalanobis",)}),
     # Lee et al.'s own combination: logistic regression on the per-layer scores, trained on attacks;
     # and its unsupervised form. Whichever equals "mahalanobis" (the shipped method) is skipped.
     "mahalanobis_logistic": ("baseline", {"features": ("mahalanobis",), "method": "logistic"}),
@@ -87,17 +92,20 @@ VARIANTS = {
 @dataclass(frozen=True)
 class DetectorEvalConfig:
     # What the guard ships (the variants start from it): signature + per-layer Mahalanobis features,
-    # logistic flagger trained on calibration-part MI-FGSM at both strengths. Chosen on a development
-    # world before the evaluation below was run: there the unsupervised Gaussian on the same features
-    # fell just below the Mahalanobis baseline at eps 8/255, and supervised flaggers did better there.
-    detector: CalibrationConfig = CalibrationConfig(method="logistic")
+    # an ensemble flagger (a logistic on all features and one on the Mahalanobis scores, the larger
+    # clean-tail surprise wins) trained on calibration-part MI-FGSM. Chosen on development worlds
+    # (seeds 1 and 2, never the default world's test images; see the README of benchmarks/design):
+    # one logistic on all features fell below the Mahalanobis baseline on C&W in both, with or
+    # without the early-stopped training attack; the ensemble with it beat the baseline everywhere.
+    detector: CalibrationConfig = CalibrationConfig(method="ensemble")
     attacks: tuple[AttackSpec, ...] = DEFAULT_ATTACKS
     headline: str = "mifgsm_paper"  # attack whose figures are the top-level results
-    # Training attacks for supervised detectors (logistic flagger, ART's detector): calibration-part images
-    # only, MI-FGSM only (PGD and C&W stay unseen).
+    # Training attacks for supervised detectors (the logistic flaggers, the Mahalanobis baseline's
+    # included, and ART's detector): calibration-part images only, MI-FGSM only (PGD and C&W stay unseen).
     train_attacks: tuple[AttackSpec, ...] = (
         AttackSpec("train_mifgsm_paper", "mifgsm", PAPER_MIFGSM, n_sources=300),
         AttackSpec("train_mifgsm_8_255", "mifgsm", SMALL_MIFGSM, n_sources=300),
+        AttackSpec("train_mifgsm_early", "mifgsm", EARLY_MIFGSM, n_sources=300),
     )
     variants: tuple[str, ...] = tuple(VARIANTS)
     art_layer: str | None = "stage3"  # ART BinaryActivationDetector layer (ART's names: top-level children); None: skip
@@ -218,7 +226,8 @@ def guard_detector(name: str, role: str, bundle_dir: Path, batch_size: int) -> D
 
 def variant_config(shipped: CalibrationConfig, name: str) -> tuple[str, CalibrationConfig]:
     role, changes = VARIANTS[name]
-    return role, dataclasses.replace(shipped, **changes)
+    base = dataclasses.replace(shipped, method="logistic") if shipped.method == "ensemble" else shipped
+    return role, dataclasses.replace(base, **changes)
 
 
 def art_binary_detector(model: nn.Module, clean: torch.Tensor, adversarial: torch.Tensor, layer: str,
@@ -295,12 +304,12 @@ def build_detectors(model, model_spec, layers, label_names, word_vectors, clean,
     todo = [("detector", "detector", cfg.detector, Path(out_dir) / "bundle")]
     for name in cfg.variants:
         role, vc = variant_config(cfg.detector, name)
-        if (vc.method == "logistic" and train_adv is None) or any(vc == t[2] for t in todo):
+        if (vc.method in SUPERVISED and train_adv is None) or any(vc == t[2] for t in todo):
             continue  # needs attacks it has none of, or repeats a detector already in the list
         todo.append((name, role, vc, Path(tmp) / name))
     for name, role, vc, where in todo:
         report = calibrate_guard(**calib, out_dir=where, model_name=model_name, config=vc,
-                                 attack_images=train_adv if vc.method == "logistic" else None)
+                                 attack_images=train_adv if vc.method in SUPERVISED else None)
         detectors.append(guard_detector(name, role, where, cfg.batch_size))
         info[name] = {"method": vc.method, "features": list(vc.features), "space": vc.space, "threshold": report.threshold,
                       "fpr_calib": report.fpr_calib, "n_fit": report.n_fit, "n_calib": report.n_calib}

@@ -6,6 +6,8 @@ every native attack that uses it reproduces ART bit for bit.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import contextlib
 import math
 from collections.abc import Iterator
@@ -55,8 +57,13 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def loss_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, check_classes: bool = False) -> torch.Tensor:
-    """d mean-cross-entropy(model(x), targets) / dx: (B, C, H, W).
+class LossGradient(NamedTuple):
+    grad: torch.Tensor  # (B, C, H, W) d mean-cross-entropy / dx, NaN replaced by 0
+    logits: torch.Tensor  # (B, n_classes) the model's output at x (detached)
+
+
+def loss_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, check_classes: bool = False) -> LossGradient:
+    """d mean-cross-entropy(model(x), targets) / dx, and the logits it came from.
 
     The gradient is taken with respect to the input only (autograd.grad), so no weight
     gradient is computed: that is all ART's extra time (its loss.backward() fills every
@@ -71,7 +78,7 @@ def loss_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, chec
                              f"got {int(targets.max())}")
         loss = F.cross_entropy(logits, targets.long())
         (grad,) = torch.autograd.grad(loss, x)
-    return torch.where(grad.isnan(), torch.zeros_like(grad), grad)  # ART replaces NaN with 0
+    return LossGradient(torch.where(grad.isnan(), torch.zeros_like(grad), grad), logits.detach())  # ART: NaN -> 0
 
 
 def linf_step(x: torch.Tensor, direction: torch.Tensor, x_clean: torch.Tensor, eps: float, step: float) -> torch.Tensor:

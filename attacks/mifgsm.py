@@ -32,15 +32,18 @@ def l1_normalise(grad: torch.Tensor) -> torch.Tensor:
 
 
 def _native(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
-            eps: float, step: float, decay: float, iterations: int) -> torch.Tensor:
+            eps: float, step: float, decay: float, iterations: int, early_stop: bool = False) -> torch.Tensor:
     x_clean = images.detach()
     x = x_clean.clone()
     momentum = torch.zeros_like(x_clean)
     for i in range(iterations):
+        grad, logits = loss_gradient(model, x, targets, check_classes=i == 0)
         # Targeted: descend the loss of the target class, hence the minus.
-        direction = -loss_gradient(model, x, targets, check_classes=i == 0)
-        momentum.mul_(decay).add_(l1_normalise(direction))
-        x = linf_step(x, momentum, x_clean, eps, step)
+        momentum.mul_(decay).add_(l1_normalise(-grad))
+        stepped = linf_step(x, momentum, x_clean, eps, step)
+        if early_stop:  # an image the model already assigns to its target stays where it is
+            stepped = torch.where((logits.argmax(1) == targets).view(-1, *([1] * (x.ndim - 1))), x, stepped)
+        x = stepped
     return x
 
 
@@ -60,7 +63,8 @@ def _art(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 
 @register_attack("mifgsm")
 def mifgsm(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, eps: float = 0.15,
-           step: float = 0.03, decay: float = 1.0, iterations: int = 20, backend: str = "native") -> torch.Tensor:
+           step: float = 0.03, decay: float = 1.0, iterations: int = 20, backend: str = "native",
+           early_stop: bool = False) -> torch.Tensor:
     """Targeted MI-FGSM adversarial images.
 
     model: takes (B, 3, H, W) float32 in [0, 1], returns logits (B, n_classes); attacked in eval mode.
@@ -70,6 +74,9 @@ def mifgsm(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, eps: f
     or "art" (ART's MomentumIterativeMethod; same images bit for bit, slower).
     Returns (B, 3, H, W) float32 on images' device, in [0, 1] and within eps of images.
     The whole batch is one gradient batch (the loss is its mean), as in ART.
+    early_stop (native only): each image stops at the first iterate the model assigns to its
+    target, the least-perturbed adversarial image on the attack's path (near the decision
+    boundary, like C&W's); the others' paths are unchanged (per-sample gradients).
     """
     check_images_targets(images, targets)
     eps, step = check_positive("eps", eps), check_positive("step", step)
@@ -80,8 +87,11 @@ def mifgsm(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, eps: f
         raise ValueError(f"iterations must be an integer >= 1, got {iterations}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if early_stop and backend != "native":
+        raise ValueError("early_stop needs backend='native' (ART's MomentumIterativeMethod runs every iteration)")
     if len(images) == 0:
         return images.clone()
-    run = _native if backend == "native" else _art
     with eval_mode(model):
-        return run(model, images, targets.to(images.device), eps, step, decay, int(iterations))
+        if backend == "art":
+            return _art(model, images, targets.to(images.device), eps, step, decay, int(iterations))
+        return _native(model, images, targets.to(images.device), eps, step, decay, int(iterations), bool(early_stop))

@@ -33,7 +33,10 @@ class CalibrationConfig:
     per_concept: int = 5  # correctly classified images averaged into each prototype
     space: str = "words"  # similarity space: "words", "class_similarity", "shuffled_words"
     features: tuple[str, ...] = ("fraction", "margin", "mahalanobis")  # what the flagger scores
-    method: str = "gaussian"  # "gaussian" (clean only) or "logistic" (needs attack_images)
+    method: str = "gaussian"  # "gaussian" (clean only), "logistic" or "ensemble" (both need attack_images)
+    # "ensemble": feature kinds of each logistic member (detector.flagger); members naming a kind not in
+    # `features` are dropped (one member left ranks images as that member's logistic does)
+    members: tuple[tuple[str, ...], ...] = (("fraction", "margin", "mahalanobis"), ("mahalanobis",))
     target_fpr: float = 0.05
     calib_fraction: float = 0.5  # share of clean images held out for the threshold
     n_alternatives: int | None = None  # None: every other label (the paper's proposal)
@@ -57,11 +60,33 @@ class CalibrationReport(NamedTuple):
     bank_bytes: dict[str, int]
 
 
+class FitCalibSplit(NamedTuple):
+    fit: np.ndarray  # (n_fit,) sorted indices: bank, Gaussians, flagger fit
+    calib: np.ndarray  # (n_calib,) sorted indices: threshold and explanation quantiles only
+
+
+def fit_calib_split(n: int, calib_fraction: float, seed: int) -> FitCalibSplit:
+    """The seeded split of n clean images that `calibrate_guard` makes."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_calib = max(2, int(round(calib_fraction * n)))
+    return FitCalibSplit(np.sort(perm[n_calib:]), np.sort(perm[:n_calib]))
+
+
+def ensemble_members(cfg: CalibrationConfig) -> tuple[tuple[str, ...], ...] | None:
+    """The configured members restricted to the configured features (None unless method "ensemble")."""
+    if cfg.method != "ensemble":
+        return None
+    members = tuple(m for m in cfg.members if set(m) <= set(cfg.features))
+    if not members:
+        raise ValueError(f"ensemble members {list(cfg.members)} all use kinds outside features {list(cfg.features)}")
+    return members
+
+
 def layer_shapes(tap: LayerTap, input_shape: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
     """Unflattened per-image activation shape of each tapped layer (one dummy pass)."""
     with torch.no_grad():
         _, raw = tap.module(torch.zeros(1, *input_shape, device=tap.device))
-    return {n: tuple(a.shape[1:]) for n, a in zip(tap.layers, raw)}
+    return {n: tuple(a.shape[1:]) for n, (a, _) in zip(tap.layers, raw)}
 
 
 def density_reductions(shapes: dict[str, tuple[int, ...]], max_dim: int, seed: int) -> dict[str, Reduction]:
@@ -147,7 +172,8 @@ def calibrate_guard(
 
     model: takes (B, C, H, W) [0, 1] images (normalises inside); model_spec rebuilds it from the
     bundle. word_vectors: (C, d), row c for label_names[c]. clean_images: (N, C, H, W) float32;
-    clean_labels: (N,). attack_images: adversarial images, required for config.method "logistic".
+    clean_labels: (N,). attack_images: adversarial images, required for the supervised methods
+    ("logistic", "ensemble").
     """
     cfg = config
     y = np.asarray(clean_labels).astype(np.int64)
@@ -159,9 +185,7 @@ def calibrate_guard(
     tap = LayerTap(model, layers)
     input_shape = tuple(int(v) for v in clean_images.shape[1:])
     shapes = layer_shapes(tap, input_shape)
-    perm = np.random.default_rng(cfg.seed).permutation(len(y))
-    n_calib = max(2, int(round(cfg.calib_fraction * len(y))))
-    calib_idx, fit_idx = np.sort(perm[:n_calib]), np.sort(perm[n_calib:])
+    fit_idx, calib_idx = fit_calib_split(len(y), cfg.calib_fraction, cfg.seed)
 
     dens_red = density_reductions(shapes, cfg.mahalanobis_max_dim, cfg.seed)
     fit_pred, fit_feats = _reduced_pass(tap, clean_images[fit_idx], dens_red, cfg.batch_size, progress)
@@ -180,7 +204,8 @@ def calibrate_guard(
     calib_x, calib_frac = guard_features(args[0], clean_images[calib_idx], *args[1:])
     attack_x = guard_features(args[0], attack_images, *args[1:])[0] if attack_images is not None else None
     names = feature_names(kinds, layers)
-    flagger = fit_flagger(fit_x, calib_x, names, cfg.method, attack_x, cfg.target_fpr, explain=(layers, calib_frac))
+    flagger = fit_flagger(fit_x, calib_x, names, cfg.method, attack_x, cfg.target_fpr, explain=(layers, calib_frac),
+                          members=ensemble_members(cfg))
 
     manifest = BundleManifest(
         model_name=model_name or model_spec.builder, model=model_spec, input_shape=input_shape, layers=tuple(layers),

@@ -8,6 +8,13 @@ column is standardised with the clean fitting images' mean and spread, then
       Ledoit-Wolf shrunk covariance; no assumption about the attack.
   method "logistic" (supervised): L2-regularised logistic regression, clean (0) vs attack (1),
       classes weighted equally, fitted by Newton's method; the score is the logit.
+  method "ensemble" (supervised): one logistic regression per member (a subset of the feature
+      kinds, e.g. all of them and the Mahalanobis scores alone); each member's logit is turned
+      into its clean-tail surprise -log P_clean(logit >= s), read off the held-out clean
+      images' logits (interpolated between them, an exponential tail beyond the largest), and
+      the score is the largest surprise: an image is as suspicious as its most surprised member.
+      A logistic fit on many features leans on what separates the training attacks; the
+      Mahalanobis member keeps the density evidence that carries over to attacks not trained on.
 
 The threshold is the (1 - target_fpr) quantile of the scores of held-out clean images (never
 the fitting images); an image is flagged when its score exceeds it. The explanation of a
@@ -26,7 +33,8 @@ import numpy as np
 from detector.mahalanobis import ledoit_wolf
 from detector.signature import Signature
 
-METHODS = ("gaussian", "logistic")
+METHODS = ("gaussian", "logistic", "ensemble")
+SUPERVISED = ("logistic", "ensemble")
 FEATURE_KINDS = ("fraction", "margin", "mahalanobis")
 FLAGGER_FORMAT = "semguard.flagger/1"
 
@@ -60,7 +68,9 @@ class Flagger:
     feature_names: tuple[str, ...]
     center: np.ndarray  # (F,) clean mean, for standardising
     scale: np.ndarray  # (F,) clean standard deviation (1 where constant)
-    params: Mapping[str, np.ndarray | float]  # gaussian: mean (F,), precision (F, F); logistic: weights (F,), bias
+    # gaussian: mean (F,), precision (F, F); logistic: weights (F,), bias; ensemble: weights (E, F)
+    # (zero outside a member's columns), bias (E,), tail_scores (E, M) sorted clean logits, tail_scale (E,)
+    params: Mapping[str, np.ndarray | float]
     threshold: float
     target_fpr: float
     explain_layers: tuple[str, ...] = ()  # layers whose "fraction/<layer>" column explains a verdict
@@ -90,7 +100,13 @@ class Flagger:
         if self.method == "gaussian":
             d = z - self.params["mean"]
             return np.einsum("bi,ij,bj->b", d, self.params["precision"], d)
-        return z @ self.params["weights"] + float(self.params["bias"])
+        if self.method == "logistic":
+            return z @ self.params["weights"] + float(self.params["bias"])
+        logits = z @ np.atleast_2d(self.params["weights"]).T + self.params["bias"]  # (B, E)
+        tails = np.atleast_2d(self.params["tail_scores"])
+        surprise = [tail_surprise(logits[:, e], tails[e], float(np.atleast_1d(self.params["tail_scale"])[e]))
+                    for e in range(len(tails))]
+        return np.max(surprise, axis=0)
 
     def flag(self, features: np.ndarray) -> np.ndarray:
         """(B, F) -> (B,) bool: score above the calibrated threshold."""
@@ -137,6 +153,29 @@ class Flagger:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
+def tail_surprise(scores: np.ndarray, reference: np.ndarray, tail_scale: float) -> np.ndarray:
+    """(B,) scores -> (B,) -log of the share of `reference` (M,) sorted clean scores at or above each.
+
+    Continuous: the rank is interpolated between reference scores, (M - rank) / (M + 1) is the
+    tail share, and beyond the largest reference score the surprise grows linearly by
+    (s - max) / tail_scale (an exponential tail), so scores past every clean one stay ordered.
+    """
+    s, ref = np.asarray(scores, np.float64), np.asarray(reference, np.float64)
+    m = len(ref)
+    rank = np.interp(s, ref, np.arange(m, dtype=np.float64))  # 0 below the smallest, m - 1 at the largest
+    out = -np.log((m - rank) / (m + 1))
+    beyond = s > ref[-1]
+    out[beyond] = np.log(m + 1) + (s[beyond] - ref[-1]) / tail_scale
+    return out
+
+
+def _tail(calib_logits: np.ndarray, top: float = 0.05) -> tuple[np.ndarray, float]:
+    """Sorted clean logits and the mean excess of their top share over its lowest (the tail's scale)."""
+    ref = np.sort(calib_logits)
+    upper = ref[int((1.0 - top) * len(ref)):]
+    return ref, max(float(np.mean(upper - upper[0])), 1e-12)
+
+
 def _logistic_newton(z: np.ndarray, y: np.ndarray, l2: float, iterations: int = 50) -> tuple[np.ndarray, float]:
     """Weighted L2 logistic regression by Newton's method (bias unpenalised); classes weigh equally."""
     n, f = z.shape
@@ -166,14 +205,17 @@ def fit_flagger(
     explain_quantile: float = 0.05,
     l2: float = 1.0,
     explain: tuple[list[str] | tuple[str, ...], np.ndarray] | None = None,
+    members: list[tuple[str, ...]] | tuple[tuple[str, ...], ...] | None = None,
 ) -> Flagger:
     """Fit a flagger and calibrate its threshold.
 
     clean_fit: (N, F) clean features to fit on; clean_calib: (M, F) held-out clean features
     for the threshold (quantile at 1 - target_fpr) and the per-layer explanation quantile;
-    attack: (A, F) attack features, required for method "logistic". names: the F column names.
-    l2: logistic penalty in units of one image's loss. explain: (layers, (M, L) signature
-    fractions of the calibration images) for the explanation; default the "fraction/" columns.
+    attack: (A, F) attack features, required for methods "logistic" and "ensemble". names: the F
+    column names. l2: logistic penalty in units of one image's loss. explain: (layers, (M, L)
+    signature fractions of the calibration images) for the explanation; default the "fraction/"
+    columns. members ("ensemble" only): feature kinds of each member, e.g. (("fraction", "margin",
+    "mahalanobis"), ("mahalanobis",)); each must name columns present.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -195,11 +237,15 @@ def fit_flagger(
         figures["shrinkage"] = cov.shrinkage
     else:
         if attack is None or np.asarray(attack).ndim != 2 or np.asarray(attack).shape[1] != f or len(attack) < 1:
-            raise ValueError(f"method 'logistic' needs attack features (A >= 1, {f})")
+            raise ValueError(f"method {method!r} needs attack features (A >= 1, {f})")
         za = (np.asarray(attack, np.float64) - center) / scale
         y = np.r_[np.zeros(len(z)), np.ones(len(za))]
-        weights, bias = _logistic_newton(np.vstack([z, za]), y, l2)
-        params = {"weights": weights, "bias": bias}
+        zz = np.vstack([z, za])
+        if method == "logistic":
+            weights, bias = _logistic_newton(zz, y, l2)
+            params = {"weights": weights, "bias": bias}
+        else:
+            params = _fit_ensemble(zz, y, (calib - center) / scale, names, members, l2)
         figures["n_attack"] = len(za)
     if explain is None:
         layers = tuple(n.split("/", 1)[1] for n in names if n.startswith("fraction/"))
@@ -214,3 +260,30 @@ def fit_flagger(
     low = np.quantile(fractions, explain_quantile, axis=0) if layers else np.zeros(0)
     figures["fpr_calib"] = float((calib_scores > threshold).mean())
     return Flagger(method, tuple(names), center, scale, params, threshold, target_fpr, layers, low, figures)
+
+
+def member_columns(names: list[str] | tuple[str, ...], kinds: tuple[str, ...]) -> np.ndarray:
+    """(F,) bool: the columns whose kind ("<kind>/<layer>") is among `kinds`."""
+    cols = np.array([n.split("/", 1)[0] in kinds for n in names])
+    if not cols.any():
+        raise ValueError(f"ensemble member {list(kinds)} names no feature column (columns are kinds {sorted({n.split('/', 1)[0] for n in names})})")
+    return cols
+
+
+def _fit_ensemble(zz: np.ndarray, y: np.ndarray, z_calib: np.ndarray, names, members, l2: float) -> dict:
+    """One logistic per member on its columns; its tail from the held-out clean images' logits."""
+    if not members:
+        raise ValueError("method 'ensemble' needs members: feature kinds of each logistic member")
+    weights, biases, tails, scales = [], [], [], []
+    for kinds in members:
+        cols = member_columns(names, tuple(kinds))
+        w_sub, b = _logistic_newton(zz[:, cols], y, l2)
+        w = np.zeros(len(names))
+        w[cols] = w_sub
+        ref, scale = _tail(z_calib @ w + b)
+        weights.append(w)
+        biases.append(b)
+        tails.append(ref)
+        scales.append(scale)
+    return {"weights": np.array(weights), "bias": np.array(biases), "tail_scores": np.array(tails),
+            "tail_scale": np.array(scales)}

@@ -307,21 +307,35 @@ def _resolve(name: str, names: list[str], prefix: str) -> str:
     )
 
 
-def _extractor(model: nn.Module, trace: _Trace, nodes: list[str]) -> fx.GraphModule:
-    """Eval-graph module returning (output, tuple of copies of `nodes`), with dead code removed."""
+def _snapshot(value):
+    """A tapped value and its version counter now; a later in-place op on it (or on a view of it) bumps the counter."""
+    if not isinstance(value, torch.Tensor):
+        return value, None
+    if value.is_inference():  # inference tensors keep no version counter: copy instead
+        return value.clone(), None
+    return value, value._version
+
+
+def _extractor(model: nn.Module, trace: _Trace, nodes: list[str], copied: frozenset[str] = frozenset()) -> fx.GraphModule:
+    """Eval-graph module returning (output, tuple of (value, version) of `nodes`), with dead code removed.
+
+    Values are not copied: `LayerTap` compares each returned value's version counter with the one
+    taken right after the node ran, and a node whose value a later in-place op changed (a conv
+    output under ReLU(inplace=True)) is rebuilt into `copied`, copied right after it runs.
+    """
     graph, by_name = trace
     output = next(n for n in graph.nodes if n.op == "output")
     logits = output.args[0]
     if not isinstance(logits, fx.Node):
         raise ValueError("model: its output must be a single tensor of logits (eval mode), not a tuple or dict")
-    copies: dict[str, fx.Node] = {}
+    taps: dict[str, fx.Node] = {}
     for name in dict.fromkeys(nodes):
-        # Copy right after the node: a later in-place op (ReLU(inplace=True) after a conv) would
-        # otherwise change the tapped tensor before the forward pass returns it.
         with graph.inserting_after(by_name[name]):
-            copies[name] = graph.call_function(torch.clone, (by_name[name],))
+            value = graph.call_function(torch.clone, (by_name[name],)) if name in copied else by_name[name]
+        with graph.inserting_after(value):
+            taps[name] = graph.call_function(_snapshot, (value,))
     graph.erase_node(output)
-    graph.output((logits, tuple(copies[n] for n in nodes)))
+    graph.output((logits, tuple(taps[n] for n in nodes)))
     module = fx.GraphModule(model, graph, type(model).__name__ + "Tap")
     # Only the requested nodes outlive the pass: FX frees every other value after its last use.
     module.graph.eliminate_dead_code()
@@ -352,6 +366,7 @@ class LayerTap:
         self.layers: list[str] = layers
         self.nodes: list[str] = [_resolve(n, list(trace.names), prefix) for n in layers]
         self.model = model.eval()
+        self._copied: frozenset[str] = frozenset()  # nodes a later in-place op changes (see _extractor)
         self.module = _extractor(model, trace, self.nodes)
 
     @property
@@ -369,7 +384,13 @@ class LayerTap:
         if not isinstance(images, torch.Tensor) or images.ndim < 2 or len(images) == 0:
             raise ValueError(f"images: expected a non-empty (B, ...) tensor, got {_describe(images)}")
         self.module.eval()  # cheap, and a model put back in train mode must not change what is tapped
-        logits, acts = self.module(images)
+        logits, taps = self.module(images)
+        stale = frozenset(n for n, (value, version) in zip(self.nodes, taps) if version is not None and value._version != version)
+        if stale:  # changed in place after the node ran: copy those from now on, and run this batch again
+            self._copied |= stale
+            self.module = _extractor(self.model, _trace(self.model), self.nodes, self._copied)
+            logits, taps = self.module(images)
+        acts = [value for value, _ in taps]
         flat = {}
         for name, act in zip(self.layers, acts):
             if not isinstance(act, torch.Tensor) or act.ndim == 0 or len(act) != len(images):

@@ -59,7 +59,7 @@ def test_evaluate_detector_end_to_end(tiny_world, tmp_path):
     model, images, labels, words = tiny_world
     fast = dict(n_sources=24, batch_size=24)
     cfg = DetectorEvalConfig(
-        detector=CalibrationConfig(per_concept=2, target_fpr=0.1, batch_size=64),
+        detector=CalibrationConfig(method="ensemble", per_concept=2, target_fpr=0.1, batch_size=64),  # the shipped method
         attacks=(
             AttackSpec("mifgsm_paper", "mifgsm", {"eps": 0.15, "step": 0.03, "iterations": 10}, **fast),
             AttackSpec("pgd", "pgd", {"eps": 0.1, "step": 0.02, "iterations": 5}, **fast),
@@ -75,7 +75,9 @@ def test_evaluate_detector_end_to_end(tiny_world, tmp_path):
     for key in ("auroc", "tpr_at_5fpr", "fpr_realised", "signature_only_auroc", "n_adversarial"):
         assert key in r
     assert 0 <= r["auroc"] <= 1 and 0 <= r["fpr_realised"] <= 1
-    assert set(r["baselines"]) == {"mahalanobis", "mahalanobis_logistic", "art_binary_activation"}
+    # the baselines are logistic (Lee et al.) and Gaussian; "mahalanobis_logistic" repeats "mahalanobis"
+    assert set(r["baselines"]) == {"mahalanobis", "mahalanobis_gaussian", "art_binary_activation"}
+    assert r["detectors"]["detector"]["method"] == "ensemble" and r["detectors"]["mahalanobis"]["method"] == "logistic"
     assert set(r["controls"]) == {"signature_shuffled_words", "signature_class_similarity"}
     assert set(r["per_attack"]) == {"mifgsm_paper", "pgd", "cw_l2"}
     for name, a in r["per_attack"].items():
@@ -108,6 +110,11 @@ def test_cli_registers_detector_commands_and_formats(tiny_world):
     cfg = _config(args)
     assert cfg.art_layer is None and cfg.detector.method == "gaussian" and cfg.detector.features == ("fraction", "mahalanobis")
     assert all(a.n_sources == 7 for a in cfg.attacks)
+    assert args.world_seed == 0 and cfg.detector.bank_max_width is None  # the default world, exact bank
+    args = build_parser().parse_args(["detector", "evaluate", "--out", "x", "--world-seed", "2",
+                                      "--bank-max-width", "1024", "--bank-reduction", "channel_pool"])
+    cfg = _config(args)
+    assert args.world_seed == 2 and (cfg.detector.bank_max_width, cfg.detector.bank_reduction) == (1024, "channel_pool")
     args = build_parser().parse_args(["detector", "calibrate", "--out", "b"])
     assert args.func.__name__ == "run_calibrate"
     metric = {"auroc": 0.9, "tpr_at_5fpr": 0.5, "fpr_realised": 0.05, "n_adversarial": 3}

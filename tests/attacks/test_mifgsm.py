@@ -63,6 +63,27 @@ def test_stays_in_ball_and_range_and_hits_targets():
         assert (model(adv).argmax(1) == targets).float().mean() >= 0.75
 
 
+def test_early_stop_is_the_first_iterate_that_hits_the_target():
+    # Reference by definition: run the plain attack for n = 1, 2, ... iterations and keep, per image,
+    # the first iterate the model assigns to the target (the last one if none does).
+    model = tiny_cnn()
+    images, targets = batch(n=10, seed=3)
+    eps, step, iterations = 0.03, 0.005, 6
+    got = mifgsm(model, images, targets, eps, step, iterations=iterations, early_stop=True)
+    want = mifgsm(model, images, targets, eps, step, iterations=iterations)
+    hit_at = torch.full((len(images),), -1)
+    for n in range(iterations, -1, -1):  # the earliest hit wins: walk down from the last iterate
+        x = images if n == 0 else mifgsm(model, images, targets, eps, step, iterations=n)
+        with torch.no_grad():
+            hit = model(x).argmax(1) == targets
+        want[hit] = x[hit]
+        hit_at[hit] = n
+    assert ((hit_at > 0) & (hit_at < iterations)).any() and (hit_at == -1).any()  # both cases exercised
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="early_stop needs backend='native'"):
+        mifgsm(model, images, targets, early_stop=True, backend="art")
+
+
 def test_model_mode_restored_and_no_param_grads():
     model = tiny_cnn().train()
     images, targets = batch()

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from detector.flagger import Flagger, assemble_features, feature_names, fit_flagger
+from detector.flagger import Flagger, assemble_features, feature_names, fit_flagger, tail_surprise
 from detector.signature import Signature
 
 LAYERS = ["l0", "l1", "l2"]
@@ -27,11 +27,12 @@ def test_gaussian_score_is_mahalanobis_distance_of_standardised_features():
     np.testing.assert_allclose(fl.score(clean[200:]), want, rtol=1e-10)
 
 
-@pytest.mark.parametrize("method", ["gaussian", "logistic"])
+@pytest.mark.parametrize("method", ["gaussian", "logistic", "ensemble"])
 def test_threshold_meets_target_fpr_and_separates(method):
     rng = np.random.default_rng(1)
     names, clean, attack = clean_and_attack(rng)
-    fl = fit_flagger(clean[:200], clean[200:], names, method=method, attack=attack[:200], target_fpr=0.1)
+    fl = fit_flagger(clean[:200], clean[200:], names, method=method, attack=attack[:200], target_fpr=0.1,
+                     members=[("fraction", "mahalanobis"), ("mahalanobis",)] if method == "ensemble" else None)
     assert fl.calibration["fpr_calib"] <= 0.1
     assert fl.calibration["fpr_calib"] >= 0.09 - 1e-12  # the quantile is as tight as the sample allows
     assert fl.flag(attack[200:]).mean() > 0.8
@@ -46,6 +47,49 @@ def test_logistic_matches_sklearn_unpenalised_limit():
     y = np.r_[np.zeros(300), np.ones(300)]
     ref = lm.LogisticRegression(C=1e6, max_iter=5000, tol=1e-10).fit(z, y)
     np.testing.assert_allclose(fl.params["weights"], ref.coef_[0], rtol=1e-3, atol=1e-3)
+
+
+def tail_surprise_loop(s, ref, scale):
+    """By definition: -log(share of the m sorted clean scores at or above s), the rank linearly
+    interpolated between neighbouring clean scores; past the largest, log(m + 1) + (s - max) / scale."""
+    m = len(ref)
+    if s > ref[-1]:
+        return np.log(m + 1) + (s - ref[-1]) / scale
+    if s <= ref[0]:
+        rank = 0.0
+    else:
+        j = max(i for i in range(m) if ref[i] < s)  # ref[j] < s <= ref[j + 1]
+        rank = j + (s - ref[j]) / (ref[j + 1] - ref[j])
+    return -np.log((m - rank) / (m + 1))
+
+
+def test_tail_surprise_matches_definition():
+    rng = np.random.default_rng(8)
+    ref = np.sort(rng.normal(size=40))
+    s = np.r_[rng.normal(scale=1.5, size=60), ref[[0, 7, 39]], ref[-1] + 2.0, ref[0] - 3.0]
+    want = [tail_surprise_loop(v, ref, 0.7) for v in s]
+    np.testing.assert_allclose(tail_surprise(s, ref, 0.7), want, rtol=1e-12)
+    assert np.all(np.diff(tail_surprise(np.sort(s), ref, 0.7)) >= 0)  # monotone: ranks are kept
+
+
+def test_ensemble_scores_the_most_surprised_member():
+    rng = np.random.default_rng(9)
+    names, clean, attack = clean_and_attack(rng)
+    members = [("fraction", "mahalanobis"), ("mahalanobis",)]
+    fl = fit_flagger(clean[:200], clean[200:], names, method="ensemble", attack=attack[:200], members=members)
+    want = []
+    for kinds in members:  # each member is the logistic flagger on its columns, then its clean-tail surprise
+        cols = [i for i, n in enumerate(names) if n.split("/")[0] in kinds]
+        member = fit_flagger(clean[:200, cols], clean[200:, cols], [names[i] for i in cols], method="logistic",
+                             attack=attack[:200, cols])
+        ref = np.sort(member.score(clean[200:, cols]))
+        top = ref[int(0.95 * len(ref)):]
+        want.append([tail_surprise_loop(v, ref, np.mean(top - top[0])) for v in member.score(attack[200:, cols])])
+    np.testing.assert_allclose(fl.score(attack[200:]), np.max(want, axis=0), rtol=1e-9)
+    with pytest.raises(ValueError, match="needs members"):
+        fit_flagger(clean, clean, names, method="ensemble", attack=attack)
+    with pytest.raises(ValueError, match="names no feature column"):
+        fit_flagger(clean, clean, names, method="ensemble", attack=attack, members=[("margin",)])
 
 
 def test_explanation_names_low_layers():
@@ -66,8 +110,9 @@ def test_explanation_names_low_layers():
 def test_json_roundtrip(tmp_path):
     rng = np.random.default_rng(4)
     names, clean, attack = clean_and_attack(rng)
-    for method in ("gaussian", "logistic"):
-        fl = fit_flagger(clean[:200], clean[200:], names, method=method, attack=attack)
+    for method in ("gaussian", "logistic", "ensemble"):
+        fl = fit_flagger(clean[:200], clean[200:], names, method=method, attack=attack,
+                         members=[("fraction", "mahalanobis"), ("mahalanobis",)])
         back = Flagger.load(fl.save(tmp_path / "f.json"))
         np.testing.assert_array_equal(back.score(attack), fl.score(attack))
         assert back.threshold == fl.threshold and back.feature_names == fl.feature_names

@@ -157,12 +157,33 @@ def test_tap_matches_forward_hooks_on_tiny_model():
     logits, seen = hooked(model.eval(), ["conv1", "act", "bn", "head"], x)
     torch.testing.assert_close(out.logits, logits)
     assert (out.acts["conv1"] < 0).any()  # the copy was taken before the in-place ReLU
+    assert tap._copied == {"conv1"}  # only the value a later in-place op changes is copied
     for name in ["conv1", "act", "bn", "head"]:
         torch.testing.assert_close(out.acts[name], seen[name])
     torch.testing.assert_close(out.acts["relu"], seen["bn"].clamp_min(0))
     shapes = {k: tuple(v.shape) for k, v in out.acts.items()}
     assert shapes == {"conv1": (3, 256), "act": (3, 256), "bn": (3, 96), "relu": (3, 96), "head": (3, 5)}
     assert all(v.dtype == torch.float32 for v in out.acts.values())
+
+
+def test_tap_copies_only_values_changed_in_place_and_works_in_inference_mode():
+    torch.manual_seed(2)
+    model = Tiny()
+    x = torch.randn(2, 3, 8, 8)
+    _, seen = hooked(model.eval(), ["conv1", "bn"], x)
+    tap = LayerTap(model, ["bn", "act"])  # no tapped value is changed in place later
+    out = tap(x)
+    assert tap._copied == frozenset()
+    torch.testing.assert_close(out.acts["bn"], seen["bn"])
+    with torch.inference_mode():  # inference tensors have no version counter: copied, still right
+        got = LayerTap(model, ["conv1"])(x)
+    torch.testing.assert_close(got.acts["conv1"], seen["conv1"])
+    assert (got.acts["conv1"] < 0).any()
+    tap = LayerTap(model, ["conv1"])
+    first, second = tap(x), tap(x)  # the second call runs the rebuilt graph directly
+    assert tap._copied == {"conv1"}
+    torch.testing.assert_close(first.acts["conv1"], seen["conv1"])
+    torch.testing.assert_close(second.acts["conv1"], seen["conv1"])
 
 
 def test_tap_keeps_eval_mode_and_supports_grad():
@@ -204,8 +225,9 @@ def test_tap_does_not_keep_untapped_intermediates_alive():
     )
     with torch.no_grad():  # with grad, autograd itself saves tensors for backward
         out = LayerTap(model, ["1", "3"])(torch.randn(4, 16))
-    # Only the last layer's input is alive when it runs; the tapped ones live on as copies.
-    assert alive_at_end == [[6]]
+    # Alive when the last layer runs: its input and the tapped values themselves (returned, not
+    # copied: nothing changes them in place); no other intermediate.
+    assert alive_at_end == [[1, 3, 6]]
     assert set(out.acts) == {"1", "3"}
 
 
