@@ -55,7 +55,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--references", type=int, default=d.k, help="reference concepts K")
     p.add_argument("--bank-max-width", type=int, default=d.bank_max_width,
                    help="store layers wider than this reduced in the reference bank (fast mode); unset: exact")
-    p.add_argument("--bank-reduction", default=d.bank_reduction, choices=["projection", "channel_pool"],
+    p.add_argument("--bank-reduction", default=d.bank_reduction, choices=["sketch", "projection", "channel_pool"],
                    help="how --bank-max-width reduces a wide layer")
     p.add_argument("--eval-fraction", type=float, default=e.eval_fraction, help="share of test images held out")
     p.add_argument("--seed", type=int, default=e.seed)

@@ -6,9 +6,11 @@ For the world CNN (32x32, 100 classes) and a randomly initialised torchvision re
 1000 classes, its 49 ReLUs tapped), at batch 1 and 32, in two modes:
 
   exact  every layer's reference prototypes at full width (the paper's signature);
-  fast   layers wider than 4096 features stored channel-pooled (`bank_max_width`, `bank_reduction`),
-         optionally a seeded subset of alternatives (`--fast-alternatives`), with its measured
-         agreement with exact (signature fraction, score rank, flags).
+  fast   layers wider than 4096 features stored count-sketched to 4093 coordinates (`bank_max_width`,
+         `bank_reduction="sketch"`: inner products exact in expectation), optionally a seeded subset of
+         alternatives (`--fast-alternatives`), with its agreement with exact on these random images
+         (signature fraction, score rank, flags). Agreement on a trained network and real images, where
+         it means something: benchmarks/fast_mode_agreement.py.
 
 The bundle is built like `calibrate_guard` builds one (bank, Mahalanobis, flagger fitted on features
 computed as the guard computes them) from random images, one reference image per concept and random
@@ -43,7 +45,7 @@ from detector.reference import Reduction, ReferenceBank, word_similarity
 from detector.signature import reduction_agreement
 from models.normalize import imagenet_classifier
 
-FAST_WIDTH = 4096  # layers wider than this are channel-pooled in fast mode
+FAST_WIDTH = 4096  # layers wider than this are count-sketched in fast mode
 
 
 def world_model(cache_dir: Path) -> tuple[torch.nn.Module, str, list[str]]:
@@ -141,7 +143,7 @@ def bench_model(title, model, layers, input_shape, n_classes, cfg, repeats, mode
     rows, guards = [], {}
     for mode in modes:
         mode_cfg = cfg if mode == "exact" else dataclasses.replace(
-            cfg, bank_max_width=FAST_WIDTH, bank_reduction="channel_pool", n_alternatives=fast_alternatives)
+            cfg, bank_max_width=FAST_WIDTH, bank_reduction="sketch", n_alternatives=fast_alternatives)
         start = time.perf_counter()
         guards[mode] = Guard(synthetic_bundle(model, layers, input_shape, n_classes, mode_cfg))
         mib = sum(guards[mode].bundle.bank.bytes_per_layer().values()) / 2**20

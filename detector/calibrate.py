@@ -41,8 +41,10 @@ class CalibrationConfig:
     calib_fraction: float = 0.5  # share of clean images held out for the threshold
     n_alternatives: int | None = None  # None: every other label (the paper's proposal)
     bank_max_width: int | None = None  # layers wider than this are stored reduced in the bank
-    bank_reduction: str = "projection"  # "projection" or "channel_pool" for those layers
-    bank_projection_dim: int = 4096
+    bank_reduction: str = "sketch"  # "sketch", "projection" or "channel_pool" for those layers
+    # output dimension of a "sketch" or "projection" bank reduction; prime, so that a sketch's buckets (i mod dim)
+    # do not line up with a feature map's channel or row period (measured: better agreement than 4096)
+    bank_projection_dim: int = 4093
     mahalanobis_max_dim: int = 2048  # flat layers wider than this are projected for the Gaussians
     penultimate_layer: str | None = None  # class_similarity source; default the last tapped layer
     batch_size: int = 64
@@ -107,10 +109,12 @@ def bank_reductions(shapes: dict[str, tuple[int, ...]], cfg: CalibrationConfig) 
             continue
         if cfg.bank_reduction == "channel_pool" and len(s) == 3:
             out[n] = Reduction("channel_pool", channels=s[0])
-        elif cfg.bank_reduction in ("projection", "channel_pool"):
+        elif cfg.bank_reduction == "sketch":
+            out[n] = Reduction("sketch", dim=cfg.bank_projection_dim, seed=cfg.seed)
+        elif cfg.bank_reduction in ("projection", "channel_pool"):  # a flat layer cannot be channel-pooled
             out[n] = Reduction("projection", dim=cfg.bank_projection_dim, seed=cfg.seed)
         else:
-            raise ValueError(f"bank_reduction must be 'projection' or 'channel_pool', got {cfg.bank_reduction!r}")
+            raise ValueError(f"bank_reduction must be 'sketch', 'projection' or 'channel_pool', got {cfg.bank_reduction!r}")
     return out
 
 

@@ -156,3 +156,18 @@ def test_logistic_flagger_with_attack_images(world, tmp_path):
     assert bundle.flagger.method == "logistic" and bundle.bank.space == "class_similarity"
     guard = Guard(bundle)
     assert guard.inspect_arrays(attack).score.mean() > guard.inspect_arrays(images[:40]).score.mean()
+
+
+def test_ensemble_flagger_and_sketched_bank(world, tmp_path):
+    # the shipped flagger (ensemble) with the large-model bank (layers wider than 100 count-sketched to 37)
+    model, images, labels, words = world
+    attack = (images[:40] + 0.3 * torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(6))).clamp(0, 1)
+    cfg = CalibrationConfig(per_concept=3, method="ensemble", bank_max_width=100, bank_projection_dim=37)
+    report = calibrate_guard(model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
+                             words, images, labels, tmp_path, attack_images=attack, config=cfg)
+    bundle = read_bundle(report.bundle_dir)
+    wide = {n for n, b in report.bank_bytes.items() if b == 4 * 37 * len(bundle.bank.concepts)}
+    assert wide and {n: r.kind for n, r in bundle.bank.reductions.items()} == {n: "sketch" for n in wide}
+    assert bundle.flagger.method == "ensemble" and bundle.flagger.params["weights"].shape[0] == 2
+    guard = Guard(bundle)
+    assert guard.inspect_arrays(attack).score.mean() > guard.inspect_arrays(images[:40]).score.mean()

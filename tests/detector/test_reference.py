@@ -75,17 +75,58 @@ def test_reductions_are_linear_and_exact_in_expectation():
     assert Reduction("projection", dim=64).output_dim(2000) == 64
 
 
+def count_sketch_loop(x, dim, signs):
+    """By definition: each centred coordinate i, times its sign, added into bucket i mod dim."""
+    out = np.zeros((len(x), dim))
+    for b, row in enumerate(x):
+        centred = row - row.mean()
+        for i, v in enumerate(centred):
+            out[b, i % dim] += signs[i] * v
+    return out
+
+
+@pytest.mark.parametrize("k, dim", [(24, 6), (23, 5), (7, 16), (40, 40)])
+def test_count_sketch_matches_definition(k, dim):
+    from detector.reference import _sketch_signs
+
+    x = np.random.default_rng(k).normal(size=(9, k)) + 3.0
+    got = Reduction("sketch", dim=dim, seed=5).apply(torch.from_numpy(x))
+    signs = _sketch_signs(k, dim, 5, torch.float64)[0].numpy()
+    assert set(np.unique(signs)) == {-1.0, 1.0}
+    np.testing.assert_allclose(got.numpy(), count_sketch_loop(x, dim, signs), atol=1e-10)
+    assert Reduction("sketch", dim=dim).output_dim(k) == dim
+
+
+def test_count_sketch_is_exact_in_expectation_and_chunked_rows_agree():
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=2000) + 1.0, rng.normal(size=2000)
+    b = 0.6 * a + 0.8 * b
+    ca, cb = a - a.mean(), b - b.mean()
+    dots = [float(np.prod(Reduction("sketch", dim=64, seed=seed).apply(torch.from_numpy(np.stack([a, b]))).numpy(), 0).sum())
+            for seed in range(200)]
+    # E = <ca, cb>; one sketch's sd is about sqrt((|ca|^2 |cb|^2 + <ca, cb>^2) / 64) = 0.2 <ca, cb>
+    assert abs(np.mean(dots) - ca @ cb) < 0.05 * abs(ca @ cb)
+    # rows are signed in chunks (2 rows of 1.5 M here): the same as the whole batch at once
+    from detector.reference import _fold, _sketch_signs
+
+    wide = torch.from_numpy(rng.normal(size=(5, 1_500_000)).astype(np.float32))
+    signs, folded = _sketch_signs(1_500_000, 4096, 1, torch.float32)
+    whole = _fold(wide * signs, 4096) - wide.mean(1, keepdim=True) * folded
+    torch.testing.assert_close(Reduction("sketch", dim=4096, seed=1).apply(wide), whole)
+
+
 def test_roundtrip(tmp_path):
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(5), 2)
     sel = select_references(labels, labels, k=5, per_concept=2)
-    red = {"a": Reduction("projection", dim=4, seed=7)}
-    acts = {"a": red["a"].apply(torch.from_numpy(rng.normal(size=(10, 9)))).numpy()}
+    red = {"a": Reduction("projection", dim=4, seed=7), "b": Reduction("sketch", dim=3, seed=2)}
+    acts = {n: r.apply(torch.from_numpy(rng.normal(size=(10, 9)))).numpy() for n, r in red.items()}
     bank = build_reference_bank(acts, sel, word_similarity(rng.normal(size=(5, 4))), space="shuffled_words")
     bank = ReferenceBank(bank.layers, bank.prototypes, bank.concepts, bank.label_profiles, bank.space, red)
     back = load_bank(save_bank(bank, tmp_path / "r.safetensors"))
     assert back.layers == bank.layers and back.space == "shuffled_words" and back.reductions == red
-    np.testing.assert_array_equal(back.prototypes["a"], bank.prototypes["a"])
+    for n in red:
+        np.testing.assert_array_equal(back.prototypes[n], bank.prototypes[n])
     np.testing.assert_array_equal(back.label_profiles, bank.label_profiles)
 
 

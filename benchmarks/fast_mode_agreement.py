@@ -1,0 +1,100 @@
+"""How closely a reduced ("fast") reference bank follows the exact one, on a trained network and real images.
+
+Run: python benchmarks/fast_mode_agreement.py [--world-seed 0] [--max-width 1024] [--dim 1021]
+
+bench_guard.py times fast mode on resnet50, but without trained weights a random network's
+signature is noise, so agreement measured there says little. Here the embedded world's trained
+CNN plays the large model: its layers wider than --max-width (9 of 14: 4096 and 2048 features)
+are stored reduced to --dim coordinates, as `semguard detector calibrate --bank-max-width` does
+for resnet50 (4096 -> 4093), and for each reduction this prints, against the exact bank:
+
+  * per image (held-out clean images and successful MI-FGSM 8/255 images): the signature
+    fraction's mean absolute difference and correlation across images over the reduced layers,
+    the Spearman correlation of the shipped detector's scores, and how often the flags agree;
+  * the whole evaluation of `semguard detector evaluate` (same split, training attacks and
+    held-out attacks): AUROC of the shipped detector and of the signature alone, per attack.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from analysis.detector_eval import (
+    SMALL_MIFGSM, AttackSpec, DetectorEvalConfig, evaluate_world_detector, plan_attack, run_attack, split_clean,
+)
+from detector.guard import Guard
+from detector.signature import reduction_agreement
+from models.inputs import as_model_input, predict
+from world.build import WorldSettings
+from world.inputs import load_world_inputs
+
+REDUCTIONS = ("exact", "sketch", "projection", "channel_pool")
+
+
+def per_image(exact: Guard, reduced: Guard, images: torch.Tensor) -> dict[str, float]:
+    a, b = exact.inspect_arrays(images), reduced.inspect_arrays(images)
+    with torch.no_grad():
+        acts = exact.tap(images).acts
+    agree = reduction_agreement(acts, a.predicted, exact.bundle.bank, reduced.bundle.bank)
+    layers = [i for i, n in enumerate(exact.bundle.bank.layers) if n in reduced.bundle.bank.reductions]
+    return {"fraction_mae": float(agree.fraction_mae[layers].mean()), "fraction_corr": float(agree.fraction_corr[layers].mean()),
+            "score_spearman": float(spearmanr(a.score, b.score).statistic), "flags_agree": float(np.mean(a.flagged == b.flagged))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--cache-dir", type=Path, default=Path(".cache/semguard"))
+    ap.add_argument("--max-width", type=int, default=1024, help="layers wider than this are reduced")
+    ap.add_argument("--dim", type=int, default=1021, help="sketch / projection output dimension (prime: see CalibrationConfig)")
+    ap.add_argument("--images", type=int, default=500, help="clean images for the per-image comparison")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    inputs = load_world_inputs(WorldSettings(seed=args.world_seed), args.cache_dir, progress=False)
+    world, model = inputs.world, inputs.model
+    shipped = DetectorEvalConfig()
+    base = dataclasses.replace(shipped, variants=("signature_only",), art_layer=None, progress=False)
+    x, y = as_model_input(world.test_images), world.test_labels.astype(np.int64)
+    split = split_clean(y, base.eval_fraction, base.seed)
+    s, t = plan_attack(y, predict(model, x, 256), split.evaluation, inputs.word_vectors, 300, base.seed + 1)
+    sets = {"clean": x[split.evaluation[: args.images]],
+            "mifgsm_8_255": run_attack(model, x, s, t, AttackSpec("a", "mifgsm", SMALL_MIFGSM)).successful}
+    guards, figures = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in REDUCTIONS:
+            start = time.perf_counter()
+            det = shipped.detector if kind == "exact" else dataclasses.replace(
+                shipped.detector, bank_max_width=args.max_width, bank_reduction=kind, bank_projection_dim=args.dim)
+            ev = evaluate_world_detector(world, model, inputs.word_vectors, Path(tmp) / kind, dataclasses.replace(base, detector=det))
+            guards[kind] = Guard.load(ev.bundle_dir)
+            figures[kind] = ev.results["per_attack"]
+            print(f"  {kind}: evaluated in {time.perf_counter() - start:.0f} s", flush=True)
+    attacks = list(figures["exact"])
+    bank = {k: sum(g.bundle.bank.bytes_per_layer().values()) / 2**20 for k, g in guards.items()}
+    print(f"\nworld seed {args.world_seed}: layers wider than {args.max_width} reduced to {args.dim} "
+          f"(channel_pool: to their channels); per image on {len(sets['clean'])} clean and "
+          f"{len(sets['mifgsm_8_255'])} MI-FGSM 8/255 images")
+    print("| bank | MiB | images | fraction MAE | fraction corr | score Spearman | flags agree |")
+    print("|---|---|---|---|---|---|---|")
+    for kind in REDUCTIONS[1:]:
+        for name, images in sets.items():
+            f = per_image(guards["exact"], guards[kind], images)
+            print(f"| {kind} | {bank[kind]:.2f} | {name} | {f['fraction_mae']:.3f} | {f['fraction_corr']:.3f} | "
+                  f"{f['score_spearman']:.3f} | {f['flags_agree']:.3f} |")
+    print(f"\nAUROC, shipped detector / signature alone (exact bank {bank['exact']:.2f} MiB)")
+    print(f"| bank | {' | '.join(attacks)} |")
+    print("|---|" + "---|" * len(attacks))
+    for kind in REDUCTIONS:
+        cells = [f"{figures[kind][a]['auroc']:.4f} / {figures[kind][a]['signature_only_auroc']:.4f}" for a in attacks]
+        print(f"| {kind} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
