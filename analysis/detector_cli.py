@@ -80,6 +80,14 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
+def _checked_config(args: argparse.Namespace):
+    """_config, a bad value ending the command with its message (before the world is built)."""
+    try:
+        return _config(args)
+    except ValueError as err:
+        raise SystemExit(f"semguard detector {args.detector_command}: {err}") from None
+
+
 def _world(args: argparse.Namespace):
     """(world, model, word vectors (C, d) aligned with world.classes)."""
     from detector.words import load_vectors, match_labels
@@ -99,11 +107,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from detector.guard import calibrate_guard
     from detector.layers import preset_layers
 
-    try:
-        cfg = _config(args)
-    except ValueError as err:
-        raise SystemExit(f"semguard detector calibrate: {err}") from None
-    world, model, vectors = _world(args)
+    cfg, (world, model, vectors) = _checked_config(args), _world(args)
     x, y = as_model_input(world.test_images), world.test_labels
     split = split_clean(y, cfg.eval_fraction, cfg.seed)  # the same split `evaluate` uses: its held-out part stays unseen
     attack_images = None
@@ -123,11 +127,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from analysis.detector_eval import evaluate_world_detector
 
-    try:
-        cfg = _config(args)
-    except ValueError as err:
-        raise SystemExit(f"semguard detector evaluate: {err}") from None
-    world, model, vectors = _world(args)
+    cfg, (world, model, vectors) = _checked_config(args), _world(args)
     ev = evaluate_world_detector(world, model, vectors, args.out, cfg)
     print(format_results(ev.results))
     print(f"bundle: {ev.bundle_dir}\nROC curves: {ev.roc_path}\nfigures: {Path(args.out) / 'detector_eval.json'}")
