@@ -147,10 +147,25 @@ def two_vs_two_stage(tap: LayerTap, world, vectors: np.ndarray, out: Path, confi
     }
 
 
+# The code the detector stage's results depend on: a cached evaluation is reused only while it is unchanged.
+DETECTOR_CODE = ("detector", "attacks", "models", "analysis/detector_eval.py")
+
+
+def code_fingerprint(paths: tuple[str, ...] = DETECTOR_CODE, root: Path = Path(__file__).resolve().parent.parent) -> str:
+    """sha256 over the .py files under `paths` (relative to `root`, the repository's by default), in sorted order."""
+    digest = hashlib.sha256()
+    for rel in paths:
+        target = root / rel
+        for f in sorted(target.rglob("*.py") if target.is_dir() else [target] if target.exists() else []):
+            digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def detector_stage(inputs: WorldInputs, out: Path, config: DetectorEvalConfig) -> dict:
-    """Calibrate and evaluate the guard (or reuse an evaluation of the same world and settings);
+    """Calibrate and evaluate the guard (or reuse an evaluation of the same world, settings and code);
     the bundle and the ROC figure land in out/."""
-    key = settings_key(json.loads(json.dumps(asdict(config) | {"progress": None}, default=str)))
+    settings = json.loads(json.dumps(asdict(config) | {"progress": None}, default=str))
+    key = settings_key(settings | {"code": code_fingerprint()})
     cached = inputs.world.root / f"detector-{key}"
     if not (cached / "detector_eval.json").exists():
         staging = inputs.world.root / f"detector-{key}.tmp"

@@ -111,3 +111,20 @@ def test_attack_analyze_command_on_the_quickstart_attack_set(quickstart, tmp_pat
     monkeypatch.setattr(world.inputs, "load_world_inputs", lambda **kwargs: other)
     with pytest.raises(SystemExit, match="another model"):
         main(args)
+
+
+def test_code_fingerprint_follows_the_code(tmp_path):
+    from analysis.quickstart import DETECTOR_CODE, code_fingerprint
+
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "one.py").write_text("z = 3\n")
+    first = code_fingerprint(("pkg", "one.py"), tmp_path)
+    assert code_fingerprint(("pkg", "one.py"), tmp_path) == first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
+    assert code_fingerprint(("pkg", "one.py"), tmp_path) != first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "pkg" / "notes.txt").write_text("not code")
+    assert code_fingerprint(("pkg", "one.py"), tmp_path) == first
+    assert len(code_fingerprint(DETECTOR_CODE)) == 16  # the repository's own files exist
