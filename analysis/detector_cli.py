@@ -82,8 +82,12 @@ def _config(args: argparse.Namespace):
 
 def _checked_config(args: argparse.Namespace):
     """_config, a bad value ending the command with its message (before the world is built)."""
+    from detector.calibrate import ensemble_members
+
     try:
-        return _config(args)
+        cfg = _config(args)
+        ensemble_members(cfg.detector)  # the flagger's members against the features, before any work
+        return cfg
     except ValueError as err:
         raise SystemExit(f"semguard detector {args.detector_command}: {err}") from None
 

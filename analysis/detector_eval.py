@@ -94,7 +94,7 @@ class DetectorEvalConfig:
     # What the guard ships (the variants start from it): signature + per-layer Mahalanobis features,
     # an ensemble flagger (a logistic on all features and one on the Mahalanobis scores, the larger
     # clean-tail surprise wins) trained on calibration-part MI-FGSM. Chosen on development worlds
-    # (seeds 1 and 2, never the default world's test images; see the README of benchmarks/design):
+    # (seeds 1 and 2, never the default world's test images; benchmarks/detector_design.py, BENCHMARKS.md):
     # one logistic on all features fell below the Mahalanobis baseline on C&W in both, with or
     # without the early-stopped training attack; the ensemble with it beat the baseline everywhere.
     detector: CalibrationConfig = CalibrationConfig(method="ensemble")

@@ -125,7 +125,7 @@ def _detector_section(d: dict) -> list[str]:
         f"Clean test images split per class: {d['split']['n_calibration']} for calibration, "
         f"{d['split']['n_evaluation']} for evaluation; adversarial images come from evaluation images only. "
         f"AUROC of the shipped guard (flagger `{d['detectors']['detector']['method']}` on "
-        f"{', '.join(d['detectors']['detector']['features'])}: semantic signature + per-layer feature density) beside "
+        f"{', '.join(d['detectors']['detector']['features'])}) beside "
         "the semantic signature alone, its controls and the baselines; the supervised detectors trained on "
         f"{', '.join(d.get('train_attacks', {})) or 'no attack'} (calibration images only). The bundle is in `bundle/`.",
         "",

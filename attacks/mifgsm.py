@@ -36,13 +36,15 @@ def _native(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     x_clean = images.detach()
     x = x_clean.clone()
     momentum = torch.zeros_like(x_clean)
+    stopped = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for i in range(iterations):
         grad, logits = loss_gradient(model, x, targets, check_classes=i == 0)
         # Targeted: descend the loss of the target class, hence the minus.
         momentum.mul_(decay).add_(l1_normalise(-grad))
         stepped = linf_step(x, momentum, x_clean, eps, step)
-        if early_stop:  # an image the model already assigns to its target stays where it is
-            stepped = torch.where((logits.argmax(1) == targets).view(-1, *([1] * (x.ndim - 1))), x, stepped)
+        if early_stop:  # an image once assigned to its target stays there, even if a near tie flips back
+            stopped |= logits.argmax(1) == targets
+            stepped = torch.where(stopped.view(-1, *([1] * (x.ndim - 1))), x, stepped)
         x = stepped
     return x
 

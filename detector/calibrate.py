@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from detector.bundle import BundleManifest, ModelSpec, write_bundle
-from detector.flagger import assemble_features, feature_names, fit_flagger
+from detector.flagger import FEATURE_KINDS, assemble_features, feature_names, fit_flagger
 from detector.layers import LayerTap, iter_activations
 from detector.mahalanobis import MahalanobisDetector, fit_mahalanobis
 from detector.reference import (
@@ -34,8 +34,8 @@ class CalibrationConfig:
     space: str = "words"  # similarity space: "words", "class_similarity", "shuffled_words"
     features: tuple[str, ...] = ("fraction", "margin", "mahalanobis")  # what the flagger scores
     method: str = "gaussian"  # "gaussian" (clean only), "logistic" or "ensemble" (both need attack_images)
-    # "ensemble": feature kinds of each logistic member (detector.flagger); members naming a kind not in
-    # `features` are dropped (one member left ranks images as that member's logistic does)
+    # "ensemble": feature kinds of each logistic member (detector.flagger), each cut to `features`
+    # (`ensemble_members`; one member left ranks images as that member's logistic does)
     members: tuple[tuple[str, ...], ...] = (("fraction", "margin", "mahalanobis"), ("mahalanobis",))
     target_fpr: float = 0.05
     calib_fraction: float = 0.5  # share of clean images held out for the threshold
@@ -43,7 +43,8 @@ class CalibrationConfig:
     bank_max_width: int | None = None  # layers wider than this are stored reduced in the bank
     bank_reduction: str = "sketch"  # "sketch", "projection" or "channel_pool" for those layers
     # output dimension of a "sketch" or "projection" bank reduction; prime, so that a sketch's buckets (i mod dim)
-    # do not line up with a feature map's channel or row period (measured: better agreement than 4096)
+    # do not line up with a feature map's channel or row period (measured on the world CNN: 251 buckets agreed
+    # better with the exact bank than 256; 4093 vs 4096 on resnet50 was not measured)
     bank_projection_dim: int = 4093
     mahalanobis_max_dim: int = 2048  # flat layers wider than this are projected for the Gaussians
     penultimate_layer: str | None = None  # class_similarity source; default the last tapped layer
@@ -75,12 +76,20 @@ def fit_calib_split(n: int, calib_fraction: float, seed: int) -> FitCalibSplit:
 
 
 def ensemble_members(cfg: CalibrationConfig) -> tuple[tuple[str, ...], ...] | None:
-    """The configured members restricted to the configured features (None unless method "ensemble")."""
+    """The configured members, each cut to the configured features; empty and repeated members dropped.
+
+    None unless method "ensemble". With features ("fraction", "mahalanobis") the default members
+    become ("fraction", "mahalanobis") and ("mahalanobis",): "all" means all configured features.
+    """
     if cfg.method != "ensemble":
         return None
-    members = tuple(m for m in cfg.members if set(m) <= set(cfg.features))
+    bad = [k for k in cfg.features if k not in FEATURE_KINDS]
+    if bad or not cfg.features:
+        raise ValueError(f"features must be a non-empty subset of {FEATURE_KINDS}, got {list(cfg.features)}")
+    members = tuple(dict.fromkeys(tuple(k for k in m if k in cfg.features) for m in cfg.members))
+    members = tuple(m for m in members if m)
     if not members:
-        raise ValueError(f"ensemble members {list(cfg.members)} all use kinds outside features {list(cfg.features)}")
+        raise ValueError(f"ensemble members {list(cfg.members)} share no kind with features {list(cfg.features)}")
     return members
 
 

@@ -169,11 +169,13 @@ def tail_surprise(scores: np.ndarray, reference: np.ndarray, tail_scale: float) 
     return out
 
 
-def _tail(calib_logits: np.ndarray, top: float = 0.05) -> tuple[np.ndarray, float]:
-    """Sorted clean logits and the mean excess of their top share over its lowest (the tail's scale)."""
+def _tail(calib_logits: np.ndarray, top: float = 0.05, min_points: int = 10) -> tuple[np.ndarray, float]:
+    """Sorted clean logits and the tail's scale: the mean excess of the top share (at least
+    `min_points` of them) over the lowest of that share; 1 where the logits do not spread."""
     ref = np.sort(calib_logits)
-    upper = ref[int((1.0 - top) * len(ref)):]
-    return ref, max(float(np.mean(upper - upper[0])), 1e-12)
+    upper = ref[-max(min_points, int(np.ceil(top * len(ref)))):]
+    scale = float(np.mean(upper - upper[0]))
+    return ref, scale if scale > 1e-12 else 1.0
 
 
 def _logistic_newton(z: np.ndarray, y: np.ndarray, l2: float, iterations: int = 50) -> tuple[np.ndarray, float]:

@@ -115,6 +115,11 @@ def test_cli_registers_detector_commands_and_formats(tiny_world):
                                       "--bank-max-width", "1024", "--bank-reduction", "channel_pool"])
     cfg = _config(args)
     assert args.world_seed == 2 and (cfg.detector.bank_max_width, cfg.detector.bank_reduction) == (1024, "channel_pool")
+    from analysis.detector_cli import _checked_config
+
+    bad = build_parser().parse_args(["detector", "calibrate", "--out", "b", "--features", "fraction,words"])
+    with pytest.raises(SystemExit, match="semguard detector calibrate: features must be"):
+        _checked_config(bad)  # before the world is built or any attack runs
     args = build_parser().parse_args(["detector", "calibrate", "--out", "b"])
     assert args.func.__name__ == "run_calibrate"
     metric = {"auroc": 0.9, "tpr_at_5fpr": 0.5, "fpr_realised": 0.05, "n_adversarial": 3}

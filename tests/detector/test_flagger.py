@@ -83,13 +83,24 @@ def test_ensemble_scores_the_most_surprised_member():
         member = fit_flagger(clean[:200, cols], clean[200:, cols], [names[i] for i in cols], method="logistic",
                              attack=attack[:200, cols])
         ref = np.sort(member.score(clean[200:, cols]))
-        top = ref[int(0.95 * len(ref)):]
+        top = ref[-10:]  # 5% of 200 calibration images, but at least 10
         want.append([tail_surprise_loop(v, ref, np.mean(top - top[0])) for v in member.score(attack[200:, cols])])
     np.testing.assert_allclose(fl.score(attack[200:]), np.max(want, axis=0), rtol=1e-9)
     with pytest.raises(ValueError, match="needs members"):
         fit_flagger(clean, clean, names, method="ensemble", attack=attack)
     with pytest.raises(ValueError, match="names no feature column"):
         fit_flagger(clean, clean, names, method="ensemble", attack=attack, members=[("margin",)])
+
+
+def test_tail_scale_rests_on_ten_points_at_least():
+    from detector.flagger import _tail
+
+    logits = np.arange(19.0) ** 2  # 19 calibration images: 5% would be one point, whose excess is 0
+    ref, scale = _tail(logits)
+    assert scale == np.mean(logits[-10:] - logits[-10]) > 1  # the top 10
+    assert _tail(np.full(30, 2.0))[1] == 1.0  # no spread: a unit scale, not 1e-12
+    m = len(ref)
+    assert tail_surprise(np.array([logits[-1] + scale]), ref, scale)[0] == pytest.approx(np.log(m + 1) + 1)
 
 
 def test_explanation_names_low_layers():

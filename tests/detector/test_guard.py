@@ -171,3 +171,16 @@ def test_ensemble_flagger_and_sketched_bank(world, tmp_path):
     assert bundle.flagger.method == "ensemble" and bundle.flagger.params["weights"].shape[0] == 2
     guard = Guard(bundle)
     assert guard.inspect_arrays(attack).score.mean() > guard.inspect_arrays(images[:40]).score.mean()
+
+
+def test_ensemble_members_are_cut_to_the_configured_features():
+    from detector.calibrate import ensemble_members
+
+    cfg = CalibrationConfig(method="ensemble", features=("fraction", "mahalanobis"))
+    assert ensemble_members(cfg) == (("fraction", "mahalanobis"), ("mahalanobis",))
+    assert ensemble_members(CalibrationConfig(method="ensemble", features=("fraction", "margin"))) == (("fraction", "margin"),)
+    assert ensemble_members(CalibrationConfig(method="logistic")) is None
+    with pytest.raises(ValueError, match="features must be a non-empty subset"):
+        ensemble_members(CalibrationConfig(method="ensemble", features=("words",)))
+    with pytest.raises(ValueError, match="share no kind"):
+        ensemble_members(CalibrationConfig(method="ensemble", features=("margin",), members=(("mahalanobis",),)))

@@ -170,3 +170,36 @@ def test_float32_profiles_match_pearson_without_a_normalised_copy():
     assert (got[0, :, 2] == 0).all() and (got[1, 1] == 0).all()
     # what the bank caches per layer is (K,) row statistics, not a second (K, k) copy of the prototypes
     assert all(t.shape == (5,) for stats in bank._row_stats.values() for t in stats)
+
+
+MEMORY_PROBE = """
+import ctypes, numpy as np, torch
+from detector.reference import ReferenceBank, word_similarity
+
+def status(field):  # kB
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+
+k = 2_000_000
+bank = ReferenceBank(("a",), {"a": torch.rand(4, k).numpy()}, np.arange(4), word_similarity(np.eye(4, 3) + 1))
+bank._row_stats  # computed once, at load: not part of a request
+x = torch.rand(8, k)  # 61 MiB of float32 activations
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed setup memory back, so it cannot hide new allocations
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
+before = status("VmRSS")
+bank.layer_profiles({"a": x})
+print((status("VmHWM") - before) / 1024)  # MiB
+"""
+
+
+def test_serving_profiles_make_no_float64_copy_of_the_activations():
+    # New peak memory of one call, in a fresh process: the float32 centred copy of the batch (61 MiB)
+    # and small temporaries; a float64 copy of it would be 122 MiB on its own.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True)
+    if "clear_refs" in out.stderr or "libc.so.6" in out.stderr:
+        pytest.skip(f"cannot reset or read peak memory here: {out.stderr.strip().splitlines()[-1]}")
+    assert out.returncode == 0, out.stderr
+    peak = float(out.stdout.strip())
+    assert 30 < peak < 100, f"peak {peak:.1f} MiB"  # measured 61.7; with a float64 copy >= 122
