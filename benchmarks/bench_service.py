@@ -26,27 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class _Info:
-    model_name: str
-    labels: list[str]
-    layers: list[str]
-    input_shape: tuple[int, int, int]
-    threshold: float
-    flagger_method: str
-
-
-@dataclass(frozen=True)
-class _Verdict:
-    prediction: int
-    label: str
-    top5: list
-    logits: np.ndarray
-    signature: np.ndarray
-    score: float
-    flagged: bool
-    disagreeing_layers: list
+from detector.guard import GuardInfo, Verdict
 
 
 class BenchGuard:
@@ -64,7 +44,7 @@ class BenchGuard:
             getattr(self.model, name).register_forward_hook(
                 lambda _m, _i, out, name=name: self.acts.__setitem__(name, out))
         k = self.model.config.num_classes
-        self.info = _Info("worldnet", [f"c{i}" for i in range(k)], self.layers, (3, 32, 32), 1.0, "bench")
+        self.info = GuardInfo("worldnet", [f"c{i}" for i in range(k)], self.layers, (3, 32, 32), 1.0, "bench")
 
     def inspect(self, images):
         import torch
@@ -77,7 +57,7 @@ class BenchGuard:
         out = []
         for b in range(len(images)):
             pred = int(top_i[b, 0])
-            out.append(_Verdict(pred, self.info.labels[pred], list(zip(top_i[b].tolist(), top_p[b].tolist())),
+            out.append(Verdict(pred, self.info.labels[pred], list(zip(top_i[b].tolist(), top_p[b].tolist())),
                                 logits[b].numpy(), sig[b].numpy(), float(sig[b].mean()), False, []))
         return out
 

@@ -24,10 +24,9 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from detector.reference import Reduction
+from detector.reference import Reduction, read_checked
 from detector.rsa import ArrayLike, as_float64
 
 MAHALANOBIS_FORMAT = "semguard.mahalanobis/1"
@@ -194,11 +193,7 @@ def save_mahalanobis(detector: MahalanobisDetector, path: str | Path) -> Path:
 
 
 def load_mahalanobis(path: str | Path) -> MahalanobisDetector:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != MAHALANOBIS_FORMAT:
-        raise ValueError(f"{path} is not a semguard Mahalanobis detector (format {meta.get('format')!r})")
-    t = load_file(str(path))
+    t, meta = read_checked(path, MAHALANOBIS_FORMAT, "Mahalanobis detector")
     layers = tuple(json.loads(meta["layers"]))
     return MahalanobisDetector(
         layers,

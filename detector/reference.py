@@ -32,6 +32,7 @@ from typing import Literal, Mapping, NamedTuple
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from detector.rsa import ArrayLike, _correlation_matrix_t, _unit_rows, as_float64
@@ -371,15 +372,19 @@ def save_bank(bank: ReferenceBank, path: str | Path) -> Path:
     return Path(path)
 
 
-def load_bank(path: str | Path) -> ReferenceBank:
-    """Read a bank written by `save_bank`; a file of another kind is a ValueError."""
-    from safetensors import safe_open
-
+def read_checked(path: str | Path, expected_format: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file whose metadata "format" is `expected_format`, else a
+    ValueError naming `what` the file should have been."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if meta.get("format") != BANK_FORMAT:
-        raise ValueError(f"{path} is not a semguard reference bank (format {meta.get('format')!r}, expected {BANK_FORMAT!r})")
-    t = load_file(str(path))
+    if meta.get("format") != expected_format:
+        raise ValueError(f"{path} is not a semguard {what} (format {meta.get('format')!r}, expected {expected_format!r})")
+    return load_file(str(path)), meta
+
+
+def load_bank(path: str | Path) -> ReferenceBank:
+    """Read a bank written by `save_bank`; a file of another kind is a ValueError."""
+    t, meta = read_checked(path, BANK_FORMAT, "reference bank")
     layers = tuple(json.loads(meta["layers"]))
     return ReferenceBank(
         layers=layers,

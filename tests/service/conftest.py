@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -21,30 +21,9 @@ import pytest
 import torch
 from torch import nn
 
+from detector.guard import GuardInfo, Verdict
 from service.config import ServiceConfig
 from service.server import CreatedServer, create_server
-
-
-@dataclass(frozen=True)
-class GuardInfo:
-    model_name: str
-    labels: list[str]
-    layers: list[str]
-    input_shape: tuple[int, int, int]
-    threshold: float
-    flagger_method: str
-
-
-@dataclass(frozen=True)
-class Verdict:
-    prediction: int
-    label: str
-    top5: list[tuple[int, float]]
-    logits: np.ndarray
-    signature: np.ndarray
-    score: float
-    flagged: bool
-    disagreeing_layers: list[str] = field(default_factory=list)
 
 
 class TinyCNN(nn.Module):
