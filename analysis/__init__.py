@@ -1,0 +1,2 @@
+if __name__ != "semguard.analysis":  # this folder installs as semguard.analysis only (ARCHITECTURE.md, Packaging)
+    raise ImportError(f"import semguard.analysis, not {__name__}: semguard installs one import name")

@@ -8,7 +8,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from analysis.one_vs_two import (
+from semguard.analysis.one_vs_two import (
     OneVsTwoScores,
     ReferenceSet,
     choose_reference_set,
@@ -16,9 +16,9 @@ from analysis.one_vs_two import (
     one_vs_two_by_layer,
     reference_profiles,
 )
-from attacks.store import AttackSet
-from detector.layers import LayerTap, iter_activations
-from models.inputs import as_model_input
+from semguard.attacks.store import AttackSet
+from semguard.detector.layers import LayerTap, iter_activations
+from semguard.models.inputs import as_model_input
 
 
 @dataclass(frozen=True)

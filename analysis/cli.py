@@ -31,8 +31,8 @@ def add_quickstart_command(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from analysis.quickstart import QuickstartConfig, run_quickstart
-    from world import WorldSettings
+    from semguard.analysis.quickstart import QuickstartConfig, run_quickstart
+    from semguard.world import WorldSettings
 
     world = WorldSettings()
     if args.classes is not None:
@@ -77,10 +77,10 @@ def add_attack_analyze_command(attack_commands: argparse._SubParsersAction) -> N
 
 
 def run_attack_analyze(args: argparse.Namespace) -> int:
-    from analysis.quickstart import analyze_attacks
-    from attacks.generate import model_fingerprint
-    from attacks.store import load_attack_set
-    from world.inputs import load_world_inputs
+    from semguard.analysis.quickstart import analyze_attacks
+    from semguard.attacks.generate import model_fingerprint
+    from semguard.attacks.store import load_attack_set
+    from semguard.world.inputs import load_world_inputs
 
     try:
         attack_set = load_attack_set(args.attack_set)

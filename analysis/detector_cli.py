@@ -40,7 +40,7 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> argparse._S
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    from analysis.detector_eval import DetectorEvalConfig
+    from semguard.analysis.detector_eval import DetectorEvalConfig
 
     d, e = DetectorEvalConfig().detector, DetectorEvalConfig()
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="embedded world cache (built when missing)")
@@ -63,7 +63,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from analysis.detector_eval import DetectorEvalConfig, quick_config
+    from semguard.analysis.detector_eval import DetectorEvalConfig, quick_config
 
     d = DetectorEvalConfig()
     detector = dataclasses.replace(d.detector, method=args.method, features=tuple(args.features.split(",")),
@@ -82,7 +82,7 @@ def _config(args: argparse.Namespace):
 
 def _checked_config(args: argparse.Namespace):
     """_config, a bad value ending the command with its message (before the world is built)."""
-    from detector.calibrate import ensemble_members
+    from semguard.detector.calibrate import ensemble_members
 
     try:
         cfg = _config(args)
@@ -94,8 +94,8 @@ def _checked_config(args: argparse.Namespace):
 
 def _world(args: argparse.Namespace):
     """(world, model, word vectors (C, d) aligned with world.classes)."""
-    from detector.words import load_vectors, match_labels
-    from world import WorldSettings, build_world, load_world_model
+    from semguard.detector.words import load_vectors, match_labels
+    from semguard.world import WorldSettings, build_world, load_world_model
 
     world = build_world(WorldSettings(seed=args.world_seed), args.cache_dir, progress=not args.quiet)
     words = match_labels(load_vectors(world.vectors_path), list(world.classes))
@@ -105,11 +105,11 @@ def _world(args: argparse.Namespace):
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from analysis.detector_eval import split_clean, training_attacks, worldnet_spec
-    from detector.flagger import SUPERVISED
-    from models.inputs import as_model_input, predict
-    from detector.guard import calibrate_guard
-    from detector.layers import preset_layers
+    from semguard.analysis.detector_eval import split_clean, training_attacks, worldnet_spec
+    from semguard.detector.flagger import SUPERVISED
+    from semguard.models.inputs import as_model_input, predict
+    from semguard.detector.guard import calibrate_guard
+    from semguard.detector.layers import preset_layers
 
     cfg, (world, model, vectors) = _checked_config(args), _world(args)
     x, y = as_model_input(world.test_images), world.test_labels
@@ -129,7 +129,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from analysis.detector_eval import evaluate_world_detector
+    from semguard.analysis.detector_eval import evaluate_world_detector
 
     cfg, (world, model, vectors) = _checked_config(args), _world(args)
     ev = evaluate_world_detector(world, model, vectors, args.out, cfg)

@@ -32,16 +32,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.inputs import as_model_input, predict
-from attacks.registry import get_attack
-from attacks.targets import select_targets
-from detector.bundle import ModelSpec
-from detector.calibrate import CalibrationConfig, calibrate_guard
-from detector.evaluate import DetectionMetrics, detection_metrics, roc_curve
-from detector.flagger import SUPERVISED
-from detector.guard import Guard
+from semguard.models.inputs import as_model_input, predict
+from semguard.attacks.registry import get_attack
+from semguard.attacks.targets import select_targets
+from semguard.detector.bundle import ModelSpec
+from semguard.detector.calibrate import CalibrationConfig, calibrate_guard
+from semguard.detector.evaluate import DetectionMetrics, detection_metrics, roc_curve
+from semguard.detector.flagger import SUPERVISED
+from semguard.detector.guard import Guard
 
-import attacks  # noqa: F401,E402  (registers every attack)
+import semguard.attacks  # noqa: F401,E402  (registers every attack)
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ def art_binary_detector(model: nn.Module, clean: torch.Tensor, adversarial: torc
     from art.defences.detector.evasion import BinaryActivationDetector
     from art.estimators.classification import PyTorchClassifier
 
-    from attacks.art_backend import make_classifier
+    from semguard.attacks.art_backend import make_classifier
 
     classifier = make_classifier(model, clean[:1])
     shape = classifier.get_activations(clean[:1].numpy(), layer, 1).shape[1:]
@@ -383,7 +383,7 @@ def evaluate_detector(
                           "eval_fraction": cfg.eval_fraction, "seed": cfg.seed},
                    bundle="bundle", timings_s=timings)
     roc = plot_roc(out / "detector_roc.png", curves, roles, runs)
-    from analysis.report import write_json_atomic
+    from semguard.analysis.report import write_json_atomic
 
     write_json_atomic(out / "detector_eval.json", results)
     return DetectorEvaluation(results, out / "bundle", roc)
@@ -458,7 +458,7 @@ def quick_config(config: DetectorEvalConfig = DetectorEvalConfig(), n_sources: i
 def worldnet_spec(model: nn.Module) -> ModelSpec:
     """How a bundle rebuilds the world's CNN: the "worldnet" builder that models.worldnet registers."""
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
-    return ModelSpec("worldnet", kwargs, module="models.worldnet")
+    return ModelSpec("worldnet", kwargs, module="semguard.models.worldnet")
 
 
 def evaluate_world_detector(world, model: nn.Module, word_vectors: np.ndarray, out_dir: str | Path,
@@ -468,7 +468,7 @@ def evaluate_world_detector(world, model: nn.Module, word_vectors: np.ndarray, o
     world: a world.World (classes, test_images uint8 (N, 32, 32, 3), test_labels, model_path);
     model: its CNN; word_vectors (C, d) aligned with world.classes.
     """
-    from detector.layers import preset_layers
+    from semguard.detector.layers import preset_layers
 
     return evaluate_detector(
         model, worldnet_spec(model), preset_layers("worldnet"), list(world.classes), np.asarray(word_vectors),

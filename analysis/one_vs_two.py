@@ -7,8 +7,8 @@ from typing import Iterable
 
 import numpy as np
 
-from detector.rsa import TIE_TOLERANCE, cross_correlation, one_vs_two_margin
-from detector.significance import bhy, permutation_test_one_vs_two
+from semguard.detector.rsa import TIE_TOLERANCE, cross_correlation, one_vs_two_margin
+from semguard.detector.significance import bhy, permutation_test_one_vs_two
 
 
 @dataclass(frozen=True)

@@ -14,18 +14,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from analysis.adversarial import CleanSet, adversarial_one_vs_two, build_references, misclassified_one_vs_two
-from analysis.detector_eval import DetectorEvalConfig, evaluate_world_detector
-from analysis.figures import plot_by_layer
-from analysis.one_vs_two import block_average
-from analysis.report import render_report, write_json_atomic
-from analysis.two_vs_two import activations_by_set, image_set_indices, two_vs_two_by_layer
-from attacks.generate import GenerateParams, generate_attack_set
-from attacks.store import AttackSet, load_attack_set
-from detector.layers import LayerTap, preset_info, preset_layers
-from models.inputs import as_model_input, predict
-from world import WorldSettings
-from world.inputs import DEFAULT_CACHE_DIR, WorldInputs, load_world_inputs
+from semguard.analysis.adversarial import CleanSet, adversarial_one_vs_two, build_references, misclassified_one_vs_two
+from semguard.analysis.detector_eval import DetectorEvalConfig, evaluate_world_detector
+from semguard.analysis.figures import plot_by_layer
+from semguard.analysis.one_vs_two import block_average
+from semguard.analysis.report import render_report, write_json_atomic
+from semguard.analysis.two_vs_two import activations_by_set, image_set_indices, two_vs_two_by_layer
+from semguard.attacks.generate import GenerateParams, generate_attack_set
+from semguard.attacks.store import AttackSet, load_attack_set
+from semguard.detector.layers import LayerTap, preset_info, preset_layers
+from semguard.models.inputs import as_model_input, predict
+from semguard.world import WorldSettings
+from semguard.world.inputs import DEFAULT_CACHE_DIR, WorldInputs, load_world_inputs
 
 
 @dataclass(frozen=True)

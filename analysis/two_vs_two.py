@@ -7,8 +7,8 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from detector.rsa import correlation_matrix, two_vs_two
-from detector.significance import bhy, permutation_test_two_vs_two
+from semguard.detector.rsa import correlation_matrix, two_vs_two
+from semguard.detector.significance import bhy, permutation_test_two_vs_two
 
 
 @dataclass(frozen=True)

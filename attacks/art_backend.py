@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks.common import CLIP_VALUES
+from semguard.attacks.common import CLIP_VALUES
 
 
 def num_classes(model: nn.Module, images: torch.Tensor) -> int:

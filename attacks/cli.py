@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from attacks.generate import GenerateParams, generate_attack_set
-from attacks.mifgsm import BACKENDS
+from semguard.attacks.generate import GenerateParams, generate_attack_set
+from semguard.attacks.mifgsm import BACKENDS
 
 DEFAULT_WORLD_CACHE = Path(".semguard/world")  # = world.inputs.DEFAULT_CACHE_DIR (not imported: world is heavy)
 
@@ -41,7 +41,7 @@ def add_attack_commands(subparsers: argparse._SubParsersAction) -> argparse._Sub
 
 def _world_inputs(cache_dir: Path):
     """(model, test images, test labels, class names, word vectors (n_classes, d))."""
-    from world.inputs import load_world_inputs
+    from semguard.world.inputs import load_world_inputs
 
     inputs = load_world_inputs(cache_dir=cache_dir)
     w = inputs.world

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attacks.common import check_images_targets, check_positive, eval_mode
-from attacks.registry import register_attack
+from semguard.attacks.common import check_images_targets, check_positive, eval_mode
+from semguard.attacks.registry import register_attack
 
 
 @register_attack("cw_l2")
@@ -29,7 +29,7 @@ def cw_l2(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, confide
         return images.clone()
     from art.attacks.evasion import CarliniL2Method
 
-    from attacks.art_backend import make_classifier, run_art_attack
+    from semguard.attacks.art_backend import make_classifier, run_art_attack
 
     with eval_mode(model):
         attack = CarliniL2Method(

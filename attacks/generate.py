@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from attacks.common import check_positive
-from attacks.mifgsm import BACKENDS
-from attacks.registry import get_attack
-from attacks.store import open_attack_set, shard_name
-from attacks.targets import TargetPlan, choose_sources, plan_targets
-from models.inputs import as_model_input, predict
+from semguard.attacks.common import check_positive
+from semguard.attacks.mifgsm import BACKENDS
+from semguard.attacks.registry import get_attack
+from semguard.attacks.store import open_attack_set, shard_name
+from semguard.attacks.targets import TargetPlan, choose_sources, plan_targets
+from semguard.models.inputs import as_model_input, predict
 
 # Parameters each stored attack takes from GenerateParams.
 _ATTACK_ARGS = {"mifgsm": ("eps", "step", "decay", "iterations", "backend"), "pgd": ("eps", "step", "iterations")}

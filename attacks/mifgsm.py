@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attacks.common import check_images_targets, check_positive, eval_mode, linf_step, loss_gradient
-from attacks.registry import register_attack
+from semguard.attacks.common import check_images_targets, check_positive, eval_mode, linf_step, loss_gradient
+from semguard.attacks.registry import register_attack
 
 BACKENDS = ("native", "art")
 
@@ -54,7 +54,7 @@ def _art(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     import numpy as np
     from art.attacks.evasion import MomentumIterativeMethod
 
-    from attacks.art_backend import make_classifier, run_art_attack
+    from semguard.attacks.art_backend import make_classifier, run_art_attack
 
     attack = MomentumIterativeMethod(
         make_classifier(model, images), norm=np.inf, eps=eps, eps_step=step, decay=decay,

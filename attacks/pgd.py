@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attacks.common import check_images_targets, check_positive, eval_mode
-from attacks.registry import register_attack
+from semguard.attacks.common import check_images_targets, check_positive, eval_mode
+from semguard.attacks.registry import register_attack
 
 
 @register_attack("pgd")
@@ -25,7 +25,7 @@ def pgd(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, eps: floa
     import numpy as np
     from art.attacks.evasion import ProjectedGradientDescent
 
-    from attacks.art_backend import make_classifier, run_art_attack
+    from semguard.attacks.art_backend import make_classifier, run_art_attack
 
     with eval_mode(model):
         attack = ProjectedGradientDescent(

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from detector.rsa import correlation_matrix
+from semguard.detector.rsa import correlation_matrix
 
 
 class TargetSelection(NamedTuple):

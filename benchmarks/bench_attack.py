@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from attacks.mifgsm import mifgsm
-from models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalized
-from models.worldnet import WorldNet
+from semguard.attacks.mifgsm import mifgsm
+from semguard.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalized
+from semguard.models.worldnet import WorldNet
 
 ITERATIONS = 20
 

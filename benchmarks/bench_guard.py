@@ -34,24 +34,24 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from analysis.detector_eval import DetectorEvalConfig
-from detector.bundle import Bundle, BundleManifest, ModelSpec
-from detector.calibrate import CalibrationConfig, bank_reductions, density_reductions, guard_features, layer_shapes
-from detector.flagger import feature_names, fit_flagger
-from detector.guard import Guard
-from detector.layers import LayerTap, preset_layers
-from detector.mahalanobis import MahalanobisDetector, fit_mahalanobis, reduce_features
-from detector.reference import Reduction, ReferenceBank, word_similarity
-from detector.signature import reduction_agreement
-from models.normalize import imagenet_classifier
+from semguard.analysis.detector_eval import DetectorEvalConfig
+from semguard.detector.bundle import Bundle, BundleManifest, ModelSpec
+from semguard.detector.calibrate import CalibrationConfig, bank_reductions, density_reductions, guard_features, layer_shapes
+from semguard.detector.flagger import feature_names, fit_flagger
+from semguard.detector.guard import Guard
+from semguard.detector.layers import LayerTap, preset_layers
+from semguard.detector.mahalanobis import MahalanobisDetector, fit_mahalanobis, reduce_features
+from semguard.detector.reference import Reduction, ReferenceBank, word_similarity
+from semguard.detector.signature import reduction_agreement
+from semguard.models.normalize import imagenet_classifier
 
 FAST_WIDTH = 4096  # layers wider than this are count-sketched in fast mode
 
 
 def world_model(cache_dir: Path) -> tuple[torch.nn.Module, str, list[str]]:
     """The embedded world's trained CNN when it is already built in cache_dir, else a fresh WorldNet (same cost)."""
-    from models.worldnet import WorldNet
-    from world import WorldSettings, build_world, load_world_model
+    from semguard.models.worldnet import WorldNet
+    from semguard.world import WorldSettings, build_world, load_world_model
 
     settings = WorldSettings()
     if (cache_dir / settings.key() / "meta.json").is_file():  # built: reading it is cheap, building is not

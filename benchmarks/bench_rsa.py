@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from detector.rsa import correlation_matrix, two_vs_two
-from detector.significance import permutation_test_two_vs_two
+from semguard.detector.rsa import correlation_matrix, two_vs_two
+from semguard.detector.significance import permutation_test_two_vs_two
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detector.guard import GuardInfo, Verdict
+from semguard.detector.guard import GuardInfo, Verdict
 
 
 class BenchGuard:
@@ -34,7 +34,7 @@ class BenchGuard:
 
     def __init__(self) -> None:
         import torch
-        from models.worldnet import WorldNet
+        from semguard.models.worldnet import WorldNet
 
         torch.manual_seed(0)
         self.model = WorldNet().eval()
@@ -63,8 +63,8 @@ class BenchGuard:
 
 
 def _serve(max_batch_size: int, delay_ms: float, bundle: str | None, torch_threads: int | None, conn) -> None:
-    from service.config import ServiceConfig
-    from service.server import create_server, load_guard
+    from semguard.service.config import ServiceConfig
+    from semguard.service.server import create_server, load_guard
 
     guard = load_guard(bundle) if bundle else BenchGuard()
     config = ServiceConfig(grpc_port=0, metrics_port=None, max_batch_size=max_batch_size,

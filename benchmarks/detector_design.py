@@ -22,18 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.detector_eval import (
+from semguard.analysis.detector_eval import (
     DEFAULT_ATTACKS, EARLY_MIFGSM, PAPER_MIFGSM, SMALL_MIFGSM, AttackSpec, DetectorEvalConfig, plan_attack, run_attack,
     split_clean, worldnet_spec,
 )
-from detector.calibrate import CalibrationConfig, calibrate_guard, fit_calib_split, guard_features
-from detector.evaluate import detection_metrics
-from detector.flagger import fit_flagger
-from detector.guard import Guard
-from detector.layers import preset_layers
-from models.inputs import as_model_input, predict
-from world.build import WorldSettings
-from world.inputs import load_world_inputs
+from semguard.detector.calibrate import CalibrationConfig, calibrate_guard, fit_calib_split, guard_features
+from semguard.detector.evaluate import detection_metrics
+from semguard.detector.flagger import fit_flagger
+from semguard.detector.guard import Guard
+from semguard.detector.layers import preset_layers
+from semguard.models.inputs import as_model_input, predict
+from semguard.world.build import WorldSettings
+from semguard.world.inputs import load_world_inputs
 
 KINDS = ("fraction", "margin", "mahalanobis")
 TRAIN = {  # name -> (attack params, plan seed offset as in DetectorEvalConfig.train_attacks)

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from analysis.detector_eval import (
+from semguard.analysis.detector_eval import (
     SMALL_MIFGSM, AttackSpec, DetectorEvalConfig, evaluate_world_detector, plan_attack, run_attack, split_clean,
 )
-from detector.guard import Guard
-from detector.signature import reduction_agreement
-from models.inputs import as_model_input, predict
-from world.build import WorldSettings
-from world.inputs import load_world_inputs
+from semguard.detector.guard import Guard
+from semguard.detector.signature import reduction_agreement
+from semguard.models.inputs import as_model_input, predict
+from semguard.world.build import WorldSettings
+from semguard.world.inputs import load_world_inputs
 
 REDUCTIONS = ("exact", "sketch", "projection", "channel_pool")
 

@@ -1,0 +1,2 @@
+if __name__ != "semguard.detector":  # this folder installs as semguard.detector only (ARCHITECTURE.md, Packaging)
+    raise ImportError(f"import semguard.detector, not {__name__}: semguard installs one import name")

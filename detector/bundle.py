@@ -32,9 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
-from detector.flagger import Flagger
-from detector.mahalanobis import MahalanobisDetector, load_mahalanobis, save_mahalanobis
-from detector.reference import ReferenceBank, load_bank, save_bank, word_similarity
+from semguard.detector.flagger import Flagger
+from semguard.detector.mahalanobis import MahalanobisDetector, load_mahalanobis, save_mahalanobis
+from semguard.detector.reference import ReferenceBank, load_bank, save_bank, word_similarity
 
 BUNDLE_FORMAT = "semguard.bundle/1"
 FILES = {
@@ -76,7 +76,7 @@ def known_model_builders() -> list[str]:
 @register_model_builder("torchvision")
 def _torchvision(arch: str, num_classes: int = 1000) -> nn.Module:
     # A bare torchvision classifier (no normalisation inside): models.normalize registers wrapped ones.
-    from detector.layers import build_torchvision_model
+    from semguard.detector.layers import build_torchvision_model
 
     return build_torchvision_model(arch, None, num_classes)
 
@@ -87,7 +87,7 @@ class ModelSpec:
 
     builder: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-    module: str | None = None  # e.g. "models.worldnet"; imported on demand if in PLUGIN_PACKAGES
+    module: str | None = None  # e.g. "semguard.models.worldnet"; imported on demand if in PLUGIN_PACKAGES
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

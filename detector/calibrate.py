@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.bundle import BundleManifest, ModelSpec, write_bundle
-from detector.flagger import FEATURE_KINDS, assemble_features, feature_names, fit_flagger
-from detector.layers import LayerTap, iter_activations
-from detector.mahalanobis import MahalanobisDetector, fit_mahalanobis
-from detector.reference import (
+from semguard.detector.bundle import BundleManifest, ModelSpec, write_bundle
+from semguard.detector.flagger import FEATURE_KINDS, assemble_features, feature_names, fit_flagger
+from semguard.detector.layers import LayerTap, iter_activations
+from semguard.detector.mahalanobis import MahalanobisDetector, fit_mahalanobis
+from semguard.detector.reference import (
     SPACES, Reduction, ReferenceBank, build_reference_bank, class_similarity, select_references,
     shuffled_word_similarity, word_similarity,
 )
-from detector.signature import signature_parts
+from semguard.detector.signature import signature_parts
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from typing import Mapping
 
 import numpy as np
 
-from detector.mahalanobis import ledoit_wolf
-from detector.signature import Signature
+from semguard.detector.mahalanobis import ledoit_wolf
+from semguard.detector.signature import Signature
 
 METHODS = ("gaussian", "logistic", "ensemble")
 SUPERVISED = ("logistic", "ensemble")

@@ -18,11 +18,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from detector.bundle import Bundle, BundleError, read_bundle
-from detector.calibrate import CalibrationConfig, CalibrationReport, calibrate_guard  # noqa: F401 (public here too)
-from detector.flagger import Flagger, assemble_features
-from detector.layers import LayerTap
-from detector.signature import signature_parts
+from semguard.detector.bundle import Bundle, BundleError, read_bundle
+from semguard.detector.calibrate import CalibrationConfig, CalibrationReport, calibrate_guard  # noqa: F401 (public here too)
+from semguard.detector.flagger import Flagger, assemble_features
+from semguard.detector.layers import LayerTap
+from semguard.detector.signature import signature_parts
 
 PIXEL_TOLERANCE = 1e-4  # images a resize or colour conversion pushed just past [0, 1] are still accepted
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from detector.reference import Reduction, read_checked
-from detector.rsa import ArrayLike, as_float64
+from semguard.detector.reference import Reduction, read_checked
+from semguard.detector.rsa import ArrayLike, as_float64
 
 MAHALANOBIS_FORMAT = "semguard.mahalanobis/1"
 

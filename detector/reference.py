@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from detector.rsa import ArrayLike, _correlation_matrix_t, _unit_rows, as_float64
+from semguard.detector.rsa import ArrayLike, _correlation_matrix_t, _unit_rows, as_float64
 
 SpaceName = Literal["words", "class_similarity", "shuffled_words"]
 SPACES = ("words", "class_similarity", "shuffled_words")

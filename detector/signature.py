@@ -26,8 +26,8 @@ from typing import Mapping, NamedTuple
 import numpy as np
 import torch
 
-from detector.reference import ReferenceBank
-from detector.rsa import TIE_TOLERANCE, ArrayLike, _pearson_from_moments, as_float64
+from semguard.detector.reference import ReferenceBank
+from semguard.detector.rsa import TIE_TOLERANCE, ArrayLike, _pearson_from_moments, as_float64
 
 
 class Signature(NamedTuple):

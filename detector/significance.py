@@ -12,7 +12,7 @@ import numpy as np
 import scipy.stats
 import torch
 
-from detector.rsa import ArrayLike, TIE_TOLERANCE, _accuracy_from_outcomes, _check_square_pair, _pair_outcomes_t, as_float64
+from semguard.detector.rsa import ArrayLike, TIE_TOLERANCE, _accuracy_from_outcomes, _check_square_pair, _pair_outcomes_t, as_float64
 
 Alternative = Literal["greater", "less", "two-sided"]
 

@@ -245,7 +245,7 @@ def match_labels(kv: KeyedVectors, labels: list[Label]) -> LabelMatch:
 
 
 def _read_cifar100() -> list[str]:
-    text = importlib.resources.files("detector").joinpath("data/cifar100.txt").read_text(encoding="utf-8")
+    text = importlib.resources.files(__package__).joinpath("data/cifar100.txt").read_text(encoding="utf-8")
     return text.split()
 
 

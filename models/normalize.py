@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from detector.layers import build_torchvision_model
+from semguard.detector.layers import build_torchvision_model
 
 # torchvision's ImageNet statistics (the transforms of every IMAGENET1K weight set).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from detector.layers import LayerInfo, register_preset
+from semguard.detector.layers import LayerInfo, register_preset
 
 # Per-channel statistics of the world's images (mid grey with a wide spread);
 # exact values matter little because BatchNorm follows, only the scale of the input.
@@ -139,7 +139,7 @@ def load_world_model(path: str | Path) -> WorldNet:
 
 # Guard bundles (detector.bundle) rebuild the world CNN by name from WorldNetConfig's fields, stored as
 # JSON kwargs (tuples become lists); analysis.detector_eval.worldnet_spec writes them.
-from detector.bundle import register_model_builder  # noqa: E402  (models -> detector, as the preset above)
+from semguard.detector.bundle import register_model_builder  # noqa: E402  (models -> detector, as the preset above)
 
 
 @register_model_builder("worldnet")

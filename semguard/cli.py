@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from analysis.cli import add_attack_analyze_command, add_quickstart_command
-from analysis.detector_cli import add_detector_commands
-from attacks.cli import add_attack_commands
-from service.cli import add_serve_command
+from semguard.analysis.cli import add_attack_analyze_command, add_quickstart_command
+from semguard.analysis.detector_cli import add_detector_commands
+from semguard.attacks.cli import add_attack_commands
+from semguard.service.cli import add_serve_command
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from service.config import BLOCK_ACTIONS, POLICIES, ServiceConfig
+from semguard.service.config import BLOCK_ACTIONS, POLICIES, ServiceConfig
 
 # (flag, ServiceConfig field, type, help); the environment variable is SEMGUARD_<FIELD upper-cased>.
 FLAGS: list[tuple[str, str, Any, str]] = [
@@ -81,5 +81,5 @@ def run_serve(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.bundle):
         hint = " (run `semguard quickstart --out runs/quickstart` first)" if args.bundle == DEFAULT_BUNDLE else ""
         raise SystemExit(f"semguard serve: bundle directory {args.bundle} does not exist{hint}")
-    from service.server import serve  # grpc/torch imported only when serving
+    from semguard.service.server import serve  # grpc/torch imported only when serving
     return serve(config_from_args(args), args.bundle)

@@ -17,9 +17,9 @@ import grpc
 import numpy as np
 import torch
 
-from service.batcher import DynamicBatcher
-from service.config import ServiceConfig
-from service.metrics import ServiceMetrics
+from semguard.service.batcher import DynamicBatcher
+from semguard.service.config import ServiceConfig
+from semguard.service.metrics import ServiceMetrics
 
 T = TypeVar("T")
 GUARD_STAGES = ("forward", "signature", "flagger")

@@ -6,7 +6,7 @@ import logging
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
+from semguard.service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 
 log = logging.getLogger(__name__)
 

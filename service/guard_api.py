@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from service import decode
-from service.config import ServiceConfig
-from service.engine import GuardEngine
-from service.generated import guard_pb2 as pb
-from service.generated import guard_pb2_grpc as pb_grpc
+from semguard.service import decode
+from semguard.service.config import ServiceConfig
+from semguard.service.engine import GuardEngine
+from semguard.service.generated import guard_pb2 as pb
+from semguard.service.generated import guard_pb2_grpc as pb_grpc
 
 
 def request_images(request: pb.InspectRequest, input_shape: Sequence[int], max_pixels: int) -> np.ndarray:

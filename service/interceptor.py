@@ -12,8 +12,8 @@ from typing import Any, NoReturn
 
 import grpc
 
-from service.errors import ServiceError, status_for
-from service.metrics import ServiceMetrics
+from semguard.service.errors import ServiceError, status_for
+from semguard.service.metrics import ServiceMetrics
 
 
 def _parser(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any]:

@@ -20,11 +20,11 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service import decode
-from service.config import ServiceConfig
-from service.engine import GuardEngine, time_remaining
-from service.errors import ServiceError
-from service.upstream import Upstream
+from semguard.service import decode
+from semguard.service.config import ServiceConfig
+from semguard.service.engine import GuardEngine, time_remaining
+from semguard.service.errors import ServiceError
+from semguard.service.upstream import Upstream
 
 VERSION = "1"
 GUARD_OUTPUTS = ("SCORE", "FLAG", "SIGNATURE")  # what the guard adds to an upstream's answer

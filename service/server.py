@@ -20,14 +20,14 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
-from service.config import ServiceConfig
-from service.engine import GuardEngine, GuardLike
-from service.generated import guard_pb2, guard_pb2_grpc
-from service.guard_api import GuardServicer
-from service.interceptor import GuardInterceptor
-from service.metrics import ServiceMetrics
-from service.oip import InferenceServicer
-from service.upstream import Upstream
+from semguard.service.config import ServiceConfig
+from semguard.service.engine import GuardEngine, GuardLike
+from semguard.service.generated import guard_pb2, guard_pb2_grpc
+from semguard.service.guard_api import GuardServicer
+from semguard.service.interceptor import GuardInterceptor
+from semguard.service.metrics import ServiceMetrics
+from semguard.service.oip import InferenceServicer
+from semguard.service.upstream import Upstream
 
 log = logging.getLogger(__name__)
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -117,7 +117,7 @@ def create_server(config: ServiceConfig, guard: GuardLike) -> CreatedServer:
 
 def load_guard(bundle: str | Path) -> GuardLike:
     """The real Guard, imported lazily so `semguard --help` does not pay for torch and the detector."""
-    from detector.guard import Guard
+    from semguard.detector.guard import Guard
     return Guard.load(bundle)
 
 

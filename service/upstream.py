@@ -11,7 +11,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service.errors import ServiceError
+from semguard.service.errors import ServiceError
 
 
 class Upstream:

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.bundle import register_model_builder
+from semguard.detector.bundle import register_model_builder
 
 LAYERS = ["conv1", "relu2", "pool"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from world.taxonomy import SUPERCLASS_NAMES, SUPERCLASS_OF, SUPERCLASSES
+from semguard.world.taxonomy import SUPERCLASS_NAMES, SUPERCLASS_OF, SUPERCLASSES
 
 SHAPES = ("round", "spiky", "boxy", "hollow", "crossed")  # silhouette families
 PARTS = ("plain", "headed", "legged", "tailed")  # part layouts attached to the body

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.worldnet import load_world_model, save_worldnet
-from world.attributes import ConceptAttributes, concept_attributes
-from world.corpus import generate_corpus, train_skipgram
-from world.render import render
-from world.taxonomy import SUPERCLASS_OF, select_classes
-from world.train import TrainSettings, accuracy, train_worldnet
+from semguard.models.worldnet import load_world_model, save_worldnet
+from semguard.world.attributes import ConceptAttributes, concept_attributes
+from semguard.world.corpus import generate_corpus, train_skipgram
+from semguard.world.render import render
+from semguard.world.taxonomy import SUPERCLASS_OF, select_classes
+from semguard.world.train import TrainSettings, accuracy, train_worldnet
 
 # Bump when the renderer, corpus or training changes what a given setting produces,
 # so stale caches are not reused.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from world.attributes import ConceptAttributes
+from semguard.world.attributes import ConceptAttributes
 
 _COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "pink", "brown", "grey", "white", "black")
 _FILLER = (

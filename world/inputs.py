@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from detector.words import load_vectors, match_labels
-from models.worldnet import load_world_model
-from world.build import World, WorldSettings, build_world
+from semguard.detector.words import load_vectors, match_labels
+from semguard.models.worldnet import load_world_model
+from semguard.world.build import World, WorldSettings, build_world
 
 DEFAULT_CACHE_DIR = Path(".semguard/world")
 

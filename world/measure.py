@@ -15,13 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from detector.layers import LayerTap, preset_layers
-from detector.rsa import correlation_matrix, two_vs_two
-from detector.words import load_vectors
-from models.worldnet import load_world_model
-from world.build import World, WorldSettings, build_world
-from models.inputs import predict
-from world.train import to_tensor
+from semguard.detector.layers import LayerTap, preset_layers
+from semguard.detector.rsa import correlation_matrix, two_vs_two
+from semguard.detector.words import load_vectors
+from semguard.models.worldnet import load_world_model
+from semguard.world.build import World, WorldSettings, build_world
+from semguard.models.inputs import predict
+from semguard.world.train import to_tensor
 
 
 def two_vs_two_curve(world: World, n_sets: int = 5) -> dict[str, float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from world.attributes import ORIENTATION_DEG, PARTS, PERIOD_PX, SHAPES, ConceptAttributes
+from semguard.world.attributes import ORIENTATION_DEG, PARTS, PERIOD_PX, SHAPES, ConceptAttributes
 
 _CHUNK = 2048  # images per vectorised chunk: bounds peak memory at ~100 MB float32
 

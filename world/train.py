@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from models.inputs import as_model_input, predict
-from models.worldnet import WorldNet, WorldNetConfig
+from semguard.models.inputs import as_model_input, predict
+from semguard.models.worldnet import WorldNet, WorldNetConfig
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""Generated protobuf/gRPC stubs; regenerate with `python -m service.gen_protos`."""
+"""Generated protobuf/gRPC stubs; regenerate with `python proto/generate.py`."""

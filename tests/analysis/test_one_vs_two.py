@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from analysis.one_vs_two import (
+from semguard.analysis.one_vs_two import (
     block_average,
     choose_reference_set,
     layer_margins,

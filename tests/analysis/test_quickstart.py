@@ -5,12 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.detector_eval import AttackSpec, DetectorEvalConfig
-from analysis.quickstart import QuickstartConfig, run_quickstart
-from attacks.generate import GenerateParams
-from detector.calibrate import CalibrationConfig
-from detector.guard import Guard
-from world import WorldSettings
+from semguard.analysis.detector_eval import AttackSpec, DetectorEvalConfig
+from semguard.analysis.quickstart import QuickstartConfig, run_quickstart
+from semguard.attacks.generate import GenerateParams
+from semguard.detector.calibrate import CalibrationConfig
+from semguard.detector.guard import Guard
+from semguard.world import WorldSettings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL_WORLD = WorldSettings(  # learns to ~0.65 test accuracy in ~16 s on one core
@@ -95,26 +95,26 @@ def test_second_run_reuses_the_world_and_gives_the_same_figures(quickstart):
 
 
 def test_attack_analyze_command_on_the_quickstart_attack_set(quickstart, tmp_path, monkeypatch, capsys):
-    import world.inputs
+    from semguard.world import inputs as world_inputs
     from semguard.cli import main
 
     config, summary = quickstart
-    small = world.inputs.load_world_inputs(SMALL_WORLD, config.cache_dir, progress=False)
-    monkeypatch.setattr(world.inputs, "load_world_inputs", lambda **kwargs: small)
+    small = world_inputs.load_world_inputs(SMALL_WORLD, config.cache_dir, progress=False)
+    monkeypatch.setattr(world_inputs, "load_world_inputs", lambda **kwargs: small)
     args = ["attack", "analyze", "--attack-set", summary["attacks"]["path"], "--out", str(tmp_path), "--permutations", "50"]
     assert main(args) == 0
     analysis = json.loads((tmp_path / "analysis.json").read_text())
     assert analysis["adversarial_one_vs_two"]["accuracy"] == summary["adversarial_one_vs_two"]["accuracy"]
     assert (tmp_path / "adversarial_one_vs_two_by_layer.png").read_bytes()[:8] == PNG_MAGIC
     assert "misclassified_count" in capsys.readouterr().out
-    other = world.inputs.WorldInputs(small.world, type(small.model)(small.model.config).eval(), small.word_vectors)
-    monkeypatch.setattr(world.inputs, "load_world_inputs", lambda **kwargs: other)
+    other = world_inputs.WorldInputs(small.world, type(small.model)(small.model.config).eval(), small.word_vectors)
+    monkeypatch.setattr(world_inputs, "load_world_inputs", lambda **kwargs: other)
     with pytest.raises(SystemExit, match="another model"):
         main(args)
 
 
 def test_code_fingerprint_follows_the_code(tmp_path):
-    from analysis.quickstart import DETECTOR_CODE, code_fingerprint
+    from semguard.analysis.quickstart import DETECTOR_CODE, code_fingerprint
 
     (tmp_path / "pkg" / "sub").mkdir(parents=True)
     (tmp_path / "pkg" / "a.py").write_text("x = 1\n")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.real_data import ImageFolder, read_cifar100_binary
-from detector.layers import LayerTap, iter_activations
-from models.worldnet import WorldNet
+from semguard.analysis.real_data import ImageFolder, read_cifar100_binary
+from semguard.detector.layers import LayerTap, iter_activations
+from semguard.models.worldnet import WorldNet
 
 
 def test_cifar100_binary_records_round_trip(tmp_path):

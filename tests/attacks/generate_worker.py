@@ -6,7 +6,7 @@ computes to LOG and sleeping SLEEP seconds after each, so the test can kill it m
 import sys
 import time
 
-from attacks.generate import GenerateParams, generate_attack_set
+from semguard.attacks.generate import GenerateParams, generate_attack_set
 from tests.attacks.tiny import tiny_world
 
 PARAMS = GenerateParams(n_sources=8, targets_per_source=6, batch_size=6, iterations=5)

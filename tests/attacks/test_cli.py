@@ -1,14 +1,14 @@
 """`semguard attack generate` end to end on the tiny model (the world loader replaced)."""
 import pytest
 
-import attacks.cli
-from attacks.store import load_attack_set
+from semguard.attacks import cli as attacks_cli
+from semguard.attacks.store import load_attack_set
 from semguard.cli import build_parser, main
 from tests.attacks.tiny import tiny_world
 
 
 def test_generate_command(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(attacks.cli, "_world_inputs", lambda cache: tiny_world())
+    monkeypatch.setattr(attacks_cli, "_world_inputs", lambda cache: tiny_world())
     argv = ["attack", "generate", "--out", str(tmp_path / "set"), "--sources", "3", "--iterations", "4",
             "--batch-size", "9", "--seed", "1"]
     assert main(argv) == 0

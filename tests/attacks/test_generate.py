@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.generate import GenerateParams, as_model_input, generate_attack_set
-from attacks.store import MANIFEST_FILE, SHARD_DIR, load_attack_set
+from semguard.attacks.generate import GenerateParams, as_model_input, generate_attack_set
+from semguard.attacks.store import MANIFEST_FILE, SHARD_DIR, load_attack_set
 from tests.attacks.generate_worker import PARAMS as WORKER_PARAMS
 from tests.attacks.tiny import tiny_world
 

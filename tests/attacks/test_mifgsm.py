@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attacks.mifgsm import mifgsm
+from semguard.attacks.mifgsm import mifgsm
 from tests.attacks.tiny import N_CLASSES, tiny_cnn
 
 # |adv - clean| <= eps holds up to the float32 rounding of clean + delta (< 1 ulp at 1.0).

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from attacks.registry import ATTACKS, get_attack, register_attack
+from semguard.attacks.registry import ATTACKS, get_attack, register_attack
 from tests.attacks.tiny import N_CLASSES, tiny_cnn
 
 FAST = {"mifgsm": dict(iterations=3), "pgd": dict(iterations=3), "cw_l2": dict(iterations=3, binary_search_steps=2)}

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from attacks.store import MANIFEST_FILE, PARAMS_FILE, SHARD_DIR, load_attack_set, open_attack_set, shard_name
+from semguard.attacks.store import MANIFEST_FILE, PARAMS_FILE, SHARD_DIR, load_attack_set, open_attack_set, shard_name
 
 HEADER = {"attack": "mifgsm", "attack_params": {"eps": 0.15}, "n_examples": 7, "shard_size": 3}
 

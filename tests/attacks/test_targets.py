@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from attacks.targets import choose_sources, plan_targets, rank_positions, select_targets
+from semguard.attacks.targets import choose_sources, plan_targets, rank_positions, select_targets
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:

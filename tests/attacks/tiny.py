@@ -38,7 +38,7 @@ def tiny_world(n_images: int = 240, n_classes: int = N_CLASSES, dim: int = 8, se
     Labels are the model's own predictions on most images (so many are 'correctly
     classified') and random on every fifth (so some are not).
     """
-    from attacks.generate import predict
+    from semguard.attacks.generate import predict
 
     model = tiny_cnn(n_classes, seed)
     rng = np.random.default_rng(seed)

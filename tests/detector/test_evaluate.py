@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from detector.evaluate import (
+from semguard.detector.evaluate import (
     auroc, detection_metrics, flagged_rate, roc_curve, threshold_at_fpr, tpr_at_fpr,
 )
 

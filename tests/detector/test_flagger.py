@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from detector.flagger import Flagger, assemble_features, feature_names, fit_flagger, tail_surprise
-from detector.signature import Signature
+from semguard.detector.flagger import Flagger, assemble_features, feature_names, fit_flagger, tail_surprise
+from semguard.detector.signature import Signature
 
 LAYERS = ["l0", "l1", "l2"]
 
@@ -93,7 +93,7 @@ def test_ensemble_scores_the_most_surprised_member():
 
 
 def test_tail_scale_rests_on_ten_points_at_least():
-    from detector.flagger import _tail
+    from semguard.detector.flagger import _tail
 
     logits = np.arange(19.0) ** 2  # 19 calibration images: 5% would be one point, whose excess is 0
     ref, scale = _tail(logits)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from detector.bundle import BundleError, ModelSpec, read_bundle
-from detector.calibrate import CalibrationConfig
-from detector.guard import Guard, Verdict, calibrate_guard
+from semguard.detector.bundle import BundleError, ModelSpec, read_bundle
+from semguard.detector.calibrate import CalibrationConfig
+from semguard.detector.guard import Guard, Verdict, calibrate_guard
 from tests.tiny_cnn import LAYERS, TinyCNN, fit_head
 
 N_CLASSES = 8
@@ -174,7 +174,7 @@ def test_ensemble_flagger_and_sketched_bank(world, tmp_path):
 
 
 def test_ensemble_members_are_cut_to_the_configured_features():
-    from detector.calibrate import ensemble_members
+    from semguard.detector.calibrate import ensemble_members
 
     cfg = CalibrationConfig(method="ensemble", features=("fraction", "mahalanobis"))
     assert ensemble_members(cfg) == (("fraction", "mahalanobis"), ("mahalanobis",))

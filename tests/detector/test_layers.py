@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.models.feature_extraction import get_graph_node_names
 
-from detector import layers
-from detector.layers import (
+from semguard.detector import layers
+from semguard.detector.layers import (
     LayerInfo,
     LayerTap,
     TapOutput,
@@ -22,7 +22,7 @@ from detector.layers import (
     preset_layers,
     register_preset,
 )
-from models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalized, imagenet_classifier
+from semguard.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalized, imagenet_classifier
 
 
 def eval_nodes(model: nn.Module) -> list[str]:

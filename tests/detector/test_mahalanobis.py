@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from detector.mahalanobis import fit_mahalanobis, ledoit_wolf, load_mahalanobis, reduce_features, save_mahalanobis
-from detector.reference import Reduction
+from semguard.detector.mahalanobis import fit_mahalanobis, ledoit_wolf, load_mahalanobis, reduce_features, save_mahalanobis
+from semguard.detector.reference import Reduction
 
 
 def test_ledoit_wolf_matches_sklearn():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.reference import (
+from semguard.detector.reference import (
     Reduction, ReferenceBank, build_reference_bank, class_similarity, load_bank, save_bank, select_references,
     shuffled_word_similarity, word_similarity,
 )
@@ -87,7 +87,7 @@ def count_sketch_loop(x, dim, signs):
 
 @pytest.mark.parametrize("k, dim", [(24, 6), (23, 5), (7, 16), (40, 40)])
 def test_count_sketch_matches_definition(k, dim):
-    from detector.reference import _sketch_signs
+    from semguard.detector.reference import _sketch_signs
 
     x = np.random.default_rng(k).normal(size=(9, k)) + 3.0
     got = Reduction("sketch", dim=dim, seed=5).apply(torch.from_numpy(x))
@@ -107,7 +107,7 @@ def test_count_sketch_is_exact_in_expectation_and_chunked_rows_agree():
     # E = <ca, cb>; one sketch's sd is about sqrt((|ca|^2 |cb|^2 + <ca, cb>^2) / 64) = 0.2 <ca, cb>
     assert abs(np.mean(dots) - ca @ cb) < 0.05 * abs(ca @ cb)
     # rows are signed in chunks (2 rows of 1.5 M here): the same as the whole batch at once
-    from detector.reference import _fold, _sketch_signs
+    from semguard.detector.reference import _fold, _sketch_signs
 
     wide = torch.from_numpy(rng.normal(size=(5, 1_500_000)).astype(np.float32))
     signs, folded = _sketch_signs(1_500_000, 4096, 1, torch.float32)
@@ -174,7 +174,7 @@ def test_float32_profiles_match_pearson_without_a_normalised_copy():
 
 MEMORY_PROBE = """
 import ctypes, numpy as np, torch
-from detector.reference import ReferenceBank, word_similarity
+from semguard.detector.reference import ReferenceBank, word_similarity
 
 def status(field):  # kB
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.rsa import (
+from semguard.detector.rsa import (
     correlation_matrix,
     cross_correlation,
     one_vs_two,

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from detector.reference import Reduction, ReferenceBank, build_reference_bank, select_references, word_similarity
+from semguard.detector.reference import Reduction, ReferenceBank, build_reference_bank, select_references, word_similarity
 from tests.detector.test_rsa import pearson
-from detector.signature import (
+from semguard.detector.signature import (
     alternative_table,
     reduction_agreement,
     signature,

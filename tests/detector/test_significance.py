@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from detector.rsa import correlation_matrix, one_vs_two_margin
-from detector.significance import bhy, permutation_test_one_vs_two, permutation_test_two_vs_two
+from semguard.detector.rsa import correlation_matrix, one_vs_two_margin
+from semguard.detector.significance import bhy, permutation_test_one_vs_two, permutation_test_two_vs_two
 from tests.detector.test_rsa import related_pair, two_vs_two_pairs_loop
 
 

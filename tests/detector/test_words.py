@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from gensim.models import KeyedVectors
 
-from detector.words import (
+from semguard.detector.words import (
     CIFAR100_CLASSES,
     LabelMatch,
     candidate_keys,

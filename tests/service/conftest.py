@@ -21,9 +21,9 @@ import pytest
 import torch
 from torch import nn
 
-from detector.guard import GuardInfo, Verdict
-from service.config import ServiceConfig
-from service.server import CreatedServer, create_server
+from semguard.detector.guard import GuardInfo, Verdict
+from semguard.service.config import ServiceConfig
+from semguard.service.server import CreatedServer, create_server
 
 
 class TinyCNN(nn.Module):

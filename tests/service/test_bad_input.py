@@ -13,8 +13,8 @@ from PIL import Image
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service.decode import pack_bytes_tensor
-from service.generated import guard_pb2, guard_pb2_grpc
+from semguard.service.decode import pack_bytes_tensor
+from semguard.service.generated import guard_pb2, guard_pb2_grpc
 
 INVALID, NOT_FOUND, TOO_BIG = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                                grpc.StatusCode.RESOURCE_EXHAUSTED)

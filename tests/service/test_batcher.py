@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull
+from semguard.service.batcher import BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull
 
 
 def images(n: int, start: int = 0) -> np.ndarray:

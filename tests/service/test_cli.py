@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from semguard.cli import build_parser
-from service.cli import config_from_args
-from service.config import ServiceConfig
+from semguard.service.cli import config_from_args
+from semguard.service.config import ServiceConfig
 
 
 def test_flags_then_env_then_defaults():

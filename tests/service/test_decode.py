@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import decode
+from semguard.service import decode
 
 SHAPE = (3, 4, 5)  # (C, H, W)
 

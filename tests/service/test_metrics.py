@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from service.metrics import ServiceMetrics
+from semguard.service.metrics import ServiceMetrics
 
 DOCUMENTED = ["semguard_requests_total", "semguard_request_duration_seconds_bucket", "semguard_images_total",
               "semguard_blocked_images_total", "semguard_stage_duration_seconds_bucket",

@@ -9,10 +9,10 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 
-from detector.bundle import ModelSpec
-from detector.calibrate import CalibrationConfig
-from detector.guard import Guard, calibrate_guard
-from service.generated import guard_pb2, guard_pb2_grpc
+from semguard.detector.bundle import ModelSpec
+from semguard.detector.calibrate import CalibrationConfig
+from semguard.detector.guard import Guard, calibrate_guard
+from semguard.service.generated import guard_pb2, guard_pb2_grpc
 from tests.tiny_cnn import LAYERS, TinyCNN, fit_head
 
 N_CLASSES = 6

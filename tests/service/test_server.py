@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
-from service.generated import guard_pb2, guard_pb2_grpc
+from semguard.service.generated import guard_pb2, guard_pb2_grpc
 from tests.service.tls import write_certificates
 
 

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
 
-from detector.rsa import correlation_matrix
-from detector.words import load_vectors
-from world.attributes import PERIODS, ORIENTATIONS, concept_attributes
-from world.build import WorldSettings, build_world
-from world.corpus import generate_corpus, train_skipgram
-from world.render import render
-from world.taxonomy import CLASS_NAMES, SUPERCLASS_NAMES, SUPERCLASSES, select_classes
+from semguard.detector.rsa import correlation_matrix
+from semguard.detector.words import load_vectors
+from semguard.world.attributes import PERIODS, ORIENTATIONS, concept_attributes
+from semguard.world.build import WorldSettings, build_world
+from semguard.world.corpus import generate_corpus, train_skipgram
+from semguard.world.render import render
+from semguard.world.taxonomy import CLASS_NAMES, SUPERCLASS_NAMES, SUPERCLASSES, select_classes
 
 # A world small enough for tests: 4 superclasses x 5 classes, a few images, one epoch.
 TINY = WorldSettings(n_classes=20, train_per_class=20, test_per_class=6, epochs=1, corpus_sentences=4000, w2v_epochs=3)
