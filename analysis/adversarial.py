@@ -52,9 +52,13 @@ def build_references(tap: LayerTap, clean: CleanSet, n_concepts: int, size: int 
     return References(reference, {name: np.concatenate([b[name] for b in batches]) for name in tap.layers})
 
 
-def _profiles(tap: LayerTap, images: np.ndarray, ref_acts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _one_vs_two(tap: LayerTap, images: np.ndarray, references: References, word_vectors: np.ndarray,
+                true: np.ndarray, predicted: np.ndarray, ranks: np.ndarray | None, n_permutations: int,
+                seed: int) -> OneVsTwoScores:
+    """1 vs 2 by layer of `true` vs `predicted` for the images' activations against the references."""
     with torch.no_grad():
-        return reference_profiles(tapped(tap, images), ref_acts)
+        profiles = reference_profiles(tapped(tap, images), references.acts)
+    return one_vs_two_by_layer(profiles, true, predicted, references.concepts, word_vectors, ranks, n_permutations, seed)
 
 
 def adversarial_one_vs_two(
@@ -73,11 +77,10 @@ def adversarial_one_vs_two(
     kept = attack_set.successful().records
     if not kept:
         raise ValueError(f"attack set {attack_set.path} has no successful attack to analyse")
-    profiles = _profiles(tap, attack_set.images(kept), references.acts)
     true = np.array([r.source_class for r in kept])
     predicted = np.array([r.target_class for r in kept])
     ranks = np.array([r.rank for r in kept])
-    return one_vs_two_by_layer(profiles, true, predicted, references.concepts, word_vectors, ranks, n_permutations, seed)
+    return _one_vs_two(tap, attack_set.images(kept), references, word_vectors, true, predicted, ranks, n_permutations, seed)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,6 @@ def misclassified_one_vs_two(
     wrong = np.flatnonzero(clean.labels != clean.predictions)
     if len(wrong) == 0:
         raise ValueError("the model misclassifies no test image: nothing to analyse")
-    profiles = _profiles(tap, clean.images[wrong], references.acts)
     true, predicted = clean.labels[wrong], clean.predictions[wrong]
-    scores = one_vs_two_by_layer(profiles, true, predicted, references.concepts, word_vectors, None, n_permutations, seed)
+    scores = _one_vs_two(tap, clean.images[wrong], references, word_vectors, true, predicted, None, n_permutations, seed)
     return MisclassifiedResult(scores, mean_cosine(word_vectors, true, predicted))

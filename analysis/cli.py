@@ -4,8 +4,22 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-WORLD_CACHE = Path(".semguard/world")  # = world.inputs.DEFAULT_CACHE_DIR, not imported: world is heavy
+from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
+
+# Types and defaults come from QuickstartConfig (imported on first use: it imports the whole method).
+QUICKSTART_FLAGS: tuple[Flag, ...] = (
+    Flag("--classes", "world.n_classes", "number of concepts"),
+    Flag("--permutations", "n_permutations", "permutations per layer (paper: 1000)"),
+    Flag("--image-sets", "image_sets", "image sets per concept (paper: 5)"),
+    Flag("--seed", "seed"),
+    Flag("--torch-threads", "torch_threads", "torch intra-op threads (the world's tensors are small)"),
+    Flag("--quiet", "progress", "no progress bars"),
+)
+
+if TYPE_CHECKING:
+    from semguard.analysis.quickstart import QuickstartConfig
 
 
 def add_quickstart_command(subparsers: argparse._SubParsersAction) -> None:
@@ -17,37 +31,28 @@ def add_quickstart_command(subparsers: argparse._SubParsersAction) -> None:
         "each with permutation tests and BHY; writes summary.json, figures and report.md.",
     )
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--world-cache", type=Path, default=WORLD_CACHE,
-                   help="where built worlds (images, vectors, CNN, attack sets) are kept and reused")
-    p.add_argument("--classes", type=int, default=None, help="number of concepts (default: all 100)")
-    p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
-    p.add_argument("--image-sets", type=int, default=5, help="image sets per concept (paper: 5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (the world's tensors are small)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_world_cache_flag(p, "where built worlds (images, vectors, CNN, attack sets) are kept and reused")
+    defer_arguments(p, _add_quickstart_flags)
     p.set_defaults(func=run)
 
 
+def _add_quickstart_flags(p: argparse.ArgumentParser) -> None:
+    from semguard.analysis.quickstart import QuickstartConfig
+
+    add_config_flags(p, QuickstartConfig, QUICKSTART_FLAGS)
+
+
+def quickstart_config(args: argparse.Namespace) -> QuickstartConfig:
+    """QuickstartConfig for --out and --world-cache, with the flags given."""
+    from semguard.analysis.quickstart import QuickstartConfig
+
+    return config_from_flags(args, QuickstartConfig(out=args.out, cache_dir=args.world_cache), QUICKSTART_FLAGS)
+
+
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from semguard.analysis.quickstart import run_quickstart
 
-    from semguard.analysis.quickstart import QuickstartConfig, run_quickstart
-    from semguard.world import WorldSettings
-
-    world = WorldSettings()
-    if args.classes is not None:
-        world = replace(world, n_classes=args.classes)
-    config = QuickstartConfig(
-        out=args.out,
-        cache_dir=args.world_cache,
-        world=world,
-        image_sets=args.image_sets,
-        n_permutations=args.permutations,
-        seed=args.seed,
-        torch_threads=args.torch_threads,
-        progress=not args.quiet,
-    )
-    summary = run_quickstart(config)
+    summary = run_quickstart(quickstart_config(args))
     t = summary["two_vs_two"]
     print(json.dumps({
         "test_accuracy": round(summary["world"]["test_accuracy"], 4),
@@ -69,7 +74,7 @@ def add_attack_analyze_command(attack_commands: argparse._SubParsersAction) -> N
     )
     p.add_argument("--attack-set", type=Path, required=True, help="directory written by `semguard attack generate`")
     p.add_argument("--out", type=Path, required=True, help="where analysis.json and the figures go")
-    p.add_argument("--world-cache", type=Path, default=WORLD_CACHE, help="the embedded world's cache")
+    add_world_cache_flag(p, "the embedded world's cache")
     p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
     p.add_argument("--reference-size", type=int, default=100, help="reference concepts (paper: 100)")
     p.add_argument("--seed", type=int, default=0)

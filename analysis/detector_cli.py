@@ -14,63 +14,73 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-DEFAULT_CACHE = Path(".cache/semguard")  # quickstart's world cache
+from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
+
+if TYPE_CHECKING:
+    from semguard.analysis.detector_eval import DetectorEvalConfig
 
 
 def add_detector_commands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add `detector` with `calibrate` and `evaluate`; returns the detector subparsers."""
     det = subparsers.add_parser("detector", help="calibrate and evaluate the adversarial-image guard")
     commands = det.add_subparsers(dest="detector_command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    cal = commands.add_parser("calibrate", formatter_class=fmt,
+    cal = commands.add_parser("calibrate",
                               help="write a guard bundle (reference bank, Mahalanobis, flagger) for the world CNN")
     cal.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    ev = commands.add_parser("evaluate", formatter_class=fmt,
+    ev = commands.add_parser("evaluate",
                              help="AUROC / TPR at 5%% FPR / realised FPR per attack, with baselines and ROC curves")
     ev.add_argument("--out", type=Path, required=True, help="output directory (bundle/, detector_roc.png, detector_eval.json)")
     ev.add_argument("--sources", type=int, default=None, help="images attacked per attack; unset: each attack's own count")
     ev.add_argument("--quick", action="store_true", help="reduced setting: 60 images per attack, short C&W")
     ev.add_argument("--no-art", action="store_true", help="skip ART's BinaryActivationDetector")
     for p in (cal, ev):
-        _add_common(p)
+        add_world_cache_flag(p, "embedded world cache (built when missing)", "--cache-dir")  # its former name kept
+        p.add_argument("--world-seed", type=int, default=0,
+                       help="embedded world to use: 0 is the default world; the shipped design was chosen on 1 and 2 "
+                            "(default: %(default)s)")
+        defer_arguments(p, _add_detector_flags)
     cal.set_defaults(func=run_calibrate)
     ev.set_defaults(func=run_evaluate)
     return commands
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def detector_flags() -> tuple[Flag, ...]:
+    """Flags of DetectorEvalConfig and its CalibrationConfig (`detector.*`); choices from the constants they
+    validate with (imported here, not at module level: torch, torchvision, scipy)."""
+    from semguard.detector.flagger import FEATURE_KINDS, METHODS
+    from semguard.detector.reference import REDUCTIONS, SPACES
+
+    bank_reductions = tuple(r for r in REDUCTIONS if r != "exact")  # "exact" is what narrower layers get anyway
+    return (
+        Flag("--method", "detector.method", "flagger: gaussian (clean images only), logistic (also trained on MI-FGSM "
+             "images) or ensemble (logistic members, the most surprised one scores)", METHODS),
+        Flag("--features", "detector.features", f"comma list of {', '.join(FEATURE_KINDS)}"),
+        Flag("--space", "detector.space", "similarity space of the signature", SPACES),
+        Flag("--target-fpr", "detector.target_fpr", "false-positive rate the threshold is set for"),
+        Flag("--references", "detector.k", "reference concepts K"),
+        Flag("--bank-max-width", "detector.bank_max_width",
+             "store layers wider than this reduced in the reference bank (fast mode); unset: exact"),
+        Flag("--bank-reduction", "detector.bank_reduction", "how --bank-max-width reduces a wide layer", bank_reductions),
+        Flag("--eval-fraction", "eval_fraction", "share of test images held out"),
+        Flag("--seed", "seed", "seed of the clean split and of the calibration"),
+        Flag("--quiet", "progress", "no progress bars"),
+    )
+
+
+def _add_detector_flags(p: argparse.ArgumentParser) -> None:
     from semguard.analysis.detector_eval import DetectorEvalConfig
 
-    d, e = DetectorEvalConfig().detector, DetectorEvalConfig()
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="embedded world cache (built when missing)")
-    p.add_argument("--world-seed", type=int, default=0,
-                   help="embedded world to use: 0 is the default world; the shipped design was chosen on 1 and 2")
-    p.add_argument("--method", default=d.method, choices=["gaussian", "logistic", "ensemble"],
-                   help="flagger: gaussian (clean images only), logistic (also trained on MI-FGSM images) or "
-                        "ensemble (logistic members, the most surprised one scores)")
-    p.add_argument("--features", default=",".join(d.features), help="comma list of fraction, margin, mahalanobis")
-    p.add_argument("--space", default=d.space, choices=["words", "class_similarity", "shuffled_words"])
-    p.add_argument("--target-fpr", type=float, default=d.target_fpr)
-    p.add_argument("--references", type=int, default=d.k, help="reference concepts K")
-    p.add_argument("--bank-max-width", type=int, default=d.bank_max_width,
-                   help="store layers wider than this reduced in the reference bank (fast mode); unset: exact")
-    p.add_argument("--bank-reduction", default=d.bank_reduction, choices=["sketch", "projection", "channel_pool"],
-                   help="how --bank-max-width reduces a wide layer")
-    p.add_argument("--eval-fraction", type=float, default=e.eval_fraction, help="share of test images held out")
-    p.add_argument("--seed", type=int, default=e.seed)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(p, DetectorEvalConfig, detector_flags())
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace) -> DetectorEvalConfig:
     from semguard.analysis.detector_eval import DetectorEvalConfig, quick_config
 
-    d = DetectorEvalConfig()
-    detector = dataclasses.replace(d.detector, method=args.method, features=tuple(args.features.split(",")),
-                                   space=args.space, target_fpr=args.target_fpr, k=args.references, seed=args.seed,
-                                   bank_max_width=args.bank_max_width, bank_reduction=args.bank_reduction)
-    cfg = dataclasses.replace(d, detector=detector, eval_fraction=args.eval_fraction, seed=args.seed,
-                              progress=not args.quiet)
+    cfg = config_from_flags(args, DetectorEvalConfig(), detector_flags())
+    # one --seed: the clean split `evaluate` holds out and the calibration inside it
+    cfg = dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, seed=cfg.seed))
     if getattr(args, "no_art", False):
         cfg = dataclasses.replace(cfg, art_layer=None)
     if getattr(args, "quick", False):
@@ -80,7 +90,7 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
-def _checked_config(args: argparse.Namespace):
+def _checked_config(args: argparse.Namespace) -> DetectorEvalConfig:
     """_config, a bad value ending the command with its message (before the world is built)."""
     from semguard.detector.calibrate import ensemble_members
 
@@ -92,12 +102,12 @@ def _checked_config(args: argparse.Namespace):
         raise SystemExit(f"semguard detector {args.detector_command}: {err}") from None
 
 
-def _world(args: argparse.Namespace):
+def _world(args: argparse.Namespace, progress: bool):
     """(world, model, word vectors (C, d) aligned with world.classes)."""
     from semguard.detector.words import load_vectors, match_labels
     from semguard.world import WorldSettings, build_world, load_world_model
 
-    world = build_world(WorldSettings(seed=args.world_seed), args.cache_dir, progress=not args.quiet)
+    world = build_world(WorldSettings(seed=args.world_seed), args.world_cache, progress=progress)
     words = match_labels(load_vectors(world.vectors_path), list(world.classes))
     if words.unmatched:
         raise SystemExit(f"semguard detector: the world's vectors lack {len(words.unmatched)} class names")
@@ -111,7 +121,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from semguard.detector.guard import calibrate_guard
     from semguard.detector.layers import preset_layers
 
-    cfg, (world, model, vectors) = _checked_config(args), _world(args)
+    cfg = _checked_config(args)
+    world, model, vectors = _world(args, cfg.progress)
     x, y = as_model_input(world.test_images), world.test_labels
     split = split_clean(y, cfg.eval_fraction, cfg.seed)  # the same split `evaluate` uses: its held-out part stays unseen
     attack_images = None
@@ -131,7 +142,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from semguard.analysis.detector_eval import evaluate_world_detector
 
-    cfg, (world, model, vectors) = _checked_config(args), _world(args)
+    cfg = _checked_config(args)
+    world, model, vectors = _world(args, cfg.progress)
     ev = evaluate_world_detector(world, model, vectors, args.out, cfg)
     print(format_results(ev.results))
     print(f"bundle: {ev.bundle_dir}\nROC curves: {ev.roc_path}\nfigures: {Path(args.out) / 'detector_eval.json'}")

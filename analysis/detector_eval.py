@@ -1,6 +1,6 @@
 """Evaluate the guard's detector against baselines and controls on held-out clean and adversarial images.
 
-Protocol (issue 5, part 4; never tune on evaluation images):
+Protocol (never tune on evaluation images):
 
   1. The clean test images are split by seed, per class, into a calibration part and an
      evaluation part. Everything fitted (reference bank, Gaussians, flagger, threshold, the
@@ -55,7 +55,7 @@ class AttackSpec:
     batch_size: int = 64
 
 
-# The paper's attack on the [0, 1] scale (PAPER.md), the common small-eps setting, and two
+# The paper's attack on the [0, 1] scale (ARCHITECTURE.md), the common small-eps setting, and two
 # attacks no supervised detector here is trained on. PGD/MI-FGSM at 8/255 take eps/4 steps
 # (Madry et al.'s 2/255) with 20 iterations.
 PAPER_MIFGSM = {"eps": 0.15, "step": 0.03, "decay": 1.0, "iterations": 20}
@@ -383,7 +383,7 @@ def evaluate_detector(
                           "eval_fraction": cfg.eval_fraction, "seed": cfg.seed},
                    bundle="bundle", timings_s=timings)
     roc = plot_roc(out / "detector_roc.png", curves, roles, runs)
-    from semguard.analysis.report import write_json_atomic
+    from semguard.files import write_json_atomic
 
     write_json_atomic(out / "detector_eval.json", results)
     return DetectorEvaluation(results, out / "bundle", roc)

@@ -18,7 +18,8 @@ from semguard.analysis.adversarial import CleanSet, adversarial_one_vs_two, buil
 from semguard.analysis.detector_eval import DetectorEvalConfig, evaluate_world_detector
 from semguard.analysis.figures import plot_by_layer
 from semguard.analysis.one_vs_two import block_average
-from semguard.analysis.report import render_report, write_json_atomic
+from semguard.analysis.report import render_report
+from semguard.files import write_json_atomic
 from semguard.analysis.two_vs_two import activations_by_set, image_set_indices, two_vs_two_by_layer
 from semguard.attacks.generate import GenerateParams, generate_attack_set
 from semguard.attacks.store import AttackSet, load_attack_set

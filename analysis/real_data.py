@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 CIFAR_RECORD = 2 + 32 * 32 * 3  # coarse label byte, fine label byte, 3 planes of 32x32 pixels
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}  # compared lower-cased: .JPEG, .PNG, .Jpg count
 
 
 class LabelledImages(NamedTuple):
@@ -38,11 +38,17 @@ def read_cifar100_binary(path: str | Path) -> LabelledImages:
     return LabelledImages(np.ascontiguousarray(images), records[:, 1].astype(np.int64), records[:, 0].astype(np.int64))
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, by suffix in any case, sorted by name."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
 class ImageFolder(Dataset):
     """root/<class>/<image>: (float32 (3, size, size) in [0, 1], class index); classes sorted by name.
 
     Resize the short side to `resize`, then centre-crop `size` (224/256 for ResNet-50 and
-    VGG-16, 299/342 for Inception-v3). Unreadable files raise ValueError naming the file.
+    VGG-16, 299/342 for Inception-v3). A class folder without image files, or a root without class
+    folders, raises ValueError naming it; an unreadable file raises ValueError naming the file.
     """
 
     def __init__(self, root: str | Path, size: int = 224, resize: int | None = None):
@@ -50,12 +56,14 @@ class ImageFolder(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"root {self.root}: not a directory")
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        self.samples = [
-            (f, label) for label, name in enumerate(self.classes)
-            for f in sorted((self.root / name).iterdir()) if f.suffix in IMAGE_SUFFIXES
-        ]
-        if not self.samples:
-            raise ValueError(f"root {self.root}: no images in class sub-folders ({sorted(IMAGE_SUFFIXES)})")
+        if not self.classes:
+            raise ValueError(f"root {self.root}: no class sub-folders (expected root/<class>/<image>)")
+        self.samples = []
+        for label, name in enumerate(self.classes):
+            files = image_files(self.root / name)
+            if not files:
+                raise ValueError(f"class folder {self.root / name}: no image files ({sorted(IMAGE_SUFFIXES)}, any case)")
+            self.samples += [(f, label) for f in files]
         self.size, self.resize = size, resize or round(size * 8 / 7)
 
     def __len__(self) -> int:

@@ -1,33 +1,7 @@
 """summary.json and report.md of a quickstart run."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
-
-
-def write_json_atomic(path: Path, payload: dict) -> Path:
-    """Write JSON via a temp file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=_to_builtin)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _to_builtin(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _layer_table(layers, columns: dict[str, list]) -> str:

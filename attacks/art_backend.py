@@ -1,6 +1,6 @@
 """ART (adversarial-robustness-toolbox) glue: wrap a [0, 1]-input PyTorch model as ART's classifier.
 
-ART is the reference implementation (DESIGN.md); it is imported lazily because importing
+ART is the reference implementation of MI-FGSM; it is imported lazily because importing
 it costs seconds and the native path does not need it.
 """
 from __future__ import annotations

@@ -8,35 +8,44 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from semguard.attacks.generate import GenerateParams, generate_attack_set
+from semguard.attacks.generate import _ATTACK_ARGS, GenerateParams, generate_attack_set
 from semguard.attacks.mifgsm import BACKENDS
+from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags
 
-DEFAULT_WORLD_CACHE = Path(".semguard/world")  # = world.inputs.DEFAULT_CACHE_DIR (not imported: world is heavy)
+# Types and defaults come from GenerateParams; choices from what it validates against.
+GENERATE_FLAGS: tuple[Flag, ...] = (
+    Flag("--attack", "attack", choices=tuple(_ATTACK_ARGS)),
+    Flag("--sources", "n_sources", "source concepts (fewer if fewer exist)"),
+    Flag("--targets-per-source", "targets_per_source"),
+    Flag("--eps", "eps", "L-inf radius on the [0, 1] pixel scale"),
+    Flag("--step", "step", "step per iteration on the [0, 1] pixel scale"),
+    Flag("--decay", "decay", "momentum decay mu"),
+    Flag("--iterations", "iterations"),
+    Flag("--backend", "backend", choices=BACKENDS),
+    Flag("--batch-size", "batch_size", "images per attacked batch (= per shard)"),
+    Flag("--seed", "seed", "seed of the source-concept choice"),
+)
 
 
 def add_attack_commands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add `attack` with its `generate` subcommand; returns the attack subparsers (for `attack analyze`)."""
     attack = subparsers.add_parser("attack", help="build and analyse adversarial attack sets")
     commands = attack.add_subparsers(dest="attack_command", required=True)
-    p = commands.add_parser("generate", help="targeted MI-FGSM attack set: sources x targets by word similarity",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = GenerateParams()
+    p = commands.add_parser("generate", help="targeted MI-FGSM attack set: sources x targets by word similarity")
     p.add_argument("--out", type=Path, required=True, help="attack-set directory (resumed when it exists)")
-    p.add_argument("--world-cache", type=Path, default=DEFAULT_WORLD_CACHE,
-                   help="embedded world cache: its model, test images and word vectors are attacked")
-    p.add_argument("--attack", default=d.attack, choices=["mifgsm", "pgd"])
-    p.add_argument("--sources", type=int, default=d.n_sources, help="source concepts (fewer if fewer exist)")
-    p.add_argument("--targets-per-source", type=int, default=d.targets_per_source)
-    p.add_argument("--eps", type=float, default=d.eps, help="L-inf radius on the [0, 1] pixel scale")
-    p.add_argument("--step", type=float, default=d.step, help="step per iteration on the [0, 1] pixel scale")
-    p.add_argument("--decay", type=float, default=d.decay, help="momentum decay mu")
-    p.add_argument("--iterations", type=int, default=d.iterations)
-    p.add_argument("--backend", default=d.backend, choices=BACKENDS)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per attacked batch (= per shard)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the source-concept choice")
+    add_world_cache_flag(p, "embedded world cache: its model, test images and word vectors are attacked")
+    add_config_flags(p, GenerateParams, GENERATE_FLAGS)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=run_generate)
     return commands
+
+
+def params_from_args(args: argparse.Namespace) -> GenerateParams:
+    """GenerateParams with the flags given; SystemExit with the message of a value it rejects."""
+    try:
+        return config_from_flags(args, GenerateParams(), GENERATE_FLAGS)
+    except ValueError as err:
+        raise SystemExit(f"semguard attack generate: {err}") from None
 
 
 def _world_inputs(cache_dir: Path):
@@ -51,14 +60,7 @@ def _world_inputs(cache_dir: Path):
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    try:
-        params = GenerateParams(
-            attack=args.attack, eps=args.eps, step=args.step, decay=args.decay, iterations=args.iterations,
-            backend=args.backend, n_sources=args.sources, targets_per_source=args.targets_per_source,
-            batch_size=args.batch_size, seed=args.seed,
-        )
-    except ValueError as err:
-        raise SystemExit(f"semguard attack generate: {err}") from None
+    params = params_from_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, images, labels, names, vectors = _world_inputs(args.world_cache)
     try:

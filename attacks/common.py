@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Models take images in [0, 1] (TEAM.md); the valid input range every attack clips to.
+# Models take images in [0, 1] (ARCHITECTURE.md, Conventions); the valid input range every attack clips to.
 CLIP_VALUES = (0.0, 1.0)
 
 
@@ -26,6 +26,13 @@ def check_positive(name: str, value: float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
+
+
+def check_count(name: str, value: float) -> int:
+    """`value` as an int, or ValueError naming `name` unless it is a whole number >= 1."""
+    if int(value) != value or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    return int(value)
 
 
 def check_images_targets(images: torch.Tensor, targets: torch.Tensor) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from semguard.attacks.common import check_images_targets, check_positive, eval_mode
+from semguard.attacks.common import check_count, check_images_targets, check_positive, eval_mode
 from semguard.attacks.registry import register_attack
 
 
@@ -22,9 +22,7 @@ def cw_l2(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, confide
     learning_rate = check_positive("learning_rate", learning_rate)
     if confidence < 0:
         raise ValueError(f"confidence must be >= 0, got {confidence}")
-    for name, value in (("binary_search_steps", binary_search_steps), ("iterations", iterations)):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    binary_search_steps, iterations = check_count("binary_search_steps", binary_search_steps), check_count("iterations", iterations)
     if len(images) == 0:
         return images.clone()
     from art.attacks.evasion import CarliniL2Method
@@ -34,7 +32,7 @@ def cw_l2(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, confide
     with eval_mode(model):
         attack = CarliniL2Method(
             make_classifier(model, images), confidence=float(confidence), targeted=True,
-            learning_rate=learning_rate, binary_search_steps=int(binary_search_steps),
-            max_iter=int(iterations), initial_const=float(initial_const), batch_size=len(images), verbose=False,
+            learning_rate=learning_rate, binary_search_steps=binary_search_steps,
+            max_iter=iterations, initial_const=float(initial_const), batch_size=len(images), verbose=False,
         )
         return run_art_attack(attack, images, targets)

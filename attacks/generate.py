@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from semguard.attacks.common import check_positive
+from semguard.attacks.common import check_count, check_positive
 from semguard.attacks.mifgsm import BACKENDS
 from semguard.attacks.registry import get_attack
 from semguard.attacks.store import open_attack_set, shard_name
@@ -54,9 +54,7 @@ class GenerateParams:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("iterations", "n_sources", "targets_per_source", "batch_size"):
-            value = getattr(self, name)
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value}")
+            check_count(name, getattr(self, name))
 
     def attack_kwargs(self) -> dict:
         return {name: getattr(self, name) for name in _ATTACK_ARGS[self.attack]}

@@ -4,7 +4,7 @@
     g_{t+1} = mu * g_t + grad_t / ||grad_t||_1        (grad of the target's loss, descended)
     x_{t+1} = Proj_{eps ball of x, [0, 1]}(x_t + step * sign(g_{t+1}))
 
-Defaults are the paper's attack on the [0, 1] pixel scale (PAPER.md): the authors ran
+Defaults are the paper's attack on the [0, 1] pixel scale (ARCHITECTURE.md, the method): the authors ran
 eps 0.3 and cleverhans' step 0.06 on Inception-v3's [-1, 1] scale, i.e. eps 0.15, step 0.03.
 Two backends behind one function: ART's MomentumIterativeMethod (the reference) and a
 native batched loop that reproduces it bit for bit: per sample L1 normalisation (ART's
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from semguard.attacks.common import check_images_targets, check_positive, eval_mode, linf_step, loss_gradient
+from semguard.attacks.common import check_count, check_images_targets, check_positive, eval_mode, linf_step, loss_gradient
 from semguard.attacks.registry import register_attack
 
 BACKENDS = ("native", "art")
@@ -85,8 +85,7 @@ def mifgsm(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, eps: f
     decay = float(decay)
     if not decay >= 0:
         raise ValueError(f"decay must be >= 0, got {decay}")
-    if int(iterations) != iterations or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations}")
+    iterations = check_count("iterations", iterations)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if early_stop and backend != "native":
@@ -95,5 +94,5 @@ def mifgsm(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, eps: f
         return images.clone()
     with eval_mode(model):
         if backend == "art":
-            return _art(model, images, targets.to(images.device), eps, step, decay, int(iterations))
-        return _native(model, images, targets.to(images.device), eps, step, decay, int(iterations), bool(early_stop))
+            return _art(model, images, targets.to(images.device), eps, step, decay, iterations)
+        return _native(model, images, targets.to(images.device), eps, step, decay, iterations, bool(early_stop))

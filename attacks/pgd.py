@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from semguard.attacks.common import check_images_targets, check_positive, eval_mode
+from semguard.attacks.common import check_count, check_images_targets, check_positive, eval_mode
 from semguard.attacks.registry import register_attack
 
 
@@ -18,8 +18,7 @@ def pgd(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, eps: floa
     """
     check_images_targets(images, targets)
     eps, step = check_positive("eps", eps), check_positive("step", step)
-    if int(iterations) != iterations or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations}")
+    iterations = check_count("iterations", iterations)
     if len(images) == 0:
         return images.clone()
     import numpy as np
@@ -29,7 +28,7 @@ def pgd(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, eps: floa
 
     with eval_mode(model):
         attack = ProjectedGradientDescent(
-            make_classifier(model, images), norm=np.inf, eps=eps, eps_step=step, max_iter=int(iterations),
+            make_classifier(model, images), norm=np.inf, eps=eps, eps_step=step, max_iter=iterations,
             targeted=True, num_random_init=0, batch_size=len(images), verbose=False,
         )
         return run_art_attack(attack, images, targets)

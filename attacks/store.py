@@ -1,4 +1,4 @@
-"""Attack sets on disk (DESIGN.md, "Attack set"): a directory that a kill -9 cannot corrupt.
+"""Attack sets on disk (ARCHITECTURE.md, Formats): a directory that a kill -9 cannot corrupt.
 
     params.json      what the set is: attack and its parameters, model hash, plan hash, sizes
     manifest.jsonl   one JSON row per example (source image id, source/target label, target
@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from semguard.files import TMP_SUFFIX as _TMP  # leftovers of a killed run are removed
+from semguard.files import atomic_path
+
 FORMAT = "semguard.attack_set/1"
 PARAMS_FILE = "params.json"
 MANIFEST_FILE = "manifest.jsonl"
 SHARD_DIR = "shards"
-_TMP = ".tmp"  # suffix of files being written; leftovers of a killed run are removed
 
 
 def shard_name(k: int) -> str:
@@ -58,23 +60,10 @@ class AttackRecord:
 _RECORD_FIELDS = tuple(f.name for f in fields(AttackRecord))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write) -> None:
     """write(file) into path.tmp, fsync, rename over path, fsync the directory."""
-    tmp = path.with_name(path.name + _TMP)
-    with open(tmp, "wb") as f:
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _read_rows(path: Path) -> tuple[list[dict], int]:

@@ -35,6 +35,7 @@ import torch
 from scipy.stats import spearmanr
 
 from semguard.analysis.detector_eval import DetectorEvalConfig
+from semguard.config_flags import add_world_cache_flag
 from semguard.detector.bundle import Bundle, BundleManifest, ModelSpec
 from semguard.detector.calibrate import CalibrationConfig, bank_reductions, density_reductions, guard_features, layer_shapes
 from semguard.detector.flagger import feature_names, fit_flagger
@@ -170,7 +171,7 @@ def machine() -> str:
             f"torch threads {torch.get_num_threads()}")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch-32 cell (batch 1: three times as many)")
     parser.add_argument("--skip-exact-resnet", action="store_true",
@@ -178,9 +179,13 @@ def main() -> None:
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--fast-alternatives", type=int, default=None,
                         help="fast mode also compares each prediction with this seeded subset of alternatives (default: all)")
-    parser.add_argument("--world-cache", type=Path, default=Path(".cache/semguard"), help="where a built world is read")
+    add_world_cache_flag(parser, "where a built world is read")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.manual_seed(0)
     model, title, layers = world_model(args.world_cache)  # before set_num_threads: build_world sets its own
     if args.threads:

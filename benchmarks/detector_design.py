@@ -1,6 +1,6 @@
 """Which flagger the guard ships, chosen on development worlds (never the default world's test images).
 
-Run: python benchmarks/detector_design.py [--world-seeds 1 2] [--cache-dir .cache/semguard]
+Run: python benchmarks/detector_design.py [--world-seeds 1 2] [--world-cache .semguard/world]
 
 For each development world (the embedded world built with another seed: other images, another
 WorldNet, other word vectors) this follows the evaluation protocol of `analysis.detector_eval`
@@ -26,7 +26,8 @@ from semguard.analysis.detector_eval import (
     DEFAULT_ATTACKS, EARLY_MIFGSM, PAPER_MIFGSM, SMALL_MIFGSM, AttackSpec, DetectorEvalConfig, plan_attack, run_attack,
     split_clean, worldnet_spec,
 )
-from semguard.detector.calibrate import CalibrationConfig, calibrate_guard, fit_calib_split, guard_features
+from semguard.config_flags import add_world_cache_flag
+from semguard.detector.calibrate import calibrate_guard, fit_calib_split, guard_features
 from semguard.detector.evaluate import detection_metrics
 from semguard.detector.flagger import fit_flagger
 from semguard.detector.guard import Guard
@@ -95,18 +96,22 @@ def design_aurocs(f: dict[str, np.ndarray], names: list[str]) -> dict[tuple[str,
     return out
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world-seeds", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--cache-dir", type=Path, default=Path(".cache/semguard"))
+    add_world_cache_flag(ap, "where the development worlds are built and reused")
     ap.add_argument("--train-sources", type=int, default=300, help="images per training attack (as shipped)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(1)
     for seed in args.world_seeds:
         if seed == WorldSettings().seed:
             raise SystemExit("detector_design: the default world is for the evaluation, not for choosing the design")
         t0 = time.perf_counter()
-        f, names = world_features(seed, args.cache_dir, args.train_sources)
+        f, names = world_features(seed, args.world_cache, args.train_sources)
         counts = ", ".join(f"{a.name} {len(f[a.name])}" for a in DEFAULT_ATTACKS)
         print(f"\nworld seed {seed}: successful adversarial images {counts}; clean {len(f['eval_clean'])} "
               f"({time.perf_counter() - t0:.0f} s)")

@@ -29,6 +29,7 @@ from scipy.stats import spearmanr
 from semguard.analysis.detector_eval import (
     SMALL_MIFGSM, AttackSpec, DetectorEvalConfig, evaluate_world_detector, plan_attack, run_attack, split_clean,
 )
+from semguard.config_flags import add_world_cache_flag
 from semguard.detector.guard import Guard
 from semguard.detector.signature import reduction_agreement
 from semguard.models.inputs import as_model_input, predict
@@ -48,16 +49,20 @@ def per_image(exact: Guard, reduced: Guard, images: torch.Tensor) -> dict[str, f
             "score_spearman": float(spearmanr(a.score, b.score).statistic), "flags_agree": float(np.mean(a.flagged == b.flagged))}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world-seed", type=int, default=0)
-    ap.add_argument("--cache-dir", type=Path, default=Path(".cache/semguard"))
+    add_world_cache_flag(ap, "where the world is built and reused")
     ap.add_argument("--max-width", type=int, default=1024, help="layers wider than this are reduced")
     ap.add_argument("--dim", type=int, default=1021, help="sketch / projection output dimension (prime: see CalibrationConfig)")
     ap.add_argument("--images", type=int, default=500, help="clean images for the per-image comparison")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(1)
-    inputs = load_world_inputs(WorldSettings(seed=args.world_seed), args.cache_dir, progress=False)
+    inputs = load_world_inputs(WorldSettings(seed=args.world_seed), args.world_cache, progress=False)
     world, model = inputs.world, inputs.model
     shipped = DetectorEvalConfig()
     base = dataclasses.replace(shipped, variants=("signature_only",), art_layer=None, progress=False)

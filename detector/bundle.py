@@ -1,4 +1,4 @@
-"""Guard bundle on disk (DESIGN.md "Artifacts"): a directory read and written without pickle.
+"""Guard bundle on disk (ARCHITECTURE.md "Formats"): a directory read and written without pickle.
 
     bundle.json              manifest: model spec + weights hash, input shape, normalisation note,
                              tapped layers, labels, signature settings, sha256 of every file
@@ -13,8 +13,9 @@ fn)`; builders take the JSON kwargs stored in bundle.json and return an nn.Modul
 [0, 1] images. The direction of imports stays models -> detector: a model package registers
 its builders when imported. So that a fresh process can load a bundle without knowing which
 package to import, a spec may name the registering module (`ModelSpec.module`); it is imported
-on demand only when it lies in an allow-listed package (`PLUGIN_PACKAGES`), never an arbitrary
-module named by a file.
+on demand only when it lies in the semguard package (`PLUGIN_PACKAGE`), never an arbitrary
+module named by a file. Names written before semguard had one import name ("models.worldnet")
+map to their semguard.* module.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from torch import nn
 from semguard.detector.flagger import Flagger
 from semguard.detector.mahalanobis import MahalanobisDetector, load_mahalanobis, save_mahalanobis
 from semguard.detector.reference import ReferenceBank, load_bank, save_bank, word_similarity
+from semguard.files import write_atomic
+from semguard.registry import Registry
 
 BUNDLE_FORMAT = "semguard.bundle/1"
 FILES = {
@@ -44,7 +47,9 @@ FILES = {
     "flagger": "flagger.json",
     "mahalanobis": "mahalanobis.safetensors",
 }
-PLUGIN_PACKAGES = ("models",)  # packages whose modules a bundle may ask to import to register a builder
+PLUGIN_PACKAGE = "semguard"  # a bundle may ask to import a module of this package (to register a builder), no other
+# Bundles written before the move under one import name call semguard.models.* "models.*" (and so on).
+LEGACY_PACKAGES = ("detector", "attacks", "service", "world", "models", "analysis")
 
 
 class BundleError(ValueError):
@@ -54,23 +59,16 @@ class BundleError(ValueError):
 # ----------------------------------------------------------------------------- model builders
 
 ModelBuilder = Callable[..., nn.Module]
-_BUILDERS: dict[str, ModelBuilder] = {}
+MODEL_BUILDERS: Registry[ModelBuilder] = Registry("model builder")
 
 
 def register_model_builder(name: str, builder: ModelBuilder | None = None, *, overwrite: bool = False):
     """Register `builder(**kwargs) -> nn.Module` under `name`; usable as a decorator."""
-
-    def add(fn: ModelBuilder) -> ModelBuilder:
-        if name in _BUILDERS and _BUILDERS[name] is not fn and not overwrite:
-            raise ValueError(f"name: model builder {name!r} is already registered; pass overwrite=True")
-        _BUILDERS[name] = fn
-        return fn
-
-    return add(builder) if builder is not None else add
+    return MODEL_BUILDERS.register(name, builder, overwrite=overwrite)
 
 
 def known_model_builders() -> list[str]:
-    return sorted(_BUILDERS)
+    return MODEL_BUILDERS.names()
 
 
 @register_model_builder("torchvision")
@@ -87,21 +85,38 @@ class ModelSpec:
 
     builder: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-    module: str | None = None  # e.g. "semguard.models.worldnet"; imported on demand if in PLUGIN_PACKAGES
+    module: str | None = None  # e.g. "semguard.models.worldnet"; imported on demand, only from PLUGIN_PACKAGE
+
+
+def plugin_module(module: str) -> str:
+    """The semguard module a bundle's `model.module` names (a pre-namespace name mapped into semguard.);
+    BundleError for any module outside semguard, which a bundle file must never make us import."""
+    if not isinstance(module, str) or not all(part.isidentifier() for part in module.split(".")):
+        raise BundleError(f"model.module must be a dotted module name, got {module!r}")
+    top = module.split(".")[0]
+    if top in LEGACY_PACKAGES:
+        module = f"{PLUGIN_PACKAGE}.{module}"
+    elif top != PLUGIN_PACKAGE:
+        raise BundleError(f"model.module {module!r} is outside the {PLUGIN_PACKAGE!r} package; a bundle may only "
+                          f"name {PLUGIN_PACKAGE}.* modules (register other builders in code before loading)")
+    return module
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """The spec's architecture with freshly initialised weights, eval mode."""
-    if spec.builder not in _BUILDERS and spec.module:
-        if spec.module.split(".")[0] not in PLUGIN_PACKAGES:
-            raise BundleError(f"model.module {spec.module!r} is not in an allowed package {PLUGIN_PACKAGES}")
-        importlib.import_module(spec.module)
-    if spec.builder not in _BUILDERS:
+    if spec.module is not None:
+        module = plugin_module(spec.module)  # checked even when the builder is known: a hostile file is refused
+        if spec.builder not in MODEL_BUILDERS:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                raise BundleError(f"model.module {spec.module!r}: no module {e.name!r} in this semguard") from None
+    if spec.builder not in MODEL_BUILDERS:
         raise BundleError(
-            f"model.builder {spec.builder!r} is not registered; known builders: {known_model_builders()} "
-            "(import the package that registers it, e.g. models.worldnet)"
+            f"model.builder {spec.builder!r} is not registered; known model builders: {known_model_builders()} "
+            "(import the module that registers it first)"
         )
-    return _BUILDERS[spec.builder](**spec.kwargs).eval()
+    return MODEL_BUILDERS[spec.builder](**spec.kwargs).eval()
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -186,9 +201,7 @@ def write_bundle(
     files = {r: FILES[r] for r in roles}
     hashes = {name: sha256_file(out / name) for name in files.values()}
     final = BundleManifest(**{**asdict(manifest), "model": manifest.model, "files": files, "sha256": hashes})
-    tmp = out / "bundle.json.tmp"
-    tmp.write_text(json.dumps(final.to_json(), indent=1))
-    tmp.replace(out / "bundle.json")
+    write_atomic(out / "bundle.json", json.dumps(final.to_json(), indent=1))
     return out
 
 

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from semguard.detector.bundle import BundleManifest, ModelSpec, write_bundle
-from semguard.detector.flagger import FEATURE_KINDS, assemble_features, feature_names, fit_flagger
+from semguard.detector.features import FeatureRecipe, flagger_features
+from semguard.detector.flagger import FEATURE_KINDS, feature_names, fit_flagger
 from semguard.detector.layers import LayerTap, iter_activations
 from semguard.detector.mahalanobis import MahalanobisDetector, fit_mahalanobis
 from semguard.detector.reference import (
     SPACES, Reduction, ReferenceBank, build_reference_bank, class_similarity, select_references,
     shuffled_word_similarity, word_similarity,
 )
-from semguard.detector.signature import signature_parts
 
 
 @dataclass(frozen=True)
@@ -137,18 +137,23 @@ def _reduced_pass(tap, images, reductions, batch_size, progress=False):
     return torch.cat(preds).numpy(), {n: torch.cat(v).numpy() for n, v in feats.items()}
 
 
+class ImageFeatures(NamedTuple):
+    features: np.ndarray  # (N, F) flagger features, columns FeatureRecipe.names
+    fractions: np.ndarray  # (N, L) signature fractions over bank.layers (the explanation quantiles)
+
+
 def guard_features(
     tap: LayerTap, images: torch.Tensor, bank: ReferenceBank, mahalanobis: MahalanobisDetector | None,
     kinds: tuple[str, ...], n_alternatives: int | None, seed: int, batch_size: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(N, F) flagger features and (N, L) signature fractions, computed as the guard computes them."""
+) -> ImageFeatures:
+    """Flagger features of images (N, C, H, W), batch by batch, by the function the served Guard calls."""
+    recipe = FeatureRecipe(bank, mahalanobis, tuple(kinds), n_alternatives, seed)
     feats, fractions = [], []
     for _, out in iter_activations(tap, images, batch_size):
-        sig = signature_parts({n: out.acts[n] for n in bank.layers}, out.logits.argmax(1), bank, n_alternatives, seed)
-        maha = mahalanobis.layer_scores(out.acts) if "mahalanobis" in kinds else None
-        feats.append(assemble_features(kinds, sig, maha))
-        fractions.append(sig.fraction)
-    return np.concatenate(feats), np.concatenate(fractions)
+        batch = flagger_features(out.acts, out.logits.argmax(1), recipe)
+        feats.append(batch.features)
+        fractions.append(batch.signature.fraction)
+    return ImageFeatures(np.concatenate(feats), np.concatenate(fractions))
 
 
 def _similarity(cfg, word_vectors, feats, labels, layers, num_classes) -> np.ndarray:
@@ -208,7 +213,9 @@ def calibrate_guard(
     red = bank_reductions(shapes, cfg)
     _, proto_acts = _reduced_pass(tap, clean_images[chosen], red, cfg.batch_size)
     bank = build_reference_bank(proto_acts, selection, similarity, cfg.space)
-    bank = dataclasses.replace(bank, reductions=red)  # prototypes were reduced batch by batch above
+    # prototypes were reduced batch by batch above; label profiles in C order as a loaded bundle holds them
+    # (a column selection is Fortran-ordered, and the signature's float64 sums then round differently)
+    bank = dataclasses.replace(bank, reductions=red, label_profiles=np.ascontiguousarray(bank.label_profiles))
     maha = fit_mahalanobis(fit_feats, y[fit_idx], c, dens_red) if "mahalanobis" in cfg.features else None
 
     kinds = tuple(cfg.features)

@@ -19,7 +19,9 @@ column is standardised with the clean fitting images' mean and spread, then
 The threshold is the (1 - target_fpr) quantile of the scores of held-out clean images (never
 the fitting images); an image is flagged when its score exceeds it. The explanation of a
 verdict is the set of layers whose signature fraction falls below the clean images' low
-quantile at that layer (which layers disagree with the predicted label). Saved as JSON.
+quantile at that layer (which layers disagree with the predicted label). Saved as JSON, with
+the score quantiles of the calibration's clean (and attack) images, from which the service
+sizes its score histogram.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ METHODS = ("gaussian", "logistic", "ensemble")
 SUPERVISED = ("logistic", "ensemble")
 FEATURE_KINDS = ("fraction", "margin", "mahalanobis")
 FLAGGER_FORMAT = "semguard.flagger/1"
+# levels of the calibration's score quantiles kept in flagger.json (the service's histogram buckets)
+SCORE_QUANTILE_LEVELS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 
 
 def feature_names(kinds: tuple[str, ...] | list[str], layers: list[str] | tuple[str, ...],
@@ -76,6 +80,9 @@ class Flagger:
     explain_layers: tuple[str, ...] = ()  # layers whose "fraction/<layer>" column explains a verdict
     explain_low: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (L,) clean low quantile per layer
     calibration: Mapping[str, float] = field(default_factory=dict)  # figures for the record
+    # score quantiles of the calibration: "levels" (Q,), "clean" (Q,) held-out clean images, "attack" (Q,)
+    # attack images (supervised methods); empty in flagger.json files written before they were kept
+    score_quantiles: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -85,6 +92,15 @@ class Flagger:
             raise ValueError(f"center and scale must be ({f},)")
         if len(self.explain_low) != len(self.explain_layers):
             raise ValueError("explain_low must have one value per explain layer")
+        levels = np.asarray(self.score_quantiles.get("levels", ()))
+        bad = [k for k, v in self.score_quantiles.items() if k not in ("levels", "clean", "attack") or np.shape(v) != levels.shape]
+        if bad:
+            raise ValueError(f"score_quantiles must map 'levels', 'clean' and optionally 'attack' to ({len(levels)},) "
+                             f"arrays, got {bad} wrong")
+
+    def calibration_scores(self) -> np.ndarray:
+        """(n,) sorted score quantiles of the calibration's clean and attack images; (0,) for old files."""
+        return np.sort(np.concatenate([np.ravel(self.score_quantiles.get(k, ())) for k in ("clean", "attack")]))
 
     def _check(self, features: np.ndarray) -> np.ndarray:
         x = np.asarray(features, dtype=np.float64)
@@ -127,8 +143,9 @@ class Flagger:
         def plain(v):
             return np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
 
-        d = {k: plain(v) for k, v in asdict(self).items() if k != "params"}
+        d = {k: plain(v) for k, v in asdict(self).items() if k not in ("params", "score_quantiles")}
         d["params"] = {k: plain(v) for k, v in self.params.items()}
+        d["score_quantiles"] = {k: plain(v) for k, v in self.score_quantiles.items()}
         return {"format": FLAGGER_FORMAT, **d}
 
     @classmethod
@@ -142,6 +159,7 @@ class Flagger:
             params=params, threshold=float(d["threshold"]), target_fpr=float(d["target_fpr"]),
             explain_layers=tuple(d["explain_layers"]), explain_low=np.asarray(d["explain_low"], dtype=np.float64),
             calibration=dict(d["calibration"]),
+            score_quantiles={k: np.asarray(v, dtype=np.float64) for k, v in d.get("score_quantiles", {}).items()},
         )
 
     def save(self, path: str | Path) -> Path:
@@ -261,7 +279,10 @@ def fit_flagger(
     threshold = float(np.quantile(calib_scores, 1.0 - target_fpr, method="higher"))
     low = np.quantile(fractions, explain_quantile, axis=0) if layers else np.zeros(0)
     figures["fpr_calib"] = float((calib_scores > threshold).mean())
-    return Flagger(method, tuple(names), center, scale, params, threshold, target_fpr, layers, low, figures)
+    quantiles = {"levels": np.array(SCORE_QUANTILE_LEVELS), "clean": np.quantile(calib_scores, SCORE_QUANTILE_LEVELS)}
+    if attack is not None and method in SUPERVISED:
+        quantiles["attack"] = np.quantile(flagger.score(attack), SCORE_QUANTILE_LEVELS)
+    return Flagger(method, tuple(names), center, scale, params, threshold, target_fpr, layers, low, figures, quantiles)
 
 
 def member_columns(names: list[str] | tuple[str, ...], kinds: tuple[str, ...]) -> np.ndarray:

@@ -20,9 +20,10 @@ import torch
 
 from semguard.detector.bundle import Bundle, BundleError, read_bundle
 from semguard.detector.calibrate import CalibrationConfig, CalibrationReport, calibrate_guard  # noqa: F401 (public here too)
-from semguard.detector.flagger import Flagger, assemble_features
+from semguard.detector.errors import InputError
+from semguard.detector.features import flagger_features, recipe_of
+from semguard.detector.flagger import Flagger
 from semguard.detector.layers import LayerTap
-from semguard.detector.signature import signature_parts
 
 PIXEL_TOLERANCE = 1e-4  # images a resize or colour conversion pushed just past [0, 1] are still accepted
 
@@ -35,6 +36,8 @@ class GuardInfo:
     input_shape: tuple[int, int, int]  # (C, H, W)
     threshold: float
     flagger_method: str
+    # sorted score quantiles of the calibration's clean (and attack) images; () for bundles older than them
+    calibration_scores: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class GuardOutput(NamedTuple):
     top_probabilities: np.ndarray  # (B, min(5, C)) float64
     signature: np.ndarray  # (B, L) fraction
     margin: np.ndarray  # (B, L) mean margin
+    features: np.ndarray  # (B, F) float64, what the flagger scored (columns bundle.flagger.feature_names)
     score: np.ndarray  # (B,)
     flagged: np.ndarray  # (B,) bool
     disagreeing: np.ndarray  # (B, L) bool, over info.layers
@@ -83,8 +87,9 @@ class Guard:
         taps = list(dict.fromkeys([*m.layers, *(bundle.mahalanobis.layers if bundle.mahalanobis else ())]))
         self.tap = LayerTap(bundle.model.to(self.device), taps)
         self.info = GuardInfo(m.model_name, list(m.labels), list(m.layers), tuple(m.input_shape),
-                              bundle.flagger.threshold, bundle.flagger.method)
-        self._kinds = [k for k in ("fraction", "margin", "mahalanobis") if any(n.startswith(k + "/") for n in bundle.flagger.feature_names)]
+                              bundle.flagger.threshold, bundle.flagger.method,
+                              tuple(float(v) for v in bundle.flagger.calibration_scores()))
+        self.recipe = recipe_of(bundle)  # the features calibration computed, and in its column order
         self.stage_timings: StageTimings | None = None
         self._check_model()
 
@@ -110,53 +115,54 @@ class Guard:
                 raise BundleError(f"layer {name!r} gives {width} features, the reference bank holds {bank.prototypes[name].shape[1]}")
 
     def validate_images(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(B, C, H, W) float32 in [0, 1], finite, B >= 1, the bundle's size -> tensor on the guard's device."""
+        """(B, C, H, W) float32 in [0, 1], finite, B >= 1, the bundle's size -> tensor on the guard's device.
+
+        InputError (a ValueError) naming what is wrong otherwise: the caller's fault, unlike any
+        other error of `inspect`.
+        """
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
         if not isinstance(images, torch.Tensor):
-            raise ValueError(f"images must be a torch.Tensor or numpy array, got {type(images).__name__}")
+            raise InputError(f"images must be a torch.Tensor or numpy array, got {type(images).__name__}")
         c, h, w = self.info.input_shape
         if images.ndim != 4 or tuple(images.shape[1:]) != (c, h, w):
-            raise ValueError(f"images must have shape (B, {c}, {h}, {w}), got {tuple(images.shape)}")
+            raise InputError(f"images must have shape (B, {c}, {h}, {w}), got {tuple(images.shape)}")
         if images.shape[0] == 0:
-            raise ValueError("images: empty batch (B = 0)")
+            raise InputError("images: empty batch (B = 0)")
         if images.dtype != torch.float32:
-            raise ValueError(f"images must be float32 in [0, 1], got dtype {images.dtype}")
+            raise InputError(f"images must be float32 in [0, 1], got dtype {images.dtype}")
         if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or infinite pixels")
+            raise InputError("images contain NaN or infinite pixels")
         lo, hi = float(images.min()), float(images.max())
         if lo < -PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:
-            raise ValueError(f"images must lie in [0, 1] (the model normalises inside), got range [{lo:.3g}, {hi:.3g}]")
+            raise InputError(f"images must lie in [0, 1] (the model normalises inside), got range [{lo:.3g}, {hi:.3g}]")
         return images.to(self.device)
 
     @torch.no_grad()
     def inspect_arrays(self, images: torch.Tensor | np.ndarray) -> GuardOutput:
         """Batched verdict arrays and per-stage timings; see GuardOutput."""
         x = self.validate_images(images)
-        m, bank, fl = self.bundle.manifest, self.bundle.bank, self.bundle.flagger
+        fl = self.bundle.flagger
         t0 = time.perf_counter()
         out = self.tap(x)
         predicted = out.logits.argmax(1)
         _sync(self.device)
         t1 = time.perf_counter()
-        sig = signature_parts({n: out.acts[n] for n in bank.layers}, predicted, bank, m.n_alternatives, m.signature_seed)
-        t2 = time.perf_counter()
-        maha = self.bundle.mahalanobis.layer_scores(out.acts) if "mahalanobis" in self._kinds else None
-        features = assemble_features(self._kinds, sig, maha)
-        score = fl.score(features)
-        disagree = _explanation(fl, sig.fraction, list(m.layers))
-        t3 = time.perf_counter()
+        feats = flagger_features(out.acts, predicted, self.recipe)
+        score = fl.score(feats.features)
+        disagree = _explanation(fl, feats.signature.fraction, self.info.layers)
+        flagger_s = time.perf_counter() - t1 - feats.signature_s  # density features, score, explanation
         probs = torch.softmax(out.logits.double(), 1)
         top = probs.topk(min(5, probs.shape[1]), dim=1)
-        self.stage_timings = StageTimings(t1 - t0, t2 - t1, t3 - t2)  # of the last call, read by the service's metrics
+        self.stage_timings = StageTimings(t1 - t0, feats.signature_s, flagger_s)  # of the last call, read by the service's metrics
         return GuardOutput(
             out.logits.float().cpu().numpy(), predicted.cpu().numpy(), top.indices.cpu().numpy(),
-            top.values.cpu().numpy(), sig.fraction, sig.margin, score, score > fl.threshold, disagree,
-            self.stage_timings,
+            top.values.cpu().numpy(), feats.signature.fraction, feats.signature.margin, feats.features, score,
+            score > fl.threshold, disagree, self.stage_timings,
         )
 
     def inspect(self, images: torch.Tensor | np.ndarray) -> list[Verdict]:
-        """One Verdict per image; ValueError for a wrong shape, dtype, range, NaN or empty batch."""
+        """One Verdict per image; InputError for a wrong shape, dtype, range, NaN or empty batch."""
         o = self.inspect_arrays(images)
         layers = self.info.layers
         return [

@@ -21,7 +21,7 @@ import inspect
 import itertools
 import math
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +32,8 @@ from torch import fx, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models.feature_extraction import NodePathTracer
 from tqdm.auto import tqdm
+
+from semguard.registry import Registry
 
 
 # --------------------------------------------------------------------------- presets
@@ -44,11 +46,6 @@ class LayerInfo:
     name: str
     block: str
     depth: int
-
-
-_PRESETS: dict[str, list[LayerInfo]] = {}
-# Built-in presets are computed from the torchvision graph when first asked for (then cached in _PRESETS).
-_LAZY_PRESETS: dict[str, Callable[[], list[LayerInfo]]] = {}
 
 
 def _validate_preset(name: str, layers: list[LayerInfo]) -> list[LayerInfo]:
@@ -71,31 +68,27 @@ def _validate_preset(name: str, layers: list[LayerInfo]) -> list[LayerInfo]:
     return layers
 
 
+# Built-in presets are computed from the torchvision graph when first asked for (registered lazily).
+PRESETS: Registry[list[LayerInfo]] = Registry("layer preset", validate=_validate_preset)
+
+
 def register_preset(name: str, layers: list[LayerInfo], *, overwrite: bool = False) -> None:
     """Register a preset: `layers` in depth order (layers[i].depth == i), unique names.
 
     Registering an existing name with different layers raises unless `overwrite=True`
     (registering the identical list again, e.g. on a module reload, is a no-op).
     """
-    layers = _validate_preset(name, layers)
-    existing = _PRESETS.get(name)
-    if existing is not None and existing != layers and not overwrite:
-        raise ValueError(f"name: preset {name!r} is already registered with other layers; pass overwrite=True")
-    _PRESETS[name] = layers
+    PRESETS.register(name, layers, overwrite=overwrite)
 
 
 def known_presets() -> list[str]:
     """Names of all registered and built-in presets."""
-    return sorted(set(_PRESETS) | set(_LAZY_PRESETS))
+    return PRESETS.names()
 
 
 def preset_info(name: str) -> list[LayerInfo]:
     """The preset's `LayerInfo` records in depth order; unknown name -> ValueError listing known presets."""
-    if name not in _PRESETS:
-        if name not in _LAZY_PRESETS:
-            raise ValueError(f"name: unknown layer preset {name!r}; known presets: {known_presets()}")
-        register_preset(name, _LAZY_PRESETS[name]())
-    return list(_PRESETS[name])
+    return list(PRESETS.lookup(name))
 
 
 def preset_layers(name: str) -> list[str]:
@@ -280,7 +273,8 @@ def _vgg16_preset() -> list[LayerInfo]:
     return layers
 
 
-_LAZY_PRESETS.update(resnet50=_resnet50_preset, inception_v3=_inception_v3_preset, vgg16=_vgg16_preset)
+for _name, _factory in (("resnet50", _resnet50_preset), ("inception_v3", _inception_v3_preset), ("vgg16", _vgg16_preset)):
+    PRESETS.register_lazy(_name, _factory)
 
 
 # --------------------------------------------------------------------------- taps

@@ -67,7 +67,7 @@ def _check_rows(name: str, t: torch.Tensor) -> None:
 
 
 def correlation_matrix(m: ArrayLike) -> np.ndarray:
-    """Pearson correlation between every pair of rows (DESIGN.md, `C = correlation_matrix(M)`).
+    """Pearson correlation between every pair of rows (ARCHITECTURE.md, Definitions).
 
     m: (n, k) with k >= 2. Returns (n, n) float64 with a unit diagonal; a constant row
     correlates 0 with every other row.

@@ -151,18 +151,6 @@ def signature_parts(
     return signature_from_profiles(profiles, p, bank.label_profiles, bank.concepts, alts)
 
 
-def signature(
-    acts: Mapping[str, torch.Tensor] | list,
-    predicted: ArrayLike,
-    bank: ReferenceBank,
-    n_alternatives: int | None = None,
-    seed: int = 0,
-    continuous: bool = False,
-) -> np.ndarray:
-    """(B, L) signature: the fraction (default) or, with continuous=True, the mean margin."""
-    parts = signature_parts(acts, predicted, bank, n_alternatives, seed)
-    return parts.margin if continuous else parts.fraction
-
 
 class Agreement(NamedTuple):
     fraction_mae: np.ndarray  # (L,) mean |fraction_reduced - fraction_exact|

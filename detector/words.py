@@ -18,7 +18,6 @@ import bz2
 import gzip
 import importlib.resources
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import IO, Union
 
 import numpy as np
 from gensim.models import KeyedVectors
+
+from semguard.files import atomic_path, write_atomic
 
 Label = Union[str, list[str], tuple[str, ...]]
 
@@ -145,13 +146,6 @@ def load_vectors(
         raise ValueError(f"path: {str(path)!r} could not be read as word2vec: {error}") from error
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def convert_to_native(src: str | Path, dst: str | Path, limit: int | None = None) -> Path:
     """One-time conversion of any loadable vector file to the native directory `dst` (returned).
 
@@ -164,9 +158,10 @@ def convert_to_native(src: str | Path, dst: str | Path, limit: int | None = None
         raise ValueError(f"dst: {str(dst)!r} exists and is not a directory")
     dst.mkdir(parents=True, exist_ok=True)
     vectors = np.ascontiguousarray(kv.vectors, dtype=np.float32)  # (n, d)
-    _atomic_write(dst / _NATIVE_VECTORS, lambda f: np.save(f, vectors, allow_pickle=False))
+    with atomic_path(dst / _NATIVE_VECTORS) as tmp, open(tmp, "wb") as f:
+        np.save(f, vectors, allow_pickle=False)
     meta = {"format": NATIVE_FORMAT, "version": NATIVE_VERSION, "words": list(kv.index_to_key)}
-    _atomic_write(dst / _NATIVE_WORDS, lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
+    write_atomic(dst / _NATIVE_WORDS, json.dumps(meta, ensure_ascii=False))
     return dst
 
 

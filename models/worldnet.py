@@ -12,7 +12,6 @@ every ReLU (the last ReLU of a block is the block output) plus the pooled featur
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from semguard.detector.layers import LayerInfo, register_preset
+from semguard.files import atomic_path
 
 # Per-channel statistics of the world's images (mid grey with a wide spread);
 # exact values matter little because BatchNorm follows, only the scale of the input.
@@ -108,13 +108,12 @@ register_preset(PRESET_NAME, worldnet_layers())
 def save_worldnet(model: WorldNet, path: str | Path) -> Path:
     """Write weights as safetensors, the config in its metadata; atomic (temp file + rename)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # One metadata key: safetensors writes several in a per-process random order, and the
     # file's bytes (hence its hash in a guard bundle) must not depend on that.
     meta = {"worldnet": json.dumps({"format": "worldnet-v1", "config": asdict(model.config)}, sort_keys=True)}
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 

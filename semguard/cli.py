@@ -7,12 +7,14 @@ import sys
 from semguard.analysis.cli import add_attack_analyze_command, add_quickstart_command
 from semguard.analysis.detector_cli import add_detector_commands
 from semguard.attacks.cli import add_attack_commands
+from semguard.config_flags import DeferredParser
 from semguard.service.cli import add_serve_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semguard", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    # Commands whose flags come from a heavy config module add them when they are used, not for every parse.
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=DeferredParser)
     add_quickstart_command(subparsers)
     add_serve_command(subparsers)
     add_attack_analyze_command(add_attack_commands(subparsers))
@@ -20,9 +22,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What `pip install 'semguard[all]'` adds to the base install (which serves only).
+BATCH_TOOLKIT = {"scipy", "gensim", "art", "matplotlib"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    argv = sys.argv[1:] if argv is None else argv
+    try:  # parsing too: a command's flags may come from a config module that needs the toolkit
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing not in BATCH_TOOLKIT:
+            raise
+        command = argv[0] if argv else ""
+        print(f"semguard {command}: needs the batch toolkit (missing {missing!r}): pip install 'semguard[all]'",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

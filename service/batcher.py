@@ -8,7 +8,6 @@ chunks up front). Requests whose deadline passed while queued are dropped, not c
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -17,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -163,7 +160,5 @@ class DynamicBatcher:
     def _execute_alone(self, item: _Item) -> None:
         try:
             item.future.set_result(list(self._run(item.images)))
-        except Exception as exc:  # delivered to the caller, which maps it to a status code
-            if not isinstance(exc, ValueError):
-                log.exception("guard failed on a batch of %d images", len(item.images))
+        except Exception as exc:  # the caller maps it to a status and logs what is the server's fault (service.errors)
             item.future.set_exception(exc)

@@ -1,7 +1,7 @@
 """Request payloads -> image arrays (B, C, H, W) float32 in [0, 1], the Guard's input.
 
-Pure functions, no gRPC: every problem is a ValueError whose message names the field and what
-was expected; the servicers turn it into INVALID_ARGUMENT.
+Pure functions, no gRPC: every problem is an InputError (a ValueError) whose message names the
+field and what was expected; the servicers turn it into INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from semguard.detector.errors import InputError
+
 ENCODED_FORMATS = ("PNG", "JPEG")
 
 
@@ -20,20 +22,20 @@ def check_batch(shape: Sequence[int], expected: Sequence[int], what: str) -> int
     """Check `shape` == (B, *expected) with B >= 1; return B."""
     shape = [int(s) for s in shape]
     if len(shape) != len(expected) + 1 or any(s < 0 for s in shape):
-        raise ValueError(f"{what}: shape must be [batch, {', '.join(map(str, expected))}], got {shape}")
+        raise InputError(f"{what}: shape must be [batch, {', '.join(map(str, expected))}], got {shape}")
     if shape[0] == 0:
-        raise ValueError(f"{what}: empty batch (shape {shape}); send at least one image")
+        raise InputError(f"{what}: empty batch (shape {shape}); send at least one image")
     if list(shape[1:]) != list(expected):
-        raise ValueError(f"{what}: shape must be [batch, {', '.join(map(str, expected))}], got {shape}")
+        raise InputError(f"{what}: shape must be [batch, {', '.join(map(str, expected))}], got {shape}")
     return shape[0]
 
 
 def check_images(images: np.ndarray, what: str) -> np.ndarray:
     """Reject NaN/inf and values outside [0, 1] in float images (B, C, H, W)."""
     if not np.isfinite(images).all():
-        raise ValueError(f"{what}: contains NaN or infinite values; pixels must be finite in [0, 1]")
+        raise InputError(f"{what}: contains NaN or infinite values; pixels must be finite in [0, 1]")
     if images.min() < 0.0 or images.max() > 1.0:
-        raise ValueError(f"{what}: pixel values must lie in [0, 1], got range "
+        raise InputError(f"{what}: pixel values must lie in [0, 1], got range "
                          f"[{images.min():.4g}, {images.max():.4g}]")
     return images
 
@@ -43,12 +45,12 @@ def _from_buffer(payload: bytes | np.ndarray, dtype: np.dtype, shape: list[int],
     if isinstance(payload, (bytes, bytearray, memoryview)):
         expected = count * np.dtype(dtype).itemsize
         if len(payload) != expected:
-            raise ValueError(f"{what}: raw contents have {len(payload)} bytes, expected {expected} "
+            raise InputError(f"{what}: raw contents have {len(payload)} bytes, expected {expected} "
                              f"for shape {shape} of {np.dtype(dtype).name}")
         return np.frombuffer(payload, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
     arr = np.asarray(payload)
     if arr.size != count:
-        raise ValueError(f"{what}: typed contents have {arr.size} elements, expected {count} for shape {shape}")
+        raise InputError(f"{what}: typed contents have {arr.size} elements, expected {count} for shape {shape}")
     return arr.reshape(shape)
 
 
@@ -68,7 +70,7 @@ def uint8_nhwc(payload: bytes | np.ndarray, shape: Sequence[int], input_shape: S
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         payload = np.asarray(payload)
         if payload.size and (payload.min() < 0 or payload.max() > 255):
-            raise ValueError(f"{what}: UINT8 values must lie in [0, 255]")
+            raise InputError(f"{what}: UINT8 values must lie in [0, 255]")
         payload = payload.astype(np.uint8)
     arr = _from_buffer(payload, np.uint8, [int(s) for s in shape], what)
     return np.ascontiguousarray(arr.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0  # (B, C, H, W)
@@ -79,10 +81,10 @@ def split_bytes_tensor(raw: bytes, what: str = "input") -> list[bytes]:
     items, pos, view = [], 0, memoryview(raw)
     while pos < len(raw):
         if pos + 4 > len(raw):
-            raise ValueError(f"{what}: truncated BYTES tensor: length prefix cut at byte {pos} of {len(raw)}")
+            raise InputError(f"{what}: truncated BYTES tensor: length prefix cut at byte {pos} of {len(raw)}")
         (n,) = struct.unpack_from("<I", raw, pos)
         if pos + 4 + n > len(raw):
-            raise ValueError(f"{what}: truncated BYTES tensor: element {len(items)} declares {n} bytes, "
+            raise InputError(f"{what}: truncated BYTES tensor: element {len(items)} declares {n} bytes, "
                              f"only {len(raw) - pos - 4} remain")
         items.append(bytes(view[pos + 4:pos + 4 + n]))
         pos += 4 + n
@@ -100,20 +102,20 @@ def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int, what:
     try:
         img = Image.open(io.BytesIO(data), formats=ENCODED_FORMATS)  # reads the header only
     except Image.DecompressionBombError as exc:  # PIL's own, far higher limit, checked in open()
-        raise ValueError(f"{what}: image has more pixels than the limit of {max_pixels} "
+        raise InputError(f"{what}: image has more pixels than the limit of {max_pixels} "
                          f"(max_image_pixels): {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{what}: not a decodable PNG or JPEG image ({exc})") from None
+        raise InputError(f"{what}: not a decodable PNG or JPEG image ({exc})") from None
     # Checked before pixels are decoded: a 50 kB PNG can claim 100k x 100k pixels.
     if img.width * img.height > max_pixels:
-        raise ValueError(f"{what}: image is {img.width}x{img.height} pixels, more pixels than the limit "
+        raise InputError(f"{what}: image is {img.width}x{img.height} pixels, more pixels than the limit "
                          f"of {max_pixels} (max_image_pixels)")
     try:
         img = img.convert("RGB" if c == 3 else "L")
         if img.size != (w, h):
             img = img.resize((w, h), Image.Resampling.BILINEAR)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{what}: corrupt or truncated image ({exc})") from None
+        raise InputError(f"{what}: corrupt or truncated image ({exc})") from None
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return arr.reshape(h, w, c).transpose(2, 0, 1)  # (C, H, W)
 
@@ -122,5 +124,5 @@ def encoded_images(items: Sequence[bytes], input_shape: Sequence[int], max_pixel
                    what: str = "input") -> np.ndarray:
     """PNG/JPEG files -> float32 (B, C, H, W)."""
     if len(items) == 0:
-        raise ValueError(f"{what}: empty batch; send at least one image")
+        raise InputError(f"{what}: empty batch; send at least one image")
     return np.stack([decode_image(b, input_shape, max_pixels, f"{what}[{i}]") for i, b in enumerate(items)])

@@ -26,7 +26,7 @@ GUARD_STAGES = ("forward", "signature", "flagger")
 
 
 class GuardLike(Protocol):
-    """What the service needs of detector.guard.Guard (see .notes/TEAM.md for the contract)."""
+    """What the service needs of detector.guard.Guard (ARCHITECTURE.md, "The guard contract")."""
 
     @property
     def info(self) -> Any: ...

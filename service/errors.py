@@ -1,14 +1,22 @@
-"""Exceptions -> gRPC status codes, in one place. No traceback ever reaches a client."""
+"""Exceptions -> gRPC status codes, in one place. No traceback ever reaches a client.
+
+A client's fault has its own status and message: bad input (`InputError`, raised by the
+guard's and the service's validation; a malformed protobuf) is INVALID_ARGUMENT. Any other
+exception, ValueError included (a BundleError or a shape mismatch inside the guard), is the
+server's fault: INTERNAL with a generic message; the interceptor logs it with its traceback
+and counts it (`semguard_internal_errors_total`).
+"""
 from __future__ import annotations
 
-import logging
+from typing import NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from semguard.detector.errors import InputError
 from semguard.service.batcher import BatcherClosed, DeadlineExceeded, QueueFull
 
-log = logging.getLogger(__name__)
+INTERNAL_MESSAGE = "internal error in the guard server (details in the server log)"
 
 
 class ServiceError(Exception):
@@ -19,17 +27,22 @@ class ServiceError(Exception):
         self.code, self.message = code, message
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Map an exception to (code, client-facing message)."""
+class Status(NamedTuple):
+    code: grpc.StatusCode
+    message: str  # what the client is told
+    internal: bool  # the server's fault: logged with its traceback and counted; its text stays in the log
+
+
+def status_for(exc: BaseException) -> Status:
+    """Map an exception to its status and client-facing message."""
     if isinstance(exc, ServiceError):
-        return exc.code, exc.message
-    if isinstance(exc, (ValueError, DecodeError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        return Status(exc.code, exc.message, False)
+    if isinstance(exc, (InputError, DecodeError)):
+        return Status(grpc.StatusCode.INVALID_ARGUMENT, str(exc), False)
     if isinstance(exc, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), False)
     if isinstance(exc, DeadlineExceeded):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+        return Status(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), False)
     if isinstance(exc, BatcherClosed):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    log.error("internal error", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, "internal error in the guard server (details in the server log)"
+        return Status(grpc.StatusCode.UNAVAILABLE, str(exc), False)
+    return Status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, True)

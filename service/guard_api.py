@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from semguard.detector.errors import InputError
 from semguard.service import decode
 from semguard.service.config import ServiceConfig
 from semguard.service.engine import GuardEngine
@@ -14,7 +15,7 @@ from semguard.service.generated import guard_pb2_grpc as pb_grpc
 
 
 def request_images(request: pb.InspectRequest, input_shape: Sequence[int], max_pixels: int) -> np.ndarray:
-    """InspectRequest -> images (B, C, H, W) float32 in [0, 1]; ValueError on anything malformed."""
+    """InspectRequest -> images (B, C, H, W) float32 in [0, 1]; InputError on anything malformed."""
     kind = request.WhichOneof("images")
     if kind == "encoded":
         return decode.encoded_images(list(request.encoded.images), input_shape, max_pixels, "encoded.images")
@@ -24,9 +25,9 @@ def request_images(request: pb.InspectRequest, input_shape: Sequence[int], max_p
             return decode.fp32_nchw(t.data, list(t.shape), input_shape, "tensor")
         if t.layout == pb.Tensor.UINT8_NHWC:
             return decode.uint8_nhwc(t.data, list(t.shape), input_shape, "tensor")
-        raise ValueError(f"tensor.layout must be FP32_NCHW or UINT8_NHWC, got "
+        raise InputError(f"tensor.layout must be FP32_NCHW or UINT8_NHWC, got "
                          f"{pb.Tensor.Layout.Name(t.layout) if t.layout in pb.Tensor.Layout.values() else t.layout}")
-    raise ValueError("InspectRequest: set `encoded` (PNG/JPEG files) or `tensor` (raw pixels)")
+    raise InputError("InspectRequest: set `encoded` (PNG/JPEG files) or `tensor` (raw pixels)")
 
 
 def verdict_message(v: Any, labels: Sequence[str], layers: Sequence[str], threshold: float) -> pb.Verdict:

@@ -2,10 +2,12 @@
 
 Requests are deserialized here instead of by grpc, so a malformed message becomes
 INVALID_ARGUMENT with a clear message (grpc's own path answers INTERNAL "Exception deserializing
-request!"). Servicers raise ServiceError / ValueError and never call context.abort themselves.
+request!"). Servicers raise ServiceError / InputError and never call context.abort themselves; any
+other exception is answered INTERNAL and logged here, once, with its traceback (service.errors).
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
@@ -14,6 +16,8 @@ import grpc
 
 from semguard.service.errors import ServiceError, status_for
 from semguard.service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
 
 
 def _parser(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any]:
@@ -28,21 +32,23 @@ def _parser(deserializer: Callable[[bytes], Any] | None, method: str) -> Callabl
     return parse
 
 
-def _fail(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
-    """Abort the RPC with the status `exc` maps to (keeping a code a handler already set)."""
-    preset = context.code()
-    if preset not in (None, grpc.StatusCode.OK):  # context.abort() or a generated UNIMPLEMENTED stub
-        details = context.details() or b""
-        code, message = preset, details.decode() if isinstance(details, bytes) else str(details)
-    else:
-        code, message = status_for(exc)
-    context.abort(code, message)  # raises
-    raise AssertionError("context.abort returned")  # grpc's abort always raises
-
-
 class GuardInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: ServiceMetrics):
         self.metrics = metrics
+
+    def _fail(self, context: grpc.ServicerContext, exc: Exception, method: str) -> NoReturn:
+        """Abort the RPC with the status `exc` maps to (keeping a code a handler already set)."""
+        preset = context.code()
+        if preset not in (None, grpc.StatusCode.OK):  # context.abort() or a generated UNIMPLEMENTED stub
+            details = context.details() or b""
+            code, message = preset, details.decode() if isinstance(details, bytes) else str(details)
+        else:
+            code, message, internal = status_for(exc)
+            if internal:
+                log.error("%s failed inside the server", method, exc_info=exc)
+                self.metrics.internal_errors.labels(method, type(exc).__name__).inc()
+        context.abort(code, message)  # raises
+        raise AssertionError("context.abort returned")  # grpc's abort always raises
 
     def _record(self, method: str, context: grpc.ServicerContext, start: float) -> None:
         code = context.code() or grpc.StatusCode.OK
@@ -74,7 +80,7 @@ class GuardInterceptor(grpc.ServerInterceptor):
                 req = (parse(r) for r in request) if streaming_request else parse(request)
                 return behaviour(req, context)
             except Exception as exc:
-                _fail(context, exc)
+                self._fail(context, exc, method)
             finally:
                 self._record(method, context, start)
         return wrapped
@@ -86,7 +92,7 @@ class GuardInterceptor(grpc.ServerInterceptor):
                 req = (parse(r) for r in request) if streaming_request else parse(request)
                 yield from behaviour(req, context)
             except Exception as exc:
-                _fail(context, exc)
+                self._fail(context, exc, method)
             finally:
                 self._record(method, context, start)
         return wrapped

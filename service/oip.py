@@ -20,6 +20,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from semguard.detector.errors import InputError
 from semguard.service import decode
 from semguard.service.config import ServiceConfig
 from semguard.service.engine import GuardEngine, time_remaining
@@ -55,15 +56,15 @@ def verdict_outputs(verdicts: Sequence[Any], refused: np.ndarray) -> dict[str, n
 
 
 def decode_infer_inputs(request: pb.ModelInferRequest, input_shape: Sequence[int], max_pixels: int) -> np.ndarray:
-    """ModelInferRequest -> images (B, C, H, W) float32 in [0, 1]; ValueError on anything malformed."""
+    """ModelInferRequest -> images (B, C, H, W) float32 in [0, 1]; InputError on anything malformed."""
     if len(request.inputs) != 1:
-        raise ValueError(f"ModelInfer: expected exactly 1 input tensor (the images), got {len(request.inputs)}")
+        raise InputError(f"ModelInfer: expected exactly 1 input tensor (the images), got {len(request.inputs)}")
     tensor, raw = request.inputs[0], request.raw_input_contents
     what = f"input '{tensor.name}'"
     if raw and len(raw) != len(request.inputs):
-        raise ValueError(f"ModelInfer: {len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+        raise InputError(f"ModelInfer: {len(raw)} raw_input_contents for {len(request.inputs)} inputs")
     if raw and tensor.HasField("contents"):
-        raise ValueError(f"{what}: give raw_input_contents or typed contents, not both")
+        raise InputError(f"{what}: give raw_input_contents or typed contents, not both")
     shape = list(tensor.shape)
     if tensor.datatype == "FP32":
         return decode.fp32_nchw(raw[0] if raw else np.asarray(tensor.contents.fp32_contents, np.float32),
@@ -74,11 +75,11 @@ def decode_infer_inputs(request: pb.ModelInferRequest, input_shape: Sequence[int
     if tensor.datatype == "BYTES":
         items = decode.split_bytes_tensor(raw[0], what) if raw else list(tensor.contents.bytes_contents)
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or any(s < 0 for s in shape):
-            raise ValueError(f"{what}: BYTES shape must be [batch] or [batch, 1], got {shape}")
+            raise InputError(f"{what}: BYTES shape must be [batch] or [batch, 1], got {shape}")
         if shape[0] != len(items):
-            raise ValueError(f"{what}: shape {shape} declares {shape[0]} images, contents hold {len(items)}")
+            raise InputError(f"{what}: shape {shape} declares {shape[0]} images, contents hold {len(items)}")
         return decode.encoded_images(items, input_shape, max_pixels, what)
-    raise ValueError(f"{what}: datatype must be one of FP32 (NCHW), UINT8 (NHWC), BYTES (PNG/JPEG), "
+    raise InputError(f"{what}: datatype must be one of FP32 (NCHW), UINT8 (NHWC), BYTES (PNG/JPEG), "
                      f"got {tensor.datatype!r}")
 
 
@@ -149,7 +150,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.upstream is None:
             unknown = [n for n in names if n not in DATATYPES]
             if unknown:
-                raise ValueError(f"unknown output(s) {unknown}; this model has {list(DATATYPES)}")
+                raise InputError(f"unknown output(s) {unknown}; this model has {list(DATATYPES)}")
         return names or list(DATATYPES)
 
     def _apply_policy(self, verdicts: Sequence[Any]) -> np.ndarray:

@@ -25,7 +25,7 @@ from semguard.service.engine import GuardEngine, GuardLike
 from semguard.service.generated import guard_pb2, guard_pb2_grpc
 from semguard.service.guard_api import GuardServicer
 from semguard.service.interceptor import GuardInterceptor
-from semguard.service.metrics import ServiceMetrics
+from semguard.service.metrics import ServiceMetrics, score_buckets
 from semguard.service.oip import InferenceServicer
 from semguard.service.upstream import Upstream
 
@@ -90,7 +90,10 @@ def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
 
 def create_server(config: ServiceConfig, guard: GuardLike) -> CreatedServer:
     """Build (not start) the guard server on config.host:config.grpc_port (0 = any free port)."""
-    metrics = ServiceMetrics()
+    info = guard.info
+    # guards whose info predates calibration_scores (GuardLike test doubles) get the method's default buckets
+    metrics = ServiceMetrics(score_bucket_edges=score_buckets(info.flagger_method, float(info.threshold),
+                                                              getattr(info, "calibration_scores", ())))
     engine = GuardEngine(guard, config, metrics)
     upstream = Upstream(config.upstream, config.upstream_model, config.max_message_bytes) if config.upstream else None
     options = [("grpc.max_send_message_length", config.max_message_bytes),

@@ -1,4 +1,6 @@
 """The tiny CNN the detector, evaluation and service tests calibrate real guard bundles on."""
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from torch import nn
@@ -43,3 +45,25 @@ def fit_head(model: TinyCNN, images: torch.Tensor, classes: torch.Tensor) -> np.
     model.fc.weight.copy_(w[:-1].T.float())
     model.fc.bias.copy_(w[-1].float())
     return model(images).argmax(1).numpy()
+
+
+class TinyTask(NamedTuple):
+    model: TinyCNN
+    images: torch.Tensor  # (N, 3, 8, 8) float32 in [0, 1]
+    labels: np.ndarray  # (N,) the model's own predictions, taken as the truth
+    words: np.ndarray  # (C, 12) random label word vectors
+    generator: torch.Generator  # for any further random images the test needs
+
+
+def tiny_task(n_classes: int, n_images: int) -> TinyTask:
+    """A seeded random TinyCNN and images whose colour carries a class, with a head fitted so that
+    predictions spread over the classes."""
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=n_classes).eval()
+    gen = torch.Generator().manual_seed(1)
+    base = torch.rand(n_classes, 3, 1, 1, generator=gen)
+    src = torch.randint(0, n_classes, (n_images,), generator=gen)
+    images = (base[src] + 0.25 * torch.rand(n_images, 3, 8, 8, generator=gen)).clamp(0, 1).float()
+    labels = fit_head(model, images, src)
+    words = np.random.default_rng(2).normal(size=(n_classes, 12)).astype(np.float32)
+    return TinyTask(model, images, labels, words, gen)

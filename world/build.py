@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semguard.models.worldnet import load_world_model, save_worldnet
+from semguard.files import atomic_path, write_json_atomic
+from semguard.models.worldnet import save_worldnet
 from semguard.world.attributes import ConceptAttributes, concept_attributes
 from semguard.world.corpus import generate_corpus, train_skipgram
 from semguard.world.render import render
 from semguard.world.taxonomy import SUPERCLASS_OF, select_classes
 from semguard.world.train import TrainSettings, accuracy, train_worldnet
+from semguard.world_cache import DEFAULT_WORLD_CACHE
 
 # Bump when the renderer, corpus or training changes what a given setting produces,
 # so stale caches are not reused.
@@ -75,18 +76,9 @@ class World:
         return self.test_images[np.stack(idx, axis=1)]  # (n_sets, n_classes, ...)
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save_images(path: Path, **arrays: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    _atomic(path, write)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _build_images(s: WorldSettings, attrs: list[ConceptAttributes], path: Path) -> None:
@@ -101,10 +93,11 @@ def _build_images(s: WorldSettings, attrs: list[ConceptAttributes], path: Path) 
 
 def _build_vectors(s: WorldSettings, attrs: list[ConceptAttributes], path: Path) -> None:
     sentences = generate_corpus(attrs, s.corpus_sentences, np.random.default_rng([s.seed, 3]))
-    _atomic(path, lambda tmp: train_skipgram(sentences, tmp, s.vector_size, s.w2v_epochs, s.seed))
+    with atomic_path(path) as tmp:
+        train_skipgram(sentences, tmp, s.vector_size, s.w2v_epochs, s.seed)
 
 
-def build_world(settings: WorldSettings = WorldSettings(), cache_dir: str | Path = ".semguard/world",
+def build_world(settings: WorldSettings = WorldSettings(), cache_dir: str | Path = DEFAULT_WORLD_CACHE,
                 progress: bool = True) -> World:
     """Build the world for these settings under cache_dir, or load it if it is already there."""
     classes = select_classes(settings.n_classes)
@@ -132,7 +125,7 @@ def build_world(settings: WorldSettings = WorldSettings(), cache_dir: str | Path
             save_worldnet(model, model_path)
             acc = accuracy(model, data["test_images"], data["test_labels"])
             meta = {"settings": asdict(settings), "classes": classes, "test_accuracy": acc}
-            _atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+            write_json_atomic(meta_path, meta, indent=1)
         timings["train_worldnet"] = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)

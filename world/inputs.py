@@ -10,8 +10,7 @@ from torch import nn
 from semguard.detector.words import load_vectors, match_labels
 from semguard.models.worldnet import load_world_model
 from semguard.world.build import World, WorldSettings, build_world
-
-DEFAULT_CACHE_DIR = Path(".semguard/world")
+from semguard.world_cache import DEFAULT_WORLD_CACHE as DEFAULT_CACHE_DIR  # one constant, light for the CLI
 
 
 @dataclass(frozen=True)

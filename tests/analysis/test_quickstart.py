@@ -1,6 +1,5 @@
 """A reduced `semguard quickstart` end to end: shapes and sanity of summary.json, real figures."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

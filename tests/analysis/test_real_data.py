@@ -53,5 +53,20 @@ def test_image_folder_reports_bad_files(tmp_path):
     (tmp_path / "cat" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):
         ImageFolder(tmp_path, size=32)[0]
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="no class sub-folders"):
         ImageFolder(tmp_path / "cat", size=32)
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"class folder .*dog: no image files"):
+        ImageFolder(tmp_path, size=32)
+
+
+def test_image_folder_suffixes_in_any_case(tmp_path):
+    rng = np.random.default_rng(2)
+    (tmp_path / "n01440764").mkdir()
+    for name, fmt in (("a.PNG", "PNG"), ("b.JPG", "JPEG"), ("c.Jpeg", "JPEG"), ("d.jpeg", "JPEG"), ("e.png", "PNG")):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "n01440764" / name, fmt)
+    (tmp_path / "n01440764" / ".DS_Store").write_bytes(b"\0")
+    data = ImageFolder(tmp_path, size=16)
+    assert [f.name for f, _ in data.samples] == ["a.PNG", "b.JPG", "c.Jpeg", "d.jpeg", "e.png"]
+    assert all(data[i][0].shape == (3, 16, 16) for i in range(len(data)))

@@ -2,6 +2,7 @@
 import pytest
 
 from semguard.attacks import cli as attacks_cli
+from semguard.attacks.generate import GenerateParams
 from semguard.attacks.store import load_attack_set
 from semguard.cli import build_parser, main
 from tests.attacks.tiny import tiny_world
@@ -25,5 +26,6 @@ def test_generate_command_bad_flags(tmp_path):
     with pytest.raises(SystemExit, match="eps must be a finite number > 0"):
         main(["attack", "generate", "--out", str(tmp_path / "x"), "--eps", "0"])
     assert not (tmp_path / "x").exists()
-    args = build_parser().parse_args(["attack", "generate", "--out", "o"])
-    assert (args.eps, args.step, args.decay, args.iterations, args.backend) == (0.15, 0.03, 1.0, 20, "native")
+    params = attacks_cli.params_from_args(build_parser().parse_args(["attack", "generate", "--out", "o"]))
+    assert params == GenerateParams()
+    assert (params.eps, params.step, params.decay, params.iterations, params.backend) == (0.15, 0.03, 1.0, 20, "native")

@@ -1,4 +1,5 @@
 """detector.guard end to end on a tiny random CNN: calibrate -> bundle -> load -> inspect, and bad input."""
+import dataclasses
 import json
 import shutil
 
@@ -7,9 +8,11 @@ import pytest
 import torch
 
 from semguard.detector.bundle import BundleError, ModelSpec, read_bundle
-from semguard.detector.calibrate import CalibrationConfig
+from semguard.detector.calibrate import CalibrationConfig, fit_calib_split, guard_features
+from semguard.detector.features import FeatureRecipe, recipe_of
 from semguard.detector.guard import Guard, Verdict, calibrate_guard
-from tests.tiny_cnn import LAYERS, TinyCNN, fit_head
+from semguard.detector.layers import LayerTap
+from tests.tiny_cnn import LAYERS, tiny_task
 
 N_CLASSES = 8
 
@@ -18,16 +21,7 @@ N_CLASSES = 8
 
 @pytest.fixture(scope="module")
 def world():
-    torch.manual_seed(0)
-    model = TinyCNN().eval()
-    gen = torch.Generator().manual_seed(1)
-    # images whose colour carries a class-like signal, so predictions spread over the classes
-    base = torch.rand(N_CLASSES, 3, 1, 1, generator=gen)
-    src = torch.randint(0, N_CLASSES, (160,), generator=gen)
-    images = (base[src] + 0.25 * torch.rand(160, 3, 8, 8, generator=gen)).clamp(0, 1).float()
-    labels = fit_head(model, images, src)  # a random CNN: its own predictions are the truth
-    words = np.random.default_rng(2).normal(size=(N_CLASSES, 12)).astype(np.float32)
-    return model, images, labels, words
+    return tiny_task(N_CLASSES, 160)[:4]
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +136,7 @@ def test_bundle_from_another_model(bundle_dir, tmp_path, world):
         Guard.load(b)
     manifest["model"]["module"] = "os"
     (b / "bundle.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="not in an allowed package"):
+    with pytest.raises(BundleError, match="outside the .semguard. package"):
         Guard.load(b)
 
 
@@ -184,3 +178,80 @@ def test_ensemble_members_are_cut_to_the_configured_features():
         ensemble_members(CalibrationConfig(method="ensemble", features=("words",)))
     with pytest.raises(ValueError, match="share no kind"):
         ensemble_members(CalibrationConfig(method="ensemble", features=("margin",), members=(("mahalanobis",),)))
+
+
+# ----------------------------------------------------------------------------- one feature function
+
+
+SHIPPED = CalibrationConfig(method="ensemble")  # features and members as analysis.detector_eval ships them
+BATCH = 32
+
+
+def attack_like(images: torch.Tensor, seed: int) -> torch.Tensor:
+    noise = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return (images[:40] + 0.3 * noise).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(world, tmp_path_factory):
+    model, images, labels, words = world
+    cfg = dataclasses.replace(SHIPPED, per_concept=3, target_fpr=0.1, batch_size=BATCH)
+    out = tmp_path_factory.mktemp("ensemble")
+    calibrate_guard(model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)], words,
+                    images, labels, out, attack_images=attack_like(images, 7), config=cfg)
+    return out, cfg
+
+
+def served_features(guard: Guard, images: torch.Tensor, batch: int) -> np.ndarray:
+    return np.concatenate([guard.inspect_arrays(images[i : i + batch]).features for i in range(0, len(images), batch)])
+
+
+def test_calibration_and_serving_compute_the_same_features(world, ensemble_dir):
+    """Exact equality in the same batches: both paths are one function (features.flagger_features)
+    on the same float32 activations. Another batching changes only float32 matmul rounding."""
+    model, images, _, _ = world
+    bundle_dir, cfg = ensemble_dir
+    bundle, guard = read_bundle(bundle_dir), Guard.load(bundle_dir)
+    assert bundle.flagger.method == "ensemble" and len(bundle.flagger.params["weights"]) == 2
+    calibrated = guard_features(LayerTap(model, LAYERS), images, bundle.bank, bundle.mahalanobis, cfg.features,
+                                cfg.n_alternatives, cfg.seed, BATCH)
+    assert calibrated.features.shape == (len(images), len(bundle.flagger.feature_names))
+    np.testing.assert_array_equal(served_features(guard, images, BATCH), calibrated.features)
+    np.testing.assert_allclose(served_features(guard, images, 7), calibrated.features, rtol=1e-5, atol=1e-6)
+
+
+def test_served_scores_reproduce_the_calibrated_threshold(world, ensemble_dir):
+    """The flagger's centre and threshold, recomputed from what the served guard computes."""
+    _, images, labels, _ = world
+    bundle_dir, cfg = ensemble_dir
+    guard = Guard.load(bundle_dir)
+    fl = guard.bundle.flagger
+    fit, calib = fit_calib_split(len(labels), cfg.calib_fraction, cfg.seed)
+    np.testing.assert_array_equal(served_features(guard, images[fit], BATCH).mean(0), fl.center)
+    scores = np.concatenate([guard.inspect_arrays(images[calib][i : i + BATCH]).score for i in range(0, len(calib), BATCH)])
+    assert np.quantile(scores, 1 - cfg.target_fpr, method="higher") == fl.threshold
+    assert (scores > fl.threshold).mean() == fl.calibration["fpr_calib"]
+
+
+def test_served_feature_columns_follow_the_configured_order(world, tmp_path):
+    # the guard once rebuilt the column order from a fixed list of kinds, not from the flagger's columns
+    model, images, labels, words = world
+    cfg = CalibrationConfig(per_concept=3, target_fpr=0.1, batch_size=BATCH, features=("mahalanobis", "fraction"))
+    calibrate_guard(model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)], words,
+                    images, labels, tmp_path, config=cfg)
+    guard = Guard.load(tmp_path)
+    assert guard.recipe.kinds == ("mahalanobis", "fraction")
+    _, calib = fit_calib_split(len(labels), cfg.calib_fraction, cfg.seed)
+    scores = np.concatenate([guard.inspect_arrays(images[calib][i : i + BATCH]).score for i in range(0, len(calib), BATCH)])
+    assert np.quantile(scores, 1 - cfg.target_fpr, method="higher") == guard.info.threshold
+
+
+def test_feature_recipe_checks_its_parts(bundle_dir):
+    bundle = read_bundle(bundle_dir)
+    with pytest.raises(ValueError, match="feature kinds must be a non-empty subset"):
+        FeatureRecipe(bundle.bank, bundle.mahalanobis, ("words",))
+    with pytest.raises(ValueError, match="mahalanobis: .* needs a fitted MahalanobisDetector"):
+        FeatureRecipe(bundle.bank, None, ("fraction", "mahalanobis"))
+    shuffled = dataclasses.replace(bundle.flagger, feature_names=bundle.flagger.feature_names[::-1])
+    with pytest.raises(BundleError, match="feature columns"):
+        recipe_of(dataclasses.replace(bundle, flagger=shuffled))

@@ -83,8 +83,11 @@ def test_graph_node_names_equal_torchvisions():
 
 
 @pytest.fixture
-def fresh_registry(monkeypatch):
-    monkeypatch.setattr(layers, "_PRESETS", dict(layers._PRESETS))
+def fresh_registry():
+    saved = dict(layers.PRESETS)
+    yield
+    layers.PRESETS.clear()
+    layers.PRESETS.update(saved)
 
 
 def test_register_preset_validates(fresh_registry):
@@ -107,7 +110,7 @@ def test_register_preset_validates(fresh_registry):
 
 
 def test_unknown_preset_lists_known_ones():
-    with pytest.raises(ValueError, match=r"known presets: .*resnet50"):
+    with pytest.raises(ValueError, match=r"known layer presets: .*resnet50"):
         preset_layers("resnet51")
 
 

@@ -8,7 +8,6 @@ from tests.detector.test_rsa import pearson
 from semguard.detector.signature import (
     alternative_table,
     reduction_agreement,
-    signature,
     signature_from_profiles,
     signature_parts,
 )
@@ -120,7 +119,7 @@ def test_signature_from_acts_matches_loop_by_definition():
     np.testing.assert_allclose(got.fraction, want[0], atol=1e-9)
     np.testing.assert_allclose(got.margin, want[1], atol=1e-9)
     # float32 serving path: same fractions away from ties, margins close
-    fast = signature(list(acts.values()), predicted, bank, continuous=True)
+    fast = signature_parts(list(acts.values()), predicted, bank).margin
     np.testing.assert_allclose(fast, want[1], atol=1e-5)
 
 
@@ -128,7 +127,7 @@ def test_empty_batch_gives_empty_signature():
     rng = np.random.default_rng(9)
     bank, _ = make_bank(rng)
     acts = {n: torch.zeros(0, bank.prototypes[n].shape[1]) for n in bank.layers}
-    assert signature(acts, np.zeros(0, dtype=int), bank).shape == (0, 2)
+    assert signature_parts(acts, np.zeros(0, dtype=int), bank).fraction.shape == (0, 2)
 
 
 def test_projection_and_pooling_agree_with_exact():
@@ -180,6 +179,6 @@ def test_too_few_references_raises():
 def test_missing_layer_raises():
     bank, _ = make_bank(np.random.default_rng(13))
     with pytest.raises(ValueError, match="lacks layers"):
-        signature({"l0": torch.zeros(2, 20)}, np.zeros(2, dtype=int), bank)
+        signature_parts({"l0": torch.zeros(2, 20)}, np.zeros(2, dtype=int), bank)
     with pytest.raises(ValueError, match=r"acts\['l1'\] must be"):
-        signature({"l0": torch.zeros(2, 20), "l1": torch.zeros(2, 5)}, np.zeros(2, dtype=int), bank)
+        signature_parts({"l0": torch.zeros(2, 20), "l1": torch.zeros(2, 5)}, np.zeros(2, dtype=int), bank)

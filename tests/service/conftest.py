@@ -1,7 +1,7 @@
 """Fixtures for the service tests.
 
 `guard` is a TEST DOUBLE of detector.guard.Guard: it implements exactly the contract in
-.notes/TEAM.md (info, inspect -> list[Verdict], ValueError on bad input) with a real tiny torch
+ARCHITECTURE.md, "The guard contract" (info, inspect -> list[Verdict], an input error on bad input) with a real tiny torch
 CNN (seeded random init) and a simple deterministic signature (per-layer mean activation). Its
 score is the image's mean pixel value, so tests can make clean (dark) and flagged (bright) images
 on purpose. To run these tests against a real bundle, change only the `guard` fixture to
@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from semguard.detector.errors import InputError
 from semguard.detector.guard import GuardInfo, Verdict
 from semguard.service.config import ServiceConfig
 from semguard.service.server import CreatedServer, create_server
@@ -53,14 +54,14 @@ class FakeGuard:
 
     def inspect(self, images: torch.Tensor) -> list[Verdict]:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.float32:
-            raise ValueError("images must be a float32 torch.Tensor")
+            raise InputError("images must be a float32 torch.Tensor")
         if images.ndim != 4 or tuple(images.shape[1:]) != self.info.input_shape:
-            raise ValueError(f"images must have shape (B, {', '.join(map(str, self.info.input_shape))}), "
+            raise InputError(f"images must have shape (B, {', '.join(map(str, self.info.input_shape))}), "
                              f"got {tuple(images.shape)}")
         if len(images) == 0:
-            raise ValueError("images: empty batch")
+            raise InputError("images: empty batch")
         if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or inf")
+            raise InputError("images contain NaN or inf")
         self.calls.append(len(images))
         t0 = time.perf_counter()
         with torch.no_grad():

@@ -18,10 +18,12 @@ def test_flags_then_env_then_defaults():
     assert no_metrics.metrics_port is None
 
 
-def test_bad_values_name_the_setting():
-    args = build_parser().parse_args(["serve", "--policy", "maybe"])
-    with pytest.raises(ValueError, match="policy must be one of"):
-        config_from_args(args, environ={})
+def test_bad_values_name_the_setting(capsys):
+    with pytest.raises(SystemExit):  # a flag is checked by argparse, against POLICIES
+        build_parser().parse_args(["serve", "--policy", "maybe"])
+    assert "invalid choice: 'maybe' (choose from 'annotate', 'block')" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="policy must be one of"):  # the environment by ServiceConfig
+        config_from_args(build_parser().parse_args(["serve"]), environ={"SEMGUARD_POLICY": "maybe"})
     with pytest.raises(ValueError, match="SEMGUARD_GRPC_PORT must be a int"):
         config_from_args(build_parser().parse_args(["serve"]), environ={"SEMGUARD_GRPC_PORT": "x"})
     with pytest.raises(ValueError, match="tls_cert and tls_key"):

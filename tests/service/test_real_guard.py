@@ -13,7 +13,7 @@ from semguard.detector.bundle import ModelSpec
 from semguard.detector.calibrate import CalibrationConfig
 from semguard.detector.guard import Guard, calibrate_guard
 from semguard.service.generated import guard_pb2, guard_pb2_grpc
-from tests.tiny_cnn import LAYERS, TinyCNN, fit_head
+from tests.tiny_cnn import LAYERS, tiny_task
 
 N_CLASSES = 6
 
@@ -22,14 +22,7 @@ N_CLASSES = 6
 
 @pytest.fixture(scope="module")
 def real_guard(tmp_path_factory) -> tuple[Guard, torch.Tensor]:
-    torch.manual_seed(0)
-    model = TinyCNN(num_classes=N_CLASSES).eval()
-    gen = torch.Generator().manual_seed(1)
-    base = torch.rand(N_CLASSES, 3, 1, 1, generator=gen)  # colour carries the class: predictions spread
-    src = torch.randint(0, N_CLASSES, (120,), generator=gen)
-    images = (base[src] + 0.25 * torch.rand(120, 3, 8, 8, generator=gen)).clamp(0, 1).float()
-    labels = fit_head(model, images, src)  # a random CNN: its own predictions are the truth
-    words = np.random.default_rng(2).normal(size=(N_CLASSES, 12)).astype(np.float32)
+    model, images, labels, words, _ = tiny_task(N_CLASSES, 120)
     out = tmp_path_factory.mktemp("bundle")
     calibrate_guard(model, ModelSpec("tiny_cnn_test", {"width": 6, "num_classes": N_CLASSES}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
                     words, images, labels, out, model_name="smallcnn",

@@ -1,0 +1,83 @@
+"""The guard's flagger features, computed by one function for calibration and for serving.
+
+A calibrated threshold keeps its false-positive rate only if the served guard computes its
+features exactly as calibration did: the same signature (float32 serving profiles, the
+manifest's alternatives and seed), the same Mahalanobis scores, the same column order.
+`calibrate.guard_features` (clean and attack images, batch by batch) and
+`Guard.inspect_arrays` (one request batch) both call `flagger_features`.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from semguard.detector.bundle import Bundle, BundleError
+from semguard.detector.flagger import assemble_features, feature_names
+from semguard.detector.mahalanobis import MahalanobisDetector
+from semguard.detector.reference import ReferenceBank
+from semguard.detector.signature import Signature, signature_parts
+
+
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """What turns tapped activations into flagger features (a bundle holds one: `recipe_of`)."""
+
+    bank: ReferenceBank
+    mahalanobis: MahalanobisDetector | None
+    kinds: tuple[str, ...]  # feature blocks in column order, e.g. ("fraction", "margin", "mahalanobis")
+    n_alternatives: int | None = None  # None: every other label
+    seed: int = 0  # of the alternatives' seeded subset
+
+    def __post_init__(self) -> None:
+        feature_names(self.kinds, self.bank.layers)  # ValueError naming `kinds` when unknown or empty
+        if "mahalanobis" in self.kinds and self.mahalanobis is None:
+            raise ValueError("mahalanobis: feature kind 'mahalanobis' needs a fitted MahalanobisDetector, got None")
+
+    @property
+    def names(self) -> list[str]:
+        """Column names "<kind>/<layer>" of the features, in order."""
+        density_layers = self.mahalanobis.layers if "mahalanobis" in self.kinds else None
+        return feature_names(self.kinds, self.bank.layers, density_layers)
+
+
+class FlaggerFeatures(NamedTuple):
+    features: np.ndarray  # (B, F) float64, columns FeatureRecipe.names
+    signature: Signature  # fraction and margin (B, L) over bank.layers
+    signature_s: float  # seconds in the profiles and the 1 vs 2 signature
+    density_s: float  # seconds in the Mahalanobis scores and assembling the columns
+
+
+def flagger_features(acts: Mapping[str, torch.Tensor], predicted: torch.Tensor, recipe: FeatureRecipe) -> FlaggerFeatures:
+    """Flagger features of one batch.
+
+    acts: {layer: (B, k_l)} float32 as `LayerTap` gives them (every bank and Mahalanobis layer).
+    predicted: (B,) the model's argmax labels. The profiles are float32 matmuls against the
+    stored prototypes (`ReferenceBank._serving_profiles`: no float64 copy of the activations) and
+    the Mahalanobis reduction goes a few rows at a time, so serving keeps its memory bound.
+    """
+    start = time.perf_counter()
+    sig = signature_parts(acts, predicted, recipe.bank, recipe.n_alternatives, recipe.seed)
+    signed = time.perf_counter()  # signature_parts returns numpy: the device has finished
+    density = recipe.mahalanobis.layer_scores(acts) if "mahalanobis" in recipe.kinds else None
+    features = assemble_features(recipe.kinds, sig, density)
+    return FlaggerFeatures(features, sig, signed - start, time.perf_counter() - signed)
+
+
+def recipe_of(bundle: Bundle) -> FeatureRecipe:
+    """The recipe a bundle's flagger was calibrated with; BundleError if its columns cannot be rebuilt."""
+    names = bundle.flagger.feature_names
+    kinds = tuple(dict.fromkeys(n.split("/", 1)[0] for n in names))  # column order, as calibration stacked them
+    m = bundle.manifest
+    try:
+        recipe = FeatureRecipe(bundle.bank, bundle.mahalanobis, kinds, m.n_alternatives, m.signature_seed)
+    except ValueError as e:
+        raise BundleError(f"flagger.json: {e}") from None
+    if tuple(recipe.names) != tuple(names):
+        raise BundleError(f"flagger.json: feature columns {list(names)[:4]}... are not the ones the bundle's bank and "
+                          f"Mahalanobis layers give ({recipe.names[:4]}...)")
+    return recipe
