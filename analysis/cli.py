@@ -52,16 +52,10 @@ def quickstart_config(args: argparse.Namespace) -> QuickstartConfig:
 def run(args: argparse.Namespace) -> int:
     from semguard.analysis.quickstart import run_quickstart
 
+    from semguard.analysis.report import render_summary
+
     summary = run_quickstart(quickstart_config(args))
-    t = summary["two_vs_two"]
-    print(json.dumps({
-        "test_accuracy": round(summary["world"]["test_accuracy"], 4),
-        "two_vs_two_pixels": round(t["pixels"], 4),
-        "two_vs_two_first_layer": round(t["accuracy"][0], 4),
-        "two_vs_two_last_layer": round(t["accuracy"][-1], 4),
-        "timings_s": summary["timings_s"],
-    }, indent=2))
-    print(f"report: {Path(args.out) / 'report.md'}")
+    print(render_summary(summary, Path(args.out)))
     return 0
 
 

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -48,15 +49,41 @@ class QuickstartConfig:
     progress: bool = True
 
 
+# Each stage's seconds in a first run on a 2-core machine (BENCHMARKS.md, Quickstart): the overall
+# progress line's estimate of what is left, scaled by how fast this machine has been so far.
+STAGES = {"world": ("the embedded world", 20.0), "test_accuracy": ("test accuracy", 1.5),
+          "two_vs_two": ("2 vs 2 by layer", 40.0), "attacks": ("targeted MI-FGSM attack set", 10.0),
+          "one_vs_two": ("1 vs 2 of adversarial and misclassified images", 2.0),
+          "detector": ("guard calibration and evaluation", 110.0)}
+
+
 class Timer:
-    def __init__(self) -> None:
+    """Seconds per stage; with `progress`, one line per stage on stderr with the time left overall."""
+
+    def __init__(self, progress: bool = False) -> None:
         self.seconds: dict[str, float] = {}
+        self.progress = progress
+        self.start = time.perf_counter()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.progress:
+            print(self.progress_line(name), file=sys.stderr, flush=True)
         start = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 2)
+
+    def progress_line(self, name: str) -> str:
+        done = sum(STAGES[s][1] for s in self.seconds)
+        pace = min(max(sum(self.seconds.values()) / done, 0.25), 4.0) if done else 1.0
+        left = pace * sum(STAGES[s][1] for s in STAGES if s not in self.seconds)
+        elapsed = time.perf_counter() - self.start
+        return (f"quickstart [{len(self.seconds) + 1}/{len(STAGES)}] {STAGES[name][0]} | "
+                f"{_clock(elapsed)} elapsed, about {_clock(left)} left")
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
 def settings_key(settings: dict) -> str:
@@ -83,7 +110,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
 
 
 def _run_quickstart(config: QuickstartConfig) -> dict:
-    timer = Timer()
+    timer = Timer(config.progress)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)

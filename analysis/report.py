@@ -1,6 +1,8 @@
 """summary.json and report.md of a quickstart run."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -111,3 +113,36 @@ def _detector_section(d: dict) -> list[str]:
 
 def _has_art(d: dict) -> bool:
     return any("art_binary_activation" in a["baselines"] for a in d["per_attack"].values())
+
+
+ATTACK_NAMES = {"mifgsm_paper": "MI-FGSM paper eps", "mifgsm_8_255": "MI-FGSM 8/255", "pgd_8_255": "PGD 8/255",
+                "cw_l2": "C&W L2"}
+
+
+def render_summary(summary: dict, out: Path) -> str:
+    """The quickstart's closing screen: what was measured, where it was written, what to try next."""
+    world, t, attacks = summary["world"], summary["two_vs_two"], summary["attacks"]
+    adv, det = summary["adversarial_one_vs_two"], summary["detector"]
+    significant = sum(p < 0.05 for p in t["p_bhy"])
+    per_attack = det["per_attack"]
+    guard = " | ".join(f"{ATTACK_NAMES.get(a, a)} {r['auroc']:.3f}" for a, r in per_attack.items())
+    maha = " | ".join(f"{r['baselines']['mahalanobis']['auroc']:.3f}" for r in per_attack.values())
+    total = sum(summary["timings_s"].values())
+    lines = [
+        f"semguard quickstart: the paper's method on the embedded world ({len(world['classes'])} concepts), "
+        f"{int(total // 60)} min {int(total % 60):02d} s",
+        f"  world CNN          test accuracy {world['test_accuracy']:.3f}",
+        f"  2 vs 2 by layer    pixels {t['pixels']:.3f} | first layer {t['accuracy'][0]:.3f} | last layer "
+        f"{t['accuracy'][-1]:.3f} | significant after BHY: {significant} of {len(t['layers'])} layers (chance 0.5)",
+        f"  MI-FGSM attacks    {attacks['succeeded']} of {attacks['requested']} reached their target "
+        f"(eps {attacks['eps']}, {attacks['iterations']} iterations)",
+        f"  1 vs 2, attacked   first layer {adv['accuracy'][0]:.3f} | last layer {adv['accuracy'][-1]:.3f} "
+        "(layers siding with the true label; chance 0.5)",
+        f"  guard AUROC        {guard}",
+        f"  Mahalanobis AUROC  {maha}",
+        f"  false positives    {100 * det['fpr_realised']:.1f}% of held-out clean images flagged (target 5%)",
+        f"written: {out / 'report.md'}, summary.json, the figures (*.png) and the guard bundle {out / 'bundle'}",
+        f"next:    semguard serve --bundle {out / 'bundle'}      # the guard as a gRPC service",
+        "         semguard detector evaluate --out runs/detector   # the full detector evaluation",
+    ]
+    return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Load test of the guard server: dynamic batching vs batch-1 serving, side by side.
 
     python benchmarks/bench_service.py [--clients 16] [--requests 800]
+    python benchmarks/bench_service.py --upstream-comparison [--requests 160]
 
 Loopback only and bounded: the server runs in a child process (its own GIL, as in production),
 N client threads in this process each send their share of M single-image ModelInfer requests with
@@ -12,10 +13,15 @@ The guard here is a benchmark stand-in with the real cost profile of the service
 mean-activation signature over its 3 stages; the real detector.guard.Guard adds its signature
 and flagger work per batch, which batching amortises the same way. `--bundle DIR` benchmarks a
 real bundle instead.
+
+--upstream-comparison: p50 latency of the guard in front of an upstream OIP server (a second
+server process, model "classifier", standing in for Triton) vs that upstream alone vs the guard
+alone, at 1 and --clients clients, with the ratios side by side.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import platform
@@ -62,16 +68,17 @@ class BenchGuard:
         return out
 
 
-def _serve(max_batch_size: int, delay_ms: float, bundle: str | None, torch_threads: int | None, conn) -> None:
+def _serve(max_batch_size: int, delay_ms: float, bundle: str | None, torch_threads: int | None, conn,
+           extra: dict | None = None) -> None:
     from semguard.service.config import ServiceConfig
     from semguard.service.server import create_server, load_guard
 
     guard = load_guard(bundle) if bundle else BenchGuard()
     config = ServiceConfig(grpc_port=0, metrics_port=None, max_batch_size=max_batch_size,
-                           max_queue_delay_ms=delay_ms, max_workers=64, torch_threads=torch_threads)
+                           max_queue_delay_ms=delay_ms, max_workers=64, torch_threads=torch_threads, **(extra or {}))
     created = create_server(config, guard)
     created.server.start()
-    conn.send((created.port, guard.info.model_name, tuple(guard.info.input_shape)))
+    conn.send((created.port, config.model_name or guard.info.model_name, tuple(guard.info.input_shape)))
     conn.recv()  # until the parent says stop
     created.server.stop(grace=5).wait(10)
 
@@ -90,7 +97,8 @@ class LoadResult:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
 
-def _load(port: int, model: str, shape: tuple[int, int, int], clients: int, requests: int) -> LoadResult:
+def _load(port: int, model: str, shape: tuple[int, int, int], clients: int, requests: int,
+          outputs: tuple[str, ...] = ("PREDICTION", "SCORE", "FLAG")) -> LoadResult:
     import tritonclient.grpc as triton
 
     image = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
@@ -102,7 +110,7 @@ def _load(port: int, model: str, shape: tuple[int, int, int], clients: int, requ
         c = triton.InferenceServerClient(f"127.0.0.1:{port}")
         inp = triton.InferInput("IMAGE", list(image.shape), "FP32")
         inp.set_data_from_numpy(image)
-        outs = [triton.InferRequestedOutput(n) for n in ("PREDICTION", "SCORE", "FLAG")]
+        outs = [triton.InferRequestedOutput(n) for n in outputs]
         for _ in range(3):  # warm-up, not timed
             c.infer(model, [inp], outputs=outs)
         start_gate.wait()
@@ -125,18 +133,49 @@ def _load(port: int, model: str, shape: tuple[int, int, int], clients: int, requ
     return LoadResult(time.perf_counter() - t0, [x for lat in latencies for x in lat], sum(errors))
 
 
-def run(max_batch_size: int, args: argparse.Namespace) -> LoadResult:
-    torch_threads = args.torch_threads or None
+@contextlib.contextmanager
+def served(max_batch_size: int, args: argparse.Namespace, **extra):
+    """A server in a child process; yields (port, model name, input shape)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_serve, args=(max_batch_size, args.delay_ms, args.bundle, torch_threads, child), daemon=True)
+    proc = ctx.Process(target=_serve, args=(max_batch_size, args.delay_ms, args.bundle, args.torch_threads or None,
+                                            child, extra), daemon=True)
     proc.start()
     try:
-        port, model, shape = parent.recv()
-        return _load(port, model, shape, args.clients, args.requests)
+        yield parent.recv()
     finally:
         parent.send("stop")
         proc.join(30)
+
+
+def run(max_batch_size: int, args: argparse.Namespace) -> LoadResult:
+    with served(max_batch_size, args) as (port, model, shape):
+        return _load(port, model, shape, args.clients, args.requests)
+
+
+def upstream_comparison(args: argparse.Namespace) -> None:
+    """Guard in front of an upstream vs the upstream alone vs the guard alone, at 1 and N clients."""
+    guard_outs = ("SEMGUARD_SCORE", "SEMGUARD_FLAG")
+    rows: dict[int, dict[str, LoadResult]] = {}
+    with served(args.max_batch_size, args, model_name="classifier") as (up_port, up_model, shape):
+        for clients in (1, args.clients):
+            n = max(args.requests // 4, 20) if clients == 1 else args.requests
+            rows[clients] = {"upstream alone": _load(up_port, up_model, shape, clients, n, ("PREDICTION",))}
+            with served(args.max_batch_size, args, output_prefix="SEMGUARD_") as (port, model, _):
+                rows[clients]["guard alone"] = _load(port, model, shape, clients, n, guard_outs)
+            with served(args.max_batch_size, args, output_prefix="SEMGUARD_", upstream=f"127.0.0.1:{up_port}",
+                        upstream_model=up_model) as (port, model, _):
+                rows[clients]["guard + upstream"] = _load(port, model, shape, clients, n, ("PREDICTION", *guard_outs))
+    print(f"machine: {machine()}; 1 image 3x32x32 FP32 per request, loopback, annotate policy (overlapped passes)")
+    print(f"{'clients':>7s} {'mode':18s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s} {'errors':>7s}")
+    for clients, results in rows.items():
+        for name, r in results.items():
+            print(f"{clients:7d} {name:18s} {r.percentile(50):8.2f} {r.percentile(99):8.2f} {r.throughput:8.1f} "
+                  f"{r.errors:7d}")
+        both, up, guard = results["guard + upstream"], results["upstream alone"], results["guard alone"]
+        print(f"{clients:7d} p50 ratios: guard+upstream / upstream {both.percentile(50) / up.percentile(50):.2f}x, "
+              f"/ guard {both.percentile(50) / guard.percentile(50):.2f}x, "
+              f"/ (upstream + guard) {both.percentile(50) / (up.percentile(50) + guard.percentile(50)):.2f}x")
 
 
 def machine() -> str:
@@ -159,7 +198,11 @@ def main() -> None:
     p.add_argument("--torch-threads", type=int, default=1,
                    help="server intra-op threads (0 = torch's default); the clients share these cores")
     p.add_argument("--bundle", default=None, help="benchmark a real guard bundle instead of the WorldNet stand-in")
+    p.add_argument("--upstream-comparison", action="store_true",
+                   help="guard in front of an upstream vs upstream alone vs guard alone, at 1 and --clients clients")
     args = p.parse_args()
+    if args.upstream_comparison:
+        return upstream_comparison(args)
     results = {f"dynamic (max_batch_size={args.max_batch_size})": run(args.max_batch_size, args),
                "batch-1 (max_batch_size=1)": run(1, args)}
     print(f"machine: {machine()}; {args.clients} clients x {args.requests // args.clients} requests, "

@@ -2,8 +2,9 @@
 # Sets up everything the test suite needs on a fresh Debian machine, then runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v prometheus >/dev/null 2>&1; then
-    # The service's integration test scrapes real metrics with a real Prometheus server.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    # The service's integration test scrapes real metrics with a real Prometheus server;
+    # tests/deploy checks and unit-tests the alerting rules with its promtool.
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi

@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import sys
 from collections.abc import Mapping
+from typing import NoReturn
 
 from semguard.config_flags import Flag, add_config_flags, flag_values, with_values
 from semguard.service.config import BLOCK_ACTIONS, POLICIES, ServiceConfig
@@ -30,6 +33,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--model-name", "model_name", "OIP model name (default: the bundle's)"),
     Flag("--upstream", "upstream", "host:port of an OIP server (Triton, KServe) to forward clean requests to"),
     Flag("--upstream-model", "upstream_model", "model name on the upstream server"),
+    Flag("--output-prefix", "output_prefix", "prefix of the guard's SCORE, FLAG, SIGNATURE outputs (e.g. SEMGUARD_), "
+         "needed when the upstream has outputs of those names"),
+    Flag("--upstream-poll-seconds", "upstream_poll_seconds", "how often the upstream's readiness is polled"),
     Flag("--tls-cert", "tls_cert", "PEM certificate chain; with --tls-key enables TLS"),
     Flag("--tls-key", "tls_key", "PEM private key"),
     Flag("--tls-client-ca", "tls_client_ca", "PEM CA that client certificates must chain to (mTLS)"),
@@ -52,7 +58,20 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
     p.add_argument("--log-level", default=os.environ.get("SEMGUARD_LOG_LEVEL", "INFO"))
     p.set_defaults(func=run_serve)
+    p.error = _one_line_error  # type: ignore[method-assign]
     return p
+
+
+def _one_line_error(message: str) -> NoReturn:
+    """argparse's error, without the ~20-line usage block: one line, exit code 2."""
+    print(f"semguard serve: {message} (see semguard serve --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _flags_named(message: str) -> str:
+    """' (--flag, ...)' for the config fields a ServiceConfig error names, so the line says what to change."""
+    flags = [f.name for f in FLAGS if re.search(rf"\b{f.field}\b", message)]
+    return f" ({', '.join(flags)})" if flags else ""
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -65,9 +84,26 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Serve; a configuration error is one stderr line and exit code 2, a failed start one line and 1."""
+    def fail(message: str, code: int) -> int:
+        print(f"semguard serve: {message}", file=sys.stderr)
+        return code
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        return fail(f"{exc}{_flags_named(str(exc))}", 2)
     if not os.path.isdir(args.bundle):
         hint = " (run `semguard quickstart --out runs/quickstart` first)" if args.bundle == DEFAULT_BUNDLE else ""
-        raise SystemExit(f"semguard serve: bundle directory {args.bundle} does not exist{hint}")
+        return fail(f"--bundle {args.bundle}: not a directory{hint}", 2)
+    try:
+        level = logging.getLevelName(args.log_level.upper())
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    except (ValueError, TypeError):
+        return fail(f"--log-level {args.log_level}: not a logging level (DEBUG, INFO, WARNING, ERROR)", 2)
+    from semguard.service.errors import StartupError
     from semguard.service.server import serve  # grpc/torch imported only when serving
-    return serve(config_from_args(args), args.bundle)
+    try:
+        return serve(config, args.bundle)
+    except StartupError as exc:
+        return fail(str(exc), exc.exit_code)

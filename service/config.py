@@ -28,6 +28,9 @@ class ServiceConfig:
     model_name: str | None = None       # OIP model name; None = the bundle's model_name
     upstream: str | None = None         # host:port of an OIP server to forward clean requests to
     upstream_model: str | None = None   # its model name; None = same as ours
+    output_prefix: str = ""             # prefix of the guard's SCORE/FLAG/SIGNATURE outputs, so they cannot clash
+                                        # with (and be shadowed by) an upstream's outputs of the same name
+    upstream_poll_seconds: float = 1.0  # upstream ServerReady poll period: how fast readiness follows it
     tls_cert: str | None = None         # PEM server certificate chain; with tls_key turns TLS on
     tls_key: str | None = None          # PEM private key
     tls_client_ca: str | None = None    # PEM CA: when set, clients must present a certificate it signed (mTLS)
@@ -47,6 +50,10 @@ class ServiceConfig:
         for name in ("max_batch_size", "max_message_bytes", "max_queue_images", "max_image_pixels", "max_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.upstream_poll_seconds <= 0:
+            raise ValueError(f"upstream_poll_seconds must be > 0, got {self.upstream_poll_seconds}")
+        if self.upstream_model and not self.upstream:
+            raise ValueError("upstream_model needs upstream (host:port)")
         if self.max_queue_delay_ms < 0 or self.grace_seconds < 0:
             raise ValueError("max_queue_delay_ms and grace_seconds must be >= 0")
         if self.upstream and self.policy == "block" and self.block_action == "refuse":

@@ -27,6 +27,14 @@ class ServiceError(Exception):
         self.code, self.message = code, message
 
 
+class StartupError(Exception):
+    """`semguard serve` cannot start: one line for stderr, and the exit code (2 usage, 1 runtime)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class Status(NamedTuple):
     code: grpc.StatusCode
     message: str  # what the client is told

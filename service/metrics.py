@@ -84,6 +84,14 @@ class ServiceMetrics:
                                buckets=score_bucket_edges, registry=r)
         self.threshold = Gauge("semguard_flag_threshold", "Score above which an image is flagged", registry=r)
         self.bundle = Info("semguard_bundle", "The guard bundle this server serves", registry=r)
+        # with --upstream only (series stay empty without one)
+        self.upstream_up = Gauge("semguard_upstream_up", "1 while the upstream OIP server answers ServerReady "
+                                 "true (polled); the guard is ready only then", registry=r)
+        self.upstream_seconds = Histogram("semguard_upstream_request_duration_seconds",
+                                          "Forwarded ModelInfer latency, send to answer", buckets=LATENCY_BUCKETS,
+                                          registry=r)
+        self.upstream_requests = Counter("semguard_upstream_requests", "Forwarded ModelInfer calls by the "
+                                         "upstream's status code (errors: code != OK)", ["code"], registry=r)
         for verdict in ("clean", "flagged"):
             self.images.labels(verdict)  # export zeros so rate() works from the first scrape
         for stage in ("decode", "queue", "inspect"):
@@ -107,6 +115,11 @@ class ServiceMetrics:
         for s, f in zip(scores, flags):
             self.score.observe(s)
             self.images.labels("flagged" if f else "clean").inc()
+
+    def observe_upstream(self, seconds: float, code: str) -> None:
+        """Callback for Upstream(on_call=...)."""
+        self.upstream_seconds.observe(seconds)
+        self.upstream_requests.labels(code).inc()
 
     def start_http(self, host: str, port: int) -> int:
         """Serve /metrics on host:port (0 = any free port); return the bound port."""

@@ -8,7 +8,11 @@ place tritonclient reads them.
 Input: exactly one tensor, any name; its datatype picks the layout:
   FP32 [B, C, H, W] in [0, 1] | UINT8 [B, H, W, C] | BYTES [B] (or [B, 1]) of PNG/JPEG files.
 Outputs: LOGITS FP32 [B, K], PROBABILITIES FP32 [B, K], PREDICTION INT64 [B], LABEL BYTES [B],
-  SCORE FP32 [B], FLAG BOOL [B], SIGNATURE FP32 [B, L].
+  SCORE FP32 [B], FLAG BOOL [B], SIGNATURE FP32 [B, L]; the last three renamed with
+  `output_prefix` (SEMGUARD_ -> SEMGUARD_SCORE...), so that an upstream's cannot shadow them.
+With an upstream (--upstream): the upstream's outputs, then the guard's three. The request is
+forwarded while the guard inspects, except under --policy block, where the verdict decides
+whether it is forwarded at all (see `ModelInfer`). Ready only while the upstream is ready.
 """
 from __future__ import annotations
 
@@ -83,10 +87,11 @@ def decode_infer_inputs(request: pb.ModelInferRequest, input_shape: Sequence[int
                      f"got {tensor.datatype!r}")
 
 
-def add_output(response: pb.ModelInferResponse, name: str, value: np.ndarray | list[bytes]) -> None:
-    """Append one output, raw, in tritonclient's layout."""
+def add_output(response: pb.ModelInferResponse, name: str, value: np.ndarray | list[bytes],
+               as_name: str | None = None) -> None:
+    """Append output `name` (renamed `as_name`), raw, in tritonclient's layout."""
     datatype = DATATYPES[name]
-    out = response.outputs.add(name=name, datatype=datatype)
+    out = response.outputs.add(name=as_name or name, datatype=datatype)
     if datatype == "BYTES":
         out.shape.extend([len(value)])
         response.raw_output_contents.append(decode.pack_bytes_tensor(value))
@@ -99,7 +104,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: GuardEngine, config: ServiceConfig, upstream: Upstream | None = None):
         self.engine, self.config, self.upstream = engine, config, upstream
         self.model_name = config.model_name or engine.info.model_name
-        self.ready = True  # cleared by the server at shutdown
+        # output name as the client sees it -> the guard's own name
+        self.public = {n: config.output_prefix + n if n in GUARD_OUTPUTS else n for n in DATATYPES}
+        self.guard_outputs = frozenset(self.public[n] for n in GUARD_OUTPUTS)
+        self.serving = True  # cleared by the server at shutdown
+        self.upstream_up = upstream is None  # set by the server's upstream watcher
+
+    @property
+    def ready(self) -> bool:
+        return self.serving and self.upstream_up
 
     def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -125,33 +138,50 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(
             name=self.model_name, versions=[VERSION], platform="semguard",
             inputs=[T(name="IMAGE", datatype="FP32", shape=[-1, c, h, w])],
-            outputs=[T(name=n, datatype=DATATYPES[n], shape=s) for n, s in shapes.items()])
+            outputs=[T(name=self.public[n], datatype=DATATYPES[n], shape=s) for n, s in shapes.items()])
 
     def ModelInfer(self, request, context):
         self._check_model(request.model_name, request.model_version)
         wanted = self._requested(request)
         images = self.engine.decode(decode_infer_inputs, request, self.engine.input_shape,
                                     self.config.max_image_pixels)
-        verdicts = self.engine.inspect(images, context)
-        refused = self._apply_policy(verdicts)
+        # Overlap the upstream's pass with the guard's, except under --policy block: there the
+        # verdict decides whether the upstream may see the request at all. Forwarding speculatively
+        # and dropping the answer would hand flagged (adversarial) images to the upstream model,
+        # which is what block exists to prevent (probing, model extraction, side effects, cost), so
+        # block pays inspect + upstream latency in series; annotate pays about the longer of the two.
+        pending = None
+        if self.upstream is not None and self.config.policy != "block":
+            pending = self.upstream.infer_future(request, self.guard_outputs, time_remaining(context))
+        try:
+            verdicts = self.engine.inspect(images, context)
+            refused = self._apply_policy(verdicts)
+        except BaseException:
+            if pending is not None:
+                pending.cancel()
+            raise
         outputs = verdict_outputs(verdicts, refused)
         if self.upstream is not None:
-            response = self.upstream.infer(request, GUARD_OUTPUTS, time_remaining(context))
-            wanted = [n for n in wanted if n in GUARD_OUTPUTS] if request.outputs else list(GUARD_OUTPUTS)
+            if pending is None:
+                pending = self.upstream.infer_future(request, self.guard_outputs, time_remaining(context))
+            response = pending()
         else:
             response = pb.ModelInferResponse()
         response.model_name, response.model_version, response.id = self.model_name, VERSION, request.id
         for name in wanted:
-            add_output(response, name, outputs[name])
+            add_output(response, name, outputs[name], self.public[name])
         return response
 
     def _requested(self, request: pb.ModelInferRequest) -> list[str]:
+        """The guard's own (unprefixed) names of the outputs it must add, in the order asked."""
         names = [o.name for o in request.outputs]
-        if self.upstream is None:
-            unknown = [n for n in names if n not in DATATYPES]
-            if unknown:
-                raise InputError(f"unknown output(s) {unknown}; this model has {list(DATATYPES)}")
-        return names or list(DATATYPES)
+        private = {public: name for name, public in self.public.items()}
+        if self.upstream is not None:  # the rest is the upstream's to answer
+            return [private[n] for n in names if n in self.guard_outputs] if names else list(GUARD_OUTPUTS)
+        unknown = [n for n in names if n not in private]
+        if unknown:
+            raise InputError(f"unknown output(s) {unknown}; this model has {list(private)}")
+        return [private[n] for n in names] if names else list(DATATYPES)
 
     def _apply_policy(self, verdicts: Sequence[Any]) -> np.ndarray:
         """Returns (B,) bool: images whose classifier outputs are refused; raises for block+error."""

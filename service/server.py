@@ -4,11 +4,14 @@
     created.server.start(); ...; created.server.stop(grace=5).wait()
 
 `serve(config, bundle)` is what `semguard serve` runs: load the Guard, start, stop on SIGTERM/SIGINT.
+Whatever stops a start (a clashing upstream, a busy port, an unreadable TLS file) is a StartupError
+naming the flag or file, which the CLI prints as one line.
 """
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -22,16 +25,18 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from semguard.service.config import ServiceConfig
 from semguard.service.engine import GuardEngine, GuardLike
+from semguard.service.errors import StartupError
 from semguard.service.generated import guard_pb2, guard_pb2_grpc
 from semguard.service.guard_api import GuardServicer
 from semguard.service.interceptor import GuardInterceptor
 from semguard.service.metrics import ServiceMetrics, score_buckets
-from semguard.service.oip import InferenceServicer
-from semguard.service.upstream import Upstream
+from semguard.service.oip import GUARD_OUTPUTS, InferenceServicer
+from semguard.service.upstream import Upstream, UpstreamClash, check_no_clash
 
 log = logging.getLogger(__name__)
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 GUARD_SERVICE = guard_pb2.DESCRIPTOR.services_by_name["Guard"].full_name
+UPSTREAM_START_TIMEOUT = 10.0  # s to wait for the upstream's model metadata at start-up
 
 
 class GuardServer:
@@ -50,16 +55,33 @@ class GuardServer:
             torch.set_num_threads(self.config.torch_threads)  # process-wide, hence at start, not in create
         self.grpc_server.start()
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.start_http(self.config.metrics_host or self.config.host,
-                                                        self.config.metrics_port)
-        for name in ("", OIP_SERVICE, GUARD_SERVICE):  # the guard is loaded: serve
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            host = self.config.metrics_host or self.config.host
+            try:
+                self.metrics_port = self.metrics.start_http(host, self.config.metrics_port)
+            except OSError as exc:
+                self.grpc_server.stop(0)
+                raise StartupError(f"--metrics-port {self.config.metrics_port}: cannot serve metrics on "
+                                   f"{host}: {exc.strerror or exc}") from None
+        if self.upstream is None:
+            self._set_serving(True)  # the guard is loaded: serve
+        else:  # ...while the upstream is ready too; the first poll decides before start returns
+            self.upstream.watch(self.config.upstream_poll_seconds, self._upstream_changed)
+
+    def _upstream_changed(self, up: bool) -> None:
+        self.metrics.upstream_up.set(1 if up else 0)
+        self.inference.upstream_up = up
+        self._set_serving(up)
+
+    def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", OIP_SERVICE, GUARD_SERVICE):  # ignored by grpc once shutting down
+            self.health.set(name, status)
 
     def stop(self, grace: float | None = None) -> threading.Event:
         """Refuse new RPCs, let in-flight ones finish within `grace` s, then release everything."""
         grace = self.config.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()  # NOT_SERVING: load balancers stop sending
-        self.inference.ready = False
+        self.inference.serving = False
         stopped = self.grpc_server.stop(grace)
         done = threading.Event()
 
@@ -82,10 +104,39 @@ class CreatedServer(NamedTuple):
     port: int  # the bound gRPC port (useful with grpc_port=0)
 
 
+def _read(flag: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise StartupError(f"{flag} {path}: cannot read: {exc.strerror or exc}") from None
+
+
 def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
-    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
-    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+    key, cert = _read("--tls-key", config.tls_key), _read("--tls-cert", config.tls_cert)
+    ca = _read("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
+    try:
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+    except (TypeError, ValueError) as exc:
+        raise StartupError(f"--tls-cert/--tls-key: not usable PEM: {exc}") from None
+
+
+def _connect_upstream(config: ServiceConfig, model_name: str, metrics: ServiceMetrics,
+                      guard_outputs: frozenset[str]) -> Upstream:
+    """The upstream, after checking its model's outputs do not clash with the guard's."""
+    upstream = Upstream(config.upstream, config.upstream_model, config.max_message_bytes, metrics.observe_upstream)
+    name = config.upstream_model or model_name
+    try:
+        names = upstream.output_names(model_name, UPSTREAM_START_TIMEOUT)
+        check_no_clash(names, guard_outputs, f"upstream model {name!r} at {config.upstream}")
+    except grpc.RpcError as exc:
+        upstream.close()
+        flag = "--upstream-model" if exc.code() == grpc.StatusCode.NOT_FOUND else "--upstream"
+        raise StartupError(f"{flag}: cannot read the metadata of model {name!r} at {config.upstream}: "
+                           f"{exc.code().name} {exc.details()}") from None
+    except UpstreamClash as exc:
+        upstream.close()
+        raise StartupError(str(exc), exit_code=2) from None
+    return upstream
 
 
 def create_server(config: ServiceConfig, guard: GuardLike) -> CreatedServer:
@@ -94,8 +145,11 @@ def create_server(config: ServiceConfig, guard: GuardLike) -> CreatedServer:
     # guards whose info predates calibration_scores (GuardLike test doubles) get the method's default buckets
     metrics = ServiceMetrics(score_bucket_edges=score_buckets(info.flagger_method, float(info.threshold),
                                                               getattr(info, "calibration_scores", ())))
+    credentials = _credentials(config) if config.tls_cert else None  # before anything needs stopping
+    model_name = config.model_name or info.model_name
+    guard_outputs = frozenset(config.output_prefix + n for n in GUARD_OUTPUTS)
+    upstream = _connect_upstream(config, model_name, metrics, guard_outputs) if config.upstream else None
     engine = GuardEngine(guard, config, metrics)
-    upstream = Upstream(config.upstream, config.upstream_model, config.max_message_bytes) if config.upstream else None
     options = [("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0)]  # port 0 must mean a port no other server holds
@@ -111,11 +165,29 @@ def create_server(config: ServiceConfig, guard: GuardLike) -> CreatedServer:
     reflection.enable_server_reflection(
         [OIP_SERVICE, GUARD_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{config.host}:{config.grpc_port}"
-    port = (server.add_secure_port(address, _credentials(config)) if config.tls_cert
-            else server.add_insecure_port(address))
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc >= 1.5x raises instead of returning 0
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind the gRPC port at {address}")
+        engine.close()
+        if upstream is not None:
+            upstream.close()
+        raise StartupError(f"--grpc-port {config.grpc_port}: cannot bind {address} (in use, or not an address "
+                           f"of this host: see --host)")
     return CreatedServer(GuardServer(server, config, engine, metrics, health_servicer, inference, upstream), port)
+
+
+def _check_port_free(host: str, port: int, flag: str) -> None:
+    """StartupError if host:port is taken (grpc's own bind failure also logs a multi-line C-core error)."""
+    if port == 0:
+        return
+    try:
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                  reuse_port=False):
+            pass
+    except OSError as exc:
+        raise StartupError(f"{flag} {port}: cannot bind {host}:{port}: {exc.strerror or exc}") from None
 
 
 def load_guard(bundle: str | Path) -> GuardLike:
@@ -126,6 +198,9 @@ def load_guard(bundle: str | Path) -> GuardLike:
 
 def serve(config: ServiceConfig, bundle: str | Path) -> int:
     """Load the bundle, serve until SIGTERM/SIGINT, then shut down gracefully."""
+    _check_port_free(config.host, config.grpc_port, "--grpc-port")  # before the bundle: fail fast
+    if config.tls_cert:
+        _credentials(config)
     guard = load_guard(bundle)
     created = create_server(config, guard)
     created.server.start()

@@ -71,8 +71,9 @@ GROUPS = {
 }
 # Fields a flag may only be given with (ServiceConfig checks them together), and fields one flag sets besides its own.
 COMPANIONS = {"--tls-cert": ["--tls-key", "k.pem"], "--tls-key": ["--tls-cert", "c.pem"],
-              "--tls-client-ca": ["--tls-cert", "c.pem", "--tls-key", "k.pem"]}
+              "--tls-client-ca": ["--tls-cert", "c.pem", "--tls-key", "k.pem"], "--upstream-model": ["--upstream", "u:1"]}
 ALSO_SET = {"--tls-cert": {"tls_key"}, "--tls-key": {"tls_cert"}, "--tls-client-ca": {"tls_cert", "tls_key"},
+            "--upstream-model": {"upstream"},
             ("detector", "--seed"): {"detector.seed"}}  # one seed: the clean split and the calibration
 
 
@@ -176,10 +177,10 @@ def test_every_command_that_reads_a_world_has_the_same_world_cache_flag():
     from semguard.world.inputs import DEFAULT_CACHE_DIR
 
     leaves = dict(leaf_parsers(build_parser()))
-    assert set(leaves) == {("quickstart",), ("serve",), ("attack", "generate"), ("attack", "analyze"),
-                           ("detector", "calibrate"), ("detector", "evaluate")}
+    assert set(leaves) == {("quickstart",), ("serve",), ("health",), ("attack", "generate"), ("attack", "analyze"),
+                           ("detector", "calibrate"), ("detector", "evaluate"), ("world", "build")}
     for path, parser in leaves.items():
-        if path == ("serve",):  # reads a bundle, not a world
+        if path in {("serve",), ("health",)}:  # read a bundle / ask a server, not a world
             continue
         flag = next(a for a in parser._actions if "--world-cache" in a.option_strings)
         assert (flag.dest, flag.default) == ("world_cache", DEFAULT_WORLD_CACHE), path

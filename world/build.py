@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from semguard.files import atomic_path, write_json_atomic
-from semguard.models.worldnet import save_worldnet
+from semguard.models.worldnet import load_world_model, save_worldnet
+from semguard.world import shipped
 from semguard.world.attributes import ConceptAttributes, concept_attributes
 from semguard.world.corpus import generate_corpus, train_skipgram
 from semguard.world.render import render
@@ -98,8 +99,12 @@ def _build_vectors(s: WorldSettings, attrs: list[ConceptAttributes], path: Path)
 
 
 def build_world(settings: WorldSettings = WorldSettings(), cache_dir: str | Path = DEFAULT_WORLD_CACHE,
-                progress: bool = True) -> World:
-    """Build the world for these settings under cache_dir, or load it if it is already there."""
+                progress: bool = True, from_scratch: bool = False) -> World:
+    """Build the world for these settings under cache_dir, or load it if it is already there.
+
+    The default world's trained files ship with semguard (world.shipped) and are copied instead
+    of trained, unless `from_scratch`.
+    """
     classes = select_classes(settings.n_classes)
     attrs = [concept_attributes(c) for c in classes]
     root = Path(cache_dir) / settings.key()
@@ -110,19 +115,26 @@ def build_world(settings: WorldSettings = WorldSettings(), cache_dir: str | Path
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.torch_threads)
     try:
+        use_shipped = not from_scratch and shipped.shipped_for(settings.key())
         for stage, path, build in (("render", images_path, _build_images), ("corpus_word2vec", vectors_path, _build_vectors)):
             t0 = time.perf_counter()
-            if not path.exists():
+            if not path.exists() and use_shipped and path.name in shipped.FILES:
+                shipped.copy_shipped(path.name, path)
+            elif not path.exists():
                 build(settings, attrs, path)
             timings[stage] = time.perf_counter() - t0
         with np.load(images_path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
         t0 = time.perf_counter()
         if not model_path.exists() or not meta_path.exists():
-            train = TrainSettings(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr)
-            model = train_worldnet(data["train_images"], data["train_labels"], len(classes), train,
-                                   settings.seed, progress)
-            save_worldnet(model, model_path)
+            if use_shipped:
+                shipped.copy_shipped(model_path.name, model_path)
+                model = load_world_model(model_path)
+            else:
+                train = TrainSettings(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr)
+                model = train_worldnet(data["train_images"], data["train_labels"], len(classes), train,
+                                       settings.seed, progress)
+                save_worldnet(model, model_path)
             acc = accuracy(model, data["test_images"], data["test_labels"])
             meta = {"settings": asdict(settings), "classes": classes, "test_accuracy": acc}
             write_json_atomic(meta_path, meta, indent=1)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from semguard.analysis.detector_eval import AttackSpec, DetectorEvalConfig
-from semguard.analysis.quickstart import QuickstartConfig, run_quickstart
+from semguard.analysis.quickstart import STAGES, QuickstartConfig, Timer, run_quickstart
+from semguard.analysis.report import render_summary
 from semguard.attacks.generate import GenerateParams
 from semguard.detector.calibrate import CalibrationConfig
 from semguard.detector.guard import Guard
@@ -127,3 +128,28 @@ def test_code_fingerprint_follows_the_code(tmp_path):
     (tmp_path / "pkg" / "notes.txt").write_text("not code")
     assert code_fingerprint(("pkg", "one.py"), tmp_path) == first
     assert len(code_fingerprint(DETECTOR_CODE)) == 16  # the repository's own files exist
+
+
+def test_closing_summary_names_the_figures_and_the_next_command(quickstart):
+    config, summary = quickstart
+    screen = render_summary(summary, config.out).splitlines()
+    assert len(screen) <= 24  # one screen
+    t, a = summary["two_vs_two"], summary["attacks"]
+    text = "\n".join(screen)
+    assert f"test accuracy {summary['world']['test_accuracy']:.3f}" in text
+    assert f"pixels {t['pixels']:.3f} | first layer {t['accuracy'][0]:.3f} | last layer {t['accuracy'][-1]:.3f}" in text
+    assert f"{a['succeeded']} of {a['requested']} reached their target" in text
+    auroc = summary["detector"]["per_attack"]["mifgsm_paper"]["auroc"]
+    assert f"MI-FGSM paper eps {auroc:.3f}" in text
+    assert f"semguard serve --bundle {config.out / 'bundle'}" in text
+
+
+def test_overall_progress_line_counts_stages_and_scales_what_is_left():
+    timer = Timer(progress=False)
+    first = timer.progress_line("world")
+    assert first.startswith(f"quickstart [1/{len(STAGES)}] the embedded world | 0:00 elapsed")
+    timer.seconds["world"] = 2 * STAGES["world"][1]  # this machine runs at half the reference speed
+    left = 2 * sum(seconds for name, (_, seconds) in STAGES.items() if name != "world")
+    line = timer.progress_line("test_accuracy")
+    assert line.startswith(f"quickstart [2/{len(STAGES)}] test accuracy")
+    assert line.endswith(f"about {int(left // 60)}:{int(left % 60):02d} left")

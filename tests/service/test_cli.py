@@ -1,11 +1,17 @@
 """`semguard serve` flags and SEMGUARD_* environment -> ServiceConfig."""
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+
 import pytest
 
 from semguard.cli import build_parser
 from semguard.service.cli import config_from_args
 from semguard.service.config import ServiceConfig
+from tests.service.fake_upstream import FakeUpstream, raw_answer
+from tests.tiny_worldnet import write_worldnet_bundle
 
 
 def test_flags_then_env_then_defaults():
@@ -28,3 +34,44 @@ def test_bad_values_name_the_setting(capsys):
         config_from_args(build_parser().parse_args(["serve"]), environ={"SEMGUARD_GRPC_PORT": "x"})
     with pytest.raises(ValueError, match="tls_cert and tls_key"):
         ServiceConfig(tls_cert="a.pem")
+
+
+def serve_fails(*flags: str, bundle: str | None = None) -> tuple[int, str]:
+    """`python -m semguard.cli serve ...` expected to exit at once: (exit code, stderr)."""
+    cmd = [sys.executable, "-m", "semguard.cli", "serve", "--bundle", bundle or ".", "--host", "127.0.0.1",
+           "--metrics-port", "0", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("flags, code, names", [
+    (["--max-batch-size", "0"], 2, "--max-batch-size"),
+    (["--max-batch-size", "x"], 2, "--max-batch-size"),
+    (["--policy", "block", "--block-action", "refuse", "--upstream", "127.0.0.1:1"], 2, "--block-action"),
+    (["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], 1, "--tls-key /nonexistent"),
+    (["--tls-cert", "c.pem"], 2, "--tls-cert"),
+    (["--bundle", "/nonexistent/bundle"], 2, "--bundle /nonexistent/bundle"),
+])
+def test_configuration_errors_are_one_line(flags, code, names):
+    rc, err = serve_fails(*flags)
+    assert rc == code and len(err.strip().splitlines()) == 1 and names in err, err
+
+
+def test_port_in_use_is_one_line(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        rc, err = serve_fails("--grpc-port", str(taken.getsockname()[1]), bundle=str(tmp_path))
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "--grpc-port" in err, err
+
+
+def test_upstream_clash_is_one_line(tmp_path):
+    up = FakeUpstream(["SCORE", "FLAG"], raw_answer({}))
+    up.start()
+    try:
+        bundle = write_worldnet_bundle(tmp_path)
+        rc, err = serve_fails("--upstream", f"127.0.0.1:{up.port}", "--upstream-model", "clf", "--grpc-port", "0",
+                              "--torch-threads", "1", "--log-level", "WARNING", bundle=str(bundle))
+    finally:
+        up.stop()
+    assert rc == 2 and "FLAG, SCORE" in err and "--output-prefix" in err, err
+    assert len([line for line in err.splitlines() if line.startswith("semguard serve:")]) == 1, err

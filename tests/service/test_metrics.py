@@ -1,6 +1,9 @@
 """Every series the README documents is exported, with Prometheus naming, per server registry."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from prometheus_client import generate_latest
 
 from semguard.service.metrics import ServiceMetrics
@@ -9,6 +12,13 @@ DOCUMENTED = ["semguard_requests_total", "semguard_request_duration_seconds_buck
               "semguard_blocked_images_total", "semguard_stage_duration_seconds_bucket",
               "semguard_batch_size_bucket", "semguard_queue_depth", "semguard_score_bucket",
               "semguard_flag_threshold", "semguard_bundle_info"]
+
+
+def test_the_readme_documents_every_series_and_only_those():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = {re.sub(r"_(total|info)$", "", name) for name in re.findall(r"^\| `(semguard_[a-z_]+)`", readme, re.M)}
+    exported = {family.name for family in ServiceMetrics().registry.collect()}
+    assert documented == exported
 
 
 def test_documented_series_exist_and_registries_are_separate():

@@ -150,16 +150,18 @@ def test_block_policy_error_and_refuse(make_server, guard, clean_images, flagged
 
 
 def test_upstream_forwarding_appends_guard_outputs(make_server, guard, clean_images, flagged_images):
-    # The upstream is itself an OIP server (a second semguard serving model "classifier").
+    # The upstream is itself an OIP server (a second semguard serving model "classifier"): its own
+    # SCORE, FLAG, SIGNATURE would shadow the guard's, hence the prefix (test_upstream.py: without it).
     upstream = make_server(model_name="classifier", metrics_port=None)
     front = make_server(upstream=f"127.0.0.1:{upstream.port}", upstream_model="classifier",
-                        policy="block", block_action="error")
-    res = triton_infer(front.port, "IMAGE", clean_images, "FP32", outputs=["PREDICTION", "SCORE"])
-    assert [o.name for o in res.get_response().outputs] == ["PREDICTION", "SCORE"]
+                        policy="block", block_action="error", output_prefix="SEMGUARD_")
+    res = triton_infer(front.port, "IMAGE", clean_images, "FP32", outputs=["PREDICTION", "SEMGUARD_SCORE"])
+    assert [o.name for o in res.get_response().outputs] == ["PREDICTION", "SEMGUARD_SCORE"]
     np.testing.assert_array_equal(res.as_numpy("PREDICTION"), [v.prediction for v in expected(guard, clean_images)])
     res = triton_infer(front.port, "IMAGE", clean_images, "FP32")  # everything upstream has + guard outputs
     names = [o.name for o in res.get_response().outputs]
-    assert names[-3:] == ["SCORE", "FLAG", "SIGNATURE"] and "LOGITS" in names
+    assert names[-3:] == ["SEMGUARD_SCORE", "SEMGUARD_FLAG", "SEMGUARD_SIGNATURE"] and "LOGITS" in names
+    assert len(set(names)) == len(names) and "FLAG" in names
     with pytest.raises(InferenceServerException, match="blocked by policy"):
         triton_infer(front.port, "IMAGE", flagged_images, "FP32")
 

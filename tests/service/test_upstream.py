@@ -1,0 +1,192 @@
+"""Upstream mode against a hand-written OIP upstream (tests/service/fake_upstream.py): output-name
+clashes, typed answers, readiness that follows the upstream, and the overlapped passes."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.utils import InferenceServerException
+
+from semguard.service.errors import StartupError
+from semguard.service.upstream import TYPED_FIELDS
+from tests.service.fake_upstream import FakeUpstream, raw_answer
+from tests.service.test_server import expected, triton_infer
+
+
+@pytest.fixture
+def upstreams():
+    started: list[FakeUpstream] = []
+
+    def make(outputs, answer, delay_s=0.0) -> FakeUpstream:
+        up = FakeUpstream(outputs, answer, delay_s)
+        up.start()
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        up.stop()
+
+
+def score_flag_upstream(upstreams, n: int, **kw) -> FakeUpstream:
+    """An upstream whose own outputs are SCORE and FLAG (all flagged, score 0.25)."""
+    return upstreams(["SCORE", "FLAG"], raw_answer({"SCORE": ("FP32", np.full(n, 0.25, "<f4")),
+                                                    "FLAG": ("BOOL", np.ones(n, bool))}), **kw)
+
+
+def test_clashing_upstream_is_refused_without_prefix(make_server, upstreams):
+    up = score_flag_upstream(upstreams, 4)
+    with pytest.raises(StartupError, match=r"output\(s\) FLAG, SCORE named like the guard's.*--output-prefix") as e:
+        make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf")
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+
+
+def test_prefix_keeps_guard_and_upstream_outputs_apart(make_server, upstreams, guard, clean_images):
+    up = score_flag_upstream(upstreams, len(clean_images))
+    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf", output_prefix="SEMGUARD_")
+    res = triton_infer(front.port, "IMAGE", clean_images, "FP32")
+    assert [o.name for o in res.get_response().outputs] == ["SCORE", "FLAG", "SEMGUARD_SCORE", "SEMGUARD_FLAG",
+                                                            "SEMGUARD_SIGNATURE"]
+    assert res.as_numpy("FLAG").all() and not res.as_numpy("SEMGUARD_FLAG").any()  # the upstream's; the guard's
+    np.testing.assert_array_equal(res.as_numpy("SCORE"), 0.25)
+    np.testing.assert_allclose(res.as_numpy("SEMGUARD_SCORE"), [v.score for v in expected(guard, clean_images)],
+                               rtol=1e-6)
+    assert list(up.requests[-1].outputs) == []  # nothing of the guard's was asked of the upstream
+    res = triton_infer(front.port, "IMAGE", clean_images, "FP32", outputs=["FLAG", "SEMGUARD_FLAG"])
+    assert [o.name for o in up.requests[-1].outputs] == ["FLAG"]
+    assert [o.name for o in res.get_response().outputs][-1:] == ["SEMGUARD_FLAG"]  # (the fake answers all)
+    meta = triton.InferenceServerClient(f"127.0.0.1:{front.port}").get_model_metadata("tinycnn")
+    assert [o.name for o in meta.outputs][-3:] == ["SEMGUARD_SCORE", "SEMGUARD_FLAG", "SEMGUARD_SIGNATURE"]
+
+
+def test_clash_at_run_time_is_internal_never_shadowed(make_server, upstreams, clean_images, caplog):
+    # metadata says PROB, but the answer (the upstream changed since start-up) has SEMGUARD_FLAG too
+    up = upstreams(["PROB"], raw_answer({"PROB": ("FP32", np.zeros(4, "<f4")),
+                                         "SEMGUARD_FLAG": ("BOOL", np.zeros(4, bool))}))
+    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf", output_prefix="SEMGUARD_")
+    with caplog.at_level(logging.ERROR), pytest.raises(InferenceServerException, match="internal error") as e:
+        triton_infer(front.port, "IMAGE", clean_images, "FP32")
+    assert e.value.status() == "StatusCode.INTERNAL"
+    assert "SEMGUARD_FLAG named like the guard's" in caplog.text
+    assert front.server.metrics.internal_errors.labels(
+        "inference.GRPCInferenceService/ModelInfer", "UpstreamClash")._value.get() == 1
+
+
+# one case per OIP datatype with a typed field: extremes and awkward values, compared bit for bit
+TYPED_CASES = {
+    "BOOL": np.array([True, False, True]),
+    "INT8": np.array([-128, 0, 127], "<i1"), "INT16": np.array([-32768, 1, 32767], "<i2"),
+    "INT32": np.array([-2**31, 1, 2**31 - 1], "<i4"), "INT64": np.array([-2**63, 1, 2**63 - 1], "<i8"),
+    "UINT8": np.array([0, 1, 255], "<u1"), "UINT16": np.array([0, 1, 65535], "<u2"),
+    "UINT32": np.array([0, 1, 2**32 - 1], "<u4"), "UINT64": np.array([0, 1, 2**64 - 1], "<u8"),
+    "FP32": np.array([1 / 3, -0.0, np.finfo(np.float32).tiny / 2, np.inf, np.nan], "<f4"),
+    "FP64": np.array([1 / 3, -0.0, 5e-324, -np.inf, 1e308], "<f8"),
+    "BYTES": np.array([b"", b"a\x00b", bytes(range(256))], dtype=np.object_),
+}
+
+
+def typed_answer(datatype: str, values: np.ndarray):
+    def answer(request):
+        response = pb.ModelInferResponse(model_name=request.model_name)
+        out = response.outputs.add(name="OUT", datatype=datatype, shape=[2, len(values)])
+        getattr(out.contents, TYPED_FIELDS[datatype][0]).extend(list(values) * 2)
+        return response
+    return answer
+
+
+@pytest.mark.parametrize("datatype", sorted(TYPED_CASES))
+def test_typed_answers_come_back_raw_and_exact(make_server, upstreams, clean_images, datatype):
+    values = TYPED_CASES[datatype]
+    up = upstreams(["OUT"], typed_answer(datatype, values))
+    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf")
+    res = triton_infer(front.port, "IMAGE", clean_images, "FP32")
+    got, want = res.as_numpy("OUT"), np.stack([values, values])
+    assert res.get_response().outputs[0].datatype == datatype and got.shape == want.shape
+    if datatype == "BYTES":
+        assert got.tolist() == want.tolist()
+    else:
+        assert got.dtype == want.dtype.newbyteorder("=") and got.tobytes() == want.tobytes()  # NaN and -0.0 too
+    assert res.as_numpy("FLAG").tolist() == [False] * len(clean_images)
+
+
+def test_fp16_travels_raw_only(make_server, upstreams, clean_images):
+    # KServe v2 / Triton have no typed field for FP16: raw passes through, "typed" (no contents) is refused
+    half = np.array([0.1, 65504, -0.0], "<f2")
+    up = upstreams(["H"], raw_answer({"H": ("FP16", half)}))
+    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf")
+    assert triton_infer(front.port, "IMAGE", clean_images, "FP32").as_numpy("H").tobytes() == half.tobytes()
+    up.answer = lambda request: pb.ModelInferResponse(outputs=[pb.ModelInferResponse.InferOutputTensor(
+        name="H", datatype="FP16", shape=[3])])
+    with pytest.raises(InferenceServerException, match="FP16 has no typed contents field"):
+        triton_infer(front.port, "IMAGE", clean_images, "FP32")
+
+
+def _wait_for(predicate, timeout=15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_readiness_follows_the_upstream(make_server, upstreams, clean_images):
+    up = upstreams(["OUT"], raw_answer({"OUT": ("FP32", np.zeros(4, "<f4"))}))
+    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf", upstream_poll_seconds=0.1)
+    client = triton.InferenceServerClient(f"127.0.0.1:{front.port}")
+    with contextlib.closing(grpc.insecure_channel(f"127.0.0.1:{front.port}")) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        status = lambda: health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status  # noqa: E731
+        up_gauge = front.server.metrics.upstream_up._value.get
+        assert client.is_server_ready() and status() == health_pb2.HealthCheckResponse.SERVING and up_gauge() == 1
+        triton_infer(front.port, "IMAGE", clean_images, "FP32")
+        up.stop()
+        assert _wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert not client.is_server_ready() and not client.is_model_ready("tinycnn") and up_gauge() == 0
+        with pytest.raises(InferenceServerException, match="upstream"):
+            triton_infer(front.port, "IMAGE", clean_images, "FP32")
+        up.start(up.port)  # the same port again
+        assert _wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
+        assert client.is_server_ready() and up_gauge() == 1
+        triton_infer(front.port, "IMAGE", clean_images, "FP32")
+    client.close()
+    codes = {s.labels["code"]: s.value for m in front.server.metrics.registry.collect()
+             if m.name == "semguard_upstream_requests" for s in m.samples if s.name.endswith("_total")}
+    assert codes["OK"] == 2 and codes["UNAVAILABLE"] == 1
+    assert front.server.metrics.upstream_seconds._sum.get() > 0
+
+
+class SlowGuard:
+    """The test guard, 0.3 s slower per batch."""
+
+    def __init__(self, guard):
+        self.guard, self.info = guard, guard.info
+
+    def inspect(self, images):
+        time.sleep(0.3)
+        return self.guard.inspect(images)
+
+
+def test_annotate_overlaps_the_passes_block_forwards_only_clean(make_server, upstreams, guard, clean_images,
+                                                                flagged_images):
+    up = upstreams(["OUT"], raw_answer({"OUT": ("FP32", np.zeros(2, "<f4"))}), delay_s=0.3)
+    annotate = make_server(SlowGuard(guard), upstream=f"127.0.0.1:{up.port}", upstream_model="clf")
+    triton_infer(annotate.port, "IMAGE", clean_images[:2], "FP32")  # warm
+    start = time.perf_counter()
+    triton_infer(annotate.port, "IMAGE", clean_images[:2], "FP32")
+    assert time.perf_counter() - start < 0.55  # about max(0.3, 0.3), not 0.3 + 0.3
+    block = make_server(SlowGuard(guard), upstream=f"127.0.0.1:{up.port}", upstream_model="clf",
+                        policy="block", block_action="error")
+    sent = len(up.requests)
+    with pytest.raises(InferenceServerException, match="blocked by policy"):
+        triton_infer(block.port, "IMAGE", flagged_images, "FP32")
+    assert len(up.requests) == sent  # the upstream never saw the flagged images
+    triton_infer(block.port, "IMAGE", clean_images[:2], "FP32")
+    assert len(up.requests) == sent + 1
