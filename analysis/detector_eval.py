@@ -41,8 +41,6 @@ from semguard.detector.evaluate import DetectionMetrics, detection_metrics, roc_
 from semguard.detector.flagger import SUPERVISED
 from semguard.detector.guard import Guard
 
-import semguard.attacks  # noqa: F401,E402  (registers every attack)
-
 
 @dataclass(frozen=True)
 class AttackSpec:

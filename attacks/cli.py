@@ -8,23 +8,33 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from semguard.attacks.generate import _ATTACK_ARGS, GenerateParams, generate_attack_set
-from semguard.attacks.mifgsm import BACKENDS
-from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags
+from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
 
-# Types and defaults come from GenerateParams; choices from what it validates against.
-GENERATE_FLAGS: tuple[Flag, ...] = (
-    Flag("--attack", "attack", choices=tuple(_ATTACK_ARGS)),
-    Flag("--sources", "n_sources", "source concepts (fewer if fewer exist)"),
-    Flag("--targets-per-source", "targets_per_source"),
-    Flag("--eps", "eps", "L-inf radius on the [0, 1] pixel scale"),
-    Flag("--step", "step", "step per iteration on the [0, 1] pixel scale"),
-    Flag("--decay", "decay", "momentum decay mu"),
-    Flag("--iterations", "iterations"),
-    Flag("--backend", "backend", choices=BACKENDS),
-    Flag("--batch-size", "batch_size", "images per attacked batch (= per shard)"),
-    Flag("--seed", "seed", "seed of the source-concept choice"),
-)
+
+def generate_flags() -> tuple[Flag, ...]:
+    """Types and defaults come from GenerateParams; choices from what it validates against (imported
+    here: the attacks import torch, which `semguard serve` and `semguard --help` need not wait for)."""
+    from semguard.attacks.generate import _ATTACK_ARGS
+    from semguard.attacks.mifgsm import BACKENDS
+
+    return (
+        Flag("--attack", "attack", choices=tuple(_ATTACK_ARGS)),
+        Flag("--sources", "n_sources", "source concepts (fewer if fewer exist)"),
+        Flag("--targets-per-source", "targets_per_source"),
+        Flag("--eps", "eps", "L-inf radius on the [0, 1] pixel scale"),
+        Flag("--step", "step", "step per iteration on the [0, 1] pixel scale"),
+        Flag("--decay", "decay", "momentum decay mu"),
+        Flag("--iterations", "iterations"),
+        Flag("--backend", "backend", choices=BACKENDS),
+        Flag("--batch-size", "batch_size", "images per attacked batch (= per shard)"),
+        Flag("--seed", "seed", "seed of the source-concept choice"),
+    )
+
+
+def _add_generate_flags(p: argparse.ArgumentParser) -> None:
+    from semguard.attacks.generate import GenerateParams
+
+    add_config_flags(p, GenerateParams, generate_flags())
 
 
 def add_attack_commands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -34,7 +44,7 @@ def add_attack_commands(subparsers: argparse._SubParsersAction) -> argparse._Sub
     p = commands.add_parser("generate", help="targeted MI-FGSM attack set: sources x targets by word similarity")
     p.add_argument("--out", type=Path, required=True, help="attack-set directory (resumed when it exists)")
     add_world_cache_flag(p, "embedded world cache: its model, test images and word vectors are attacked")
-    add_config_flags(p, GenerateParams, GENERATE_FLAGS)
+    defer_arguments(p, _add_generate_flags)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=run_generate)
     return commands
@@ -43,7 +53,9 @@ def add_attack_commands(subparsers: argparse._SubParsersAction) -> argparse._Sub
 def params_from_args(args: argparse.Namespace) -> GenerateParams:
     """GenerateParams with the flags given; SystemExit with the message of a value it rejects."""
     try:
-        return config_from_flags(args, GenerateParams(), GENERATE_FLAGS)
+        from semguard.attacks.generate import GenerateParams
+
+        return config_from_flags(args, GenerateParams(), generate_flags())
     except ValueError as err:
         raise SystemExit(f"semguard attack generate: {err}") from None
 
@@ -59,6 +71,8 @@ def _world_inputs(cache_dir: Path):
 
 def run_generate(args: argparse.Namespace) -> int:
     import torch
+
+    from semguard.attacks.generate import generate_attack_set
 
     params = params_from_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

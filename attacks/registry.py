@@ -25,3 +25,8 @@ def register_attack(name: str) -> Callable[[Attack], Attack]:
 def get_attack(name: str) -> Attack:
     """ATTACKS[name], or ValueError naming the known attacks."""
     return ATTACKS.lookup(name)
+
+
+# The built-in attacks register themselves on import; importing them here, after the registry
+# exists, makes ATTACKS complete for whoever imports it.
+from semguard.attacks import cw, mifgsm, pgd  # noqa: E402,F401

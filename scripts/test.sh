@@ -9,5 +9,12 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
     apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 python3 -m pip install -q -e '.[test]'
+# KServe's Python client pins pydantic and psutil and brings a web stack: its own environment,
+# which sees this one's packages; tests/service/test_upstream.py runs it in a subprocess.
+if [ ! -x .venv-kserve/bin/python ]; then
+    python3 -m venv --system-site-packages .venv-kserve
+    .venv-kserve/bin/python -m pip install -q 'kserve==0.21.0'
+fi
+export SEMGUARD_KSERVE_PYTHON="$PWD/.venv-kserve/bin/python"
 python3 -m pip check
 exec python3 -m pytest -q "$@"

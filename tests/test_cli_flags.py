@@ -12,7 +12,7 @@ import pytest
 from semguard.analysis.cli import QUICKSTART_FLAGS, quickstart_config
 from semguard.analysis.detector_cli import _config as detector_config
 from semguard.analysis.detector_cli import detector_flags
-from semguard.attacks.cli import GENERATE_FLAGS, params_from_args
+from semguard.attacks.cli import generate_flags, params_from_args
 from semguard.service.cli import FLAGS as SERVE_FLAGS
 from semguard.service.cli import config_from_args as serve_config
 
@@ -66,7 +66,7 @@ def _serve_default():
 GROUPS = {
     "quickstart": Group(["quickstart", "--out", "o"], QUICKSTART_FLAGS, quickstart_config, _quickstart_default),
     "detector": Group(["detector", "calibrate", "--out", "o"], detector_flags(), detector_config, _detector_default),
-    "attack": Group(["attack", "generate", "--out", "o"], GENERATE_FLAGS, params_from_args, _generate_default),
+    "attack": Group(["attack", "generate", "--out", "o"], generate_flags(), params_from_args, _generate_default),
     "serve": Group(["serve"], SERVE_FLAGS, lambda args: serve_config(args, environ={}), _serve_default),
 }
 # Fields a flag may only be given with (ServiceConfig checks them together), and fields one flag sets besides its own.

@@ -3,6 +3,9 @@ clashes, typed answers, readiness that follows the upstream, and the overlapped 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
 import logging
 import time
 
@@ -190,3 +193,42 @@ def test_annotate_overlaps_the_passes_block_forwards_only_clean(make_server, ups
     assert len(up.requests) == sent  # the upstream never saw the flagged images
     triton_infer(block.port, "IMAGE", clean_images[:2], "FP32")
     assert len(up.requests) == sent + 1
+
+
+# KServe's Python client carries its own generated copy of the inference.* messages, which cannot
+# share a process with tritonclient's (duplicate symbols), and pins pydantic and psutil: it runs in
+# a subprocess, from the environment scripts/test.sh makes for it (SEMGUARD_KSERVE_PYTHON).
+KSERVE_CLIENT = """
+import asyncio, json, sys
+import numpy as np
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+async def main():
+    images = np.load(sys.argv[2])
+    request = InferInput("IMAGE", list(images.shape), "FP32")
+    request.set_data_from_numpy(images)
+    client = InferenceGRPCClient(f"127.0.0.1:{sys.argv[1]}", timeout=30)
+    reply = await client.infer(InferRequest(model_name="tinycnn", infer_inputs=[request]))
+    print(json.dumps({out.name: out.as_numpy().tolist() for out in reply.outputs}))
+
+asyncio.run(main())
+"""
+
+
+def test_kserve_client_reads_the_guards_flag_beside_the_upstreams(make_server, upstreams, guard, clean_images,
+                                                                  tmp_path):
+    python = os.environ.get("SEMGUARD_KSERVE_PYTHON")
+    if not python:
+        if os.environ.get("CI"):
+            pytest.fail("SEMGUARD_KSERVE_PYTHON is unset: run the tests through scripts/test.sh")
+        pytest.skip("KServe's client is installed by scripts/test.sh (SEMGUARD_KSERVE_PYTHON)")
+    up = score_flag_upstream(upstreams, len(clean_images))
+    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf", output_prefix="SEMGUARD_")
+    np.save(tmp_path / "images.npy", clean_images)
+    done = subprocess.run([python, "-c", KSERVE_CLIENT, str(front.port), str(tmp_path / "images.npy")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    outputs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outputs["FLAG"] == [True] * len(clean_images)  # the upstream's own FLAG
+    assert outputs["SEMGUARD_FLAG"] == [v.flagged for v in expected(guard, clean_images)]
+    np.testing.assert_allclose(outputs["SEMGUARD_SCORE"], [v.score for v in expected(guard, clean_images)], rtol=1e-6)
