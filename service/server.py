@@ -48,6 +48,7 @@ class GuardServer:
         self.grpc_server, self.config, self.engine, self.metrics = grpc_server, config, engine, metrics
         self.health, self.inference, self.upstream = health_servicer, inference, upstream
         self.metrics_port: int | None = None
+        self._upstream_problem: str | None = None
 
     def start(self) -> None:
         if self.config.torch_threads is not None:
@@ -68,6 +69,16 @@ class GuardServer:
             self.upstream.watch(self.config.upstream_poll_seconds, self._upstream_changed)
 
     def _upstream_changed(self, up: bool) -> None:
+        if up and not self.upstream.outputs_checked:
+            try:
+                self.upstream.check_outputs(self.inference.model_name, self.inference.guard_outputs, UPSTREAM_START_TIMEOUT)
+            except (grpc.RpcError, UpstreamClash) as exc:  # never serve a verdict an upstream output could shadow
+                problem = str(exc) if isinstance(exc, UpstreamClash) else f"{exc.code().name} {exc.details()}"
+                if problem != self._upstream_problem:  # polled every few seconds: say it once
+                    log.error("upstream %s is ready but its model's outputs cannot be used: %s; staying NOT_SERVING",
+                              self.config.upstream, problem)
+                    self._upstream_problem = problem
+                up = False
         self.metrics.upstream_up.set(1 if up else 0)
         self.inference.upstream_up = up
         self._set_serving(up)
@@ -122,13 +133,17 @@ def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
 
 def _connect_upstream(config: ServiceConfig, model_name: str, metrics: ServiceMetrics,
                       guard_outputs: frozenset[str]) -> Upstream:
-    """The upstream, after checking its model's outputs do not clash with the guard's."""
+    """The upstream, after checking its model's outputs do not clash with the guard's. An upstream not
+    reachable yet (the guard and Triton often start together) is not an error: the guard starts not
+    ready, and checks the outputs when the upstream first answers (GuardServer._upstream_changed)."""
     upstream = Upstream(config.upstream, config.upstream_model, config.max_message_bytes, metrics.observe_upstream)
     name = config.upstream_model or model_name
     try:
-        names = upstream.output_names(model_name, UPSTREAM_START_TIMEOUT)
-        check_no_clash(names, guard_outputs, f"upstream model {name!r} at {config.upstream}")
+        upstream.check_outputs(model_name, guard_outputs, UPSTREAM_START_TIMEOUT)
     except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            log.warning("upstream %s does not answer yet: starting NOT_SERVING until it does", config.upstream)
+            return upstream
         upstream.close()
         flag = "--upstream-model" if exc.code() == grpc.StatusCode.NOT_FOUND else "--upstream"
         raise StartupError(f"{flag}: cannot read the metadata of model {name!r} at {config.upstream}: "

@@ -101,12 +101,19 @@ class Upstream:
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.outputs_checked = False  # set once the model's outputs were read and found not to clash
 
     def output_names(self, model_name: str, timeout: float) -> list[str]:
         """The upstream model's output names from its metadata (waits up to `timeout` s for the server)."""
         request = pb.ModelMetadataRequest(name=self.model_name or model_name)
         meta = self._stub.ModelMetadata(request, timeout=timeout, wait_for_ready=True)
         return [o.name for o in meta.outputs]
+
+    def check_outputs(self, model_name: str, guard_outputs: Collection[str], timeout: float) -> None:
+        """UpstreamClash if the model's outputs are named like the guard's; grpc.RpcError if unreadable."""
+        names = self.output_names(model_name, timeout)
+        check_no_clash(names, guard_outputs, f"upstream model {self.model_name or model_name!r} at {self.target}")
+        self.outputs_checked = True
 
     def ready(self, timeout: float) -> bool:
         try:
@@ -163,6 +170,8 @@ class Upstream:
                     up = now
                     log.log(logging.INFO if up else logging.WARNING, "upstream %s is %s", self.target,
                             "ready again" if up else "NOT ready: the guard reports not ready")
+                    on_change(up)
+                elif up and not self.outputs_checked:  # ready, but its outputs could not be checked yet
                     on_change(up)
         self._watcher = threading.Thread(target=loop, name="semguard-upstream-watch", daemon=True)
         self._watcher.start()

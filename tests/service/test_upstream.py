@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
+from semguard.service import server as server_module
 from semguard.service.errors import StartupError
 from semguard.service.upstream import TYPED_FIELDS
 from tests.service.fake_upstream import FakeUpstream, raw_answer
@@ -232,3 +233,30 @@ def test_kserve_client_reads_the_guards_flag_beside_the_upstreams(make_server, u
     assert outputs["FLAG"] == [True] * len(clean_images)  # the upstream's own FLAG
     assert outputs["SEMGUARD_FLAG"] == [v.flagged for v in expected(guard, clean_images)]
     np.testing.assert_allclose(outputs["SEMGUARD_SCORE"], [v.score for v in expected(guard, clean_images)], rtol=1e-6)
+
+
+def _health(port: int) -> int:
+    with contextlib.closing(grpc.insecure_channel(f"127.0.0.1:{port}")) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+
+def test_an_upstream_that_starts_later_is_checked_when_it_answers(make_server, upstreams, clean_images,
+                                                                   monkeypatch, caplog):
+    monkeypatch.setattr(server_module, "UPSTREAM_START_TIMEOUT", 0.5)
+    up = upstreams(["OUT"], raw_answer({"OUT": ("FP32", np.zeros(4, "<f4"))}))
+    up.stop()  # the guard starts first, as it may beside Triton in one pod
+    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf", upstream_poll_seconds=0.1)
+    assert _health(front.port) == health_pb2.HealthCheckResponse.NOT_SERVING
+    up.start(up.port)
+    assert _wait_for(lambda: _health(front.port) == health_pb2.HealthCheckResponse.SERVING)
+    triton_infer(front.port, "IMAGE", clean_images, "FP32")
+
+    clashing = upstreams(["SCORE"], raw_answer({"SCORE": ("FP32", np.zeros(4, "<f4"))}))
+    clashing.stop()
+    front = make_server(upstream=f"127.0.0.1:{clashing.port}", upstream_model="clf", upstream_poll_seconds=0.1)
+    with caplog.at_level(logging.ERROR):
+        clashing.start(clashing.port)
+        time.sleep(1.0)  # ten polls
+    assert _health(front.port) == health_pb2.HealthCheckResponse.NOT_SERVING  # a shadowed verdict is never served
+    errors = [r for r in caplog.records if "SCORE named like the guard's" in r.getMessage()]
+    assert len(errors) == 1 and "--output-prefix" in errors[0].getMessage()
