@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
+
+if TYPE_CHECKING:
+    from semguard.attacks.generate import GenerateParams
 
 
 def generate_flags() -> tuple[Flag, ...]:
@@ -46,6 +50,11 @@ def add_attack_commands(subparsers: argparse._SubParsersAction) -> argparse._Sub
     add_world_cache_flag(p, "embedded world cache: its model, test images and word vectors are attacked")
     defer_arguments(p, _add_generate_flags)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="attack the shards on Ray actors (needs semguard[ray]); ADDRESS: auto (the running "
+                        "cluster), ray://HOST:10001, or none to start Ray on this machine; this process writes")
+    p.add_argument("--ray-actors", type=int, default=0, metavar="N",
+                   help="with --ray: actors, one model each (default: one per GPU, else one per CPU)")
     p.set_defaults(func=run_generate)
     return commands
 
@@ -78,7 +87,13 @@ def run_generate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, images, labels, names, vectors = _world_inputs(args.world_cache)
     try:
-        result = generate_attack_set(model, images, labels, names, vectors, args.out, params, device=device)
+        if args.ray is None:
+            result = generate_attack_set(model, images, labels, names, vectors, args.out, params, device=device)
+        else:  # the only place that imports ray
+            from semguard.attacks.distributed import RayParams, generate_attack_set_ray
+
+            result = generate_attack_set_ray(model, images, labels, names, vectors, args.out, params,
+                                             RayParams(address=args.ray, actors=args.ray_actors), device=device)
     except ValueError as err:
         raise SystemExit(f"semguard attack generate: {err}") from None
     print(f"{result.out_dir}: {result.n_success}/{result.n_examples} attacks succeeded "

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from semguard.attacks.common import check_count, check_positive
 from semguard.attacks.mifgsm import BACKENDS
 from semguard.attacks.registry import get_attack
-from semguard.attacks.store import open_attack_set, shard_name
+from semguard.attacks.store import AttackSetWriter, open_attack_set, shard_name
 from semguard.attacks.targets import TargetPlan, choose_sources, plan_targets
 from semguard.models.inputs import as_model_input, predict
 
@@ -143,6 +143,60 @@ def _header(params: GenerateParams, model: nn.Module, label_names: Sequence[str]
     }
 
 
+class PreparedSet(NamedTuple):
+    """An attack set opened for writing: its plan, its writer (the single writer of results) and the model."""
+
+    model: nn.Module  # in eval mode, on the device
+    plan: list[PlannedAttack]
+    writer: AttackSetWriter
+
+
+def prepare_attack_set(model: nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray,
+                       label_names: Sequence[str], word_vectors: np.ndarray | Mapping, out_dir: str | Path,
+                       params: GenerateParams, device: torch.device) -> PreparedSet:
+    """Check the inputs, plan the attacks and open (create or resume) the attack set in out_dir."""
+    labels = np.asarray(labels, dtype=np.int64)
+    _check_labels(labels, label_names, len(images))
+    vectors = concept_vectors(word_vectors, label_names)
+    model = model.to(device).eval()
+    predicted = predict(model, images, params.batch_size, device)
+    n_classes = int(model(as_model_input(images[:1]).to(device)).shape[1]) if len(images) else 0
+    if n_classes != len(label_names):
+        raise ValueError(f"label_names has {len(label_names)} names but the model gives {n_classes} logits")
+    plan = plan_attack_set(predicted, labels, vectors, params)
+    return PreparedSet(model, plan, open_attack_set(out_dir, _header(params, model, label_names, plan)))
+
+
+def shard_attacks(prepared: PreparedSet, k: int, params: GenerateParams) -> list[PlannedAttack]:
+    """The planned attacks of shard k."""
+    return prepared.plan[k * params.batch_size : k * params.batch_size + prepared.writer.sizes[k]]
+
+
+def attack_batch(model: nn.Module, source_images: np.ndarray | torch.Tensor, targets: Sequence[int],
+                 params: GenerateParams, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's work: (adversarial images (n, C, H, W) float32, the model's prediction on them (n,)).
+
+    source_images: the clean images, in the test set's format (uint8 (n, H, W, 3) or float32 (n, 3, H, W)).
+    """
+    clean = as_model_input(source_images).to(device)
+    adversarial = get_attack(params.attack)(model, clean, torch.tensor(targets, device=device), **params.attack_kwargs())
+    with torch.no_grad():
+        hit = model(adversarial).argmax(1).cpu().numpy()
+    return adversarial.detach().cpu().numpy(), hit
+
+
+def shard_rows(k: int, batch: Sequence[PlannedAttack], hit: np.ndarray, label_names: Sequence[str],
+               params: GenerateParams) -> list[dict]:
+    """Manifest rows of shard k, given the model's predictions `hit` on its adversarial images."""
+    return [_row(k * params.batch_size + i, i, a, int(hit[i]), label_names, params) for i, a in enumerate(batch)]
+
+
+def progress_bar(prepared: PreparedSet, params: GenerateParams, progress: bool, desc: str = "") -> tqdm:
+    writer = prepared.writer
+    return tqdm(total=len(prepared.plan), initial=sum(writer.sizes[k] for k in writer.done), unit="img",
+                desc=desc or f"{params.attack} {params.backend}", disable=not progress, dynamic_ncols=True)
+
+
 def generate_attack_set(model: nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray,
                         label_names: Sequence[str], word_vectors: np.ndarray | Mapping, out_dir: str | Path,
                         params: GenerateParams = GenerateParams(), device: str | torch.device | None = None,
@@ -153,39 +207,32 @@ def generate_attack_set(model: nn.Module, images: np.ndarray | torch.Tensor, lab
     label_names: the model's classes in logit order; word_vectors: (n_classes, d), NaN rows for
     labels without a vector, or a mapping name -> vector. Resumes a run stopped in out_dir.
     on_shard(k) is called after shard k is stored (progress hooks, tests).
+    attacks.distributed.generate_attack_set_ray does the same on a Ray cluster.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    labels = np.asarray(labels, dtype=np.int64)
-    _check_labels(labels, label_names, len(images))
-    vectors = concept_vectors(word_vectors, label_names)
-    attack = get_attack(params.attack)
-    model = model.to(device).eval()
-    predicted = predict(model, images, params.batch_size, device)
-    n_classes = int(model(as_model_input(images[:1]).to(device)).shape[1]) if len(images) else 0
-    if n_classes != len(label_names):
-        raise ValueError(f"label_names has {len(label_names)} names but the model gives {n_classes} logits")
-    plan = plan_attack_set(predicted, labels, vectors, params)
-    writer = open_attack_set(out_dir, _header(params, model, label_names, plan))
+    get_attack(params.attack)  # an unknown attack fails before the out dir is touched
+    prepared = prepare_attack_set(model, images, labels, label_names, word_vectors, out_dir, params, device)
+    writer = prepared.writer
     skipped, computed = sorted(writer.done), []
-    size = params.batch_size
-    bar = tqdm(total=len(plan), initial=sum(writer.sizes[k] for k in skipped),
-               unit="img", desc=f"{params.attack} {params.backend}", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(prepared, params, progress)
     for k in writer.pending:
-        batch = plan[k * size : k * size + writer.sizes[k]]
-        clean = as_model_input(images[[a.source_image for a in batch]]).to(device)
-        targets = torch.tensor([a.plan.target for a in batch], device=device)
-        adversarial = attack(model, clean, targets, **params.attack_kwargs())
-        with torch.no_grad():
-            hit = model(adversarial).argmax(1).cpu().numpy()
-        rows = [_row(k * size + i, i, a, int(hit[i]), label_names, params) for i, a in enumerate(batch)]
-        writer.write_shard(k, adversarial.detach().cpu().numpy(), rows)
+        batch = shard_attacks(prepared, k, params)
+        adversarial, hit = attack_batch(prepared.model, images[[a.source_image for a in batch]],
+                                        [a.plan.target for a in batch], params, device)
+        store_shard(writer, k, batch, adversarial, hit, label_names, params, bar, on_shard)
         computed.append(k)
-        bar.update(len(batch))
-        bar.set_postfix(success=f"{writer.n_success}/{bar.n}")
-        if on_shard is not None:
-            on_shard(k)
     bar.close()
-    return GenerateResult(Path(out_dir), len(plan), writer.n_success, computed, skipped)
+    return GenerateResult(Path(out_dir), len(prepared.plan), writer.n_success, computed, skipped)
+
+
+def store_shard(writer, k: int, batch, adversarial, hit, label_names: Sequence[str], params: GenerateParams,
+                bar, on_shard: Callable[[int], None] | None) -> None:
+    """Shard k's images and manifest rows through the store (the single writer), then the progress."""
+    writer.write_shard(k, adversarial, shard_rows(k, batch, hit, label_names, params))
+    bar.update(len(batch))
+    bar.set_postfix(success=f"{writer.n_success}/{bar.n}")
+    if on_shard is not None:
+        on_shard(k)
 
 
 def _row(example: int, index: int, a: PlannedAttack, predicted: int, label_names: Sequence[str],

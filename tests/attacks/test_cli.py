@@ -1,4 +1,7 @@
 """`semguard attack generate` end to end on the tiny model (the world loader replaced)."""
+import subprocess
+import sys
+
 import pytest
 
 from semguard.attacks import cli as attacks_cli
@@ -29,3 +32,9 @@ def test_generate_command_bad_flags(tmp_path):
     params = attacks_cli.params_from_args(build_parser().parse_args(["attack", "generate", "--out", "o"]))
     assert params == GenerateParams()
     assert (params.eps, params.step, params.decay, params.iterations, params.backend) == (0.15, 0.03, 1.0, 20, "native")
+
+
+def test_ray_is_imported_only_with_ray_flag():
+    code = ("import sys; from semguard.cli import build_parser; import semguard.attacks.generate, semguard.attacks.cli; "
+            "build_parser().parse_args(['attack', 'generate', '--out', 'o']); assert 'ray' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

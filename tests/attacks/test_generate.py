@@ -1,9 +1,7 @@
 """attacks.generate on a tiny model: every stored image valid, resume for real after kill -9, bad input."""
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import torch
 from semguard.attacks.generate import GenerateParams, as_model_input, generate_attack_set
 from semguard.attacks.store import MANIFEST_FILE, SHARD_DIR, load_attack_set
 from tests.attacks.generate_worker import PARAMS as WORKER_PARAMS
+from tests.attacks.generate_worker import start_and_kill
 from tests.attacks.tiny import tiny_world
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,23 +53,10 @@ def test_generate_and_rerun(tmp_path):
 
 def test_kill_and_resume(tmp_path):
     out, log = tmp_path / "set", tmp_path / "computed.log"
+    finished, stamps = start_and_kill(out, log)
     cmd = [sys.executable, "-m", "tests.attacks.generate_worker", str(out), str(log)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd + ["0.4"], cwd=ROOT, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / MANIFEST_FILE).exists() or not (out / MANIFEST_FILE).read_text().count("\n"):
-            assert proc.poll() is None, "worker exited before its first shard"
-            assert time.monotonic() < deadline, "no shard within 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    finished = {r.shard for r in load_attack_set(out)}
     n_shards = WORKER_PARAMS.n_sources * WORKER_PARAMS.targets_per_source // WORKER_PARAMS.batch_size
-    assert 1 <= len(finished) < n_shards, "the kill must land mid-run"
-    stamps = {name: (out / SHARD_DIR / name).stat().st_mtime_ns for name in finished}
     with open(out / MANIFEST_FILE, "ab") as f:
         f.write(b'{"id": 999, "source_im')  # and a row torn mid-write, as a kill inside write() leaves it
     first_run = log.read_text().split()
