@@ -33,6 +33,9 @@ def add_quickstart_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     add_world_cache_flag(p, "where built worlds (images, vectors, CNN, attack sets) are kept and reused")
     defer_arguments(p, _add_quickstart_flags)
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="extract the 2 vs 2 activations on Ray actors (needs semguard[ray]); ADDRESS: auto, "
+                        "ray://HOST:10001, or none to start Ray on this machine")
     p.set_defaults(func=run)
 
 
@@ -46,7 +49,8 @@ def quickstart_config(args: argparse.Namespace) -> QuickstartConfig:
     """QuickstartConfig for --out and --world-cache, with the flags given."""
     from semguard.analysis.quickstart import QuickstartConfig
 
-    return config_from_flags(args, QuickstartConfig(out=args.out, cache_dir=args.world_cache), QUICKSTART_FLAGS)
+    base = QuickstartConfig(out=args.out, cache_dir=args.world_cache, ray=getattr(args, "ray", None))
+    return config_from_flags(args, base, QUICKSTART_FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:

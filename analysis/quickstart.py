@@ -47,6 +47,7 @@ class QuickstartConfig:
     # OpenMP threads stalled the permutation tests 45x (2 threads vs 1, measured here).
     torch_threads: int = 1
     progress: bool = True
+    ray: str | None = None  # Ray address for the 2 vs 2 activations ("local" starts Ray here); None: in process
 
 
 # Each stage's seconds in a first run on a 2-core machine (BENCHMARKS.md, Quickstart): the overall
@@ -153,7 +154,13 @@ def _run_quickstart(config: QuickstartConfig) -> dict:
 def two_vs_two_stage(tap: LayerTap, world, vectors: np.ndarray, out: Path, config: QuickstartConfig) -> dict:
     """2 vs 2 of raw pixels and of every tapped layer (paper Figure 1): summary section and figure."""
     sets = image_set_indices(world.test_labels, len(world.classes), config.image_sets)
-    set_acts = activations_by_set(world.test_images, sets, lambda imgs: layer_activations(tap, imgs))
+    if config.ray is None:
+        set_acts = activations_by_set(world.test_images, sets, lambda imgs: layer_activations(tap, imgs))
+    else:
+        from semguard.analysis.distributed import activations_by_set_ray
+        from semguard.attacks.distributed import RayParams
+
+        set_acts = activations_by_set_ray(tap.model, tap.layers, world.test_images, sets, RayParams(config.ray))
     pixel_acts = [{"pixels": acts.pop("pixels")} for acts in set_acts]
     run = dict(word_vectors=vectors, n_permutations=config.n_permutations, seed=config.seed)
     pixels = two_vs_two_by_layer(pixel_acts, progress=False, **run)

@@ -61,7 +61,7 @@ class ShardAttacker:
         return attack_batch(self.model, source_images, targets, self.params, self.device)
 
 
-def _connect(address: str) -> bool:
+def connect_ray(address: str) -> bool:
     """Join or start Ray unless this process already did; True when this call did (and must shut it down)."""
     if ray.is_initialized():
         return False
@@ -72,7 +72,7 @@ def _connect(address: str) -> bool:
     return True
 
 
-def _actor_options(options: RayParams) -> tuple[int, dict]:
+def actor_options(options: RayParams) -> tuple[int, dict]:
     """(number of actors, their resource request) from the cluster's resources."""
     resources = ray.cluster_resources()
     gpus = options.gpus_per_actor
@@ -101,10 +101,10 @@ def generate_attack_set_ray(model: nn.Module, images: np.ndarray | torch.Tensor,
     skipped, computed, pending = sorted(writer.done), [], writer.pending
     if not pending:
         return GenerateResult(Path(out_dir), len(prepared.plan), writer.n_success, computed, skipped)
-    started = _connect(options.address)
+    started = connect_ray(options.address)
     actors = []
     try:
-        n_actors, resources = _actor_options(options)
+        n_actors, resources = actor_options(options)
         model_ref = ray.put(prepared.model.cpu())
         actors = [ray.remote(ShardAttacker).options(**resources).remote(model_ref, params)
                   for _ in range(min(n_actors, len(pending)))]

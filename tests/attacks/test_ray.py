@@ -1,4 +1,5 @@
-"""attacks.distributed on a local 2-CPU Ray cluster: the same files as one process, resume after kill -9.
+"""attacks.distributed (and the quickstart's 2 vs 2 activations) on a local 2-CPU Ray cluster: the same files
+as one process, resume after kill -9, the same activations.
 
 Needs semguard[ray]; deselected by default (marker `ray`), .ci/run runs it:
 python3 -m pytest -q -m ray tests/attacks/test_ray.py
@@ -8,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from semguard.attacks import cli as attacks_cli
 from semguard.attacks.generate import GenerateParams, generate_attack_set
@@ -101,3 +104,34 @@ def test_generate_command_with_ray(cluster, tmp_path, monkeypatch, capsys):
     assert load_attack_set(tmp_path / "set").complete and ray.is_initialized()  # the test's Ray was reused
     with pytest.raises(SystemExit, match="actors must be an integer >= 1, got -1"):
         main(argv[:-1] + ["-1"])
+
+
+def test_quickstart_activations_on_ray_equal_the_in_process_ones(cluster):
+    """`semguard quickstart --ray`: the 2 vs 2 stage's per-set activations, extracted by Ray actors."""
+    from semguard.analysis.distributed import activations_by_set_ray
+    from semguard.analysis.quickstart import layer_activations
+    from semguard.analysis.two_vs_two import activations_by_set
+    from semguard.detector.layers import LayerTap, preset_layers
+    from semguard.models.worldnet import WorldNet, WorldNetConfig
+
+    torch.manual_seed(0)
+    model = WorldNet(WorldNetConfig(num_classes=10)).eval()
+    images = np.random.default_rng(0).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    sets = np.arange(30).reshape(3, 10)
+    layers = preset_layers("worldnet")
+    tap = LayerTap(model, layers)
+    want = activations_by_set(images, sets, lambda imgs: layer_activations(tap, imgs))
+    got = activations_by_set_ray(model, layers, images, sets, RayParams(cluster, actors=2))
+    assert len(got) == 3
+    for g, w in zip(got, want):
+        assert list(g) == list(w) == ["pixels", *layers]
+        for name in w:
+            np.testing.assert_allclose(g[name], w[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_quickstart_ray_flag():
+    from semguard.analysis.cli import quickstart_config
+    from semguard.cli import build_parser
+
+    parse = lambda *argv: quickstart_config(build_parser().parse_args(["quickstart", "--out", "o", *argv]))  # noqa: E731
+    assert parse().ray is None and parse("--ray").ray == "local" and parse("--ray", "auto").ray == "auto"
