@@ -67,3 +67,18 @@ def tiny_task(n_classes: int, n_images: int) -> TinyTask:
     labels = fit_head(model, images, src)
     words = np.random.default_rng(2).normal(size=(n_classes, 12)).astype(np.float32)
     return TinyTask(model, images, labels, words, gen)
+
+
+def write_tiny_ensemble_bundle(out, n_classes: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tiny bundle with the shipped flagger (ensemble) written to `out`; (clean images, noisy
+    attack-like images) beside it."""
+    from semguard.detector.bundle import ModelSpec
+    from semguard.detector.calibrate import CalibrationConfig
+    from semguard.detector.guard import calibrate_guard
+
+    model, images, labels, words, gen = tiny_task(n_classes, 120)
+    attack = (images[:40] + 0.3 * torch.randn(40, 3, 8, 8, generator=gen)).clamp(0, 1)
+    calibrate_guard(model, ModelSpec("tiny_cnn_test", {"width": 6, "num_classes": n_classes}), LAYERS,
+                    [f"c{i}" for i in range(n_classes)], words, images, labels, out, attack_images=attack,
+                    config=CalibrationConfig(method="ensemble", per_concept=3, target_fpr=0.1, batch_size=32))
+    return images, attack

@@ -7,13 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
-from semguard.detector.bundle import ModelSpec, sha256_file
-from semguard.detector.calibrate import CalibrationConfig
-from semguard.detector.guard import Guard, calibrate_guard
+from semguard.detector.bundle import sha256_file
+from semguard.detector.guard import Guard
 from semguard.service.metrics import DEFAULT_SCORE_BUCKETS, GENERIC_SCORE_BUCKETS, ServiceMetrics, score_buckets
-from tests.tiny_cnn import LAYERS, tiny_task
+from tests.tiny_cnn import write_tiny_ensemble_bundle
 
 N_CLASSES = 6
 
@@ -21,12 +19,8 @@ N_CLASSES = 6
 @pytest.fixture(scope="module")
 def ensemble_bundle(tmp_path_factory):
     """A tiny bundle with the shipped flagger (ensemble), and clean and attack-like images."""
-    model, images, labels, words, gen = tiny_task(N_CLASSES, 120)
-    attack = (images[:40] + 0.3 * torch.randn(40, 3, 8, 8, generator=gen)).clamp(0, 1)
     out = tmp_path_factory.mktemp("ensemble")
-    calibrate_guard(model, ModelSpec("tiny_cnn_test", {"width": 6, "num_classes": N_CLASSES}), LAYERS,
-                    [f"c{i}" for i in range(N_CLASSES)], words, images, labels, out, attack_images=attack,
-                    config=CalibrationConfig(method="ensemble", per_concept=3, target_fpr=0.1, batch_size=32))
+    images, attack = write_tiny_ensemble_bundle(out, N_CLASSES)
     return out, images, attack
 
 
