@@ -12,6 +12,7 @@ import pytest
 from semguard.analysis.cli import QUICKSTART_FLAGS, quickstart_config
 from semguard.analysis.detector_cli import _config as detector_config
 from semguard.analysis.detector_cli import detector_flags
+from semguard.analysis.training_cli import TRAIN_FLAGS, train_config
 from semguard.attacks.cli import generate_flags, params_from_args
 from semguard.service.cli import FLAGS as SERVE_FLAGS
 from semguard.service.cli import config_from_args as serve_config
@@ -57,6 +58,12 @@ def _generate_default():
     return GenerateParams()
 
 
+def _train_default():
+    from semguard.analysis.training_run import TrainConfig
+
+    return TrainConfig()
+
+
 def _serve_default():
     from semguard.service.config import ServiceConfig
 
@@ -68,6 +75,7 @@ GROUPS = {
     "detector": Group(["detector", "calibrate", "--out", "o"], detector_flags(), detector_config, _detector_default),
     "attack": Group(["attack", "generate", "--out", "o"], generate_flags(), params_from_args, _generate_default),
     "serve": Group(["serve"], SERVE_FLAGS, lambda args: serve_config(args, environ={}), _serve_default),
+    "train": Group(["train", "--out", "o"], TRAIN_FLAGS, train_config, _train_default),
 }
 # Fields a flag may only be given with (ServiceConfig checks them together), and fields one flag sets besides its own.
 COMPANIONS = {"--tls-cert": ["--tls-key", "k.pem"], "--tls-key": ["--tls-cert", "c.pem"],
@@ -178,9 +186,10 @@ def test_every_command_that_reads_a_world_has_the_same_world_cache_flag():
 
     leaves = dict(leaf_parsers(build_parser()))
     assert set(leaves) == {("quickstart",), ("serve",), ("health",), ("attack", "generate"), ("attack", "analyze"),
-                           ("detector", "calibrate"), ("detector", "evaluate"), ("world", "build")}
+                           ("detector", "calibrate"), ("detector", "evaluate"), ("world", "build"), ("train",),
+                           ("analyze", "training"), ("analyze", "diagram")}
     for path, parser in leaves.items():
-        if path in {("serve",), ("health",)}:  # read a bundle / ask a server, not a world
+        if path in {("serve",), ("health",), ("analyze", "diagram")}:  # a bundle / a server / an architecture, not a world
             continue
         flag = next(a for a in parser._actions if "--world-cache" in a.option_strings)
         assert (flag.dest, flag.default) == ("world_cache", DEFAULT_WORLD_CACHE), path

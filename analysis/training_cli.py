@@ -1,0 +1,126 @@
+"""`semguard train` and `semguard analyze training|diagram`: the paper's training-dynamics study
+(Figures 2-3) and annotated architecture diagrams. Only argparse here: torch loads when a command runs."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from semguard.config_flags import (
+    Flag,
+    add_config_flags,
+    add_world_cache_flag,
+    config_from_flags,
+    defer_arguments,
+)
+
+# Types and defaults come from analysis.training_run.TrainConfig (imported on first use).
+TRAIN_FLAGS: tuple[Flag, ...] = (
+    Flag("--epochs", "epochs", "epochs (with --permute-labels: the most to try)"),
+    Flag("--checkpoint-every", "checkpoint_every", "a checkpoint every K epochs (paper: 5)"),
+    Flag("--train-subset", "train_subset", "train on the first N training images"),
+    Flag("--permute-labels", "permute_labels", "control run: train on the labels permuted with this seed until fitted"),
+    Flag("--lr", "lr", "initial learning rate (paper: 0.02)"),
+    Flag("--seed", "seed"),
+)
+
+
+def add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train FractalNet on the embedded world with checkpoints (resumes a killed run)",
+        description="Trains FractalNet (Larsson et al. 2016) on the embedded world's training images, writing "
+        "checkpoints/epoch-NNNN.safetensors and train.json (lr schedule, train accuracy per epoch) to --out; "
+        "rerun the same command to resume. --quick: a reduced net and schedule (flags given override it).",
+    )
+    p.add_argument("--model", choices=("fractalnet",), default="fractalnet", help="architecture (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--quick", action="store_true", help="reduced FractalNet (8-16-32, C=3, B=3), 4000 images, 12 epochs")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    add_world_cache_flag(p, "the embedded world's cache (its training images are used)")
+    defer_arguments(p, _add_train_flags)
+    p.set_defaults(func=run_train)
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from semguard.analysis.training_run import TrainConfig
+
+    add_config_flags(p, TrainConfig, TRAIN_FLAGS)
+
+
+def train_config(args: argparse.Namespace):
+    from semguard.analysis.training_run import TrainConfig, quick_config
+
+    return config_from_flags(args, quick_config() if args.quick else TrainConfig(), TRAIN_FLAGS)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+    from semguard.analysis.training_run import train_checkpoints
+    from semguard.world import build_world
+
+    torch.set_num_threads(1)  # bit-exact resumption, and the shared cores stay usable
+    try:
+        world = build_world(cache_dir=args.world_cache, progress=not args.quiet)
+        record = train_checkpoints(world.train_images, world.train_labels, args.out, train_config(args), not args.quiet)
+    except ValueError as err:
+        raise SystemExit(f"semguard train: {err}") from None
+    last = record["checkpoints"][-1]
+    print(f"{record['epochs_done']} epochs, {len(record['checkpoints'])} checkpoints in {args.out}; "
+          f"eval-mode train accuracy at epoch {last['epoch']}: {last['eval_train_accuracy']:.4f}")
+    return 0
+
+
+def add_analyze_commands(subparsers: argparse._SubParsersAction) -> None:
+    analyze = subparsers.add_parser("analyze", help="training dynamics of 2 vs 2; architecture diagrams")
+    commands = analyze.add_subparsers(dest="analyze_command", required=True)
+    p = commands.add_parser("training", help="2 vs 2 of every layer at every checkpoint (paper Figures 2-3)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoints", type=Path, required=True, help="a `semguard train --out` directory")
+    p.add_argument("--permuted", type=Path, help="the permuted-label run's directory, analysed beside it")
+    p.add_argument("--out", type=Path, required=True, help="training.json, per-checkpoint results and figures")
+    p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
+    p.add_argument("--image-sets", type=int, default=5, help="image sets per concept (paper: 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    add_world_cache_flag(p, "the embedded world's cache (test images and word vectors)")
+    p.set_defaults(func=run_analyze_training)
+    d = commands.add_parser("diagram", help="a network's tapped layers by block, coloured by 2 vs 2")
+    d.add_argument("--model", required=True, help="torchvision architecture, fractalnet or worldnet")
+    d.add_argument("--weights", type=Path, help="weights file (.safetensors or a torch state dict)")
+    d.add_argument("--results", type=Path, help="a 2 vs 2 result (summary.json, two_vs_two.json, epoch-NNNN.json)")
+    d.add_argument("--out", type=Path, required=True, help="FILE.svg or FILE.png")
+    d.set_defaults(func=run_diagram)
+
+
+def run_analyze_training(args: argparse.Namespace) -> int:
+    import torch
+    from semguard.analysis.training import TrainingAnalysisConfig, analyze_training
+    from semguard.world.inputs import load_world_inputs
+
+    torch.set_num_threads(1)
+    config = TrainingAnalysisConfig(args.image_sets, args.permutations, args.seed, progress=not args.quiet)
+    try:
+        inputs = load_world_inputs(cache_dir=args.world_cache, progress=not args.quiet)
+        world = inputs.world
+        summary = analyze_training(args.checkpoints, args.out, world.test_images, world.test_labels,
+                                   inputs.word_vectors, config, args.permuted)
+    except ValueError as err:
+        raise SystemExit(f"semguard analyze training: {err}") from None
+    print(json.dumps(summary["findings"], indent=1))
+    print(f"training.json, training_heatmap.png and training_by_block.png in {args.out}")
+    return 0
+
+
+def run_diagram(args: argparse.Namespace) -> int:
+    from semguard.analysis.diagram import diagram_model, draw_diagram, load_results
+
+    if args.out.suffix not in (".svg", ".png"):
+        raise SystemExit(f"semguard analyze diagram: --out must end in .svg or .png, got {args.out}")
+    try:
+        model, infos = diagram_model(args.model, args.weights)
+        results = load_results(args.results) if args.results else None
+        drawn = draw_diagram(model, infos, args.out, title=args.model, results=results)
+    except ValueError as err:
+        raise SystemExit(f"semguard analyze diagram: {err}") from None
+    print(f"{args.out}: {len(drawn.labels)} tapped layers in {len(drawn.blocks)} blocks")
+    return 0
