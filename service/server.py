@@ -31,7 +31,7 @@ from semguard.service.guard_api import GuardServicer
 from semguard.service.interceptor import GuardInterceptor
 from semguard.service.metrics import ServiceMetrics, score_buckets
 from semguard.service.oip import GUARD_OUTPUTS, InferenceServicer
-from semguard.service.upstream import Upstream, UpstreamClash, check_no_clash
+from semguard.service.upstream import Upstream, UpstreamClash
 
 log = logging.getLogger(__name__)
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
