@@ -17,4 +17,5 @@ if [ ! -x .venv-kserve/bin/python ]; then
 fi
 export SEMGUARD_KSERVE_PYTHON="$PWD/.venv-kserve/bin/python"
 python3 -m pip check
-exec python3 -m pytest -q "$@"
+# Two workers, a test file each at a time (module fixtures stay in one process): 166 s -> 100 s on 2 cores.
+exec python3 -m pytest -q -n 2 --dist loadfile "$@"
