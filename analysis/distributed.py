@@ -1,7 +1,7 @@
 """`semguard quickstart --ray`: the 2 vs 2 stage's activations extracted on a Ray cluster.
 
-Each image set goes to a Ray actor holding the model and its layer taps (one GPU each when the
-cluster has GPUs, else one CPU; attacks.distributed's pool rules); the driver keeps the sets in
+Each image set goes to a Ray actor holding the model and its layer taps (on the CPU: the
+quickstart asks for no GPU); the driver keeps the sets in
 order and runs the statistics itself. The activations are those of the in-process path
 (analysis.quickstart.layer_activations on the same images), up to float rounding across threads.
 

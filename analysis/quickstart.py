@@ -160,7 +160,9 @@ def two_vs_two_stage(tap: LayerTap, world, vectors: np.ndarray, out: Path, confi
         from semguard.analysis.distributed import activations_by_set_ray
         from semguard.attacks.distributed import RayParams
 
-        set_acts = activations_by_set_ray(tap.model, tap.layers, world.test_images, sets, RayParams(config.ray))
+        # the world's tensors are small: CPU actors (a GPU each would only be reserved, not used)
+        set_acts = activations_by_set_ray(tap.model, tap.layers, world.test_images, sets,
+                                          RayParams(config.ray, gpus_per_actor=0))
     pixel_acts = [{"pixels": acts.pop("pixels")} for acts in set_acts]
     run = dict(word_vectors=vectors, n_permutations=config.n_permutations, seed=config.seed)
     pixels = two_vs_two_by_layer(pixel_acts, progress=False, **run)

@@ -11,8 +11,8 @@ fi
 python3 -m pip install -q -e '.[test]'
 # KServe's Python client pins pydantic and psutil and brings a web stack: its own environment,
 # which sees this one's packages; tests/service/test_upstream.py runs it in a subprocess.
-if [ ! -x .venv-kserve/bin/python ]; then
-    python3 -m venv --system-site-packages .venv-kserve
+if ! .venv-kserve/bin/python -c 'import kserve' >/dev/null 2>&1; then
+    python3 -m venv --system-site-packages --clear .venv-kserve   # Debian's system Python: apt install python3-venv
     .venv-kserve/bin/python -m pip install -q 'kserve==0.21.0'
 fi
 export SEMGUARD_KSERVE_PYTHON="$PWD/.venv-kserve/bin/python"

@@ -179,5 +179,5 @@ class Upstream:
     def close(self) -> None:
         self._watch_stop.set()
         if self._watcher is not None:
-            self._watcher.join(5)
+            self._watcher.join(15)  # a poll may be inside check_outputs (up to UPSTREAM_START_TIMEOUT, 10 s)
         self._channel.close()

@@ -116,6 +116,9 @@ def build_world(settings: WorldSettings = WorldSettings(), cache_dir: str | Path
     torch.set_num_threads(settings.torch_threads)
     try:
         use_shipped = not from_scratch and shipped.shipped_for(settings.key())
+        if from_scratch:  # a cached world may hold copies of the shipped files: train them again
+            for path in (vectors_path, model_path, meta_path):
+                path.unlink(missing_ok=True)
         for stage, path, build in (("render", images_path, _build_images), ("corpus_word2vec", vectors_path, _build_vectors)):
             t0 = time.perf_counter()
             if not path.exists() and use_shipped and path.name in shipped.FILES:

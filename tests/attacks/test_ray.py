@@ -21,7 +21,7 @@ from tests.attacks.generate_worker import PARAMS as WORKER_PARAMS
 from tests.attacks.generate_worker import start_and_kill
 from tests.attacks.tiny import tiny_world
 
-ray = pytest.importorskip("ray")
+ray = pytest.importorskip("ray")  # the default run has no Ray; .ci/run installs it and checks the import
 from semguard.attacks.distributed import RayParams, generate_attack_set_ray  # noqa: E402 (needs ray)
 
 pytestmark = pytest.mark.ray

@@ -53,3 +53,22 @@ def test_training_from_scratch_reproduces_the_shipped_files(tmp_path):
             assert shipped.sha256(world.root / name) == manifest["sha256"][name], name
     else:  # floating-point training is reproducible bit for bit only on the same kind of machine
         assert abs(world.test_accuracy - manifest["test_accuracy"]) < 0.03
+
+
+def test_from_scratch_retrains_a_cached_world(tmp_path, monkeypatch):
+    """A cached world holds copies of the shipped files; --from-scratch must train them again."""
+    build_world(WorldSettings(), tmp_path, progress=False)  # copies the shipped files
+    calls = []
+    monkeypatch.setattr("semguard.world.build._build_vectors", lambda s, attrs, path: calls.append(path.name))
+    monkeypatch.setattr("semguard.world.build.train_worldnet", lambda *a, **k: calls.append("train") or _stop())
+    with pytest.raises(_Stop):
+        build_world(WorldSettings(), tmp_path, progress=False, from_scratch=True)
+    assert calls == ["vectors.bin", "train"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop():
+    raise _Stop
