@@ -22,7 +22,7 @@ from semguard.analysis.two_vs_two import (
     image_set_indices,
     two_vs_two_by_layer,
 )
-from semguard.detector.bundle import sha256_file
+from semguard.files import sha256_file
 from semguard.detector.layers import LayerTap
 from semguard.models.fractalnet import fractalnet_layers, load_fractalnet
 from semguard.models.inputs import as_model_input

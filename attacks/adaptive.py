@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from semguard.detector.bundle import Bundle, read_bundle
 from semguard.detector.guard import Guard
-from semguard.detector.rsa import TIE_TOLERANCE, _pearson_from_moments
-from semguard.detector.signature import _gather_last, alternative_table
+from semguard.detector.rsa import TIE_TOLERANCE
+from semguard.detector.signature import alternative_table, one_vs_two_margins
 
 
 class SurrogateOutput(NamedTuple):
@@ -64,38 +64,6 @@ def tail_surprise_torch(scores: torch.Tensor, reference: torch.Tensor, tail_scal
     inside = -torch.log((m - rank) / (m + 1))
     beyond = np.log(m + 1) + (scores - reference[-1]) / tail_scale
     return torch.where(scores > reference[-1], beyond, inside)
-
-
-def one_vs_two_margins(profiles: torch.Tensor, predicted: torch.Tensor, label_profiles: torch.Tensor,
-                       concepts: torch.Tensor, alternatives: torch.Tensor) -> torch.Tensor:
-    """(L, B, M) margins corr(i[S], D[p, S]) - corr(i[S], D[a, S]), differentiable in `profiles`.
-
-    profiles (L, B, K) float64, predicted (B,), label_profiles (C, K) float64, concepts (K,),
-    alternatives (B, M). The same moment algebra, in the same order, as
-    `detector.signature.signature_from_profiles` (which returns numpy and so cannot be differentiated).
-    """
-    i, d, p, a = profiles, label_profiles, predicted, alternatives
-    c, k = d.shape
-    pos = torch.full((c,), k, dtype=torch.long)
-    pos[concepts] = torch.arange(k)
-    ipad = torch.cat([i, i.new_zeros(*i.shape[:-1], 1)], -1)  # (L, B, K+1)
-    dpad = torch.cat([d, d.new_zeros(c, 1)], -1)  # (C, K+1)
-    pp, pa = pos[p][:, None], pos[a]  # (B, 1), (B, M)
-    n = k - (pp < k).double() - (pa < k).double()
-    i_pp, i_pa = _gather_last(ipad, pp), _gather_last(ipad, pa)
-    si = i.sum(-1, keepdim=True) - i_pp - i_pa
-    sii = (i * i).sum(-1, keepdim=True) - i_pp**2 - i_pa**2
-    g = i @ d.T  # (L, B, C)
-    dp_pp, dp_pa = dpad[p[:, None], pp], dpad[p[:, None], pa]
-    sy = d.sum(1)[p][:, None] - dp_pp - dp_pa
-    syy = (d * d).sum(1)[p][:, None] - dp_pp**2 - dp_pa**2
-    siy = _gather_last(g, p[:, None]) - i_pp * dp_pp - i_pa * dp_pa
-    r_pred = _pearson_from_moments(n, si, sii, sy, syy, siy)
-    da_pp, da_pa = dpad[a, pp], dpad[a, pa]
-    sz = d.sum(1)[a] - da_pp - da_pa
-    szz = (d * d).sum(1)[a] - da_pp**2 - da_pa**2
-    siz = _gather_last(g, a) - i_pp * da_pp - i_pa * da_pa
-    return r_pred - _pearson_from_moments(n, si, sii, sz, szz, siz)
 
 
 class GuardSurrogate:

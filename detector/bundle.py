@@ -19,7 +19,6 @@ map to their semguard.* module.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from torch import nn
 from semguard.detector.flagger import Flagger
 from semguard.detector.mahalanobis import MahalanobisDetector, load_mahalanobis, save_mahalanobis
 from semguard.detector.reference import ReferenceBank, load_bank, save_bank, word_similarity
-from semguard.files import write_atomic
+from semguard.files import sha256_file, write_atomic
 from semguard.registry import Registry
 
 BUNDLE_FORMAT = "semguard.bundle/1"
@@ -153,14 +152,6 @@ class BundleManifest:
             return cls(**d)
         except (KeyError, TypeError) as e:
             raise BundleError(f"bundle.json: malformed manifest ({e})") from None
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- write / read

@@ -56,6 +56,41 @@ def _gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, index.expand(*x.shape[:-2], *index.shape))
 
 
+def one_vs_two_margins(profiles: torch.Tensor, predicted: torch.Tensor, label_profiles: torch.Tensor,
+                       concepts: torch.Tensor, alternatives: torch.Tensor) -> torch.Tensor:
+    """(L, B, M) margins corr(i[S], D[p, S]) - corr(i[S], D[a, S]), S = the references other than p
+    and a; differentiable in `profiles` (attacks.adaptive backpropagates through it).
+
+    profiles (L, B, K) float64, predicted (B,), label_profiles (C, K) float64, concepts (K,) long,
+    alternatives (B, M) long; checked by the callers.
+    """
+    i, d, p, a = profiles, label_profiles, predicted, alternatives
+    c, k = d.shape
+    pos = torch.full((c,), k, dtype=torch.long, device=i.device)  # column of each label among the references
+    pos[concepts] = torch.arange(k, device=i.device)  # k = the appended zero column: "not a reference"
+    ipad = torch.cat([i, i.new_zeros(*i.shape[:-1], 1)], -1)  # (L, B, K+1)
+    dpad = torch.cat([d, d.new_zeros(c, 1)], -1)  # (C, K+1)
+    pp, pa = pos[p][:, None], pos[a]  # (B, 1), (B, M)
+    n = k - (pp < k).double() - (pa < k).double()  # (B, M) columns left
+
+    i_pp, i_pa = _gather_last(ipad, pp), _gather_last(ipad, pa)  # (L, B, 1), (L, B, M)
+    si = i.sum(-1, keepdim=True) - i_pp - i_pa  # (L, B, M)
+    sii = (i * i).sum(-1, keepdim=True) - i_pp**2 - i_pa**2
+    g = i @ d.T  # (L, B, C): i . D[c] over all K columns
+
+    dp_pp, dp_pa = dpad[p[:, None], pp], dpad[p[:, None], pa]  # D[p, pos p] (B, 1), D[p, pos a] (B, M)
+    sy = d.sum(1)[p][:, None] - dp_pp - dp_pa
+    syy = (d * d).sum(1)[p][:, None] - dp_pp**2 - dp_pa**2
+    siy = _gather_last(g, p[:, None]) - i_pp * dp_pp - i_pa * dp_pa
+    r_pred = _pearson_from_moments(n, si, sii, sy, syy, siy)
+
+    da_pp, da_pa = dpad[a, pp], dpad[a, pa]  # D[a, pos p], D[a, pos a]: (B, M)
+    sz = d.sum(1)[a] - da_pp - da_pa
+    szz = (d * d).sum(1)[a] - da_pp**2 - da_pa**2
+    siz = _gather_last(g, a) - i_pp * da_pp - i_pa * da_pa
+    return r_pred - _pearson_from_moments(n, si, sii, sz, szz, siz)
+
+
 def signature_from_profiles(
     profiles: ArrayLike,
     predicted: ArrayLike,
@@ -83,31 +118,7 @@ def signature_from_profiles(
     if bad_shape or (a.numel() and ((a == p[:, None]).any() or a.min() < 0 or a.max() >= c)):
         raise ValueError(f"alternatives must be (B, M>=1) labels in [0, {c}) other than each prediction, got shape {tuple(a.shape)}")
 
-    pos = torch.full((c,), k, dtype=torch.long, device=i.device)  # column of each label among the references
-    pos[ref] = torch.arange(k, device=i.device)  # k = the appended zero column: "not a reference"
-    ipad = torch.cat([i, i.new_zeros(*i.shape[:-1], 1)], -1)  # (L, B, K+1)
-    dpad = torch.cat([d, d.new_zeros(c, 1)], -1)  # (C, K+1)
-    pp, pa = pos[p][:, None], pos[a]  # (B, 1), (B, M)
-    n = k - (pp < k).double() - (pa < k).double()  # (B, M) columns left
-
-    i_pp, i_pa = _gather_last(ipad, pp), _gather_last(ipad, pa)  # (L, B, 1), (L, B, M)
-    si = i.sum(-1, keepdim=True) - i_pp - i_pa  # (L, B, M)
-    sii = (i * i).sum(-1, keepdim=True) - i_pp**2 - i_pa**2
-    g = i @ d.T  # (L, B, C): i . D[c] over all K columns
-
-    dp_pp, dp_pa = dpad[p[:, None], pp], dpad[p[:, None], pa]  # D[p, pos p] (B, 1), D[p, pos a] (B, M)
-    sy = d.sum(1)[p][:, None] - dp_pp - dp_pa
-    syy = (d * d).sum(1)[p][:, None] - dp_pp**2 - dp_pa**2
-    siy = _gather_last(g, p[:, None]) - i_pp * dp_pp - i_pa * dp_pa
-    r_pred = _pearson_from_moments(n, si, sii, sy, syy, siy)
-
-    da_pp, da_pa = dpad[a, pp], dpad[a, pa]  # D[a, pos p], D[a, pos a]: (B, M)
-    sz = d.sum(1)[a] - da_pp - da_pa
-    szz = (d * d).sum(1)[a] - da_pp**2 - da_pa**2
-    siz = _gather_last(g, a) - i_pp * da_pp - i_pa * da_pa
-    r_alt = _pearson_from_moments(n, si, sii, sz, szz, siz)
-
-    margin = r_pred - r_alt  # (L, B, M)
+    margin = one_vs_two_margins(i, p, d, ref, a)  # (L, B, M)
     fraction = (margin > TIE_TOLERANCE).double().mean(-1)  # rsa.one_vs_two's convention: a tie fails
     return Signature(fraction.T.cpu().numpy(), margin.mean(-1).T.cpu().numpy())
 

@@ -2,6 +2,7 @@
 whole new one, never half of one: write beside the target, then rename over it (atomic on POSIX)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -46,6 +47,15 @@ def write_json_atomic(path: str | Path, payload: Any, *, indent: int | None = 2)
     """JSON (numpy arrays and scalars, Paths as plain values) written atomically, parents created."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(path, json.dumps(payload, indent=indent, default=_to_builtin) + "\n")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _to_builtin(value: Any) -> Any:

@@ -21,6 +21,7 @@ def add_world_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from semguard.files import sha256_file
     from semguard.world import WorldSettings, build_world, shipped
 
     if args.write_shipped and not args.from_scratch:
@@ -34,7 +35,7 @@ def run_build(args: argparse.Namespace) -> int:
     want = shipped.manifest()
     same = True
     for name in shipped.FILES:
-        got = shipped.sha256(world.root / name)
+        got = sha256_file(world.root / name)
         same &= got == want["sha256"][name]
         print(f"{name}: rebuilt {got[:16]}  shipped {want['sha256'][name][:16]}  {'equal' if got == want['sha256'][name] else 'DIFFERENT'}")
     print(f"shipped built on {want['built_on']}; this machine {shipped.machine()}")

@@ -11,7 +11,6 @@ machine that built them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -20,15 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semguard.files import atomic_path
+from semguard.files import atomic_path, sha256_file
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "data"
 MANIFEST = SHIPPED_DIR / "shipped.json"
 FILES = ("worldnet.safetensors", "vectors.bin")  # what training produces; images are rendered on the spot
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def machine() -> dict[str, str]:
@@ -58,7 +53,7 @@ def copy_shipped(name: str, dst: Path) -> None:
     """Copy one shipped file to `dst` after checking its hash (ValueError naming the file if it differs)."""
     src = SHIPPED_DIR / name
     want = manifest()["sha256"][name]
-    if sha256(src) != want:
+    if sha256_file(src) != want:
         raise ValueError(f"{src}: sha256 differs from {MANIFEST.name} (a damaged install; reinstall semguard)")
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
@@ -71,7 +66,7 @@ def write_shipped(world_root: Path, settings_key: str, test_accuracy: float) -> 
         shutil.copyfile(world_root / name, SHIPPED_DIR / name)
     MANIFEST.write_text(json.dumps({
         "settings_key": settings_key,
-        "sha256": {name: sha256(SHIPPED_DIR / name) for name in FILES},
+        "sha256": {name: sha256_file(SHIPPED_DIR / name) for name in FILES},
         "test_accuracy": test_accuracy,
         "built_on": machine(),
     }, indent=1) + "\n")

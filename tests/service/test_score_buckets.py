@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from semguard.detector.bundle import sha256_file
+from semguard.files import sha256_file
 from semguard.detector.guard import Guard
 from semguard.service.metrics import DEFAULT_SCORE_BUCKETS, GENERIC_SCORE_BUCKETS, ServiceMetrics, score_buckets
 from tests.tiny_cnn import write_tiny_ensemble_bundle

@@ -2,6 +2,7 @@
 import pytest
 
 from semguard.cli import main
+from semguard.files import sha256_file
 from semguard.world import WorldSettings, build_world, shipped
 
 
@@ -11,14 +12,14 @@ def test_shipped_files_belong_to_the_default_world_and_are_intact():
     # (`semguard world build --from-scratch --write-shipped`).
     assert manifest["settings_key"] == WorldSettings().key()
     for name in shipped.FILES:
-        assert shipped.sha256(shipped.SHIPPED_DIR / name) == manifest["sha256"][name], name
+        assert sha256_file(shipped.SHIPPED_DIR / name) == manifest["sha256"][name], name
 
 
 def test_a_first_build_copies_the_shipped_files_instead_of_training(tmp_path, capsys):
     assert main(["world", "build", "--world-cache", str(tmp_path), "--quiet"]) == 0
     root = tmp_path / WorldSettings().key()
     for name in shipped.FILES:
-        assert shipped.sha256(root / name) == shipped.manifest()["sha256"][name]
+        assert sha256_file(root / name) == shipped.manifest()["sha256"][name]
     accuracy = shipped.manifest()["test_accuracy"]  # the images render identically, so the CNN scores the same
     assert f"test accuracy {accuracy:.4f}" in capsys.readouterr().out
     world = build_world(WorldSettings(), tmp_path, progress=False)  # cached now
@@ -50,7 +51,7 @@ def test_training_from_scratch_reproduces_the_shipped_files(tmp_path):
     manifest = shipped.manifest()
     if shipped.machine() == manifest["built_on"]:
         for name in shipped.FILES:
-            assert shipped.sha256(world.root / name) == manifest["sha256"][name], name
+            assert sha256_file(world.root / name) == manifest["sha256"][name], name
     else:  # floating-point training is reproducible bit for bit only on the same kind of machine
         assert abs(world.test_accuracy - manifest["test_accuracy"]) < 0.03
 
