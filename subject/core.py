@@ -1,0 +1,133 @@
+"""The subject of a batch command: what it works on, and the embedded world as the default one.
+
+A command takes a `SubjectSpec` (flags or a TOML file, semguard.subject.flags) and calls
+`load_subject(spec)`; an empty spec is the embedded world. Every command then sees the same
+`Subject`, whatever the assets are:
+
+    subject.model         nn.Module in eval mode taking float32 (B, 3, H, W) in [0, 1] (normalises inside)
+    subject.model_spec    how a bundle rebuilds that model (detector.bundle.ModelSpec)
+    subject.layers        the tapped layers, in forward order
+    subject.classes       one name per model output
+    subject.word_vectors  (C, d) float32, row c for classes[c]; zero rows where `matched` is False
+    subject.matched       (C,) bool: the class has a word vector (semantic analyses use these only)
+    subject.images        labelled images, loaded on demand (`ImageSet`)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from semguard.detector.bundle import ModelSpec
+from semguard.world_cache import DEFAULT_WORLD_CACHE
+
+SPEC_FIELDS = ("model", "weights", "model_entry", "images", "labels", "vectors")  # the flags and TOML keys
+
+
+@dataclass(frozen=True)
+class SubjectSpec:
+    """What to load; every field None is the embedded world (built or reused under `world_cache`).
+
+    model: a torchvision or timm architecture name ("resnet50"); weights: its local weights file.
+    model_entry: "pkg.module:factory" returning an nn.Module (imported only because it is named here).
+    images: an ImageNet-style folder, a cifar-100-binary folder or file, or a flat folder with a CSV.
+    labels: one class per line with comma-separated synonyms, or JSON. vectors: word vectors file or folder.
+    input_size / resize: override the architecture's transform (centre crop / short side).
+    trust_pickled_vectors: allow gensim's pickled .kv files (never by default).
+    """
+
+    model: str | None = None
+    weights: Path | None = None
+    model_entry: str | None = None
+    images: Path | None = None
+    labels: Path | None = None
+    vectors: Path | None = None
+    input_size: int | None = None
+    resize: int | None = None
+    trust_pickled_vectors: bool = False
+    world_cache: Path = Path(DEFAULT_WORLD_CACHE)
+    world_seed: int = 0
+
+    def is_world(self) -> bool:
+        return all(getattr(self, name) is None for name in SPEC_FIELDS)
+
+    def to_json(self) -> dict:
+        """JSON-able record (what an attack set or report stores about its subject)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+class ImageSet(Protocol):
+    """Labelled images of one subject, read on demand (a real set need not fit in memory).
+
+    labels: (N,) int64, indices into Subject.classes. load(indices) -> float32 (n, 3, H, W) in
+    [0, 1], at the model's input size, in the order of `indices`. skipped: files that could not
+    be read (reported by the loader, never in `labels`).
+    """
+
+    labels: np.ndarray
+    skipped: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+
+    def load(self, indices: np.ndarray) -> torch.Tensor: ...
+
+
+class ArrayImages:
+    """An ImageSet over images already in memory: uint8 (N, H, W, 3) (the world's format)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels):
+            raise ValueError(f"images must be uint8 (N, H, W, 3) with one label each, got {images.dtype} "
+                             f"{images.shape} and {np.shape(labels)} labels")
+        self.images, self.labels, self.skipped = images, np.asarray(labels, np.int64), ()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, indices: np.ndarray) -> torch.Tensor:
+        from semguard.models.inputs import as_model_input
+
+        return as_model_input(self.images[np.asarray(indices, np.int64)])
+
+
+class Subject(NamedTuple):
+    name: str  # "worldnet", "resnet50", ... (bundle.json's model_name)
+    model: nn.Module
+    model_spec: ModelSpec
+    layers: list[str]
+    classes: list[str]
+    word_vectors: np.ndarray
+    matched: np.ndarray
+    images: ImageSet
+    spec: SubjectSpec
+    source_weights: str | None = None  # the weights file the model came from (recorded in bundles)
+
+
+def world_subject(spec: SubjectSpec = SubjectSpec(), progress: bool = True) -> Subject:
+    """The embedded world (its test split) through the loaders real assets use."""
+    from semguard.analysis.detector_eval import worldnet_spec
+    from semguard.detector.layers import preset_layers
+    from semguard.world.build import WorldSettings
+    from semguard.world.inputs import load_world_inputs
+
+    inputs = load_world_inputs(WorldSettings(seed=spec.world_seed), spec.world_cache, progress=progress)
+    w = inputs.world
+    return Subject(
+        "worldnet", inputs.model, worldnet_spec(inputs.model), preset_layers("worldnet"), list(w.classes),
+        inputs.word_vectors, np.ones(len(w.classes), bool), ArrayImages(w.test_images, w.test_labels), spec,
+        str(w.model_path),
+    )
+
+
+def load_subject(spec: SubjectSpec = SubjectSpec(), progress: bool = True) -> Subject:
+    """The subject a spec names: the embedded world when it names no asset."""
+    if spec.is_world():
+        return world_subject(spec, progress)
+    from semguard.subject.assets import load_asset_subject  # the real-asset loaders
+
+    return load_asset_subject(spec, progress)
