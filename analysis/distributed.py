@@ -14,7 +14,7 @@ import ray
 from torch import nn
 
 from semguard.analysis.quickstart import layer_activations
-from semguard.attacks.distributed import RayParams, actor_options, connect_ray
+from semguard.attacks.distributed import RayParams, actor_options, connect_ray, put_model
 from semguard.detector.layers import LayerTap
 
 
@@ -35,7 +35,7 @@ def activations_by_set_ray(model: nn.Module, layers: list[str], images: np.ndarr
     actors = []
     try:
         n_actors, resources = actor_options(options)
-        model_ref = ray.put(model.cpu())
+        model_ref = put_model(model)
         actors = [ray.remote(LayerExtractor).options(**resources).remote(model_ref, layers)
                   for _ in range(min(n_actors, len(sets)))]
         return ray.get([actors[i % len(actors)].extract.remote(images[idx]) for i, idx in enumerate(sets)])

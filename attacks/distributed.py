@@ -72,6 +72,16 @@ def connect_ray(address: str) -> bool:
     return True
 
 
+def put_model(model: nn.Module) -> ray.ObjectRef:
+    """The model in Ray's object store, on the CPU (actors move it to their device); the caller's
+    model stays on its device."""
+    device = next(model.parameters()).device
+    try:
+        return ray.put(model.cpu())
+    finally:
+        model.to(device)
+
+
 def actor_options(options: RayParams) -> tuple[int, dict]:
     """(number of actors, their resource request) from the cluster's resources."""
     resources = ray.cluster_resources()
@@ -105,7 +115,7 @@ def generate_attack_set_ray(model: nn.Module, images: np.ndarray | torch.Tensor,
     actors = []
     try:
         n_actors, resources = actor_options(options)
-        model_ref = ray.put(prepared.model.cpu())
+        model_ref = put_model(prepared.model)
         actors = [ray.remote(ShardAttacker).options(**resources).remote(model_ref, params)
                   for _ in range(min(n_actors, len(pending)))]
         window = len(actors) * options.in_flight_per_actor

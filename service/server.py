@@ -60,7 +60,7 @@ class GuardServer:
             try:
                 self.metrics_port = self.metrics.start_http(host, self.config.metrics_port)
             except OSError as exc:
-                self.grpc_server.stop(0)
+                self.stop(0).wait()  # the batcher's worker and the upstream channel too, not only the port
                 raise StartupError(f"--metrics-port {self.config.metrics_port}: cannot serve metrics on "
                                    f"{host}: {exc.strerror or exc}") from None
         if self.upstream is None:

@@ -258,3 +258,22 @@ def test_deadline_exceeded_while_queued(make_server, guard, clean_images):
         first.join(10)
         client.close()
     assert calls == [1]  # the expired request was dropped, never computed
+
+
+def test_a_busy_metrics_port_at_start_releases_the_server_the_worker_and_the_port(guard):
+    import socket
+
+    from semguard.service.config import ServiceConfig
+    from semguard.service.errors import StartupError
+    from semguard.service.server import create_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = ServiceConfig(host="127.0.0.1", grpc_port=0, metrics_port=taken.getsockname()[1])
+        created = create_server(config, guard)
+        with pytest.raises(StartupError, match="--metrics-port"):
+            created.server.start()
+    assert not created.server.engine.batcher._worker.is_alive()
+    with socket.socket() as again:  # the gRPC port is free again
+        again.bind(("127.0.0.1", created.port))
