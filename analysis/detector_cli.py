@@ -7,6 +7,11 @@ The CLI is the edge: flags fill CalibrationConfig / DetectorEvalConfig, then it 
 detector.calibrate.calibrate_guard or analysis.detector_eval.evaluate_detector. Both commands
 split the world's clean test images with the same seed, so a bundle from `calibrate` never saw
 the images `evaluate` holds out.
+
+With the subject flags (semguard.subject.flags: --subject FILE, --model, --weights, --images, ...)
+both work on the user's model instead (analysis.detector_eval.calibrate_subject_guard /
+evaluate_subject_detector); the bundle rebuilds that model (its ModelSpec). SUBJECT_POLICY says
+what happens to the classes without a word vector.
 """
 from __future__ import annotations
 
@@ -17,30 +22,53 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
+from semguard.subject.flags import add_subject_flags, subject_spec_from_args
 
 if TYPE_CHECKING:
     from semguard.analysis.detector_eval import DetectorEvalConfig
+
+SUBJECT_POLICY = (
+    "On a subject (--subject FILE or --model/--weights/--images/--labels/--vectors; none: the embedded world), "
+    "classes without a word vector are never attack sources or targets and never reference concepts, nor "
+    "alternatives in a signature. The bundle names every class the model outputs (a zero word vector for those "
+    "without one); an image the model predicts as such a class is served with that prediction, and its 1 vs 2 "
+    "signature judges the top class that has a vector (its meaning cannot be checked against the class itself: "
+    "a blind spot of the signature, not of the Mahalanobis member). The guard is calibrated and evaluated on clean "
+    "images of every class, so --target-fpr holds for all clean traffic. --max-images caps the clean images held in memory (stratified "
+    "over classes; default: what fits in 2 GiB of float32)."
+)
 
 
 def add_detector_commands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add `detector` with `calibrate` and `evaluate`; returns the detector subparsers."""
     det = subparsers.add_parser("detector", help="calibrate and evaluate the adversarial-image guard")
     commands = det.add_subparsers(dest="detector_command", required=True)
-    cal = commands.add_parser("calibrate",
-                              help="write a guard bundle (reference bank, Mahalanobis, flagger) for the world CNN")
+    cal = commands.add_parser("calibrate", description=SUBJECT_POLICY,
+                              help="write a guard bundle (reference bank, Mahalanobis, flagger) for the world CNN "
+                                   "or your model (subject flags)")
     cal.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    ev = commands.add_parser("evaluate",
+    ev = commands.add_parser("evaluate", description=SUBJECT_POLICY,
                              help="AUROC / TPR at 5%% FPR / realised FPR per attack, with baselines and ROC curves")
     ev.add_argument("--out", type=Path, required=True, help="output directory (bundle/, detector_roc.png, detector_eval.json)")
     ev.add_argument("--sources", type=int, default=None, help="images attacked per attack; unset: each attack's own count")
     ev.add_argument("--quick", action="store_true", help="reduced setting: 60 images per attack, short C&W")
     ev.add_argument("--no-art", action="store_true", help="skip ART's BinaryActivationDetector")
+    ev.add_argument("--adaptive", action="store_true",
+                    help="also attack the guard, the Mahalanobis baseline, the signature and ART's detector knowing them "
+                         "(naive / white-box / gray-box, eps 2/255 4/255 8/255 0.15; adaptive_evasion.png)")
+    ev.add_argument("--adaptive-images", type=int, default=None, help="images attacked per cell (default 100)")
+    ev.add_argument("--adaptive-steps", type=int, default=None, help="PGD steps of every adaptive attack (default 100)")
+    ev.add_argument("--adaptive-eps", default=None, help="comma list of L-inf eps, fractions allowed (e.g. 8/255,0.15)")
     for p in (cal, ev):
         add_world_cache_flag(p, "embedded world cache (built when missing)", "--cache-dir")  # its former name kept
         p.add_argument("--world-seed", type=int, default=0,
                        help="embedded world to use: 0 is the default world; the shipped design was chosen on 1 and 2 "
                             "(default: %(default)s)")
         defer_arguments(p, _add_detector_flags)
+        add_subject_flags(p)
+        p.add_argument("--max-images", type=int, default=None, metavar="N",
+                       help="at most N clean images (stratified over the classes with a word vector; default: what "
+                            "fits in 2 GiB as float32, all of the embedded world's)")
     cal.set_defaults(func=run_calibrate)
     ev.set_defaults(func=run_evaluate)
     return commands
@@ -87,7 +115,25 @@ def _config(args: argparse.Namespace) -> DetectorEvalConfig:
         cfg = quick_config(cfg)
     if getattr(args, "sources", None):
         cfg = dataclasses.replace(cfg, attacks=tuple(dataclasses.replace(a, n_sources=args.sources) for a in cfg.attacks))
+    if getattr(args, "adaptive", False):
+        cfg = dataclasses.replace(cfg, adaptive=_adaptive_config(args))
     return cfg
+
+
+def _adaptive_config(args: argparse.Namespace):
+    from fractions import Fraction
+
+    from semguard.analysis.adaptive_eval import AdaptiveConfig
+
+    changes = {k: v for k, v in (("n_images", args.adaptive_images), ("iterations", args.adaptive_steps)) if v is not None}
+    if args.adaptive_eps:
+        try:
+            changes["eps"] = tuple(float(Fraction(e.strip())) for e in args.adaptive_eps.split(","))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"--adaptive-eps: a comma list of numbers or fractions, got {args.adaptive_eps!r}") from None
+    if args.no_art:
+        changes["detectors"] = tuple(d for d in AdaptiveConfig().detectors if d != "art_binary_activation")
+    return AdaptiveConfig(**changes)
 
 
 def _checked_config(args: argparse.Namespace) -> DetectorEvalConfig:
@@ -122,6 +168,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from semguard.detector.layers import preset_layers
 
     cfg = _checked_config(args)
+    subject = _subject(args, cfg.progress)
+    if subject is not None:
+        from semguard.analysis.detector_eval import calibrate_subject_guard
+
+        report = _on_subject(args, calibrate_subject_guard, subject, args.out, cfg, args.max_images)
+        return _print_calibration(report)
     world, model, vectors = _world(args, cfg.progress)
     x, y = as_model_input(world.test_images), world.test_labels
     split = split_clean(y, cfg.eval_fraction, cfg.seed)  # the same split `evaluate` uses: its held-out part stays unseen
@@ -134,18 +186,56 @@ def run_calibrate(args: argparse.Namespace) -> int:
         y[split.calibration], args.out, model_name="worldnet", attack_images=attack_images, config=cfg.detector,
         source_weights=str(world.model_path), progress=cfg.progress,
     )
+    return _print_calibration(report)
+
+
+def _print_calibration(report) -> int:
     print(json.dumps({"bundle": str(report.bundle_dir), "threshold": report.threshold, "fpr_calib": report.fpr_calib,
                       "n_fit": report.n_fit, "n_calib": report.n_calib, "references": report.n_references}, indent=2))
     return 0
+
+
+def _subject(args: argparse.Namespace, progress: bool):
+    """The subject the flags name (semguard.subject.Subject), or None: the embedded world on the path it
+    always took (no subject flag, no --max-images)."""
+    try:
+        if args.max_images is not None and args.max_images < 4:
+            raise ValueError(f"--max-images must be >= 4, got {args.max_images}")
+        spec = subject_spec_from_args(args, world_cache=args.world_cache, world_seed=args.world_seed)
+        if spec.is_world() and args.max_images is None:
+            return None
+        from semguard.subject.core import load_subject
+
+        return load_subject(spec, progress)
+    except ValueError as err:
+        raise SystemExit(f"semguard detector {args.detector_command}: {err}") from None
+
+
+def _on_subject(args: argparse.Namespace, run, *run_args):
+    """run(*run_args), a ValueError (bad input found on the way) ending the command with its message."""
+    try:
+        return run(*run_args)
+    except ValueError as err:
+        raise SystemExit(f"semguard detector {args.detector_command}: {err}") from None
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from semguard.analysis.detector_eval import evaluate_world_detector
 
     cfg = _checked_config(args)
-    world, model, vectors = _world(args, cfg.progress)
-    ev = evaluate_world_detector(world, model, vectors, args.out, cfg)
+    subject = _subject(args, cfg.progress)
+    if subject is not None:
+        from semguard.analysis.detector_eval import evaluate_subject_detector
+
+        ev = _on_subject(args, evaluate_subject_detector, subject, args.out, cfg, args.max_images)
+    else:
+        world, model, vectors = _world(args, cfg.progress)
+        ev = evaluate_world_detector(world, model, vectors, args.out, cfg)
     print(format_results(ev.results))
+    if "adaptive" in ev.results:
+        from semguard.analysis.adaptive_eval import format_adaptive
+
+        print(format_adaptive(ev.results["adaptive"]) + f"\nadaptive figure: {Path(args.out) / 'adaptive_evasion.png'}")
     print(f"bundle: {ev.bundle_dir}\nROC curves: {ev.roc_path}\nfigures: {Path(args.out) / 'detector_eval.json'}")
     return 0
 

@@ -112,6 +112,8 @@ class DetectorEvalConfig:
     batch_size: int = 256  # scoring batch
     seed: int = 0
     progress: bool = True
+    # guard-aware attacks on the detectors (analysis.adaptive_eval.AdaptiveConfig); None: not run
+    adaptive: object | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:
@@ -163,9 +165,12 @@ def plan_attack(labels: np.ndarray, predicted: np.ndarray, pool: np.ndarray, wor
     Sources: correctly classified pool images, one per class in turn (seeded order) so every
     class is attacked about equally. Targets: the paper's similarity ranks (most similar, least
     similar, evenly spaced between; attacks.targets), rank cycling with the source's position.
+    A zero row of word_vectors is a class without a word vector (semguard.subject): never a source
+    nor a target. Fewer ranks than n_ranks when fewer other concepts have a vector.
     """
     rng = np.random.default_rng(seed)
-    correct = pool[predicted[pool] == labels[pool]]
+    with_vector = np.flatnonzero(np.any(np.asarray(word_vectors) != 0, axis=1))
+    correct = pool[(predicted[pool] == labels[pool]) & np.isin(labels[pool], with_vector)]
     order = rng.permutation(correct)
     # position of each image within its class (in the shuffled order), then round-robin over classes
     within = np.zeros(len(order), dtype=np.int64)
@@ -174,7 +179,9 @@ def plan_attack(labels: np.ndarray, predicted: np.ndarray, pool: np.ndarray, wor
         within[i] = seen.get(int(c), 0)
         seen[int(c)] = within[i] + 1
     sources = order[np.lexsort((rng.random(len(order)), within))][:n]
-    table = select_targets(word_vectors, n_ranks).indices  # (C, n_ranks)
+    n_ranks = min(n_ranks, len(with_vector) - 1)  # a small subject: as many ranks as it has other concepts
+    table = np.full((len(word_vectors), n_ranks), -1, dtype=np.int64)  # (C, n_ranks), -1: no word vector
+    table[with_vector] = with_vector[select_targets(np.asarray(word_vectors)[with_vector], n_ranks).indices]
     targets = table[labels[sources], np.arange(len(sources)) % n_ranks]
     return sources, targets
 
@@ -210,6 +217,8 @@ class Detector(NamedTuple):
     role: str  # "detector" (shipped), "signature", "baseline", "control"
     score: object  # callable (n, C, H, W) float32 tensor -> (n,) float64 scores, larger = more suspicious
     threshold: float | None
+    # what an adaptive attacker differentiates (analysis.adaptive_eval): the Guard, or ART's (layer, head, detect)
+    attack_view: object = None
 
 
 def guard_detector(name: str, role: str, bundle_dir: Path, batch_size: int) -> Detector:
@@ -219,7 +228,7 @@ def guard_detector(name: str, role: str, bundle_dir: Path, batch_size: int) -> D
         parts = [guard.inspect_arrays(images[i : i + batch_size]).score for i in range(0, len(images), batch_size)]
         return np.concatenate(parts) if parts else np.zeros(0)
 
-    return Detector(name, role, score, guard.info.threshold)
+    return Detector(name, role, score, guard.info.threshold, guard)
 
 
 def variant_config(shipped: CalibrationConfig, name: str) -> tuple[str, CalibrationConfig]:
@@ -262,7 +271,8 @@ def art_binary_detector(model: nn.Module, clean: torch.Tensor, adversarial: torc
         logits = detector.detect(images.numpy(), batch_size=256)[0]["predictions"]
         return (logits[:, 1] - logits[:, 0]).astype(np.float64)
 
-    return Detector("art_binary_activation", "baseline", score, 0.0)  # ART flags argmax = adversarial: logit diff > 0
+    # ART flags argmax = adversarial: logit diff > 0
+    return Detector("art_binary_activation", "baseline", score, 0.0, (layer, head, score))
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -367,6 +377,12 @@ def evaluate_detector(
                                           (x[split.calibration], y[split.calibration]), train_adv, out, tmp, cfg, model_name)
         t2 = time.perf_counter()
         metrics, curves = score_all(detectors, x[split.evaluation], runs)
+        t3 = time.perf_counter()
+        if cfg.adaptive is not None:
+            from semguard.analysis.adaptive_eval import AttackerView, adaptive_evaluation
+
+            view = AttackerView(model, model_spec, layers, label_names, word_vectors, model_name)
+            adaptive = adaptive_evaluation(view, detectors, x, y, predicted, split, out, cfg)
     roles = {d.name: d.role for d in detectors}
     results = {**attack_figures({d: metrics[d][cfg.headline] for d in roles}, roles), "headline_attack": cfg.headline}
     results["per_attack"] = {
@@ -374,12 +390,15 @@ def evaluate_detector(
         for a in cfg.attacks
     }
     timings = {f"attack_{k}": v["attack_seconds"] for k, v in {**train_info, **results["per_attack"]}.items()}
-    timings.update(attacks=round(t1 - t0, 2), calibrate=round(t2 - t1, 2), score=round(time.perf_counter() - t2, 2),
+    timings.update(attacks=round(t1 - t0, 2), calibrate=round(t2 - t1, 2), score=round(t3 - t2, 2),
                    total=round(time.perf_counter() - t0, 2))
     results.update(train_attacks=train_info, detectors=info, clean_accuracy=float((predicted == y).mean()),
                    split={"n_calibration": len(split.calibration), "n_evaluation": len(split.evaluation),
                           "eval_fraction": cfg.eval_fraction, "seed": cfg.seed},
                    bundle="bundle", timings_s=timings)
+    if cfg.adaptive is not None:
+        results.update(adaptive=adaptive.results, adaptive_settings=adaptive.settings)
+        timings.update(adaptive=adaptive.seconds, total=round(time.perf_counter() - t0, 2))
     roc = plot_roc(out / "detector_roc.png", curves, roles, runs)
     from semguard.files import write_json_atomic
 
@@ -472,3 +491,82 @@ def evaluate_world_detector(world, model: nn.Module, word_vectors: np.ndarray, o
         model, worldnet_spec(model), preset_layers("worldnet"), list(world.classes), np.asarray(word_vectors),
         world.test_images, world.test_labels, out_dir, config, model_name="worldnet",
     )
+
+
+# ----------------------------------------------------------------------------- any subject (semguard.subject)
+
+# Clean images calibrate/evaluate hold in memory (float32) unless --max-images says otherwise: all of the
+# embedded world's 5000 (32x32), ~3500 at 224x224, ~2000 at 299x299.
+CLEAN_IMAGE_BUDGET = 2 << 30
+
+
+def default_max_images(input_shape: tuple[int, ...]) -> int:
+    return max(4, CLEAN_IMAGE_BUDGET // (4 * int(np.prod(input_shape))))
+
+
+def clean_image_indices(labels: np.ndarray, matched: np.ndarray, max_images: int, seed: int) -> np.ndarray:
+    """Sorted indices of the clean images a subject's guard is calibrated and evaluated on: images of the
+    classes with a word vector (`matched`), at most `max_images`, stratified: every class gives its
+    (seeded) first image before any gives its second, and so on. All of them when they fit."""
+    y = np.asarray(labels)
+    eligible = np.flatnonzero(np.asarray(matched)[y])
+    if len(eligible) <= max_images:
+        return eligible
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(eligible)
+    by_class = np.argsort(y[order], kind="stable")
+    first = np.searchsorted(y[order][by_class], y[order][by_class], side="left")
+    within = np.empty(len(order), dtype=np.int64)
+    within[by_class] = np.arange(len(order)) - first  # position of each image in its class's seeded order
+    return np.sort(order[np.lexsort((rng.random(len(order)), within))][:max_images])
+
+
+def subject_clean_images(subject, max_images: int | None = None, seed: int = 0,
+                         batch_size: int = 256) -> tuple[torch.Tensor, np.ndarray]:
+    """(images (n, 3, H, W) float32, labels (n,)): `clean_image_indices` over the images of every class (the
+    guard serves them all, so its threshold is set on them all), read from the subject's ImageSet."""
+    labels = np.asarray(subject.images.labels)
+    if not np.asarray(subject.matched)[labels].any():
+        raise ValueError(f"subject {subject.name}: no image of a class with a word vector")
+    first = int(np.flatnonzero(np.asarray(subject.matched)[labels])[0])
+    cap = max_images if max_images is not None else default_max_images(tuple(subject.images.load(np.array([first])).shape[1:]))
+    idx = clean_image_indices(labels, np.ones(len(subject.classes), bool), cap, seed)
+    x = torch.cat([subject.images.load(idx[i : i + batch_size]) for i in range(0, len(idx), batch_size)])
+    return x, labels[idx]
+
+
+def _top_level_layer(model: nn.Module, name: str | None) -> str | None:
+    """ART's layer when the model has it (ART names a model's top-level children), else None (skipped)."""
+    return name if name is not None and name in dict(model.named_children()) else None
+
+
+def calibrate_subject_guard(subject, out_dir: str | Path, config: DetectorEvalConfig = DetectorEvalConfig(),
+                            max_images: int | None = None):
+    """`semguard detector calibrate`: a guard bundle for the subject's model (detector.calibrate.CalibrationReport).
+
+    Calibrated on the calibration part of `split_clean` (the part `evaluate_subject_detector` never
+    evaluates on) of the subject's clean images of classes with a word vector; the bundle's labels are
+    all the model's classes, their word vectors zero rows where there is none (see README, a subject).
+    """
+    cfg = config
+    x, y = subject_clean_images(subject, max_images, cfg.seed, cfg.batch_size)
+    split = split_clean(y, cfg.eval_fraction, cfg.seed)  # the same split `evaluate` uses: its held-out part stays unseen
+    attack_images = None
+    if cfg.detector.method in SUPERVISED:
+        predicted = predict(subject.model, x, cfg.batch_size)
+        attack_images, _ = training_attacks(subject.model, x, y, predicted, split.calibration, subject.word_vectors, cfg)
+    return calibrate_guard(
+        subject.model, subject.model_spec, subject.layers, list(subject.classes), subject.word_vectors,
+        x[split.calibration], y[split.calibration], out_dir, model_name=subject.name, attack_images=attack_images,
+        config=cfg.detector, source_weights=subject.source_weights, progress=cfg.progress,
+    )
+
+
+def evaluate_subject_detector(subject, out_dir: str | Path, config: DetectorEvalConfig = DetectorEvalConfig(),
+                              max_images: int | None = None) -> DetectorEvaluation:
+    """`semguard detector evaluate` on a subject: evaluate_detector on its clean images of classes with a word
+    vector (at most max_images, stratified); ART's detector only when the model has its layer."""
+    x, y = subject_clean_images(subject, max_images, config.seed, config.batch_size)
+    config = dataclasses.replace(config, art_layer=_top_level_layer(subject.model, config.art_layer))
+    return evaluate_detector(subject.model, subject.model_spec, subject.layers, list(subject.classes),
+                             np.asarray(subject.word_vectors), x, y, out_dir, config, model_name=subject.name)

@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from semguard.analysis.adaptive_eval import QUICKSTART_ADAPTIVE
 from semguard.analysis.adversarial import CleanSet, adversarial_one_vs_two, build_references, misclassified_one_vs_two
 from semguard.analysis.detector_eval import DetectorEvalConfig, evaluate_world_detector
 from semguard.analysis.figures import plot_by_layer
@@ -41,8 +42,10 @@ class QuickstartConfig:
     batch_size: int = 256
     attack: GenerateParams = field(default_factory=GenerateParams)  # paper: 100 sources x 6 targets, eps 0.15
     reference_size: int = 100  # paper 4: 100 correctly predicted reference concepts
-    # Guard calibration and evaluation (clean test images split in halves; MI-FGSM, PGD, C&W L2).
-    detector: DetectorEvalConfig = field(default_factory=DetectorEvalConfig)
+    # Guard calibration and evaluation (clean test images split in halves; MI-FGSM, PGD, C&W L2), and a
+    # reduced adaptive evaluation (the shipped guard, 8/255, 20 images, 30 steps; `detector evaluate --adaptive`
+    # runs the whole one)
+    detector: DetectorEvalConfig = field(default_factory=lambda: DetectorEvalConfig(adaptive=QUICKSTART_ADAPTIVE))
     # One intra-op thread: the world's tensors are small, and on shared cores oversubscribed
     # OpenMP threads stalled the permutation tests 45x (2 threads vs 1, measured here).
     torch_threads: int = 1
@@ -185,7 +188,7 @@ def two_vs_two_stage(tap: LayerTap, world, vectors: np.ndarray, out: Path, confi
 
 
 # The code the detector stage's results depend on: a cached evaluation is reused only while it is unchanged.
-DETECTOR_CODE = ("detector", "attacks", "models", "analysis/detector_eval.py")
+DETECTOR_CODE = ("detector", "attacks", "models", "analysis/detector_eval.py", "analysis/adaptive_eval.py")
 
 
 def code_fingerprint(paths: tuple[str, ...] = DETECTOR_CODE, root: Path = Path(__file__).resolve().parent.parent) -> str:
@@ -210,7 +213,9 @@ def detector_stage(inputs: WorldInputs, out: Path, config: DetectorEvalConfig) -
         evaluate_world_detector(inputs.world, inputs.model, inputs.word_vectors, staging, config)
         os.replace(staging, cached)
     shutil.copytree(cached / "bundle", out / "bundle", dirs_exist_ok=True)
-    shutil.copy2(cached / "detector_roc.png", out / "detector_roc.png")
+    for png in ("detector_roc.png", "adaptive_evasion.png", "adaptive_loss_curves.png"):
+        if (cached / png).exists():
+            shutil.copy2(cached / png, out / png)
     return json.loads((cached / "detector_eval.json").read_text())
 
 

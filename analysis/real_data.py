@@ -24,18 +24,30 @@ class LabelledImages(NamedTuple):
     coarse: np.ndarray  # (N,) int64 superclass labels
 
 
-def read_cifar100_binary(path: str | Path) -> LabelledImages:
-    """One file of cifar-100-binary (`train.bin` or `test.bin`)."""
-    raw = np.fromfile(Path(path), dtype=np.uint8) if Path(path).exists() else None
-    if raw is None:
+def read_cifar100_binary(path: str | Path, mmap: bool = False) -> LabelledImages:
+    """One file of cifar-100-binary (`train.bin` or `test.bin`); `mmap`: images stay on disk, read on use."""
+    if not Path(path).is_file():
         raise FileNotFoundError(f"path {path}: no such CIFAR-100 binary file (train.bin / test.bin)")
+    size = Path(path).stat().st_size
+    raw = np.memmap(path, dtype=np.uint8, mode="r") if mmap and size else np.fromfile(Path(path), dtype=np.uint8)
     if raw.size == 0 or raw.size % CIFAR_RECORD:
         raise ValueError(f"path {path}: {raw.size} bytes is not a whole number of {CIFAR_RECORD}-byte CIFAR-100 records")
     records = raw.reshape(-1, CIFAR_RECORD)
     if records[:, 1].max() >= 100 or records[:, 0].max() >= 20:
         raise ValueError(f"path {path}: labels out of range for CIFAR-100 (is it CIFAR-10?)")
-    images = records[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return LabelledImages(np.ascontiguousarray(images), records[:, 1].astype(np.int64), records[:, 0].astype(np.int64))
+    images = records[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
+    images = images if mmap else np.ascontiguousarray(images)
+    return LabelledImages(images, records[:, 1].astype(np.int64), records[:, 0].astype(np.int64))
+
+
+def resize_center_crop(img: Image.Image, size: int, resize: int, resample: int = Image.BILINEAR) -> np.ndarray:
+    """torchvision's evaluation transform on an RGB PIL image: short side to `resize`, centre crop
+    `size` -> uint8 (size, size, 3). An image already at the right short side is not resampled."""
+    scale = resize / min(img.size)
+    if scale != 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)).convert("RGB"), dtype=np.uint8)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -73,12 +85,7 @@ class ImageFolder(Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
-                scale = self.resize / min(img.size)
-                img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
-                left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
-                img = img.crop((left, top, left + self.size, top + self.size))
-                pixels = np.asarray(img, dtype=np.uint8)
+                pixels = resize_center_crop(img.convert("RGB"), self.size, self.resize)
         except (OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"image {path}: cannot be read ({err})") from None
         return torch.from_numpy(pixels.transpose(2, 0, 1).copy()).float().div_(255), label

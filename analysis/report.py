@@ -108,7 +108,39 @@ def _detector_section(d: dict) -> list[str]:
         "![ROC curves](detector_roc.png)",
         "",
         *rows,
+        *_adaptive_section(d),
     ]
+
+
+def _adaptive_section(d: dict) -> list[str]:
+    """Attackers who know the guard (`detector.adaptive`): one row per threat model, eps and detector."""
+    if "adaptive" not in d:
+        return []
+    s = d.get("adaptive_settings", {})
+    rows = ["| threat model | eps | detector | reaches target | evades (not flagged) | TPR at 5% FPR | mean L-inf | s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for tm, by_eps in d["adaptive"].items():
+        for eps, cells in by_eps.items():
+            for det, c in cells.items():
+                rows.append(f"| {tm} | {eps} | {det} | {_fmt(c['attack_success'])} | {_fmt(c['evasion'])} | "
+                            f"{_fmt(c['tpr_at_5fpr'])} | {c['mean_linf'] * 255:.2f}/255 | {c['attack_seconds']:.0f} |")
+    return ["", "### Attackers who know the guard", "",
+            f"{s.get('n_images', '?')} held-out images, a random target each, {s.get('iterations', '?')} PGD steps "
+            f"({', '.join(s.get('modes', []))}); naive ignores the guard, white-box holds the bundle, gray-box calibrates "
+            "a guard of its own (another seed, other clean images) and attacks that. Success and evasion are decided by "
+            "the real guard. README \"Threat model\" says what this means.", "", *rows]
+
+
+def _adaptive_summary(det: dict) -> list[str]:
+    """One line: evasion of the shipped guard per threat model at the (first) eps the quickstart attacks."""
+    if "adaptive" not in det:
+        return []
+    parts, eps = [], "?"
+    for tm, by_eps in det["adaptive"].items():
+        eps, cells = next(iter(by_eps.items()), ("?", {}))
+        if "detector" in cells:
+            parts.append(f"{tm.replace('_', '-')} {100 * cells['detector']['evasion']:.0f}%")
+    return [f"  adaptive, {eps:<7s}   evade the guard: {' | '.join(parts)} (README: Threat model)"] if parts else []
 
 
 def _has_art(d: dict) -> bool:
@@ -141,6 +173,7 @@ def render_summary(summary: dict, out: Path) -> str:
         f"  guard AUROC        {guard}",
         f"  Mahalanobis AUROC  {maha}",
         f"  false positives    {100 * det['fpr_realised']:.1f}% of held-out clean images flagged (target 5%)",
+        *_adaptive_summary(det),
         f"written: {out / 'report.md'}, summary.json, the figures (*.png) and the guard bundle {out / 'bundle'}",
         f"next:    semguard serve --bundle {out / 'bundle'}      # the guard as a gRPC service",
         "         semguard detector evaluate --out runs/detector   # the full detector evaluation",

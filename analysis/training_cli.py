@@ -21,20 +21,27 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("--train-subset", "train_subset", "train on the first N training images"),
     Flag("--permute-labels", "permute_labels", "control run: train on the labels permuted with this seed until fitted"),
     Flag("--lr", "lr", "initial learning rate (paper: 0.02)"),
+    Flag("--batch-size", "batch_size", "mini-batch size (paper: 100)"),
+    Flag("--weight-decay", "weight_decay"),
+    Flag("--max-shift", "max_shift", "augmentation: random shifts up to this many pixels (0: none)"),
     Flag("--seed", "seed"),
 )
 
 
 def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="train FractalNet on the embedded world with checkpoints (resumes a killed run)",
-        description="Trains FractalNet (Larsson et al. 2016) on the embedded world's training images, writing "
-        "checkpoints/epoch-NNNN.safetensors and train.json (lr schedule, train accuracy per epoch) to --out; "
-        "rerun the same command to resume. --quick: a reduced net and schedule (flags given override it).",
+        "train", help="train FractalNet on the embedded world (or CIFAR-100) with checkpoints (resumes a killed run)",
+        description="Trains FractalNet (Larsson et al. 2016) on the embedded world's training images (or CIFAR-100's "
+        "train.bin with --images), writing checkpoints/epoch-NNNN.safetensors and train.json (lr schedule, train "
+        "accuracy per epoch) to --out; rerun the same command to resume. Default: a reduced net (C=3, widths "
+        "8-16-32) for 20 epochs; --quick: C=2, 10 epochs; --paper: the paper's CIFAR run (flags given override these).",
     )
     p.add_argument("--model", choices=("fractalnet",), default="fractalnet", help="architecture (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
-    p.add_argument("--quick", action="store_true", help="reduced FractalNet (8-16-32, C=3, B=3), 4000 images, 12 epochs")
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="FractalNet C=2 (8-16-32, B=3), 10 epochs")
+    preset.add_argument("--paper", action="store_true", help="the paper's CIFAR run: widths 64-512, C=3, B=5, 400 epochs")
+    p.add_argument("--images", type=Path, help="CIFAR-100 binary: train.bin, or the folder holding it (default: the world)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     add_world_cache_flag(p, "the embedded world's cache (its training images are used)")
     defer_arguments(p, _add_train_flags)
@@ -48,21 +55,35 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def train_config(args: argparse.Namespace):
-    from semguard.analysis.training_run import TrainConfig, quick_config
+    from semguard.analysis.training_run import TrainConfig, paper_config, quick_config
 
-    return config_from_flags(args, quick_config() if args.quick else TrainConfig(), TRAIN_FLAGS)
+    base = quick_config() if args.quick else paper_config() if getattr(args, "paper", False) else TrainConfig()
+    return config_from_flags(args, base, TRAIN_FLAGS)
+
+
+def training_images(args: argparse.Namespace):
+    """uint8 (N, 32, 32, 3) images and labels: CIFAR-100's train.bin when --images is given, else the world's."""
+    if args.images is not None:
+        from semguard.analysis.real_data import read_cifar100_binary
+
+        path = args.images / "train.bin" if args.images.is_dir() else args.images
+        data = read_cifar100_binary(path)
+        return data.images, data.labels
+    from semguard.world import build_world
+
+    world = build_world(cache_dir=args.world_cache, progress=not args.quiet)
+    return world.train_images, world.train_labels
 
 
 def run_train(args: argparse.Namespace) -> int:
     import torch
     from semguard.analysis.training_run import train_checkpoints
-    from semguard.world import build_world
 
     torch.set_num_threads(1)  # bit-exact resumption, and the shared cores stay usable
     try:
-        world = build_world(cache_dir=args.world_cache, progress=not args.quiet)
-        record = train_checkpoints(world.train_images, world.train_labels, args.out, train_config(args), not args.quiet)
-    except ValueError as err:
+        images, labels = training_images(args)
+        record = train_checkpoints(images, labels, args.out, train_config(args), not args.quiet)
+    except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"semguard train: {err}") from None
     last = record["checkpoints"][-1]
     print(f"{record['epochs_done']} epochs, {len(record['checkpoints'])} checkpoints in {args.out}; "
@@ -78,7 +99,8 @@ def add_analyze_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", type=Path, required=True, help="a `semguard train --out` directory")
     p.add_argument("--permuted", type=Path, help="the permuted-label run's directory, analysed beside it")
     p.add_argument("--out", type=Path, required=True, help="training.json, per-checkpoint results and figures")
-    p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
+    p.add_argument("--permutations", type=int, default=200,
+                   help="permutations per layer and checkpoint (paper: 1000; 200 keeps a 10-checkpoint run in minutes)")
     p.add_argument("--image-sets", type=int, default=5, help="image sets per concept (paper: 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -90,6 +112,9 @@ def add_analyze_commands(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--results", type=Path, help="a 2 vs 2 result (summary.json, two_vs_two.json, epoch-NNNN.json)")
     d.add_argument("--out", type=Path, required=True, help="FILE.svg or FILE.png")
     d.set_defaults(func=run_diagram)
+    from semguard.analysis.study_cli import add_two_vs_two_command  # Figure 1 for any subject
+
+    add_two_vs_two_command(commands)
 
 
 def run_analyze_training(args: argparse.Namespace) -> int:

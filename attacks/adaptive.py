@@ -36,6 +36,14 @@ from semguard.detector.rsa import TIE_TOLERANCE
 from semguard.detector.signature import alternative_table, one_vs_two_margins
 
 
+class Verdict(NamedTuple):
+    """What the exact detector decides about images (never the surrogate's reading)."""
+
+    predicted: np.ndarray  # (B,) the model's label
+    flagged: np.ndarray  # (B,) bool: score above the calibrated threshold
+    score: np.ndarray  # (B,) float64
+
+
 class SurrogateOutput(NamedTuple):
     logits: torch.Tensor  # (B, C) the model's logits
     score: torch.Tensor  # (B,) the guard's score (exact forward; BPDA and soft-max backward)
@@ -67,7 +75,8 @@ def tail_surprise_torch(scores: torch.Tensor, reference: torch.Tensor, tail_scal
 
 
 class GuardSurrogate:
-    """images (B, 3, H, W) in [0, 1] -> SurrogateOutput, differentiable, for any bundle (CPU).
+    """images (B, 3, H, W) in [0, 1] -> SurrogateOutput, differentiable, for any bundle (CPU): flagger
+    methods ensemble (above), logistic (its logit is the score) and gaussian (d' P d, smooth already).
 
     temperature: of the sigmoid that stands in for the step (margin > tol) in the backward pass;
     margins are differences of correlations, ~0.01-0.3 on the world CNN, so 0.02 keeps the
@@ -86,21 +95,31 @@ class GuardSurrogate:
         self.threshold = float(fl.threshold)
         self._label_profiles = torch.as_tensor(bank.label_profiles, dtype=torch.float64)
         self._concepts = torch.as_tensor(np.asarray(bank.concepts), dtype=torch.long)
-        self._alternatives = torch.as_tensor(alternative_table(bank.num_labels, self.recipe.n_alternatives, self.recipe.seed))
+        self._alternatives = torch.as_tensor(alternative_table(bank.num_labels, self.recipe.n_alternatives, self.recipe.seed,
+                                                               self.recipe.eligible))
         self._center = torch.as_tensor(fl.center)
         self._scale = torch.as_tensor(fl.scale)
         names = list(fl.feature_names)
         self._signature_cols = torch.tensor([n.split("/", 1)[0] in ("fraction", "margin") for n in names])
-        if fl.method not in ("ensemble", "logistic"):
-            raise ValueError(f"GuardSurrogate supports flagger methods 'ensemble' and 'logistic', got {fl.method!r}")
+        if fl.method not in ("ensemble", "logistic", "gaussian"):
+            raise ValueError(f"GuardSurrogate supports flagger methods 'ensemble', 'logistic' and 'gaussian', got {fl.method!r}")
+        kinds = [n.split("/", 1)[0] for n in names]
+        if fl.method == "gaussian":  # d' P d of the standardised features: one member weighing every column
+            self._mean, self._precision = torch.as_tensor(fl.params["mean"]), torch.as_tensor(fl.params["precision"])
+            self.members = [tuple(dict.fromkeys(kinds))]
+            return
         self._weights = torch.as_tensor(np.atleast_2d(fl.params["weights"]))  # (E, F)
         self._bias = torch.as_tensor(np.atleast_1d(fl.params["bias"]), dtype=torch.float64)  # (E,)
         if fl.method == "ensemble":
             self._tails = torch.as_tensor(np.atleast_2d(fl.params["tail_scores"]))  # (E, M)
             self._tail_scale = [float(s) for s in np.atleast_1d(fl.params["tail_scale"])]
-        kinds = [n.split("/", 1)[0] for n in names]
         # feature kinds each member weighs, e.g. [("fraction", "margin", "mahalanobis"), ("mahalanobis",)]
         self.members = [tuple(dict.fromkeys(k for k, w in zip(kinds, row) if w != 0)) for row in self._weights.tolist()]
+
+    def verdict(self, images: torch.Tensor) -> Verdict:
+        """The exact guard's reading of images (B, 3, H, W): `Guard.inspect_arrays`."""
+        out = self.guard.inspect_arrays(images.detach().float())
+        return Verdict(out.predicted, out.flagged, out.score)
 
     def _fraction(self, margins: torch.Tensor) -> torch.Tensor:
         """(L, B, M) margins -> (B, L) fraction, exact forward, sigmoid(margin / T) backward."""
@@ -121,7 +140,7 @@ class GuardSurrogate:
 
     def __call__(self, images: torch.Tensor) -> SurrogateOutput:
         tap_out = self.guard.tap(images)
-        predicted = tap_out.logits.argmax(1).detach()
+        predicted = self.recipe.signature_labels(tap_out.logits).detach()  # the label the exact signature judges
         profiles = self.recipe.bank.layer_profiles(tap_out.acts, dtype=torch.float32).double()  # (L, B, K)
         margins = one_vs_two_margins(profiles, predicted, self._label_profiles, self._concepts, self._alternatives[predicted])
         fraction, margin = self._fraction(margins), margins.mean(-1).T  # (B, L)
@@ -130,6 +149,12 @@ class GuardSurrogate:
             blocks["mahalanobis"] = self._density(tap_out.acts)
         features = torch.cat([blocks[k] for k in self.recipe.kinds], 1)  # (B, F), the bundle's column order
         z = (features - self._center) / self._scale
+        if self.flagger.method == "gaussian":
+            d = z - self._mean
+            score = ((d @ self._precision) * d).sum(1)
+            ds = d * self._signature_cols  # the signature's columns only
+            return SurrogateOutput(tap_out.logits, score, score[:, None], ((ds @ self._precision) * ds).sum(1),
+                                   fraction, margin)
         logits = z @ self._weights.T + self._bias  # (B, E)
         signature_logit = (z * self._signature_cols) @ self._weights[0] + self._bias[0]
         if self.flagger.method == "logistic":
@@ -141,3 +166,41 @@ class GuardSurrogate:
             smooth = self.max_temperature * torch.logsumexp(surprise / self.max_temperature, 1)
             score = straight_through(surprise.max(1).values, smooth)
         return SurrogateOutput(tap_out.logits, score, surprise, signature_logit, fraction, margin)
+
+
+class ActivationDetectorSurrogate:
+    """ART's BinaryActivationDetector made differentiable: images -> SurrogateOutput, and its exact verdict.
+
+    ART (1.20) reads the layer with a forward hook on `dict(model.named_modules())[layer]` during a plain
+    forward pass and feeds the activations to its detector network; this does the same in one torch graph,
+    so the forward is ART's computation (float32, same modules) and the gradient is exact (no BPDA needed:
+    nothing in it is a step function). `detect(images) -> (B,) score` is ART's own `detect` call (the logit
+    difference adversarial - clean); the image is flagged when it exceeds `threshold` (0: ART's argmax).
+    """
+
+    def __init__(self, model: torch.nn.Module, layer: str, head: torch.nn.Module, detect, threshold: float = 0.0):
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            raise ValueError(f"layer {layer!r} is not a module of the model; it has {sorted(modules)[:8]}...")
+        self.model, self.layer, self.head, self.detect = model.eval(), modules[layer], head.eval(), detect
+        self.threshold = float(threshold)
+        self.members = [("activations",)]
+
+    def __call__(self, images: torch.Tensor) -> SurrogateOutput:
+        seen: list[torch.Tensor] = []
+        handle = self.layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            logits = self.model(images)
+        finally:
+            handle.remove()
+        two = self.head(seen[-1])  # (B, 2): clean, adversarial
+        score = (two[:, 1] - two[:, 0]).double()
+        empty = score.new_zeros(len(score), 0)
+        return SurrogateOutput(logits, score, score[:, None], score, empty, empty)
+
+    def verdict(self, images: torch.Tensor) -> Verdict:
+        x = images.detach().float()
+        with torch.no_grad():
+            predicted = self.model(x).argmax(1).numpy()
+        score = np.asarray(self.detect(x), dtype=np.float64)
+        return Verdict(predicted, score > self.threshold, score)

@@ -1,7 +1,9 @@
 """`semguard attack ...` subcommands: `attack generate` builds an attack set (paper section 4).
 
-The CLI is the edge: it fills GenerateParams from flags, loads the embedded world's model,
-test images and word vectors, and calls attacks.generate.generate_attack_set.
+The CLI is the edge: it fills GenerateParams from flags, loads the subject (the embedded world's
+model, test images and word vectors unless the subject flags name others) and calls
+attacks.generate.generate_attack_set. The set records its subject (params.json "subject", paths
+absolute), so `semguard attack analyze` needs only the set; a resumed set must name the same subject.
 """
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
+from semguard.subject.flags import add_subject_flags, subject_spec_from_args
 
 if TYPE_CHECKING:
     from semguard.attacks.generate import GenerateParams
+    from semguard.subject.core import SubjectSpec
 
 
 def generate_flags() -> tuple[Flag, ...]:
@@ -48,6 +52,7 @@ def add_attack_commands(subparsers: argparse._SubParsersAction) -> argparse._Sub
     p = commands.add_parser("generate", help="targeted MI-FGSM attack set: sources x targets by word similarity")
     p.add_argument("--out", type=Path, required=True, help="attack-set directory (resumed when it exists)")
     add_world_cache_flag(p, "embedded world cache: its model, test images and word vectors are attacked")
+    add_subject_flags(p)
     defer_arguments(p, _add_generate_flags)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
@@ -78,6 +83,83 @@ def _world_inputs(cache_dir: Path):
     return inputs.model, w.test_images, w.test_labels, list(w.classes), inputs.word_vectors
 
 
+def subject_record(spec: SubjectSpec) -> dict:
+    """What an attack set records about its subject: SubjectSpec.to_json() with absolute paths, as JSON
+    reads it back (tuples as lists)."""
+    import json
+
+    record = {k: str(Path(v).resolve()) if isinstance(getattr(spec, k), Path) else v for k, v in spec.to_json().items()}
+    return json.loads(json.dumps(record))
+
+
+def checked_subject_record(out_dir: Path, spec: SubjectSpec) -> dict | None:
+    """The subject record this run writes, checked against an attack set already in out_dir (before
+    anything is loaded): a set made on another subject is a ValueError naming what differs. On the
+    embedded world, a set that records no subject (made before sets recorded one) keeps recording
+    none, and another --world-cache alone is no mismatch: the set keeps the cache it recorded (the
+    model fingerprint in params.json still tells whether it is the same world)."""
+    import json
+
+    from semguard.attacks.store import PARAMS_FILE
+
+    record = subject_record(spec)
+    try:
+        existing = json.loads((Path(out_dir) / PARAMS_FILE).read_text()).get("subject", False)
+    except (OSError, ValueError, AttributeError):
+        return record  # no set there (or a damaged one: open_attack_set says so)
+    if (existing is False or existing is None) and spec.is_world():
+        return None
+    if existing is False or existing is None or (_describe(existing) == "the embedded world" and not spec.is_world()):
+        raise ValueError(f"out_dir {out_dir} holds an attack set made on the embedded world; this run names "
+                         f"another subject ({_describe(record)}); use another out dir")
+    if spec.is_world() and _describe(existing) == "the embedded world" and existing.get("world_seed") == spec.world_seed:
+        return existing
+    if existing != record:
+        keys = sorted(set(existing) | set(record))
+        diffs = [f"{k}: {existing.get(k)!r} there, {record.get(k)!r} now" for k in keys if existing.get(k) != record.get(k)]
+        raise ValueError(f"out_dir {out_dir} holds an attack set made on another subject ({'; '.join(diffs)}); "
+                         "resume it with the same subject, or use another out dir")
+    return record
+
+
+def _describe(record: dict) -> str:
+    from semguard.subject.core import SPEC_FIELDS
+
+    named = [f"{k}={record[k]}" for k in SPEC_FIELDS if record.get(k) is not None]
+    return ", ".join(named) if named else "the embedded world"
+
+
+def subject_spec_from_record(record: dict) -> SubjectSpec:
+    """The SubjectSpec an attack set recorded (subject_record), back from its JSON."""
+    import dataclasses
+
+    from semguard.subject.core import SubjectSpec
+
+    known = {f.name: f for f in dataclasses.fields(SubjectSpec)}
+    unknown = sorted(set(record) - set(known))
+    if unknown:
+        raise ValueError(f"the attack set's subject has keys this semguard does not know: {unknown}")
+    path_fields = {"weights", "images", "labels", "vectors", "world_cache"}
+    values = {k: (Path(v) if k in path_fields and v is not None else tuple(v) if isinstance(v, list) else v)
+              for k, v in record.items()}
+    return SubjectSpec(**values)
+
+
+def subject_inputs(spec: SubjectSpec):
+    """(model, images (array or ImageSet), labels, class names, word vectors (C, d) with NaN rows for
+    classes without one): the embedded world's arrays, or a subject's images read on demand."""
+    import numpy as np
+
+    if spec.is_world():
+        return _world_inputs(spec.world_cache)
+    from semguard.subject.core import load_subject
+
+    subject = load_subject(spec)
+    vectors = np.asarray(subject.word_vectors, np.float64).copy()
+    vectors[~subject.matched] = np.nan  # attacks.generate: no vector, neither source nor target
+    return subject.model, subject.images, subject.images.labels, list(subject.classes), vectors
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -85,15 +167,19 @@ def run_generate(args: argparse.Namespace) -> int:
 
     params = params_from_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, images, labels, names, vectors = _world_inputs(args.world_cache)
     try:
+        spec = subject_spec_from_args(args, world_cache=args.world_cache)
+        record = checked_subject_record(args.out, spec)  # a resumed set names the same subject
+        model, images, labels, names, vectors = subject_inputs(spec)
         if args.ray is None:
-            result = generate_attack_set(model, images, labels, names, vectors, args.out, params, device=device)
+            result = generate_attack_set(model, images, labels, names, vectors, args.out, params, device=device,
+                                         subject=record)
         else:  # the only place that imports ray
             from semguard.attacks.distributed import RayParams, generate_attack_set_ray
 
             result = generate_attack_set_ray(model, images, labels, names, vectors, args.out, params,
-                                             RayParams(address=args.ray, actors=args.ray_actors), device=device)
+                                             RayParams(address=args.ray, actors=args.ray_actors), device=device,
+                                             subject=record)
     except ValueError as err:
         raise SystemExit(f"semguard attack generate: {err}") from None
     print(f"{result.out_dir}: {result.n_success}/{result.n_examples} attacks succeeded "

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from semguard.attacks.common import check_count, check_positive
-from semguard.attacks.generate import (GenerateParams, GenerateResult, attack_batch, prepare_attack_set, progress_bar, shard_attacks, store_shard)
+from semguard.attacks.generate import (GenerateParams, GenerateResult, attack_batch, prepare_attack_set, progress_bar, shard_attacks, store_shard, take_images)
 from semguard.attacks.registry import get_attack
 
 
@@ -97,7 +97,7 @@ def generate_attack_set_ray(model: nn.Module, images: np.ndarray | torch.Tensor,
                             label_names: Sequence[str], word_vectors: np.ndarray | Mapping, out_dir: str | Path,
                             params: GenerateParams = GenerateParams(), options: RayParams = RayParams(),
                             device: str | torch.device = "cpu", progress: bool = True,
-                            on_shard: Callable[[int], None] | None = None) -> GenerateResult:
+                            on_shard: Callable[[int], None] | None = None, subject: Mapping | None = None) -> GenerateResult:
     """attacks.generate.generate_attack_set with the shards attacked by Ray actors; same arguments and files.
 
     device: where the driver predicts the test set to plan the attacks; the actors use a GPU
@@ -106,7 +106,7 @@ def generate_attack_set_ray(model: nn.Module, images: np.ndarray | torch.Tensor,
     """
     get_attack(params.attack)
     prepared = prepare_attack_set(model, images, labels, label_names, word_vectors, out_dir, params,
-                                  torch.device(device))
+                                  torch.device(device), subject)
     writer = prepared.writer
     skipped, computed, pending = sorted(writer.done), [], writer.pending
     if not pending:
@@ -126,7 +126,7 @@ def generate_attack_set_ray(model: nn.Module, images: np.ndarray | torch.Tensor,
                 if pending[j] not in futures:  # round robin: each actor gets every n-th shard
                     batch = shard_attacks(prepared, pending[j], params)
                     futures[pending[j]] = actors[j % len(actors)].attack.remote(
-                        images[[a.source_image for a in batch]], [a.plan.target for a in batch])
+                        take_images(images, [a.source_image for a in batch]), [a.plan.target for a in batch])
             adversarial, hit = ray.get(futures.pop(k))  # write in shard order, as the single process does
             store_shard(writer, k, shard_attacks(prepared, k, params), adversarial, hit, label_names, params, bar,
                         on_shard)

@@ -23,7 +23,7 @@ from semguard.attacks.mifgsm import BACKENDS
 from semguard.attacks.registry import get_attack
 from semguard.attacks.store import AttackSetWriter, open_attack_set, shard_name
 from semguard.attacks.targets import TargetPlan, choose_sources, plan_targets
-from semguard.models.inputs import as_model_input, predict
+from semguard.models.inputs import as_model_input, predict  # noqa: F401 (tests import predict from here)
 
 # Parameters each stored attack takes from GenerateParams.
 _ATTACK_ARGS = {"mifgsm": ("eps", "step", "decay", "iterations", "backend"), "pgd": ("eps", "step", "iterations")}
@@ -106,11 +106,16 @@ def plan_attack_set(predicted: np.ndarray, labels: np.ndarray, vectors: np.ndarr
                     params: GenerateParams) -> list[PlannedAttack]:
     """Sources among concepts with a word vector and a correctly classified image (the first such
     image), targets among concepts with a word vector; source-major, rank order."""
-    has_vector = np.isfinite(vectors).all(axis=1)
-    concepts = np.flatnonzero(has_vector)  # plan indices -> class ids
     first_correct = {}
     for i in np.flatnonzero(predicted == labels):
         first_correct.setdefault(int(labels[i]), int(i))
+    return plan_from_first_correct(first_correct, vectors, params)
+
+
+def plan_from_first_correct(first_correct: Mapping[int, int], vectors: np.ndarray,
+                            params: GenerateParams) -> list[PlannedAttack]:
+    """plan_attack_set given each class's first correctly classified image (class -> image index)."""
+    concepts = np.flatnonzero(np.isfinite(vectors).all(axis=1))  # plan indices -> class ids
     eligible = [j for j, c in enumerate(concepts) if int(c) in first_correct]
     if not eligible:
         raise ValueError("no concept with a word vector has a correctly classified image to attack")
@@ -121,6 +126,40 @@ def plan_attack_set(predicted: np.ndarray, labels: np.ndarray, vectors: np.ndarr
                       TargetPlan(int(concepts[p.source]), int(concepts[p.target]), p.rank, p.similarity))
         for p in rows
     ]
+
+
+def take_images(images, indices) -> np.ndarray | torch.Tensor:
+    """images[indices] of an array, a tensor or an ImageSet (semguard.subject: loaded from disk on demand)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return images.load(indices) if hasattr(images, "load") else images[indices]
+
+
+@torch.no_grad()
+def first_correct_images(model: nn.Module, images, labels: np.ndarray, classes: np.ndarray, batch_size: int,
+                         device: torch.device) -> dict[int, int]:
+    """class -> index of its first image (in index order) that the model classifies correctly, for `classes`.
+
+    The same as predicting every image and taking the first hit, but it predicts only as many as it
+    needs: round r looks at the next 2**r images of each class still without a hit (a real test set
+    need not be read whole: for a good model most classes are settled by their first image).
+    """
+    order = np.argsort(labels, kind="stable")  # images grouped by class, index order within each
+    bounds = np.searchsorted(labels[order], np.arange(int(labels.max(initial=-1)) + 2))
+    members = {int(c): order[bounds[c]:bounds[c + 1]] for c in classes if c < len(bounds) - 1}
+    found: dict[int, int] = {}
+    start, chunk = 0, 1
+    pending = [c for c, m in members.items() if len(m)]
+    while pending:
+        idx = np.concatenate([members[c][start:start + chunk] for c in pending])
+        predicted = np.concatenate([
+            model(as_model_input(take_images(images, idx[i:i + batch_size])).to(device)).argmax(1).cpu().numpy()
+            for i in range(0, len(idx), batch_size)])
+        hits = idx[predicted == labels[idx]]
+        for i in hits:  # idx is class-major, index order within a class: the first hit is the first correct
+            found.setdefault(int(labels[i]), int(i))
+        start, chunk = start + chunk, chunk * 2
+        pending = [c for c in pending if c not in found and start < len(members[c])]
+    return found
 
 
 def _check_labels(labels: np.ndarray, label_names: Sequence[str], n_images: int) -> None:
@@ -134,13 +173,16 @@ def _check_labels(labels: np.ndarray, label_names: Sequence[str], n_images: int)
 
 
 def _header(params: GenerateParams, model: nn.Module, label_names: Sequence[str],
-            plan: list[PlannedAttack]) -> dict:
+            plan: list[PlannedAttack], subject: Mapping | None = None) -> dict:
     plan_json = json.dumps([[a.source_image, *a.plan] for a in plan]).encode()
-    return {
+    header = {
         "attack": params.attack, "attack_params": params.attack_kwargs(), "generate": asdict(params),
         "model_sha256": model_fingerprint(model), "plan_sha256": hashlib.sha256(plan_json).hexdigest(),
         "label_names": list(label_names), "n_examples": len(plan), "shard_size": params.batch_size,
     }
+    if subject is not None:  # what was attacked (SubjectSpec.to_json): `attack analyze` reloads it from here
+        header["subject"] = dict(subject)
+    return header
 
 
 class PreparedSet(NamedTuple):
@@ -151,20 +193,25 @@ class PreparedSet(NamedTuple):
     writer: AttackSetWriter
 
 
-def prepare_attack_set(model: nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray,
-                       label_names: Sequence[str], word_vectors: np.ndarray | Mapping, out_dir: str | Path,
-                       params: GenerateParams, device: torch.device) -> PreparedSet:
-    """Check the inputs, plan the attacks and open (create or resume) the attack set in out_dir."""
+def prepare_attack_set(model: nn.Module, images, labels: np.ndarray, label_names: Sequence[str],
+                       word_vectors: np.ndarray | Mapping, out_dir: str | Path, params: GenerateParams,
+                       device: torch.device, subject: Mapping | None = None) -> PreparedSet:
+    """Check the inputs, plan the attacks and open (create or resume) the attack set in out_dir.
+
+    images: an array, a tensor or an ImageSet (only the images the plan needs are loaded); subject:
+    recorded in params.json (a resumed set must have been made on the same subject)."""
     labels = np.asarray(labels, dtype=np.int64)
     _check_labels(labels, label_names, len(images))
     vectors = concept_vectors(word_vectors, label_names)
     model = model.to(device).eval()
-    predicted = predict(model, images, params.batch_size, device)
-    n_classes = int(model(as_model_input(images[:1]).to(device)).shape[1]) if len(images) else 0
+    with torch.no_grad():
+        n_classes = int(model(as_model_input(take_images(images, [0])).to(device)).shape[1]) if len(images) else 0
     if n_classes != len(label_names):
         raise ValueError(f"label_names has {len(label_names)} names but the model gives {n_classes} logits")
-    plan = plan_attack_set(predicted, labels, vectors, params)
-    return PreparedSet(model, plan, open_attack_set(out_dir, _header(params, model, label_names, plan)))
+    with_vector = np.flatnonzero(np.isfinite(vectors).all(axis=1))
+    plan = plan_from_first_correct(first_correct_images(model, images, labels, with_vector, params.batch_size, device),
+                                   vectors, params)
+    return PreparedSet(model, plan, open_attack_set(out_dir, _header(params, model, label_names, plan, subject)))
 
 
 def shard_attacks(prepared: PreparedSet, k: int, params: GenerateParams) -> list[PlannedAttack]:
@@ -197,27 +244,30 @@ def progress_bar(prepared: PreparedSet, params: GenerateParams, progress: bool, 
                 desc=desc or f"{params.attack} {params.backend}", disable=not progress, dynamic_ncols=True)
 
 
-def generate_attack_set(model: nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray,
+def generate_attack_set(model: nn.Module, images, labels: np.ndarray,
                         label_names: Sequence[str], word_vectors: np.ndarray | Mapping, out_dir: str | Path,
                         params: GenerateParams = GenerateParams(), device: str | torch.device | None = None,
-                        progress: bool = True, on_shard: Callable[[int], None] | None = None) -> GenerateResult:
+                        progress: bool = True, on_shard: Callable[[int], None] | None = None,
+                        subject: Mapping | None = None) -> GenerateResult:
     """Attack the planned (source image, target) pairs and store them in out_dir (attacks.store format).
 
-    images: test set, uint8 (N, H, W, 3) or float32 (N, 3, H, W) in [0, 1]; labels (N,) class ids;
+    images: test set, uint8 (N, H, W, 3) or float32 (N, 3, H, W) in [0, 1], or an ImageSet (semguard.subject:
+    only the images planned and attacked are loaded); labels (N,) class ids;
     label_names: the model's classes in logit order; word_vectors: (n_classes, d), NaN rows for
     labels without a vector, or a mapping name -> vector. Resumes a run stopped in out_dir.
-    on_shard(k) is called after shard k is stored (progress hooks, tests).
+    on_shard(k) is called after shard k is stored (progress hooks, tests). subject: what was attacked
+    (SubjectSpec.to_json()), recorded in params.json so `semguard attack analyze` needs only the set.
     attacks.distributed.generate_attack_set_ray does the same on a Ray cluster.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     get_attack(params.attack)  # an unknown attack fails before the out dir is touched
-    prepared = prepare_attack_set(model, images, labels, label_names, word_vectors, out_dir, params, device)
+    prepared = prepare_attack_set(model, images, labels, label_names, word_vectors, out_dir, params, device, subject)
     writer = prepared.writer
     skipped, computed = sorted(writer.done), []
     bar = progress_bar(prepared, params, progress)
     for k in writer.pending:
         batch = shard_attacks(prepared, k, params)
-        adversarial, hit = attack_batch(prepared.model, images[[a.source_image for a in batch]],
+        adversarial, hit = attack_batch(prepared.model, take_images(images, [a.source_image for a in batch]),
                                         [a.plan.target for a in batch], params, device)
         store_shard(writer, k, batch, adversarial, hit, label_names, params, bar, on_shard)
         computed.append(k)

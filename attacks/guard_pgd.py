@@ -174,8 +174,8 @@ def _run(surrogate: GuardSurrogate, x_clean: torch.Tensor, x0: torch.Tensor, tar
 
 
 def _verdict(surrogate: GuardSurrogate, x: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(reached, evaded, score) from the exact Guard."""
-    out = surrogate.guard.inspect_arrays(x.detach().float())
+    """(reached, evaded, score) from the exact detector (`surrogate.verdict`: the Guard, or ART's detect)."""
+    out = surrogate.verdict(x)
     reached = out.predicted == targets.numpy()
     return reached, reached & ~out.flagged, out.score
 

@@ -16,6 +16,10 @@ package to import, a spec may name the registering module (`ModelSpec.module`); 
 on demand only when it lies in the semguard package (`PLUGIN_PACKAGE`), never an arbitrary
 module named by a file. Names written before semguard had one import name ("models.worldnet")
 map to their semguard.* module.
+
+One builder runs code a bundle names: "entry_point" (a user's `pkg.module:factory`,
+models.normalize). `build_model` / `read_bundle` refuse it unless the caller passes
+`trust_model_code=True` (`semguard serve --trust-model-code`), before anything is imported.
 """
 from __future__ import annotations
 
@@ -49,10 +53,15 @@ FILES = {
 PLUGIN_PACKAGE = "semguard"  # a bundle may ask to import a module of this package (to register a builder), no other
 # Bundles written before the move under one import name call semguard.models.* "models.*" (and so on).
 LEGACY_PACKAGES = ("detector", "attacks", "service", "world", "models", "analysis")
+ENTRY_POINT_BUILDER = "entry_point"  # imports and runs the user code its kwargs name: trusted callers only
 
 
 class BundleError(ValueError):
     """A bundle that is incomplete, corrupt, or does not belong to its model."""
+
+
+class UntrustedModelCode(BundleError):
+    """The model is built by user code (an entry point) and the caller did not say it trusts it."""
 
 
 # ----------------------------------------------------------------------------- model builders
@@ -101,8 +110,16 @@ def plugin_module(module: str) -> str:
     return module
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
-    """The spec's architecture with freshly initialised weights, eval mode."""
+def build_model(spec: ModelSpec, *, trust_model_code: bool = False) -> nn.Module:
+    """The spec's architecture with freshly initialised weights, eval mode.
+
+    trust_model_code: allow the "entry_point" builder, which imports and runs the code the spec
+    names; without it such a spec is an UntrustedModelCode error and nothing is imported.
+    """
+    if spec.builder == ENTRY_POINT_BUILDER and not trust_model_code:
+        raise UntrustedModelCode(
+            f"the model is built by user code (entry point {spec.kwargs.get('entry')!r}); "
+            "pass --trust-model-code (library: trust_model_code=True) to import and run it")
     if spec.module is not None:
         module = plugin_module(spec.module)  # checked even when the builder is known: a hostile file is refused
         if spec.builder not in MODEL_BUILDERS:
@@ -208,8 +225,9 @@ def _file(root: Path, manifest: BundleManifest, role: str) -> Path:
     return path
 
 
-def read_bundle(bundle_dir: str | Path) -> Bundle:
-    """Load and cross-check a bundle; every inconsistency is a BundleError (a ValueError)."""
+def read_bundle(bundle_dir: str | Path, *, trust_model_code: bool = False) -> Bundle:
+    """Load and cross-check a bundle; every inconsistency is a BundleError (a ValueError).
+    trust_model_code: see build_model (an entry-point model is refused without it)."""
     root = Path(bundle_dir)
     if not (root / "bundle.json").is_file():
         raise BundleError(f"bundle_dir: {str(root)!r} has no bundle.json (not a guard bundle, or incomplete)")
@@ -217,7 +235,7 @@ def read_bundle(bundle_dir: str | Path) -> Bundle:
         manifest = BundleManifest.from_json(json.loads((root / "bundle.json").read_text()))
     except json.JSONDecodeError as e:
         raise BundleError(f"bundle.json is not valid JSON: {e}") from None
-    model = build_model(manifest.model)
+    model = build_model(manifest.model, trust_model_code=trust_model_code)
     fits = f"model.safetensors does not fit builder {manifest.model.builder!r} with kwargs {manifest.model.kwargs}"
     try:
         missing, unexpected = load_model(model, str(_file(root, manifest, "model")), strict=False)

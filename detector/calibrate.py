@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from semguard.detector.bundle import BundleManifest, ModelSpec, write_bundle
-from semguard.detector.features import FeatureRecipe, flagger_features
+from semguard.detector.features import FeatureRecipe, eligible_labels, flagger_features
 from semguard.detector.flagger import FEATURE_KINDS, feature_names, fit_flagger
 from semguard.detector.layers import LayerTap, iter_activations
 from semguard.detector.mahalanobis import MahalanobisDetector, fit_mahalanobis
@@ -144,13 +144,14 @@ class ImageFeatures(NamedTuple):
 
 def guard_features(
     tap: LayerTap, images: torch.Tensor, bank: ReferenceBank, mahalanobis: MahalanobisDetector | None,
-    kinds: tuple[str, ...], n_alternatives: int | None, seed: int, batch_size: int,
+    kinds: tuple[str, ...], n_alternatives: int | None, seed: int, batch_size: int, eligible: np.ndarray | None = None,
 ) -> ImageFeatures:
-    """Flagger features of images (N, C, H, W), batch by batch, by the function the served Guard calls."""
-    recipe = FeatureRecipe(bank, mahalanobis, tuple(kinds), n_alternatives, seed)
+    """Flagger features of images (N, C, H, W), batch by batch, by the function the served Guard calls
+    (eligible: FeatureRecipe.eligible, the labels with a word vector; None: all)."""
+    recipe = FeatureRecipe(bank, mahalanobis, tuple(kinds), n_alternatives, seed, eligible)
     feats, fractions = [], []
     for _, out in iter_activations(tap, images, batch_size):
-        batch = flagger_features(out.acts, out.logits.argmax(1), recipe)
+        batch = flagger_features(out.acts, recipe.signature_labels(out.logits), recipe)
         feats.append(batch.features)
         fractions.append(batch.signature.fraction)
     return ImageFeatures(np.concatenate(feats), np.concatenate(fractions))
@@ -189,7 +190,9 @@ def calibrate_guard(
     """Build reference bank, Mahalanobis detector and flagger for `model`, and write the bundle.
 
     model: takes (B, C, H, W) [0, 1] images (normalises inside); model_spec rebuilds it from the
-    bundle. word_vectors: (C, d), row c for label_names[c]. clean_images: (N, C, H, W) float32;
+    bundle. word_vectors: (C, d), row c for label_names[c]; an all-zero row is a label without a word
+    vector (semguard.subject: unmatched classes), never a reference concept nor an alternative, and an
+    image predicted as one is judged as the top label that has a vector. clean_images: (N, C, H, W) float32;
     clean_labels: (N,). attack_images: adversarial images, required for the supervised methods
     ("logistic", "ensemble").
     """
@@ -208,7 +211,8 @@ def calibrate_guard(
     dens_red = density_reductions(shapes, cfg.mahalanobis_max_dim, cfg.seed)
     fit_pred, fit_feats = _reduced_pass(tap, clean_images[fit_idx], dens_red, cfg.batch_size, progress)
     similarity = _similarity(cfg, word_vectors, fit_feats, y[fit_idx], layers, c)
-    selection = select_references(y[fit_idx], fit_pred, cfg.k, cfg.per_concept, cfg.seed)
+    eligible = eligible_labels(word_vectors)  # labels without a word vector: never references nor judged against
+    selection = select_references(y[fit_idx], fit_pred, cfg.k, cfg.per_concept, cfg.seed, eligible)
     chosen = fit_idx[np.concatenate(selection.images)]
     red = bank_reductions(shapes, cfg)
     _, proto_acts = _reduced_pass(tap, clean_images[chosen], red, cfg.batch_size)
@@ -219,7 +223,7 @@ def calibrate_guard(
     maha = fit_mahalanobis(fit_feats, y[fit_idx], c, dens_red) if "mahalanobis" in cfg.features else None
 
     kinds = tuple(cfg.features)
-    args = (tap, bank, maha, kinds, cfg.n_alternatives, cfg.seed, cfg.batch_size)
+    args = (tap, bank, maha, kinds, cfg.n_alternatives, cfg.seed, cfg.batch_size, eligible)
     fit_x, _ = guard_features(args[0], clean_images[fit_idx], *args[1:])
     calib_x, calib_frac = guard_features(args[0], clean_images[calib_idx], *args[1:])
     attack_x = guard_features(args[0], attack_images, *args[1:])[0] if attack_images is not None else None

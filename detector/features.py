@@ -20,7 +20,7 @@ from semguard.detector.bundle import Bundle, BundleError
 from semguard.detector.flagger import assemble_features, feature_names
 from semguard.detector.mahalanobis import MahalanobisDetector
 from semguard.detector.reference import ReferenceBank
-from semguard.detector.signature import Signature, signature_parts
+from semguard.detector.signature import Signature, labels_with_vector, semantic_prediction, signature_parts
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,13 @@ class FeatureRecipe:
     kinds: tuple[str, ...]  # feature blocks in column order, e.g. ("fraction", "margin", "mahalanobis")
     n_alternatives: int | None = None  # None: every other label
     seed: int = 0  # of the alternatives' seeded subset
+    # (C,) bool: labels with a word vector, the only ones the signature judges against (semantic_prediction,
+    # alternative_table); None: every label (the bundle's word vectors have no zero row)
+    eligible: np.ndarray | None = None
+
+    def signature_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits -> (B,) the label each image's signature is computed for (`semantic_prediction`)."""
+        return semantic_prediction(logits, self.eligible)
 
     def __post_init__(self) -> None:
         feature_names(self.kinds, self.bank.layers)  # ValueError naming `kinds` when unknown or empty
@@ -56,16 +63,23 @@ def flagger_features(acts: Mapping[str, torch.Tensor], predicted: torch.Tensor, 
     """Flagger features of one batch.
 
     acts: {layer: (B, k_l)} float32 as `LayerTap` gives them (every bank and Mahalanobis layer).
-    predicted: (B,) the model's argmax labels. The profiles are float32 matmuls against the
+    predicted: (B,) the labels the signature judges (`FeatureRecipe.signature_labels`: the model's argmax
+    among the labels with a word vector). The profiles are float32 matmuls against the
     stored prototypes (`ReferenceBank._serving_profiles`: no float64 copy of the activations) and
     the Mahalanobis reduction goes a few rows at a time, so serving keeps its memory bound.
     """
     start = time.perf_counter()
-    sig = signature_parts(acts, predicted, recipe.bank, recipe.n_alternatives, recipe.seed)
+    sig = signature_parts(acts, predicted, recipe.bank, recipe.n_alternatives, recipe.seed, eligible=recipe.eligible)
     signed = time.perf_counter()  # signature_parts returns numpy: the device has finished
     density = recipe.mahalanobis.layer_scores(acts) if "mahalanobis" in recipe.kinds else None
     features = assemble_features(recipe.kinds, sig, density)
     return FlaggerFeatures(features, sig, signed - start, time.perf_counter() - signed)
+
+
+def eligible_labels(word_vectors: np.ndarray) -> np.ndarray | None:
+    """FeatureRecipe.eligible of a label table: the labels with a word vector, None when that is all of them."""
+    eligible = labels_with_vector(word_vectors)
+    return None if eligible.all() else eligible
 
 
 def recipe_of(bundle: Bundle) -> FeatureRecipe:
@@ -74,7 +88,8 @@ def recipe_of(bundle: Bundle) -> FeatureRecipe:
     kinds = tuple(dict.fromkeys(n.split("/", 1)[0] for n in names))  # column order, as calibration stacked them
     m = bundle.manifest
     try:
-        recipe = FeatureRecipe(bundle.bank, bundle.mahalanobis, kinds, m.n_alternatives, m.signature_seed)
+        recipe = FeatureRecipe(bundle.bank, bundle.mahalanobis, kinds, m.n_alternatives, m.signature_seed,
+                               eligible_labels(bundle.words))
     except ValueError as e:
         raise BundleError(f"flagger.json: {e}") from None
     if tuple(recipe.names) != tuple(names):

@@ -148,7 +148,7 @@ class Guard:
         predicted = out.logits.argmax(1)
         _sync(self.device)
         t1 = time.perf_counter()
-        feats = flagger_features(out.acts, predicted, self.recipe)
+        feats = flagger_features(out.acts, self.recipe.signature_labels(out.logits), self.recipe)
         score = fl.score(feats.features)
         disagree = _explanation(fl, feats.signature.fraction, self.info.layers)
         flagger_s = time.perf_counter() - t1 - feats.signature_s  # density features, score, explanation

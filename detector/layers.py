@@ -99,7 +99,7 @@ def preset_layers(name: str) -> list[str]:
 # --------------------------------------------------------------------------- graph tracing
 
 
-class _Trace(NamedTuple):
+class Trace(NamedTuple):
     graph: fx.Graph
     names: dict[str, fx.Node]  # node name (torchvision convention) -> node, in execution order
 
@@ -113,7 +113,7 @@ def _tracer() -> NodePathTracer:
     return NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=ops_modules)
 
 
-def _trace(model: nn.Module) -> _Trace:
+def trace_graph(model: nn.Module) -> Trace:
     """Symbolically trace `model` in eval mode (its mode is restored afterwards)."""
     was_training = model.training
     tracer = _tracer()
@@ -121,15 +121,16 @@ def _trace(model: nn.Module) -> _Trace:
         graph = tracer.trace(model.eval())
     finally:
         model.train(was_training)
-    return _Trace(graph, {qualname: node for node, qualname in tracer.node_to_qualname.items()})
+    return Trace(graph, {qualname: node for node, qualname in tracer.node_to_qualname.items()})
 
 
 def graph_node_names(model: nn.Module) -> list[str]:
     """Eval-graph node names in execution order (same as `get_graph_node_names(model)[1]`, one trace)."""
-    return list(_trace(model).names)
+    return list(trace_graph(model).names)
 
 
-def _is_relu(node: fx.Node, model: nn.Module) -> bool:
+def is_relu(node: fx.Node, model: nn.Module) -> bool:
+    """Whether a traced node applies a ReLU (an nn.ReLU module, torch.relu / F.relu, or .relu())."""
     if node.op == "call_module":
         return isinstance(model.get_submodule(node.target), nn.ReLU)
     if node.op == "call_function":
@@ -139,7 +140,7 @@ def _is_relu(node: fx.Node, model: nn.Module) -> bool:
 
 def relu_nodes(model: nn.Module) -> list[str]:
     """Names of the eval graph's ReLU nodes (modules, functions, methods), in execution order."""
-    return [name for name, node in _trace(model).names.items() if _is_relu(node, model)]
+    return [name for name, node in trace_graph(model).names.items() if is_relu(node, model)]
 
 
 # --------------------------------------------------------------------------- model construction
@@ -247,14 +248,14 @@ def _resnet50_preset() -> list[LayerInfo]:
 def _inception_v3_preset() -> list[LayerInfo]:
     # 94 ReLUs plus each Mixed_* module's output (its last node: a cat), grouped by top-level module.
     model = _meta_model("inception_v3")
-    trace = _trace(model)
+    trace = trace_graph(model)
     order = list(trace.names)
     mixed_last: dict[str, str] = {}
     for name in order:
         top = name.split(".")[0]
         if top.startswith("Mixed_") and "." in name:
             mixed_last[top] = name
-    chosen = set(mixed_last.values()) | {n for n, node in trace.names.items() if _is_relu(node, model)}
+    chosen = set(mixed_last.values()) | {n for n, node in trace.names.items() if is_relu(node, model)}
     names = [n for n in order if n in chosen]
     return [LayerInfo(n, n.split(".")[0], i) for i, n in enumerate(names)]
 
@@ -264,10 +265,10 @@ def _vgg16_preset() -> list[LayerInfo]:
     model = _meta_model("vgg16")
     layers: list[LayerInfo] = []
     stage = 1
-    for name, node in _trace(model).names.items():
+    for name, node in trace_graph(model).names.items():
         if node.op == "call_module" and isinstance(model.get_submodule(node.target), nn.MaxPool2d):
             stage += 1
-        elif _is_relu(node, model):
+        elif is_relu(node, model):
             block = "classifier" if name.startswith("classifier") else f"conv{stage}"
             layers.append(LayerInfo(name, block, len(layers)))
     return layers
@@ -310,7 +311,7 @@ def _snapshot(value):
     return value, value._version
 
 
-def _extractor(model: nn.Module, trace: _Trace, nodes: list[str], copied: frozenset[str] = frozenset()) -> fx.GraphModule:
+def _extractor(model: nn.Module, trace: Trace, nodes: list[str], copied: frozenset[str] = frozenset()) -> fx.GraphModule:
     """Eval-graph module returning (output, tuple of (value, version) of `nodes`), with dead code removed.
 
     Values are not copied: `LayerTap` compares each returned value's version counter with the one
@@ -355,7 +356,7 @@ class LayerTap:
             raise ValueError(f"layers: expected a non-empty list of node names, got {layers!r}")
         if len(set(layers)) != len(layers):
             raise ValueError(f"layers: names must be unique, got {len(layers) - len(set(layers))} repeats")
-        trace = _trace(model)
+        trace = trace_graph(model)
         prefix = getattr(model, "tap_prefix", "")
         self.layers: list[str] = layers
         self.nodes: list[str] = [_resolve(n, list(trace.names), prefix) for n in layers]
@@ -382,7 +383,7 @@ class LayerTap:
         stale = frozenset(n for n, (value, version) in zip(self.nodes, taps) if version is not None and value._version != version)
         if stale:  # changed in place after the node ran: copy those from now on, and run this batch again
             self._copied |= stale
-            self.module = _extractor(self.model, _trace(self.model), self.nodes, self._copied)
+            self.module = _extractor(self.model, trace_graph(self.model), self.nodes, self._copied)
             logits, taps = self.module(images)
         acts = [value for value, _ in taps]
         flat = {}

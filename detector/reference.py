@@ -173,13 +173,15 @@ class ReferenceSelection(NamedTuple):
 
 
 def select_references(
-    labels: ArrayLike, predicted: ArrayLike, k: int = 100, per_concept: int = 5, seed: int = 0
+    labels: ArrayLike, predicted: ArrayLike, k: int = 100, per_concept: int = 5, seed: int = 0,
+    eligible: ArrayLike | None = None,
 ) -> ReferenceSelection:
     """Pick K reference concepts among those with a correctly classified image.
 
     labels, predicted: (N,) ints. Takes all eligible concepts when fewer than k, else a
     seeded random subset; each concept keeps up to `per_concept` of its correct images
-    (seeded choice), whose mean activation will be its prototype.
+    (seeded choice), whose mean activation will be its prototype. eligible: (C,) bool, the
+    concepts that may be references (those with a word vector); None: all.
     """
     y, p = np.asarray(labels).astype(np.int64), np.asarray(predicted).astype(np.int64)
     if y.ndim != 1 or y.shape != p.shape:
@@ -188,7 +190,10 @@ def select_references(
         raise ValueError(f"k must be >= 2 and per_concept >= 1, got k={k}, per_concept={per_concept}")
     rng = np.random.default_rng(seed)
     correct = np.flatnonzero(y == p)
+    allowed = eligible
     eligible = np.unique(y[correct])
+    if allowed is not None:
+        eligible = eligible[np.asarray(allowed, bool)[eligible]]
     if len(eligible) < 2:
         raise ValueError(f"need correctly classified images of at least 2 concepts, got {len(eligible)}")
     concepts = eligible if len(eligible) <= k else np.sort(rng.choice(eligible, size=k, replace=False))

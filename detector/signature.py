@@ -35,20 +35,43 @@ class Signature(NamedTuple):
     margin: np.ndarray  # (B, L) mean over alternatives of corr(i, d_pred) - corr(i, d_alt)
 
 
-def alternative_table(num_labels: int, n_alternatives: int | None = None, seed: int = 0) -> np.ndarray:
-    """(C, M) alternatives of each label p: all others (M = C - 1) or a seeded subset of size M.
+def alternative_table(num_labels: int, n_alternatives: int | None = None, seed: int = 0,
+                      eligible: ArrayLike | None = None) -> np.ndarray:
+    """(C, M) alternatives of each label p: all other eligible labels (M = E - 1) or a seeded subset of size M.
 
     One fixed subset per label, so an image's signature never depends on the rest of its batch.
+    eligible: (C,) bool, the labels that can be alternatives (those with a word vector); None: all.
+    Rows of ineligible labels hold valid alternatives too but are never used (`semantic_prediction`).
     """
     c = num_labels
-    if n_alternatives is None or n_alternatives >= c - 1:
-        base = np.arange(c - 1)[None, :]
-        return base + (base >= np.arange(c)[:, None])  # skip p itself
-    if n_alternatives < 1:
+    ok = np.ones(c, bool) if eligible is None else np.asarray(eligible, bool)
+    if ok.shape != (c,) or ok.sum() < 2:
+        raise ValueError(f"eligible must be (C={c},) bool with at least 2 labels, got {ok.shape} with {int(ok.sum())}")
+    if n_alternatives is not None and n_alternatives < 1:
         raise ValueError(f"n_alternatives must be >= 1 or None (all), got {n_alternatives}")
-    keys = np.random.default_rng(seed).random((c, c))
+    m = int(ok.sum()) - 1 if n_alternatives is None else min(n_alternatives, int(ok.sum()) - 1)
+    if n_alternatives is None or n_alternatives >= c - 1:
+        keys = np.broadcast_to(np.arange(c, dtype=np.float64), (c, c)).copy()  # every eligible label, in order
+    else:
+        keys = np.random.default_rng(seed).random((c, c))
+    keys[:, ~ok] = np.inf
     np.fill_diagonal(keys, np.inf)  # p is never its own alternative
-    return np.sort(np.argsort(keys, axis=1)[:, :n_alternatives], axis=1)
+    return np.sort(np.argsort(keys, axis=1, kind="stable")[:, :m], axis=1)
+
+
+def labels_with_vector(word_vectors: ArrayLike) -> np.ndarray:
+    """(C, d) label word vectors -> (C,) bool: the row is finite and not all zero (a label with a word vector)."""
+    v = np.asarray(word_vectors, dtype=np.float64)
+    return np.isfinite(v).all(1) & (v != 0).any(1)
+
+
+def semantic_prediction(logits: torch.Tensor, eligible: ArrayLike | None = None) -> torch.Tensor:
+    """(B, C) logits -> (B,) the label the signature judges: the top label among those with a word vector
+    (`eligible`, (C,) bool; None: all, i.e. the argmax). The served prediction stays the argmax."""
+    if eligible is None or np.asarray(eligible).all():
+        return logits.argmax(1)
+    mask = torch.as_tensor(np.asarray(eligible, bool), device=logits.device)
+    return logits.detach().masked_fill(~mask, float("-inf")).argmax(1)
 
 
 def _gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -145,12 +168,14 @@ def signature_parts(
     n_alternatives: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    eligible: ArrayLike | None = None,
 ) -> Signature:
     """Fraction and mean-margin signatures (B, L) of tapped activations against a bank.
 
     acts: {layer: (B, k_l)} (or a list in bank.layers order). predicted: (B,). n_alternatives:
     None for every other label, else a seeded fixed subset per label. dtype: of the profile
-    matmul (float32 for serving; the moment algebra is float64 either way).
+    matmul (float32 for serving; the moment algebra is float64 either way). eligible: (C,) bool
+    labels with a word vector, the only alternatives (`alternative_table`); None: all.
     """
     profiles = bank.layer_profiles(acts, dtype=dtype)  # (L, B, K)
     p = np.asarray(predicted.cpu() if isinstance(predicted, torch.Tensor) else predicted).astype(np.int64)
@@ -158,7 +183,7 @@ def signature_parts(
         raise ValueError(f"predicted must be (B={profiles.shape[1]},), got shape {p.shape}")
     if p.size and (p.min() < 0 or p.max() >= bank.num_labels):
         raise ValueError(f"predicted labels must lie in [0, {bank.num_labels})")
-    alts = alternative_table(bank.num_labels, n_alternatives, seed)[p]
+    alts = alternative_table(bank.num_labels, n_alternatives, seed, eligible)[p]
     return signature_from_profiles(profiles, p, bank.label_profiles, bank.concepts, alts)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from semguard.detector.bundle import register_model_builder
-from semguard.detector.layers import PRESETS, LayerInfo, _is_relu, _trace
+from semguard.detector.layers import PRESETS, LayerInfo, is_relu, trace_graph
 from torch import nn
 
 PRESET_NAME = "fractalnet"  # the CIFAR configuration (FractalNetConfig()); other configs: fractalnet_layers(config)
@@ -53,8 +53,11 @@ class FractalNetConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
-# A configuration that trains on the world in minutes on one core (`semguard train --quick`).
-QUICK_CONFIG = FractalNetConfig(widths=(8, 16, 32), columns=3, dropout=(0.0, 0.0, 0.0))
+# Reduced configurations for the world (32x32, 100 classes) on one CPU core: B=3 blocks (32 -> 4 pixels),
+# a quarter of the paper's widths, no dropout (drop-path stays). `semguard train`: C=3 as the paper's
+# 20-layer net (12 conv layers deep); `--quick`: C=2, 3x cheaper per step.
+WORLD_CONFIG = FractalNetConfig(widths=(8, 16, 32), columns=3, dropout=(0.0, 0.0, 0.0))
+QUICK_CONFIG = FractalNetConfig(widths=(8, 16, 32), columns=2, dropout=(0.0, 0.0, 0.0))
 
 
 class ConvUnit(nn.Module):
@@ -83,6 +86,10 @@ class FractalBlock(nn.Module):
         self.out = nn.Identity()  # a named node for the block's last join (its output)
 
     def forward(self, x: torch.Tensor, plan: tuple) -> torch.Tensor:
+        if plan[0] == "global":  # one column is the whole block: the others would be computed only to be dropped
+            for unit in self.columns[plan[1]]:
+                x = unit(x)
+            return self.out(x)
         n = self.n_columns
         inputs = [x] * n
         joined = x
@@ -96,9 +103,7 @@ class FractalBlock(nn.Module):
 
 
 def _join(ys: list[torch.Tensor], columns: list[int], plan: tuple) -> torch.Tensor:
-    """Element-wise mean of the kept inputs; plan: ("all",), ("global", column) or ("local", keep mask per join)."""
-    if plan[0] == "global" and plan[1] in columns:
-        return ys[columns.index(plan[1])]
+    """Element-wise mean of the kept inputs; plan: ("all",) or ("local", drop rate per input)."""
     if plan[0] == "local":
         keep = torch.rand(len(ys)) >= plan[1]
         if not keep.any():
@@ -148,8 +153,8 @@ def fractalnet_layers(config: FractalNetConfig = FractalNetConfig()) -> list[Lay
 def _layers_json(config_json: str) -> tuple[LayerInfo, ...]:
     with torch.device("meta"):  # structure only: tracing needs no weights
         model = FractalNet(FractalNetConfig.from_json(json.loads(config_json))).eval()
-    trace = _trace(model)
-    names = [n for n, node in trace.names.items() if _is_relu(node, model) or n.endswith(".out")]
+    trace = trace_graph(model)
+    names = [n for n, node in trace.names.items() if is_relu(node, model) or n.endswith(".out")]
     return tuple(LayerInfo(n, f"block{int(n.split('.')[1]) + 1}", i) for i, n in enumerate(names))
 
 

@@ -52,3 +52,94 @@ def imagenet_classifier(
     """A torchvision ImageNet classifier (eval mode) taking [0, 1] images; weights from a local file."""
     model = build_torchvision_model(arch, weights_path, num_classes, **model_kwargs)
     return Normalized(model, IMAGENET_MEAN, IMAGENET_STD).eval()
+
+
+# ----------------------------------------------------------------------------- bundle builders
+# Guard bundles rebuild a wrapped model from these names and JSON kwargs (bundle.json's "model"),
+# then load model.safetensors into it; ModelSpec.module names this module so a fresh process
+# registers them (detector.bundle imports semguard.* modules only).
+from semguard.detector.bundle import ENTRY_POINT_BUILDER, ModelSpec, register_model_builder  # noqa: E402
+
+MODULE = "semguard.models.normalize"
+
+
+def pretrained_layout(arch: str) -> dict:
+    """Constructor kwargs that give a torchvision architecture the layout of torchvision's weight
+    files once build_torchvision_model has dropped the aux heads (Inception-v3, GoogLeNet:
+    transform_input=True, which their files need), for rebuilding without a weights file."""
+    return {"transform_input": True, "init_weights": False} if arch in ("inception_v3", "googlenet") else {}
+
+
+@register_model_builder("torchvision_normalized")
+def build_torchvision_normalized(arch: str, num_classes: int = 1000, mean: Sequence[float] = IMAGENET_MEAN,
+                                 std: Sequence[float] = IMAGENET_STD, model_kwargs: dict | None = None) -> Normalized:
+    """Normalized(torchvision arch) with random weights (a bundle loads its own)."""
+    return Normalized(build_torchvision_model(arch, None, num_classes, **(model_kwargs or {})), mean, std).eval()
+
+
+def torchvision_spec(arch: str, num_classes: int, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD, from_weights_file: bool = True) -> ModelSpec:
+    """The ModelSpec of `imagenet_classifier(arch, weights, num_classes)` (Normalized with mean, std)."""
+    kwargs = {"arch": arch, "num_classes": num_classes, "mean": list(mean), "std": list(std),
+              "model_kwargs": pretrained_layout(arch) if from_weights_file else {}}
+    return ModelSpec("torchvision_normalized", kwargs, module=MODULE)
+
+
+@register_model_builder("timm_normalized")
+def build_timm_normalized(arch: str, num_classes: int, mean: Sequence[float], std: Sequence[float],
+                          model_kwargs: dict | None = None) -> Normalized:
+    """Normalized(timm arch) built offline (pretrained=False; needs `pip install 'semguard[timm]'`)."""
+    import timm
+
+    return Normalized(timm.create_model(arch, pretrained=False, num_classes=num_classes, **(model_kwargs or {})),
+                      mean, std).eval()
+
+
+def timm_spec(arch: str, num_classes: int, mean: Sequence[float], std: Sequence[float]) -> ModelSpec:
+    kwargs = {"arch": arch, "num_classes": num_classes, "mean": list(mean), "std": list(std), "model_kwargs": {}}
+    return ModelSpec("timm_normalized", kwargs, module=MODULE)
+
+
+def import_entry_point(entry: str):
+    """The callable `pkg.module:factory` names (uvicorn-style; the working directory is on the path).
+    Runs the module's code: only ever called for an entry point a user named or trusted."""
+    import importlib
+    import os
+    import sys
+
+    module_name, _, attr = entry.partition(":")
+    if not all(p.isidentifier() for p in module_name.split(".")) or not all(p.isidentifier() for p in attr.split(".")):
+        raise ValueError(f"--model-entry {entry!r}: expected pkg.module:factory")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise ValueError(f"--model-entry {entry!r}: cannot import {error.name!r} (run from the folder that holds it, "
+                         "or put it on PYTHONPATH)") from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"--model-entry {entry!r}: module {module_name!r} has no {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"--model-entry {entry!r}: {attr!r} is not callable")
+    return target
+
+
+@register_model_builder(ENTRY_POINT_BUILDER)
+def build_entry_point(entry: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
+    """factory() -> an nn.Module taking [0, 1] images, or (module taking normalised images, mean, std),
+    which is wrapped in Normalized; `mean`/`std` given here wrap a bare module (or override the factory's)."""
+    made = import_entry_point(entry)()
+    if isinstance(made, tuple):
+        if len(made) != 3 or not isinstance(made[0], nn.Module):
+            raise ValueError(f"--model-entry {entry!r}: the factory must return an nn.Module or (module, mean, std)")
+        made, mean, std = made[0], mean or made[1], std or made[2]
+    if not isinstance(made, nn.Module):
+        raise ValueError(f"--model-entry {entry!r}: the factory returned {type(made).__name__}, not an nn.Module")
+    return (Normalized(made, mean, std) if mean is not None else made).eval()
+
+
+def entry_point_spec(entry: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> ModelSpec:
+    kwargs = {"entry": entry, "mean": list(mean) if mean else None, "std": list(std) if std else None}
+    return ModelSpec(ENTRY_POINT_BUILDER, kwargs, module=MODULE)

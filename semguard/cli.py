@@ -11,6 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     # imported here, not at the top: `semguard health` (a container probe) must not pay for torch
     from semguard.analysis.cli import add_attack_analyze_command, add_quickstart_command
     from semguard.analysis.detector_cli import add_detector_commands
+    from semguard.analysis.study_cli import add_reproduce_command
     from semguard.analysis.training_cli import add_analyze_commands, add_train_command
     from semguard.attacks.cli import add_attack_commands
     from semguard.service.cli import add_serve_command
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_world_commands(subparsers)
     add_train_command(subparsers)
     add_analyze_commands(subparsers)
+    add_reproduce_command(subparsers)
     add_health_command(subparsers)
     return parser
 

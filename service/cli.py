@@ -56,6 +56,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    "written by `semguard quickstart --out runs/quickstart`)")
     add_config_flags(p, ServiceConfig, FLAGS, env_prefix=ENV_PREFIX)
     p.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="allow a bundle whose model is your own code (--model-entry pkg.module:factory): "
+                   "imports and runs that module; never implied")
     p.add_argument("--log-level", default=os.environ.get("SEMGUARD_LOG_LEVEL", "INFO"))
     p.set_defaults(func=run_serve)
     p.error = _one_line_error  # type: ignore[method-assign]
@@ -104,6 +107,6 @@ def run_serve(args: argparse.Namespace) -> int:
     from semguard.service.errors import StartupError
     from semguard.service.server import serve  # grpc/torch imported only when serving
     try:
-        return serve(config, args.bundle)
+        return serve(config, args.bundle, trust_model_code=args.trust_model_code)
     except StartupError as exc:
         return fail(str(exc), exc.exit_code)

@@ -205,18 +205,23 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
         raise StartupError(f"{flag} {port}: cannot bind {host}:{port}: {exc.strerror or exc}") from None
 
 
-def load_guard(bundle: str | Path) -> GuardLike:
-    """The real Guard, imported lazily so `semguard --help` does not pay for torch and the detector."""
+def load_guard(bundle: str | Path, trust_model_code: bool = False) -> GuardLike:
+    """The real Guard, imported lazily so `semguard --help` does not pay for torch and the detector.
+    A bundle whose model is user code (an entry point) is a StartupError unless `trust_model_code`."""
+    from semguard.detector.bundle import UntrustedModelCode, read_bundle
     from semguard.detector.guard import Guard
-    return Guard.load(bundle)
+    try:
+        return Guard(read_bundle(bundle, trust_model_code=trust_model_code))
+    except UntrustedModelCode as exc:
+        raise StartupError(f"--bundle {bundle}: {exc}", exit_code=2) from None
 
 
-def serve(config: ServiceConfig, bundle: str | Path) -> int:
-    """Load the bundle, serve until SIGTERM/SIGINT, then shut down gracefully."""
+def serve(config: ServiceConfig, bundle: str | Path, trust_model_code: bool = False) -> int:
+    """Load the bundle, serve until SIGTERM/SIGINT, then shut down gracefully (trust_model_code: load_guard)."""
     _check_port_free(config.host, config.grpc_port, "--grpc-port")  # before the bundle: fail fast
     if config.tls_cert:
         _credentials(config)
-    guard = load_guard(bundle)
+    guard = load_guard(bundle, trust_model_code)
     created = create_server(config, guard)
     created.server.start()
     log.info("semguard serving %s on %s:%d (metrics port %s)", guard.info.model_name, config.host,

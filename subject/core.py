@@ -39,6 +39,8 @@ class SubjectSpec:
     labels: one class per line with comma-separated synonyms, or JSON. vectors: word vectors file or folder.
     input_size / resize: override the architecture's transform (centre crop / short side).
     trust_pickled_vectors: allow gensim's pickled .kv files (never by default).
+    mean / std: override the architecture's normalisation (per channel, on [0, 1] pixels).
+    layers: override the tapped layers (graph node names; default: the architecture's preset, else its ReLUs).
     """
 
     model: str | None = None
@@ -50,6 +52,9 @@ class SubjectSpec:
     input_size: int | None = None
     resize: int | None = None
     trust_pickled_vectors: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    layers: tuple[str, ...] | None = None
     world_cache: Path = Path(DEFAULT_WORLD_CACHE)
     world_seed: int = 0
 

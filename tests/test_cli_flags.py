@@ -187,7 +187,8 @@ def test_every_command_that_reads_a_world_has_the_same_world_cache_flag():
     leaves = dict(leaf_parsers(build_parser()))
     assert set(leaves) == {("quickstart",), ("serve",), ("health",), ("attack", "generate"), ("attack", "analyze"),
                            ("detector", "calibrate"), ("detector", "evaluate"), ("world", "build"), ("train",),
-                           ("analyze", "training"), ("analyze", "diagram")}
+                           ("analyze", "training"), ("analyze", "diagram"), ("analyze", "two-vs-two"),
+                           ("reproduce",), ("world", "export")}
     for path, parser in leaves.items():
         if path in {("serve",), ("health",), ("analyze", "diagram")}:  # a bundle / a server / an architecture, not a world
             continue
@@ -196,6 +197,21 @@ def test_every_command_that_reads_a_world_has_the_same_world_cache_flag():
     assert DEFAULT_CACHE_DIR == DEFAULT_WORLD_CACHE == QuickstartConfig.__dataclass_fields__["cache_dir"].default
     old_name = build_parser().parse_args(["detector", "evaluate", "--out", "o", "--cache-dir", "w"])
     assert old_name.world_cache == Path("w")  # the detector commands' former spelling still works
+
+
+SUBJECT_COMMANDS = {("attack", "generate"), ("attack", "analyze"), ("detector", "calibrate"), ("detector", "evaluate"),
+                    ("analyze", "two-vs-two")}
+
+
+def test_every_batch_command_takes_the_same_subject_flags():
+    from semguard.subject.flags import FLAG_KEYS
+
+    leaves = dict(leaf_parsers(build_parser()))
+    expected = {"--subject", "--trust-pickled-vectors", *("--" + k.replace("_", "-") for k in FLAG_KEYS)}
+    assert {"--model", "--weights", "--model-entry", "--images", "--labels", "--vectors"} <= expected  # the issue's names
+    for path in SUBJECT_COMMANDS:
+        options = {o for a in leaves[path]._actions for o in a.option_strings}
+        assert expected <= options, (path, sorted(expected - options))
 
 
 def _load_benchmark(name: str):

@@ -1,8 +1,10 @@
 """`semguard world build`: build the embedded world, or train it again from scratch and compare
-with the files semguard ships (world.shipped)."""
+with the files semguard ships (world.shipped). `semguard world export`: write it as real-format
+assets (world.export)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from semguard.config_flags import add_world_cache_flag
 
@@ -18,6 +20,12 @@ def add_world_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="with --from-scratch: replace the shipped files by the rebuilt ones (maintainers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_build)
+    p = commands.add_parser("export", help="write the world as real-format assets: PNG folder, labels, "
+                                           "word2vec binary, WorldNet weights, subject.toml")
+    p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder to write")
+    add_world_cache_flag(p, "the world to export (built there first if absent)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_export)
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -43,3 +51,14 @@ def run_build(args: argparse.Namespace) -> int:
         shipped.write_shipped(world.root, settings.key(), world.test_accuracy)
         print(f"wrote {shipped.SHIPPED_DIR}")
     return 0 if same or args.write_shipped else 1
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from semguard.world.export import FILES, export_world
+
+    try:
+        out = export_world(args.out, args.world_cache, progress=not args.quiet)
+    except ValueError as error:
+        raise SystemExit(f"semguard world export: {error}") from None
+    print(f"wrote {out}: use it with --subject {out / FILES['subject']}")
+    return 0

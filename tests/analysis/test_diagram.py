@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from semguard.analysis.diagram import diagram_model, draw_diagram, load_results
+from semguard.analysis.diagram import Placed, block_layout, diagram_model, draw_diagram, load_results
 from semguard.detector.layers import preset_layers
 
 from semguard.cli import main
@@ -30,3 +30,14 @@ def test_results_without_scores_are_refused(tmp_path):
     (tmp_path / "r.json").write_text("{}")
     with pytest.raises(ValueError, match="results:"):
         load_results(tmp_path / "r.json")
+
+
+def test_branches_stand_side_by_side_and_a_join_spans_them():
+    # an Inception-like module: a 1-layer branch, a 2-layer branch, a fork, then a concatenation of all
+    names = ["a", "b1", "b2", "c1", "c2a", "c2b", "cat"]
+    parents = {"b2": ["b1"], "c2a": ["c1"], "c2b": ["c1"], "cat": ["a", "b2", "c2a", "c2b"]}
+    got = block_layout(names, parents)
+    assert got["a"] == Placed(0, (0, 0)) and got["b1"] == Placed(0, (1, 1)) and got["b2"] == Placed(1, (1, 1))
+    assert got["c1"] == Placed(0, (2, 2)) and got["c2a"] == Placed(1, (2, 2)) and got["c2b"] == Placed(1, (3, 3))
+    assert got["cat"] == Placed(2, (0, 3))
+    assert block_layout(["x", "y", "z"], {"y": ["x"], "z": ["y"]}) == {n: Placed(i, (0, 0)) for i, n in enumerate("xyz")}

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from semguard.analysis.adaptive_eval import QUICKSTART_ADAPTIVE, THREAT_MODELS, AdaptiveConfig
 from semguard.analysis.detector_eval import AttackSpec, DetectorEvalConfig
 from semguard.analysis.quickstart import STAGES, QuickstartConfig, Timer, run_quickstart
 from semguard.analysis.report import render_summary
@@ -23,6 +24,8 @@ SMALL_DETECTOR = DetectorEvalConfig(
     detector=CalibrationConfig(per_concept=1, target_fpr=0.1, batch_size=64, method="gaussian"),
     attacks=(AttackSpec("mifgsm_paper", "mifgsm", {"eps": 0.15, "step": 0.03, "iterations": 5}, **FAST),),
     train_attacks=(), art_layer=None,
+    # the quickstart's reduced adaptive stage, smaller still (the gaussian flagger needs no training attacks)
+    adaptive=AdaptiveConfig(eps=(8 / 255,), detectors=("detector",), n_images=4, iterations=3, modes=("combined",)),
 )
 
 
@@ -65,6 +68,25 @@ def test_summary_has_every_section_with_consistent_shapes(quickstart):
         assert 0.0 <= d[key] <= 1.0
     assert 0.0 <= d["baselines"]["mahalanobis"]["auroc"] <= 1.0
     assert set(on_disk["timings_s"]) >= {"world", "two_vs_two", "attacks", "one_vs_two", "detector"}
+
+
+def test_summary_has_the_adaptive_threat_models(quickstart):
+    config, summary = quickstart
+    d = json.loads((config.out / "summary.json").read_text())["detector"]
+    a = d["adaptive"]
+    assert list(a) == list(THREAT_MODELS) == ["naive", "white_box", "gray_box"]  # the contract's names
+    # this world leaves the gray-box attacker 26 held-out images, too few for a guard of its own: said so
+    gray_skipped = "gray_box" in d["adaptive_settings"]["skipped"]
+    assert gray_skipped or "detector" in a["gray_box"]["8/255"]
+    for tm in THREAT_MODELS[: 2 if gray_skipped else 3]:
+        c = a[tm]["8/255"]["detector"]
+        assert 0.0 <= c["evasion"] <= c["attack_success"] <= 1.0 and c["n"] >= 1
+        assert c["mean_linf"] <= 8 / 255 + 1e-6 and c["attack_seconds"] >= 0
+    assert (config.out / "adaptive_evasion.png").read_bytes()[:8] == PNG_MAGIC
+    assert "### Attackers who know the guard" in (config.out / "report.md").read_text()
+    assert "adaptive, 8/255" in render_summary(summary, config.out)
+    # the default quickstart runs the reduced adaptive evaluation
+    assert QuickstartConfig(out=config.out).detector.adaptive == QUICKSTART_ADAPTIVE
 
 
 def test_the_guard_bundle_loads_and_inspects(quickstart):

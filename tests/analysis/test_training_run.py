@@ -14,6 +14,7 @@ import pytest
 from semguard.analysis.training_run import (
     TrainConfig,
     lr_schedule,
+    paper_config,
     train_checkpoints,
     training_set,
 )
@@ -47,7 +48,7 @@ def test_killed_run_resumes_to_the_same_checkpoints(tmp_path):
 
 
 def test_lr_schedule_divides_by_ten_when_the_remaining_epochs_halve():
-    lr = lr_schedule(TrainConfig())
+    lr = lr_schedule(paper_config())
     assert lr[199] == 0.02 and lr[200] == pytest.approx(0.002) and lr[300] == pytest.approx(2e-4)
     assert lr[350] == pytest.approx(2e-5) and len(lr) == 400
 
@@ -83,3 +84,33 @@ def test_quick_flag_starts_from_the_reduced_setting_and_flags_override_it():
     args = build_parser().parse_args(["train", "--quick", "--out", "o", "--epochs", "3", "--permute-labels", "1"])
     assert train_config(args) == quick_config(epochs=3, permute_labels=1)
     assert train_config(build_parser().parse_args(["train", "--out", "o"])) == TrainConfig()
+    paper = train_config(build_parser().parse_args(["train", "--paper", "--out", "o", "--max-shift", "4"]))
+    assert paper == paper_config(max_shift=4) and paper.model.widths == (64, 128, 256, 512, 512)
+
+
+def write_cifar_binary(path: Path, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """CIFAR-100's binary records (coarse label, fine label, 3 planes of 32x32); returns the (N, 32, 32, 3) images."""
+    rng = np.random.default_rng(seed)
+    planes = rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)
+    records = np.concatenate([np.stack([labels // 5, labels], 1).astype(np.uint8), planes.reshape(len(labels), -1)], 1)
+    path.write_bytes(records.tobytes())
+    return planes.transpose(0, 2, 3, 1)
+
+
+def test_train_reads_cifar100_binary(tmp_path, capsys):
+    from semguard.cli import main
+
+    labels = np.arange(12) % 4
+    images = write_cifar_binary(tmp_path / "train.bin", labels)
+    args = ["train", "--images", str(tmp_path), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "6", "--quiet"]
+    assert main(args) == 0  # the default (reduced) net: 2 steps on 12 images
+    record = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert record["epochs_done"] == 1 and len(record["checkpoints"]) == 2 and "1 epochs, 2 checkpoints" in capsys.readouterr().out
+    from semguard.analysis.training_cli import training_images
+    from semguard.cli import build_parser
+
+    x, y = training_images(build_parser().parse_args(["train", "--images", str(tmp_path / "train.bin"), "--out", "o"]))
+    assert np.array_equal(x, images) and np.array_equal(y, labels)
+    (tmp_path / "bad.bin").write_bytes(b"\0" * 100)
+    with pytest.raises(SystemExit, match="bad.bin"):
+        main(["train", "--images", str(tmp_path / "bad.bin"), "--out", str(tmp_path / "r2")])

@@ -41,6 +41,24 @@ def test_surrogate_forward_is_the_guard(tiny_guard):
     assert surrogate.members == [("fraction", "margin", "mahalanobis"), ("mahalanobis",)]
 
 
+def test_surrogate_forward_is_the_guard_for_the_gaussian_flagger(tmp_path):
+    from semguard.detector.bundle import ModelSpec
+    from semguard.detector.calibrate import CalibrationConfig
+    from semguard.detector.guard import calibrate_guard
+    from tests.tiny_cnn import LAYERS, tiny_task
+
+    model, images, labels, words, _ = tiny_task(N_CLASSES, 60)
+    calibrate_guard(model, ModelSpec("tiny_cnn_test", {"width": 6, "num_classes": N_CLASSES}), LAYERS,
+                    [f"c{i}" for i in range(N_CLASSES)], words, images, labels, tmp_path,
+                    config=CalibrationConfig(method="gaussian", per_concept=2, target_fpr=0.1, batch_size=32))
+    guard = Guard.load(tmp_path)
+    x = images[:20].clone().requires_grad_(True)
+    out = GuardSurrogate(guard)(x)
+    np.testing.assert_allclose(out.score.detach().numpy(), guard.inspect_arrays(images[:20]).score, rtol=1e-6, atol=1e-6)
+    (g,) = torch.autograd.grad(out.score.sum(), x)
+    assert torch.isfinite(g).all() and (g.flatten(1).norm(dim=1) > 0).all()
+
+
 def test_bpda_gradient_of_the_fraction_is_nonzero_where_the_exact_one_is_zero(tiny_guard):
     guard, images, _ = tiny_guard
     surrogate = GuardSurrogate(guard, temperature=0.05)

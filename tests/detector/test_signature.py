@@ -7,7 +7,9 @@ from semguard.detector.reference import Reduction, ReferenceBank, build_referenc
 from tests.detector.test_rsa import pearson
 from semguard.detector.signature import (
     alternative_table,
+    labels_with_vector,
     reduction_agreement,
+    semantic_prediction,
     signature_from_profiles,
     signature_parts,
 )
@@ -182,3 +184,25 @@ def test_missing_layer_raises():
         signature_parts({"l0": torch.zeros(2, 20)}, np.zeros(2, dtype=int), bank)
     with pytest.raises(ValueError, match=r"acts\['l1'\] must be"):
         signature_parts({"l0": torch.zeros(2, 20), "l1": torch.zeros(2, 5)}, np.zeros(2, dtype=int), bank)
+
+
+def test_alternatives_and_judged_label_skip_labels_without_a_word_vector():
+    """Labels without a word vector (zero rows) are never alternatives, and an image predicted as one is judged
+    as its top label that has a vector; with every label eligible both are what they were (argmax, all others)."""
+    words = np.random.default_rng(0).normal(size=(9, 4))
+    words[[2, 5]] = 0
+    eligible = labels_with_vector(words)
+    np.testing.assert_array_equal(eligible, ~np.isin(np.arange(9), [2, 5]))
+    every = alternative_table(9, None, 0, eligible)
+    for p in range(9):  # by definition: the eligible labels other than p, in order
+        np.testing.assert_array_equal(every[p], [a for a in range(9) if eligible[a] and a != p][:6])
+    subset = alternative_table(9, 3, 1, eligible)
+    assert subset.shape == (9, 3) and not np.isin(subset, [2, 5]).any()
+    assert not (subset == np.arange(9)[:, None]).any()
+    np.testing.assert_array_equal(alternative_table(9, 3, 1, np.ones(9, bool)), alternative_table(9, 3, 1))
+    np.testing.assert_array_equal(alternative_table(9, None, 0, np.ones(9, bool)), alternative_table(9))
+    logits = torch.tensor([[0.0, 1, 9, 2, 0, 0, 0, 0, 0], [5.0, 1, 0, 2, 0, 0, 0, 0, 0]])
+    assert semantic_prediction(logits, eligible).tolist() == [3, 0]  # label 2 has no vector: the next best, 3
+    assert semantic_prediction(logits, None).tolist() == [2, 0]
+    with pytest.raises(ValueError, match="at least 2 labels"):
+        alternative_table(3, None, 0, np.array([True, False, False]))

@@ -1,0 +1,352 @@
+"""A subject from real assets: the model, its transform, the class list, the images and the word vectors.
+
+    subject = load_asset_subject(SubjectSpec(model="resnet50", weights=Path("resnet50-0676ba61.pth"),
+                                             images=Path("val"), labels=Path("LOC_synset_mapping.txt"),
+                                             vectors=Path("GoogleNews-vectors-negative300.bin")))
+
+Models (the model is always wrapped so that it takes [0, 1] images; eval mode, CPU):
+
+- a torchvision architecture + `weights` (read weights_only, or safetensors): Normalized with the
+  weights' mean/std; the transform is the one torchvision ships with that architecture's weights
+  (ResNet-50/VGG-16: crop 224 of 256, Inception-v3: 299 of 342, bilinear), the weight set whose
+  file name the weights file has when there is one (resnet50-11ad3fa6.pth: V2's 232);
+- `timm/<arch>` (or a timm name torchvision lacks; `pip install 'semguard[timm]'`): built offline,
+  weights from the file, transform and mean/std from timm's pretrained config (crop_pct, bicubic);
+- `model_entry = "pkg.module:factory"`: the factory's module (or (module, mean, std)), `weights`
+  optional; transform 224 of 256 unless given;
+- `worldnet` + a WorldNet safetensors file (`semguard world export` writes one): the embedded
+  world's architecture, 32 x 32 images taken as they are.
+
+`input_size` / `resize` / `mean` / `std` override the conventions (`input_size` alone keeps the
+convention's crop ratio). Layers: `layers`, else the architecture's preset (resnet50,
+inception_v3, vgg16, worldnet), else every ReLU of the model.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from semguard.detector.bundle import ModelSpec
+from semguard.subject.core import Subject, SubjectSpec
+from semguard.subject.images import Transform, scan_images
+from semguard.subject.labels import ClassList, read_labels
+
+MAX_LISTED = 20  # unmatched class names shown in the vectors report
+
+
+@dataclass(frozen=True)
+class Convention:
+    """An architecture's evaluation transform and normalisation (what its weights were trained with)."""
+
+    size: int
+    resize: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # ImageNet (torchvision's and timm's default)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
+DEFAULT_CONVENTION = Convention(224, 256)  # torchvision's ImageNet evaluation transform
+
+
+@dataclass(frozen=True)
+class _Model:
+    name: str  # Subject.name (bundle.json's model_name)
+    arch: str | None  # the architecture name presets are looked up by
+    module: nn.Module  # takes [0, 1] images
+    spec: ModelSpec
+    convention: Convention
+    layers: list[str] | None = None  # the default taps when the architecture decides them (WorldNet's config)
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def load_asset_subject(spec: SubjectSpec, progress: bool = True) -> Subject:
+    """The subject `spec` names (module docstring); ValueError naming the flag and file on bad input."""
+    _check_complete(spec)
+    classes = read_labels(spec.labels) if spec.labels is not None else None
+    # With a labels file the class count is known: a wrong weights file fails before the images are checked.
+    loaded = _load_model(spec, len(classes.synonyms)) if classes is not None else None
+    source = scan_images(spec.images, classes, progress)
+    classes = source.classes
+    loaded = loaded or _load_model(spec, len(classes.synonyms))
+    conv = loaded.convention
+    size = spec.input_size or conv.size
+    resize = spec.resize or (conv.resize if spec.input_size is None else math.floor(size * conv.resize / conv.size))
+    if resize < size:
+        raise ValueError(f"--input-size {size}, --resize {resize}: the short side (resize) must be >= the crop "
+                         "(input size)")
+    transform = Transform(size, resize, conv.interpolation)
+    model = loaded.module.eval()
+    _check_outputs(model, size, len(classes.synonyms), spec)
+    layers = _layers(spec, loaded)
+    word_vectors, matched = _class_vectors(spec, classes, progress)
+    return Subject(loaded.name, model, loaded.spec, layers, classes.names, word_vectors, matched,
+                   source.image_set(transform), spec, str(spec.weights) if spec.weights is not None else None)
+
+
+def _check_complete(spec: SubjectSpec) -> None:
+    if spec.model is None and spec.model_entry is None:
+        raise ValueError("--model or --model-entry: a subject needs a model (or give no subject flags at all "
+                         "for the embedded world)")
+    if spec.model is not None and spec.model_entry is not None:
+        raise ValueError(f"--model {spec.model!r} and --model-entry {spec.model_entry!r}: give one of them")
+    if spec.model is not None and spec.weights is None:
+        raise ValueError(f"--weights: --model {spec.model} needs a local weights file (semguard never downloads)")
+    if spec.images is None:
+        raise ValueError("--images: a subject needs labelled images (an ImageNet-style folder, "
+                         "a CIFAR-100 binary, or a CSV of file,label)")
+    if spec.vectors is None:
+        raise ValueError("--vectors: a subject needs word vectors (word2vec binary/text, GloVe, fastText .vec, "
+                         "or a native folder); only the embedded world brings its own")
+    if spec.weights is not None and not Path(spec.weights).is_file():
+        raise ValueError(f"--weights {spec.weights}: no such file")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _load_model(spec: SubjectSpec, n_classes: int) -> _Model:
+    if spec.model_entry is not None:
+        return _entry_point_model(spec, n_classes)
+    name = spec.model
+    if name == "worldnet":
+        return _worldnet_model(spec)
+    import torchvision
+
+    if name.startswith("timm/"):
+        return _timm_model(spec, name[len("timm/"):], n_classes)
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return _torchvision_model(spec, name, n_classes)
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    if timm is not None and timm.is_model(name):
+        return _timm_model(spec, name, n_classes)
+    import difflib
+
+    close = difflib.get_close_matches(name, torchvision.models.list_models(module=torchvision.models), n=5)
+    extra = "" if timm is not None else "; timm architectures need `pip install 'semguard[timm]'`"
+    raise ValueError(f"--model {name!r}: not a torchvision{'' if timm is None else ' or timm'} classification "
+                     f"architecture (close torchvision names: {close}){extra}")
+
+
+def torchvision_convention(arch: str, weights: Path | None = None) -> Convention:
+    """The transform torchvision ships with `arch`'s weights: the weight set whose file name `weights`
+    has, else the first (IMAGENET1K_V1: the paper's era); ImageNet 224/256 for an architecture without any."""
+    import torchvision
+
+    try:
+        sets = list(torchvision.models.get_model_weights(arch))
+    except (ValueError, KeyError):
+        return DEFAULT_CONVENTION
+    if not sets:
+        return DEFAULT_CONVENTION
+    named = [w for w in sets if weights is not None and w.url.rsplit("/", 1)[-1] == Path(weights).name]
+    t = (named or sets)[0].transforms()
+    return Convention(int(t.crop_size[0]), int(t.resize_size[0]), t.interpolation.value,
+                      tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std))
+
+
+def _torchvision_model(spec: SubjectSpec, arch: str, n_classes: int) -> _Model:
+    from semguard.detector.layers import build_torchvision_model
+    from semguard.models.normalize import Normalized, torchvision_spec
+
+    conv = torchvision_convention(arch, spec.weights)
+    try:
+        inner = build_torchvision_model(arch, spec.weights, n_classes)
+    except (ValueError, RuntimeError) as error:
+        raise _weights_error(spec, arch, n_classes, error) from None
+    mean, std = spec.mean or conv.mean, spec.std or conv.std
+    return _Model(arch, arch, Normalized(inner, mean, std), torchvision_spec(arch, n_classes, mean, std), conv)
+
+
+def _class_source(spec: SubjectSpec) -> str:
+    return f"the labels file {spec.labels}" if spec.labels is not None else f"the image source {spec.images}"
+
+
+_AUX = ("AuxLogits.", "aux1.", "aux2.")  # torchvision's auxiliary heads: optional in a weights file
+
+
+def _other_class_count(state: dict, expected: dict) -> tuple[str, int] | None:
+    """(key, K) when `state` is the expected architecture with K outputs instead: every key present,
+    and the only mismatches are tensors whose first dimension is K instead of the model's (the head)."""
+    if any(k not in state for k in expected if not k.startswith(_AUX)):
+        return None
+    wrong = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if not wrong or any(state[k].ndim != expected[k].ndim or state[k].shape[1:] != expected[k].shape[1:]
+                        or expected[k].shape[0] != expected[wrong[0]].shape[0] for k in wrong):
+        return None
+    counts = {state[k].shape[0] for k in wrong}
+    return (wrong[0], counts.pop()) if len(counts) == 1 else None
+
+
+def _class_count_error(spec: SubjectSpec, arch: str, key: str, state: dict, n_classes: int) -> ValueError:
+    return ValueError(f"--weights {spec.weights}: {arch} weights for {state[key].shape[0]} classes ({key} "
+                      f"{tuple(state[key].shape)}), but {_class_source(spec)} has {n_classes} classes")
+
+
+def _weights_error(spec: SubjectSpec, arch: str, n_classes: int, error: Exception) -> ValueError:
+    """A weights file that does not load: another class count (named with the labels file), or another architecture."""
+    from semguard.detector.layers import load_state_dict_file
+
+    try:
+        state = load_state_dict_file(spec.weights)
+    except (ValueError, OSError) as read_error:
+        return ValueError(f"--weights {spec.weights}: cannot be read as weights ({read_error})")
+    model = _meta_model(arch, n_classes)
+    other = _other_class_count(state, model.state_dict()) if model is not None else None
+    if other is not None:
+        return _class_count_error(spec, arch, other[0], state, n_classes)
+    return ValueError(f"--weights {spec.weights}: not a {arch} state dict (is it for another architecture?): {error}")
+
+
+def _meta_model(arch: str, n_classes: int) -> nn.Module | None:
+    import torchvision
+
+    try:
+        with torch.device("meta"):  # structure only: instant, no memory
+            return torchvision.models.get_model(arch, weights=None, num_classes=n_classes)
+    except (ValueError, TypeError):
+        return None
+
+
+def _load_state(model: nn.Module, spec: SubjectSpec, arch: str, n_classes: int) -> None:
+    """Load spec.weights into `model` strictly, with the same errors as the torchvision path."""
+    from semguard.detector.layers import load_state_dict_file
+
+    try:
+        state = load_state_dict_file(spec.weights)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"--weights {spec.weights}: cannot be read as weights ({error})") from None
+    expected = model.state_dict()
+    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    other = _other_class_count(state, expected) if not unexpected else None
+    if other is not None:
+        raise _class_count_error(spec, arch, other[0], state, n_classes)
+    if missing or unexpected or shapes:
+        raise ValueError(f"--weights {spec.weights}: not a {arch} state dict (is it for another architecture?): "
+                         f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
+                         f"{unexpected[:5]}, shape mismatches {shapes[:5]}")
+    model.load_state_dict(state)
+
+
+def _timm_model(spec: SubjectSpec, arch: str, n_classes: int) -> _Model:
+    try:
+        import timm
+        import timm.data
+    except ImportError:
+        raise ValueError(f"--model timm/{arch}: timm is not installed; `pip install 'semguard[timm]'`") from None
+    from semguard.models.normalize import Normalized, timm_spec
+
+    if not timm.is_model(arch):
+        raise ValueError(f"--model timm/{arch}: timm knows no architecture {arch!r} "
+                         f"(close: {timm.list_models(f'*{arch[:6]}*')[:5]})")
+    # offline: pretrained=False, and the pretrained config (transform, mean/std) is in timm's registry
+    inner = timm.create_model(arch, pretrained=False, num_classes=n_classes)
+    _load_state(inner, spec, f"timm/{arch}", n_classes)
+    cfg = timm.data.resolve_data_config({}, model=inner)
+    size = int(cfg["input_size"][-1])
+    interpolation = cfg.get("interpolation", "bicubic")
+    conv = Convention(size, math.floor(size / cfg.get("crop_pct", 0.875)),
+                      interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bicubic",
+                      tuple(cfg["mean"]), tuple(cfg["std"]))
+    mean, std = spec.mean or conv.mean, spec.std or conv.std
+    return _Model(f"timm/{arch}", arch, Normalized(inner, mean, std), timm_spec(arch, n_classes, mean, std), conv)
+
+
+def _entry_point_model(spec: SubjectSpec, n_classes: int) -> _Model:
+    from semguard.models.normalize import Normalized, build_entry_point, entry_point_spec
+
+    model = build_entry_point(spec.model_entry, spec.mean, spec.std)
+    if spec.weights is not None:
+        target = model.model if isinstance(model, Normalized) else model
+        _load_state(target, spec, spec.model_entry, n_classes)
+    return _Model(spec.model_entry, None, model, entry_point_spec(spec.model_entry, spec.mean, spec.std),
+                  DEFAULT_CONVENTION)
+
+
+def _worldnet_model(spec: SubjectSpec) -> _Model:
+    from semguard.analysis.detector_eval import worldnet_spec
+    from semguard.models.worldnet import load_world_model, worldnet_layers
+
+    try:
+        model = load_world_model(spec.weights)
+    except (ValueError, OSError, KeyError) as error:
+        raise ValueError(f"--weights {spec.weights}: not a WorldNet safetensors file "
+                         f"(`semguard world export` writes one): {error}") from None
+    if spec.mean is not None or spec.std is not None:
+        raise ValueError("mean, std: WorldNet normalises inside with its own statistics; leave them out")
+    layers = [info.name for info in worldnet_layers(model.config)]  # the "worldnet" preset, for this file's config
+    return _Model("worldnet", "worldnet", model, worldnet_spec(model), Convention(32, 32), layers)
+
+
+def _check_outputs(model: nn.Module, size: int, n_classes: int, spec: SubjectSpec) -> None:
+    """One forward pass on a blank image: the model must give (1, n_classes) logits."""
+    what = (f"--model-entry {spec.model_entry}" if spec.model_entry
+            else f"--model {spec.model} (--weights {spec.weights})")
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, size, size))
+    except RuntimeError as error:
+        raise ValueError(f"{what}: fails on a (1, 3, {size}, {size}) image: {str(error).splitlines()[0]} "
+                         "(set input_size / resize)") from None
+    if not isinstance(out, torch.Tensor) or out.shape != (1, n_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{what}: gives outputs {got} per image, but {_class_source(spec)} has {n_classes} classes")
+
+
+def _layers(spec: SubjectSpec, loaded: _Model) -> list[str]:
+    from semguard.detector.layers import LayerTap, known_presets, preset_layers, relu_nodes
+    from semguard.models.normalize import Normalized
+
+    if spec.layers is not None:
+        LayerTap(loaded.module, list(spec.layers))  # every name a node of the graph, else a ValueError naming it
+        return list(spec.layers)
+    if loaded.layers is not None:
+        return list(loaded.layers)
+    if loaded.arch is not None and loaded.arch in known_presets() and not loaded.name.startswith("timm/"):
+        return preset_layers(loaded.arch)
+    inner = loaded.module.model if isinstance(loaded.module, Normalized) else loaded.module
+    names = relu_nodes(inner)
+    if not names:
+        raise ValueError(f"layers: {loaded.name} has no ReLU nodes to tap by default; list the graph node names to "
+                         "tap as `layers = [...]` in the subject TOML (detector.layers.graph_node_names(model))")
+    return names
+
+
+# --------------------------------------------------------------------------- vectors
+
+
+def _class_vectors(spec: SubjectSpec, classes: ClassList, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(C, d) float32 word vectors (zero rows for classes without one) and (C,) bool matched."""
+    from semguard.detector.words import match_labels
+    from semguard.subject.vectors import load_subject_vectors, vectors_cache_dir
+
+    kv = load_subject_vectors(spec.vectors, vectors_cache_dir(spec.world_cache),
+                              trust_pickled=spec.trust_pickled_vectors, progress=progress)
+    match = match_labels(kv, classes.synonyms)
+    n = len(classes.synonyms)
+    vectors = np.zeros((n, kv.vector_size), np.float32)  # (C, d)
+    vectors[match.matched] = match.vectors
+    matched = np.zeros(n, bool)
+    matched[match.matched] = True
+    if not match.matched:
+        raise ValueError(f"--vectors {spec.vectors}: none of the {n} classes has a word vector (first tried: "
+                         f"{classes.synonyms[0]!r}); is it the right vectors file and labels file?")
+    text = f"{len(match.matched)} of {n} classes have a word vector"
+    if match.unmatched:
+        listed = ", ".join(classes.names[i] for i in match.unmatched[:MAX_LISTED])
+        text += f"; unmatched left out of the semantic analyses: {listed}"
+        text += " ..." if len(match.unmatched) > MAX_LISTED else ""
+    print(f"--vectors {spec.vectors}: {text}", file=sys.stderr)
+    return vectors, matched
