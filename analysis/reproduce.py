@@ -37,11 +37,6 @@ from semguard.files import write_atomic, write_json_atomic
 from semguard.subject.core import SubjectSpec
 from semguard.world_cache import DEFAULT_WORLD_CACHE
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - python 3.10
-    import tomli as tomllib
-
 FORMAT = "semguard.study/1"
 STAGE_FILE = "stage.json"
 
@@ -105,15 +100,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 def read_study(path: str | Path, world_cache: str | Path | None = None) -> Study:
     """The study file: shared subject keys, [[models]] tables, optional [study]; ValueError naming the file."""
-    from semguard.subject.flags import KNOWN_KEYS
+    from semguard.subject.flags import KNOWN_KEYS, read_toml
 
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"--subject {path}: no such file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"--subject {path}: not valid TOML: {error}") from None
+    raw = read_toml(path)
     shared = {k: v for k, v in raw.items() if k not in ("models", "study")}
     tables = raw.get("models")
     if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):

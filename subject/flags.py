@@ -76,15 +76,20 @@ def subject_spec_from_args(args: argparse.Namespace, world_cache: Path | str | N
     return SubjectSpec(**values, world_cache=cache, world_seed=world_seed)
 
 
-def read_subject_toml(path: str | Path) -> dict[str, Any]:
-    """SubjectSpec fields from a subject TOML file, relative paths resolved against its folder."""
-    path = Path(path)
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML table of `--subject path`; ValueError naming the file when it is missing or not TOML."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"--subject {path}: no such file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"--subject {path}: not valid TOML: {error}") from None
+
+
+def read_subject_toml(path: str | Path) -> dict[str, Any]:
+    """SubjectSpec fields from a subject TOML file, relative paths resolved against its folder."""
+    path = Path(path)
+    raw = read_toml(path)
     unknown = sorted(set(raw) - set(KNOWN_KEYS))
     if unknown:
         dashed = [k for k in unknown if k.replace("-", "_") in KNOWN_KEYS]

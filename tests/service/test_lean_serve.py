@@ -2,18 +2,17 @@
 libraries (ART, gensim, matplotlib, scipy) and the stub generator (grpcio-tools) made unimportable."""
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
 from tests.tiny_worldnet import IMAGE_SIZE, write_worldnet_bundle
+from tests.service.subprocess_server import serving_port
 
 NOT_FOR_SERVING = ("art", "gensim", "matplotlib", "scipy", "sklearn", "pandas", "grpc_tools")
 
@@ -39,15 +38,7 @@ def test_serve_runs_and_answers_without_the_batch_toolkit(bundle):
            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--torch-threads", "1", "--model-name", "tinyworld"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        port, deadline, log = None, time.monotonic() + 120, []
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            log.append(line)
-            if m := re.search(r"semguard serving .* on 127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-        assert port, "server did not start:\n" + "".join(log)
+        port = serving_port(proc)
         client = triton.InferenceServerClient(f"127.0.0.1:{port}")
         images = np.random.default_rng(0).random((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
         request = triton.InferInput("IMAGES", list(images.shape), "FP32")

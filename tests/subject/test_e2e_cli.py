@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import torch
 
 from semguard.cli import main
 from tests.subject.fixtures import INPUT_SIZE, write_subject_assets
+from tests.service.subprocess_server import serving_port
 
 pytestmark = pytest.mark.slow
 WRONG_PER_CLASS = 1  # images of each class the fitted head sends to the next class (misclassified ones to analyse)
@@ -76,15 +76,7 @@ def serving(bundle: Path, *flags: str, cwd: Path | None = None, env: dict | None
            "--grpc-port", "0", "--metrics-port", "0", "--torch-threads", "1", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
     try:
-        port, deadline, log = None, time.monotonic() + 120, []
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            log.append(line)
-            if m := re.search(r"semguard serving .* on 127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-        assert port, "server did not start:\n" + "".join(log)
+        port = serving_port(proc)
         yield port
     finally:
         proc.send_signal(signal.SIGTERM)
