@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from fractions import Fraction
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,7 +264,7 @@ def plot_evasion(path: Path, results: dict) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(4.4 * len(results), 3.8), squeeze=False, sharey=True)
     for ax, (tm, by_eps) in zip(axes[0], results.items()):
-        labels = list(by_eps)
+        labels = sorted(by_eps, key=lambda e: float(Fraction(e)))  # increasing eps whatever the configured order
         for det in dict.fromkeys(d for cells in by_eps.values() for d in cells):
             ax.plot(range(len(labels)), [by_eps[e].get(det, {}).get("evasion", np.nan) for e in labels], "o-", label=det)
         ax.set_xticks(range(len(labels)), labels)
