@@ -24,7 +24,7 @@ from semguard.detector.layers import (
     PRESETS,
     LayerInfo,
     build_torchvision_model,
-    is_relu,
+    relu_nodes,
     trace_graph,
 )
 from torch import nn
@@ -63,7 +63,7 @@ def diagram_model(name: str, weights: str | Path | None = None) -> tuple[nn.Modu
             model = build_torchvision_model(name)
     if name in PRESETS.names():
         return model, PRESETS.lookup(name)
-    relus = [n for n, node in trace_graph(model).names.items() if is_relu(node, model)]
+    relus = relu_nodes(model)
     if not relus:
         raise ValueError(f"model: {name!r} has no ReLU nodes and no registered preset to tap")
     return model, [LayerInfo(n, n.split(".")[0], i) for i, n in enumerate(relus)]

@@ -10,7 +10,7 @@ For each model, in OUT/<name>/, each stage skipped when its finished output is t
                   itself resumable layer by layer)
     attacks/      the targeted MI-FGSM attack set (paper 4: sources x 6 targets; resumable by shard)
     one_vs_two/   1 vs 2 of the successful adversarial images (Figure 6) and of the misclassified
-                  images (Figures 4-5, block averaged): analysis.cli.analyze_subject_attacks
+                  images (Figures 4-5, block averaged): analysis.subject_attacks.analyze_subject_attacks
 A stage is finished when its stage.json (written last) records the key it was computed under;
 a stage whose settings or subject changed is computed again. Then OUT/study.json and
 OUT/report.md, with the paper's numbers (PAPER, from ../shared/PAPER.md) beside ours.
@@ -221,9 +221,9 @@ def _stage(folder: Path, key: dict, compute: Callable[[], None], say: Callable[[
 
 def run_model(model: StudyModel, out: Path, config: StudyConfig) -> dict:
     """The three stages of one model in out; the model's section of study.json."""
-    from semguard.analysis.cli import analyze_subject_attacks
+    from semguard.analysis.subject_attacks import analyze_subject_attacks
     from semguard.analysis.subject_two_vs_two import run_two_vs_two
-    from semguard.attacks.cli import subject_record
+    from semguard.subject.core import subject_record
     from semguard.attacks.generate import generate_attack_set
     from semguard.attacks.store import load_attack_set
     from semguard.detector.significance import default_device
@@ -289,7 +289,7 @@ def _clear_if_changed(folder: Path, key: dict) -> None:
 
 def headline(two: dict, analysis: dict) -> dict:
     """The numbers the report compares with the paper's, for one model."""
-    from semguard.analysis.cli import layer_blocks
+    from semguard.detector.layers import layer_blocks
 
     acc = np.asarray(two["accuracy"])
     blocks = layer_blocks(two["model"], two["layers"])

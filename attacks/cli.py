@@ -83,15 +83,6 @@ def _world_inputs(cache_dir: Path):
     return inputs.model, w.test_images, w.test_labels, list(w.classes), inputs.word_vectors
 
 
-def subject_record(spec: SubjectSpec) -> dict:
-    """What an attack set records about its subject: SubjectSpec.to_json() with absolute paths, as JSON
-    reads it back (tuples as lists)."""
-    import json
-
-    record = {k: str(Path(v).resolve()) if isinstance(getattr(spec, k), Path) else v for k, v in spec.to_json().items()}
-    return json.loads(json.dumps(record))
-
-
 def checked_subject_record(out_dir: Path, spec: SubjectSpec) -> dict | None:
     """The subject record this run writes, checked against an attack set already in out_dir (before
     anything is loaded): a set made on another subject is a ValueError naming what differs. On the
@@ -101,6 +92,7 @@ def checked_subject_record(out_dir: Path, spec: SubjectSpec) -> dict | None:
     import json
 
     from semguard.attacks.store import PARAMS_FILE
+    from semguard.subject.core import subject_record
 
     record = subject_record(spec)
     try:
@@ -127,22 +119,6 @@ def _describe(record: dict) -> str:
 
     named = [f"{k}={record[k]}" for k in SPEC_FIELDS if record.get(k) is not None]
     return ", ".join(named) if named else "the embedded world"
-
-
-def subject_spec_from_record(record: dict) -> SubjectSpec:
-    """The SubjectSpec an attack set recorded (subject_record), back from its JSON."""
-    import dataclasses
-
-    from semguard.subject.core import SubjectSpec
-
-    known = {f.name: f for f in dataclasses.fields(SubjectSpec)}
-    unknown = sorted(set(record) - set(known))
-    if unknown:
-        raise ValueError(f"the attack set's subject has keys this semguard does not know: {unknown}")
-    path_fields = {"weights", "images", "labels", "vectors", "world_cache"}
-    values = {k: (Path(v) if k in path_fields and v is not None else tuple(v) if isinstance(v, list) else v)
-              for k, v in record.items()}
-    return SubjectSpec(**values)
 
 
 def subject_inputs(spec: SubjectSpec):

@@ -99,6 +99,16 @@ def preset_layers(name: str) -> list[str]:
 # --------------------------------------------------------------------------- graph tracing
 
 
+def layer_blocks(name: str, layers: list[str]) -> list[str]:
+    """Block of each tapped layer: the preset's when the subject's layers are a preset's, else the
+    layer name up to its first dot ("layer3.1.relu" -> "layer3")."""
+    if name in known_presets():
+        info = {i.name: i.block for i in preset_info(name)}
+        if all(n in info for n in layers):
+            return [info[n] for n in layers]
+    return [n.split(".")[0] for n in layers]
+
+
 class Trace(NamedTuple):
     graph: fx.Graph
     names: dict[str, fx.Node]  # node name (torchvision convention) -> node, in execution order

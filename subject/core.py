@@ -15,6 +15,7 @@ A command takes a `SubjectSpec` (flags or a TOML file, semguard.subject.flags) a
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -64,6 +65,25 @@ class SubjectSpec:
     def to_json(self) -> dict:
         """JSON-able record (what an attack set or report stores about its subject)."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def subject_record(spec: SubjectSpec) -> dict:
+    """What an attack set records about its subject: SubjectSpec.to_json() with absolute paths, as JSON
+    reads it back (tuples as lists)."""
+    record = {k: str(Path(v).resolve()) if isinstance(getattr(spec, k), Path) else v for k, v in spec.to_json().items()}
+    return json.loads(json.dumps(record))
+
+
+def subject_spec_from_record(record: dict) -> SubjectSpec:
+    """The SubjectSpec an attack set recorded (subject_record), back from its JSON."""
+    known = {f.name: f for f in dataclasses.fields(SubjectSpec)}
+    unknown = sorted(set(record) - set(known))
+    if unknown:
+        raise ValueError(f"the attack set's subject has keys this semguard does not know: {unknown}")
+    path_fields = {"weights", "images", "labels", "vectors", "world_cache"}
+    values = {k: (Path(v) if k in path_fields and v is not None else tuple(v) if isinstance(v, list) else v)
+              for k, v in record.items()}
+    return SubjectSpec(**values)
 
 
 class ImageSet(Protocol):

@@ -124,7 +124,7 @@ def test_a_rerun_computes_and_loads_nothing(world, study_file, tmp_path):
 
 
 def test_a_killed_run_resumes_at_the_stage_it_was_in(world, study_file, tmp_path, monkeypatch):
-    from semguard.analysis import cli as analysis_cli
+    from semguard.analysis import subject_attacks as analysis_cli
 
     out = tmp_path / "out"
     real = analysis_cli.analyze_subject_attacks

@@ -8,6 +8,7 @@ from semguard.attacks import cli as attacks_cli
 from semguard.attacks.generate import GenerateParams
 from semguard.attacks.store import load_attack_set
 from semguard.cli import build_parser, main
+from semguard.subject.core import subject_record, subject_spec_from_record
 from tests.attacks.tiny import tiny_world
 
 
@@ -77,7 +78,7 @@ def test_generate_on_a_subject_records_it(tmp_path, monkeypatch, on_tiny_subject
     recorded = s.header["subject"]
     assert recorded["model"] == "resnet18" and recorded["weights"] == str(tmp_path / "w.pth")
     assert recorded["images"] == str(tmp_path / "imgs") and recorded["vectors"] == str(tmp_path / "vectors.bin")
-    assert attacks_cli.subject_spec_from_record(recorded).images == tmp_path / "imgs"
+    assert subject_spec_from_record(recorded).images == tmp_path / "imgs"
     n = len(tiny_world()[3])
     assert all(r.source_class < n - 2 and r.target_class < n - 2 for r in s.records)  # only classes with a vector
     assert s.complete and "0 already done" in capsys.readouterr().out
@@ -128,15 +129,15 @@ def test_analyze_takes_the_subject_the_set_records(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = SubjectSpec(model="resnet18", weights=Path("w.pth"), images=Path("imgs"), labels=Path("l.txt"),
                        vectors=Path("v.bin"), input_size=64, mean=(0.5, 0.5, 0.5))
-    record = attacks_cli.subject_record(spec)
+    record = subject_record(spec)
     assert record["images"] == str(tmp_path / "imgs") and record["mean"] == [0.5, 0.5, 0.5]
     parse = build_parser().parse_args
     args = parse(["attack", "analyze", "--attack-set", "s", "--out", "o"])
     again = attack_set_subject(args, {"subject": record})  # nothing but the set
     assert again.images == tmp_path / "imgs" and again.mean == (0.5, 0.5, 0.5) and again.input_size == 64
-    assert attacks_cli.subject_record(again) == record
+    assert subject_record(again) == record
     assert attack_set_subject(args, {}).is_world()  # a set written before sets recorded their subject
-    world = attacks_cli.subject_record(SubjectSpec(world_cache=Path("recorded")))
+    world = subject_record(SubjectSpec(world_cache=Path("recorded")))
     assert attack_set_subject(args, {"subject": world}).world_cache == tmp_path / "recorded"
     moved = parse(["attack", "analyze", "--attack-set", "s", "--out", "o", "--world-cache", "moved"])
     assert attack_set_subject(moved, {"subject": world}).world_cache == Path("moved")
@@ -144,7 +145,7 @@ def test_analyze_takes_the_subject_the_set_records(tmp_path, monkeypatch):
                    "--images", "elsewhere", "--vectors", "v.bin"])
     assert attack_set_subject(flags, {"subject": record}).images == Path("elsewhere")  # flags name the subject: theirs
     with pytest.raises(ValueError, match="keys this semguard does not know"):
-        attacks_cli.subject_spec_from_record({**record, "colour": 1})
+        subject_spec_from_record({**record, "colour": 1})
 
 
 # ----------------------------------------------------------------------------- the exported world
