@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from semguard.config_flags import (
@@ -33,14 +34,17 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
         "train", help="train FractalNet on the embedded world (or CIFAR-100) with checkpoints (resumes a killed run)",
         description="Trains FractalNet (Larsson et al. 2016) on the embedded world's training images (or CIFAR-100's "
         "train.bin with --images), writing checkpoints/epoch-NNNN.safetensors and train.json (lr schedule, train "
-        "accuracy per epoch) to --out; rerun the same command to resume. Default: a reduced net (C=3, widths "
-        "8-16-32) for 20 epochs; --quick: C=2, 10 epochs; --paper: the paper's CIFAR run (flags given override these).",
+        "accuracy per epoch) to --out; rerun the same command to resume. Default: a reduced net (C=2, widths "
+        "8-16-32, B=3) for 10 epochs, where meaning emerges on the world; --quick: the same net on 5000 images for 3 "
+        "epochs, a check of the pipeline that stays at chance; --paper: the paper's CIFAR run (flags given override these).",
     )
     p.add_argument("--model", choices=("fractalnet",), default="fractalnet", help="architecture (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--quick", action="store_true", help="FractalNet C=2 (8-16-32, B=3), 10 epochs")
+    preset.add_argument("--quick", action="store_true",
+                        help="pipeline check: 5000 images, 3 epochs (under 2 minutes; the world's net stays at chance)")
     preset.add_argument("--paper", action="store_true", help="the paper's CIFAR run: widths 64-512, C=3, B=5, 400 epochs")
+    p.add_argument("--columns", type=int, help="FractalNet columns C (block depth 2^(C-1); paper: 3; default: the preset's)")
     p.add_argument("--images", type=Path, help="CIFAR-100 binary: train.bin, or the folder holding it (default: the world)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     add_world_cache_flag(p, "the embedded world's cache (its training images are used)")
@@ -58,7 +62,10 @@ def train_config(args: argparse.Namespace):
     from semguard.analysis.training_run import TrainConfig, paper_config, quick_config
 
     base = quick_config() if args.quick else paper_config() if getattr(args, "paper", False) else TrainConfig()
-    return config_from_flags(args, base, TRAIN_FLAGS)
+    config = config_from_flags(args, base, TRAIN_FLAGS)
+    if getattr(args, "columns", None) is not None:
+        config = replace(config, model=replace(config.model, columns=args.columns))
+    return config
 
 
 def training_images(args: argparse.Namespace):
@@ -94,17 +101,29 @@ def run_train(args: argparse.Namespace) -> int:
 def add_analyze_commands(subparsers: argparse._SubParsersAction) -> None:
     analyze = subparsers.add_parser("analyze", help="training dynamics of 2 vs 2; architecture diagrams")
     commands = analyze.add_subparsers(dest="analyze_command", required=True)
-    p = commands.add_parser("training", help="2 vs 2 of every layer at every checkpoint (paper Figures 2-3)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoints", type=Path, required=True, help="a `semguard train --out` directory")
+    p = commands.add_parser(
+        "training", help="2 vs 2 of every layer at every checkpoint (paper Figures 2-3)",
+        description="2 vs 2 of every tapped layer at every checkpoint. No subject flag: `semguard train` checkpoints "
+        "on the embedded world's test images and word vectors. --images/--labels/--vectors: the same checkpoints "
+        "(FractalNet, 32 x 32 inputs) on your images (a cifar-100-binary folder: its test.bin) and vectors. "
+        "With --model or --model-entry too: a folder of your model's weights files (epoch_5.pt, "
+        "epoch-0005.safetensors; the epoch is the last number of the name), each loaded as --weights.")
+    p.add_argument("--checkpoints", type=Path, required=True,
+                   help="a `semguard train --out` directory, or with --model a folder of weights files")
     p.add_argument("--permuted", type=Path, help="the permuted-label run's directory, analysed beside it")
     p.add_argument("--out", type=Path, required=True, help="training.json, per-checkpoint results and figures")
     p.add_argument("--permutations", type=int, default=200,
-                   help="permutations per layer and checkpoint (paper: 1000; 200 keeps a 10-checkpoint run in minutes)")
-    p.add_argument("--image-sets", type=int, default=5, help="image sets per concept (paper: 5)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="permutations per layer and checkpoint (paper: 1000; the default, %(default)s, keeps a "
+                   "10-checkpoint run in minutes)")
+    p.add_argument("--image-sets", type=int, default=5, help="image sets per concept (paper and default: 5)")
+    p.add_argument("--seed", type=int, default=0, help="permutation seed (default: %(default)s)")
+    p.add_argument("--memory-budget", type=float, default=4.0, metavar="GIB",
+                   help="activations held at once; a big model's layers are tapped in passes (default: %(default)s)")
     p.add_argument("--quiet", action="store_true")
     add_world_cache_flag(p, "the embedded world's cache (test images and word vectors)")
+    from semguard.subject.flags import add_subject_flags
+
+    add_subject_flags(p)
     p.set_defaults(func=run_analyze_training)
     d = commands.add_parser("diagram", help="a network's tapped layers by block, coloured by 2 vs 2")
     d.add_argument("--model", required=True, help="torchvision architecture, fractalnet or worldnet")
@@ -119,17 +138,18 @@ def add_analyze_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_analyze_training(args: argparse.Namespace) -> int:
     import torch
-    from semguard.analysis.training import TrainingAnalysisConfig, analyze_training
-    from semguard.world.inputs import load_world_inputs
+    from semguard.analysis.training import TrainingAnalysisConfig, analyze_training_subject
+    from semguard.subject.flags import subject_spec_from_args
 
     torch.set_num_threads(1)
-    config = TrainingAnalysisConfig(args.image_sets, args.permutations, args.seed, progress=not args.quiet)
+    config = TrainingAnalysisConfig(args.image_sets, args.permutations, args.seed, progress=not args.quiet,
+                                    memory_budget_gib=args.memory_budget)
     try:
-        inputs = load_world_inputs(cache_dir=args.world_cache, progress=not args.quiet)
-        world = inputs.world
-        summary = analyze_training(args.checkpoints, args.out, world.test_images, world.test_labels,
-                                   inputs.word_vectors, config, args.permuted)
-    except ValueError as err:
+        if args.memory_budget <= 0:
+            raise ValueError(f"--memory-budget must be > 0 GiB, got {args.memory_budget}")
+        spec = subject_spec_from_args(args, world_cache=args.world_cache)
+        summary = analyze_training_subject(args.checkpoints, args.out, spec, config, args.permuted)
+    except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"semguard analyze training: {err}") from None
     print(json.dumps(summary["findings"], indent=1))
     print(f"training.json, training_heatmap.png and training_by_block.png in {args.out}")

@@ -27,6 +27,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from torch import nn
 
 from semguard.detector.bundle import ModelSpec
 from semguard.subject.core import Subject, SubjectSpec
-from semguard.subject.images import Transform, scan_images
+from semguard.subject.images import ImageSource, Transform, scan_images
 from semguard.subject.labels import ClassList, read_labels
 
 MAX_LISTED = 20  # unmatched class names shown in the vectors report
@@ -89,6 +90,32 @@ def load_asset_subject(spec: SubjectSpec, progress: bool = True) -> Subject:
     word_vectors, matched = _class_vectors(spec, classes, progress)
     return Subject(loaded.name, model, loaded.spec, layers, classes.names, word_vectors, matched,
                    source.image_set(transform), spec, str(spec.weights) if spec.weights is not None else None)
+
+
+class SubjectData(NamedTuple):
+    """A subject's images and word vectors without its model (for a caller bringing its own network)."""
+
+    source: ImageSource  # scanned images, native sizes (source.image_set(transform) loads them)
+    classes: list[str]
+    word_vectors: np.ndarray  # (C, d) float32, zero rows where not matched
+    matched: np.ndarray  # (C,) bool
+
+
+def load_subject_data(spec: SubjectSpec, progress: bool = True) -> SubjectData:
+    """--images, --labels (optional) and --vectors of `spec`, as load_asset_subject reads them; no model."""
+    for flag, value in (("--images", spec.images), ("--vectors", spec.vectors)):
+        if value is None:
+            raise ValueError(f"{flag}: needed with the other subject flags (only the embedded world brings its own)")
+    source = scan_images(spec.images, read_labels(spec.labels) if spec.labels is not None else None, progress)
+    word_vectors, matched = _class_vectors(spec, source.classes, progress)
+    return SubjectData(source, source.classes.names, word_vectors, matched)
+
+
+def load_subject_model(spec: SubjectSpec, n_classes: int) -> nn.Module:
+    """The model `spec` names with its --weights loaded (eval mode, taking [0, 1] images), as
+    load_asset_subject builds it: to swap weights under a loaded subject (one model per checkpoint)."""
+    _check_complete(spec)
+    return _load_model(spec, n_classes).module.eval()
 
 
 def _check_complete(spec: SubjectSpec) -> None:

@@ -200,7 +200,7 @@ def test_every_command_that_reads_a_world_has_the_same_world_cache_flag():
 
 
 SUBJECT_COMMANDS = {("attack", "generate"), ("attack", "analyze"), ("detector", "calibrate"), ("detector", "evaluate"),
-                    ("analyze", "two-vs-two")}
+                    ("analyze", "two-vs-two"), ("analyze", "training")}
 
 
 def test_every_batch_command_takes_the_same_subject_flags():

@@ -86,6 +86,9 @@ def test_quick_flag_starts_from_the_reduced_setting_and_flags_override_it():
     assert train_config(build_parser().parse_args(["train", "--out", "o"])) == TrainConfig()
     paper = train_config(build_parser().parse_args(["train", "--paper", "--out", "o", "--max-shift", "4"]))
     assert paper == paper_config(max_shift=4) and paper.model.widths == (64, 128, 256, 512, 512)
+    deep = train_config(build_parser().parse_args(["train", "--out", "o", "--columns", "3", "--epochs", "20"]))
+    assert deep.model == replace(TrainConfig().model, columns=3) and deep.epochs == 20
+    assert quick_config().model == TrainConfig().model  # --quick: the default net on fewer images
 
 
 def write_cifar_binary(path: Path, labels: np.ndarray, seed: int = 0) -> np.ndarray:
