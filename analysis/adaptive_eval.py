@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -169,6 +170,12 @@ def gradient_stats(runs: list[GuardAttackResult]) -> dict:
             "zero_share": float((every_ == 0).mean()) if every_.size else float("nan")}
 
 
+def wilson_interval(k: int, n: int) -> list[float]:
+    """Wilson score 95% interval [low, high] of a proportion k / n."""
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
 def cell(d: Detector, clean_scores: np.ndarray, model: nn.Module, x_clean: torch.Tensor, adv: torch.Tensor,
          targets: np.ndarray, seconds: float) -> dict:
     """One table cell, decided by the exact detector `d` at its calibrated threshold."""
@@ -179,6 +186,7 @@ def cell(d: Detector, clean_scores: np.ndarray, model: nn.Module, x_clean: torch
     delta = (adv - x_clean).flatten(1)
     nan = float("nan")
     return {"n": len(targets), "attack_success": float(reached.mean()), "evasion": float(evaded.mean()),
+            "evasion_ci95": wilson_interval(int(evaded.sum()), len(targets)),
             "evasion_of_successful": float(evaded[reached].mean()) if reached.any() else nan,
             "tpr_at_5fpr": m.tpr_at_fpr if m else nan, "auroc": m.auroc if m else nan,
             "mean_linf": float(delta.abs().max(1).values.mean()), "mean_l2": float(delta.norm(dim=1).mean()),
@@ -266,7 +274,10 @@ def plot_evasion(path: Path, results: dict) -> Path:
     for ax, (tm, by_eps) in zip(axes[0], results.items()):
         labels = sorted(by_eps, key=lambda e: float(Fraction(e)))  # increasing eps whatever the configured order
         for det in dict.fromkeys(d for cells in by_eps.values() for d in cells):
-            ax.plot(range(len(labels)), [by_eps[e].get(det, {}).get("evasion", np.nan) for e in labels], "o-", label=det)
+            cells = [by_eps[e].get(det, {}) for e in labels]
+            value = np.array([c.get("evasion", np.nan) for c in cells])
+            ci = np.array([c.get("evasion_ci95", [np.nan, np.nan]) for c in cells]).T  # (2, eps)
+            ax.errorbar(range(len(labels)), value, yerr=np.abs(ci - value), fmt="o-", capsize=3, label=det)
         ax.set_xticks(range(len(labels)), labels)
         ax.set_title(tm.replace("_", "-"))
         ax.set_xlabel("L-inf eps")

@@ -1,29 +1,32 @@
 """Hardening candidates for the guard, each measured naive / white-box / gray-box (issue 12, point 5).
 
-    python benchmarks/adaptive_hardening.py [--n 50] [--iterations 100] [--eps 8/255] [--keep 7]
+    python benchmarks/adaptive_hardening.py [--n 100] [--iterations 100] [--eps 8/255] [--keep 7]
+        [--keys 0,2,3,4,5] [--white-box-keys 0]
 
 Designs (all: the shipped recipe, ensemble flagger, calibrated as `detector evaluate` does on the
 calibration half of the embedded world's test images with its MI-FGSM training attacks, seed 0):
 
-  shipped        every tapped layer of the world CNN (14).
-  secret_layers  a server-side key: the guard taps `--keep` of the 14 layers, drawn from the key
-                 (seed 0); the bank, alternatives and Gaussians live on those layers only. Nothing
-                 else changes, so a white-box attacker (who holds the key) is as strong as before:
-                 the key can only buy gray-box robustness.
+  shipped                 every tapped layer of the world CNN (14).
+  secret_K_of_14_key_S    a server-side key S: the guard taps K of the 14 layers, drawn from the key; the
+                          bank, alternatives and Gaussians live on those layers only. Nothing else changes,
+                          so a white-box attacker (who holds the key) is as strong as before: a key can only
+                          buy gray-box robustness. One design per K in --keep and S in --keys, so the
+                          gray-box figure is seen across keys, not for one lucky draw.
 
-Attackers (one seeded random target per image; the same 50 held-out evaluation-half images as
-`semguard detector evaluate --adaptive --adaptive-images 50`; success decided by the real guard):
+Attackers (one seeded random target per image; the same held-out evaluation-half images as
+`semguard detector evaluate --adaptive --adaptive-images N`; success decided by the real guard):
 
   naive             targeted PGD on the classifier alone.
   white_box         guard-aware PGD on the real guard (combined with lambda search and orthogonal;
-                    per image the run the real guard likes best).
+                    per image the run the real guard likes best); the shipped guard and --white-box-keys.
   gray_box_all      the attacker knows the method but not the key: calibrates its own guard (seed 1,
                     held-out images that are not attacked) on every layer, which covers any key.
-  gray_box_own_key  the same with a key of its own (seed 1: `--keep` layers of its own).
+  gray_box_own_key  the same with a key of its own (key 1: K layers of its own).
 
 Per design: the clean false-positive rate on the evaluation half (target 5%), the naive AUROC (successful
-naive images vs clean evaluation images; the issue's floor is the Mahalanobis baseline's), and the
-evasion of every attacker. Writes runs/adaptive/hardening.json.
+naive images vs clean evaluation images; the issue's floor is the Mahalanobis baseline's), the evasion of
+every attacker with its Wilson 95% interval, and against the shipped guard on the same images the paired
+counts (gray_box_all evading only one of the two) with McNemar's exact p-value. Writes --out (JSON).
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from semguard.analysis.adaptive_eval import AdaptiveConfig, attack_plan, strongest
+from scipy.stats import binomtest
+from semguard.analysis.adaptive_eval import AdaptiveConfig, attack_plan, strongest, wilson_interval
 from semguard.analysis.detector_eval import (
     AttackSpec, DetectorEvalConfig, run_attack, split_clean, training_attacks, worldnet_spec,
 )
@@ -45,16 +49,17 @@ from semguard.attacks.adaptive import GuardSurrogate
 from semguard.detector.calibrate import calibrate_guard
 from semguard.detector.evaluate import detection_metrics
 from semguard.detector.guard import Guard
-from semguard.detector.layers import preset_layers
+from semguard.detector.layers import preset_layers, secret_layer_subset
 from semguard.world.inputs import load_world_inputs
 
 
+ATTACKER_KEY = 1  # the gray-box attacker's own key (it cannot know the server's)
+
+
 def key_layers(layers: list[str], keep: int | None, key: int) -> list[str]:
-    """`keep` of `layers` drawn from `key` (network order kept); all of them when keep is None."""
-    if keep is None:
-        return list(layers)
-    pick = np.sort(np.random.default_rng(1000 + key).choice(len(layers), keep, replace=False))
-    return [layers[i] for i in pick]
+    """`keep` of `layers` drawn from `key` (`detector calibrate --secret-layers keep --secret-seed 1000+key`);
+    all of them when keep is None."""
+    return list(layers) if keep is None else secret_layer_subset(layers, keep, 1000 + key)
 
 
 def guard_on(inputs, x, y, pred, pool: np.ndarray, layers: list[str], seed: int, out_dir: Path) -> Guard:
@@ -71,20 +76,43 @@ def scores(guard: Guard, images: torch.Tensor) -> np.ndarray:
     return np.concatenate([guard.inspect_arrays(images[i : i + 500]).score for i in range(0, len(images), 500)])
 
 
+def evaded(guard: Guard, adv: torch.Tensor, targets: np.ndarray) -> np.ndarray:
+    """(n,) bool: the image reaches its target and the guard does not flag it."""
+    v = guard.inspect_arrays(adv)
+    return (v.predicted == targets) & ~v.flagged
+
+
 def evasion(guard: Guard, adv: torch.Tensor, targets: np.ndarray) -> dict:
     v = guard.inspect_arrays(adv)
     reached = v.predicted == targets
     return {"attack_success": float(reached.mean()), "evasion": float((reached & ~v.flagged).mean())}
 
 
+def with_interval(row: dict, n: int) -> dict:
+    """row plus the Wilson 95% interval of its evasion over n images."""
+    return row | {"evasion_ci95": wilson_interval(round(row["evasion"] * n), n)}
+
+
+def paired(shipped: np.ndarray, design: np.ndarray) -> dict:
+    """Images evading the shipped guard only / the design only, and McNemar's exact two-sided p-value."""
+    b, c = int((shipped & ~design).sum()), int((~shipped & design).sum())
+    return {"shipped_only": b, "design_only": c, "mcnemar_p": binomtest(b, b + c).pvalue if b + c else 1.0}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=50)
+    p.add_argument("--n", type=int, default=100)
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--eps", type=lambda s: float(Fraction(s)), default=8 / 255)
-    p.add_argument("--keep", type=int, default=7, help="layers the secret key keeps, of the world CNN's 14")
+    p.add_argument("--keep", default="7", help="comma list: layers a secret key keeps, of the world CNN's 14")
+    p.add_argument("--keys", default="0,2,3,4,5", help="comma list of server keys (the attacker's own key is 1)")
+    p.add_argument("--white-box-keys", default="0", help="keys whose guard is also attacked white-box")
     p.add_argument("--out", default="runs/adaptive/hardening.json")
     args = p.parse_args()
+    keeps, keys = [int(k) for k in args.keep.split(",")], [int(k) for k in args.keys.split(",")]
+    white_keys = {int(k) for k in args.white_box_keys.split(",") if k}
+    if ATTACKER_KEY in keys:
+        raise SystemExit(f"--keys: {ATTACKER_KEY} is the attacker's own key; choose others")
     torch.set_num_threads(1)  # shared machine
     inputs = load_world_inputs(progress=False)
     x = torch.from_numpy(inputs.world.test_images).permute(0, 3, 1, 2).float() / 255  # (N, 3, 32, 32)
@@ -100,42 +128,53 @@ def main() -> None:
     spec = AttackSpec("naive_pgd", "pgd", {"eps": args.eps, "step": args.eps / 4, "iterations": args.iterations},
                       n_sources=len(sources))
     naive = run_attack(inputs.model, x, sources, targets, spec).adversarial
-    results: dict = {"n": len(sources), "eps": args.eps, "iterations": args.iterations, "keep": args.keep, "designs": {}}
+    n = len(sources)
+    results: dict = {"n": n, "eps": args.eps, "iterations": args.iterations, "designs": {}}
+    designs = [("shipped", None, None)] + [(f"secret_{k}_of_14_key_{key}", k, key) for k in keeps for key in keys]
     with tempfile.TemporaryDirectory(prefix="semguard-hardening-") as tmp:
         t0 = time.perf_counter()
-        attackers = {"gray_box_all": guard_on(inputs, x, y, pred, pool, all_layers, 1, Path(tmp) / "att_all"),
-                     "gray_box_own_key": guard_on(inputs, x, y, pred, pool, key_layers(all_layers, args.keep, 1), 1,
-                                                  Path(tmp) / "att_key")}
+        attackers = {"gray_box_all": guard_on(inputs, x, y, pred, pool, all_layers, 1, Path(tmp) / "att_all")}
+        for k in keeps:
+            attackers[f"gray_box_own_key_{k}"] = guard_on(inputs, x, y, pred, pool, key_layers(all_layers, k, ATTACKER_KEY),
+                                                          1, Path(tmp) / f"att_key_{k}")
         print(f"attacker guards calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
         attacked = {}
         for name, g in attackers.items():
             t0 = time.perf_counter()
             attacked[name] = (strongest(GuardSurrogate(g), x_src, t_src, args.eps, acfg)[0], time.perf_counter() - t0)
-        for design, keep in (("shipped", None), ("secret_layers", args.keep)):
-            layers = key_layers(all_layers, keep, 0)
+            print(f"{name} attack: {attacked[name][1]:.0f} s", flush=True)
+        evading: dict = {}
+        for design, keep, key in designs:
+            layers = key_layers(all_layers, keep, key)
             guard = guard_on(inputs, x, y, pred, split.calibration, layers, 0, Path(tmp) / design)
             clean = scores(guard, x[split.evaluation])
-            row = {"layers": layers, "threshold": guard.info.threshold,
+            row = {"layers": layers, "keep": keep, "key": key, "threshold": guard.info.threshold,
                    "clean_fpr": float((clean > guard.info.threshold).mean())}
-            row["naive"] = evasion(guard, naive, targets)
+            row["naive"] = with_interval(evasion(guard, naive, targets), n)
             reached = guard.inspect_arrays(naive).predicted == targets
             row["naive"]["auroc"] = detection_metrics(clean, scores(guard, naive[reached]), guard.info.threshold).auroc
-            t0 = time.perf_counter()
-            white = strongest(GuardSurrogate(guard), x_src, t_src, args.eps, acfg)[0]
-            row["white_box"] = evasion(guard, white, targets) | {"seconds": round(time.perf_counter() - t0, 1)}
+            if keep is None or key in white_keys:
+                t0 = time.perf_counter()
+                white = strongest(GuardSurrogate(guard), x_src, t_src, args.eps, acfg)[0]
+                row["white_box"] = with_interval(evasion(guard, white, targets), n) | {"seconds": round(time.perf_counter() - t0, 1)}
             for name, (adv, s) in attacked.items():
-                if design == "shipped" and name == "gray_box_own_key":
+                if name.startswith("gray_box_own_key") and name != f"gray_box_own_key_{keep}":
                     continue  # the shipped guard has no key; its gray-box attacker is gray_box_all
-                row[name] = evasion(guard, adv, targets) | {"seconds": round(s, 1)}
+                row[name.removesuffix(f"_{keep}")] = with_interval(evasion(guard, adv, targets), n) | {"seconds": round(s, 1)}
+                evading[design, name] = evaded(guard, adv, targets)
+            if keep is not None:
+                row["paired_vs_shipped"] = {"gray_box_all": paired(evading["shipped", "gray_box_all"],
+                                                                   evading[design, "gray_box_all"])}
             results["designs"][design] = row
             print(design, json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
-    print(f"\n{'design':<15}{'clean FPR':>10}{'naive AUROC':>12}{'naive':>7}{'white':>7}{'gray all':>9}{'gray own':>9}")
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=1))  # every finished design kept
+    print(f"\n{'design':<28}{'clean FPR':>10}{'naive AUROC':>12}{'naive':>7}{'white':>7}{'gray all':>9}{'gray own':>9}")
     for design, r in results["designs"].items():
+        white = r.get("white_box", {}).get("evasion", float("nan"))
         own = r.get("gray_box_own_key", {}).get("evasion", float("nan"))
-        print(f"{design:<15}{r['clean_fpr']:>10.3f}{r['naive']['auroc']:>12.3f}{r['naive']['evasion']:>7.2f}"
-              f"{r['white_box']['evasion']:>7.2f}{r['gray_box_all']['evasion']:>9.2f}{own:>9.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"{design:<28}{r['clean_fpr']:>10.3f}{r['naive']['auroc']:>12.3f}{r['naive']['evasion']:>7.2f}"
+              f"{white:>7.2f}{r['gray_box_all']['evasion']:>9.2f}{own:>9.2f}")
 
 
 if __name__ == "__main__":

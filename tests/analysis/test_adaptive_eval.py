@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from semguard.analysis.adaptive_eval import (
-    THREAT_MODELS, AdaptiveConfig, AttackerView, attack_plan, attacker_detectors, eps_label,
+    THREAT_MODELS, AdaptiveConfig, AttackerView, attack_plan, attacker_detectors, eps_label, wilson_interval,
 )
 from semguard.analysis.detector_eval import AttackSpec, DetectorEvalConfig, evaluate_detector, split_clean
 from semguard.detector.bundle import ModelSpec
@@ -45,6 +45,8 @@ def test_adaptive_evaluation_writes_every_threat_model(tiny_world, tmp_path):
             assert set(cells) == {"detector", "mahalanobis", "signature_only", "art_binary_activation"}
             for c in cells.values():
                 assert 0 <= c["evasion"] <= c["attack_success"] <= 1
+                low, high = c["evasion_ci95"]
+                assert low <= c["evasion"] <= high
                 assert c["mean_linf"] <= 0.3 + 1e-5 and c["attack_seconds"] >= 0
     big = a["white_box"]["0.3"]
     assert big["detector"]["attack_success"] >= 0.9  # each attack reaches its target at a large eps
@@ -106,6 +108,13 @@ def test_plan_and_labels():
     s, t = attack_plan(y, pred, np.arange(20), 30, 0)
     assert 0 not in s and len(s) == 19 and np.all(t != y[s]) and np.all((t >= 0) & (t < 4))
     assert eps_label(8 / 255) == "8/255" and eps_label(0.15) == "0.15"
+
+
+@pytest.mark.parametrize("k,n", [(0, 12), (7, 12), (12, 12), (49, 50), (86, 100)])
+def test_wilson_interval_is_the_textbook_formula(k, n):
+    z, p = 1.959963984540054, k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert wilson_interval(k, n) == pytest.approx([centre - half, centre + half], abs=1e-12)
 
 
 @pytest.mark.parametrize("kwargs,match", [({"threat_models": ("black_box",)}, "threat_models"),
