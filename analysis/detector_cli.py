@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,11 +47,6 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> argparse._S
                               help="write a guard bundle (reference bank, Mahalanobis, flagger) for the world CNN "
                                    "or your model (subject flags)")
     cal.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    cal.add_argument("--secret-layers", type=int, default=None, metavar="K",
-                     help="hardening: tap K of the layers, drawn from fresh OS entropy (the bundle holds the choice: "
-                          "keep it private); lowers gray-box evasion, not white-box (README, Threat model)")
-    cal.add_argument("--secret-seed", type=int, default=None,
-                     help="draw --secret-layers from this seed instead (reproducible; then the seed is a secret too)")
     ev = commands.add_parser("evaluate", description=SUBJECT_POLICY,
                              help="AUROC / TPR at 5%% FPR / realised FPR per attack, with baselines and ROC curves")
     ev.add_argument("--out", type=Path, required=True, help="output directory (bundle/, detector_roc.png, detector_eval.json)")
@@ -178,10 +172,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if subject is not None:
         from semguard.analysis.detector_eval import calibrate_subject_guard
 
-        subject = subject._replace(layers=_tapped_layers(args, subject.layers))
         report = _on_subject(args, calibrate_subject_guard, subject, args.out, cfg, args.max_images)
         return _print_calibration(report)
-    layers = _tapped_layers(args, preset_layers("worldnet"))
     world, model, vectors = _world(args, cfg.progress)
     x, y = as_model_input(world.test_images), world.test_labels
     split = split_clean(y, cfg.eval_fraction, cfg.seed)  # the same split `evaluate` uses: its held-out part stays unseen
@@ -190,28 +182,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
         predicted = predict(model, x, cfg.batch_size)
         attack_images, _ = training_attacks(model, x, y, predicted, split.calibration, vectors, cfg)
     report = calibrate_guard(
-        model, worldnet_spec(model), layers, list(world.classes), vectors, x[split.calibration],
+        model, worldnet_spec(model), preset_layers("worldnet"), list(world.classes), vectors, x[split.calibration],
         y[split.calibration], args.out, model_name="worldnet", attack_images=attack_images, config=cfg.detector,
         source_weights=str(world.model_path), progress=cfg.progress,
     )
     return _print_calibration(report)
-
-
-def _tapped_layers(args: argparse.Namespace, layers: list[str]) -> list[str]:
-    """The layers the guard taps: all of them, or --secret-layers K of them drawn in secret."""
-    from semguard.detector.layers import secret_layer_subset
-
-    if args.secret_layers is None:
-        if args.secret_seed is not None:
-            raise SystemExit("semguard detector calibrate: --secret-seed needs --secret-layers K")
-        return layers
-    try:
-        chosen = secret_layer_subset(layers, args.secret_layers, args.secret_seed)
-    except ValueError as err:
-        raise SystemExit(f"semguard detector calibrate: {err}") from None
-    print(f"tapping {len(chosen)} of {len(layers)} layers, drawn in secret; the bundle holds them: keep it private",
-          file=sys.stderr)
-    return chosen
 
 
 def _print_calibration(report) -> int:

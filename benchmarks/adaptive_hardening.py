@@ -1,7 +1,7 @@
 """Hardening candidates for the guard, each measured naive / white-box / gray-box (issue 12, point 5).
 
     python benchmarks/adaptive_hardening.py [--n 100] [--iterations 100] [--eps 8/255] [--keep 7]
-        [--keys 0,2,3,4,5] [--white-box-keys 0]
+        [--keys 0,2,3,4,5] [--white-box-keys 0] [--eot-keys 4]
 
 Designs (all: the shipped recipe, ensemble flagger, calibrated as `detector evaluate` does on the
 calibration half of the embedded world's test images with its MI-FGSM training attacks, seed 0):
@@ -22,6 +22,8 @@ Attackers (one seeded random target per image; the same held-out evaluation-half
   gray_box_all      the attacker knows the method but not the key: calibrates its own guard (seed 1,
                     held-out images that are not attacked) on every layer, which covers any key.
   gray_box_own_key  the same with a key of its own (key 1: K layers of its own).
+  gray_box_eot_keys with --eot-keys M: M guards of its own on keys 100.. (K layers each), attacked through the
+                    mean of their (score - threshold) margins: EOT over the key it does not know.
 
 Per design: the clean false-positive rate on the evaluation half (target 5%), the naive AUROC (successful
 naive images vs clean evaluation images; the issue's floor is the Mahalanobis baseline's), the evasion of
@@ -45,11 +47,11 @@ from semguard.analysis.adaptive_eval import AdaptiveConfig, attack_plan, stronge
 from semguard.analysis.detector_eval import (
     AttackSpec, DetectorEvalConfig, run_attack, split_clean, training_attacks, worldnet_spec,
 )
-from semguard.attacks.adaptive import GuardSurrogate
+from semguard.attacks.adaptive import GuardSurrogate, SurrogateOutput, Verdict
 from semguard.detector.calibrate import calibrate_guard
 from semguard.detector.evaluate import detection_metrics
 from semguard.detector.guard import Guard
-from semguard.detector.layers import preset_layers, secret_layer_subset
+from semguard.detector.layers import preset_layers
 from semguard.world.inputs import load_world_inputs
 
 
@@ -57,9 +59,11 @@ ATTACKER_KEY = 1  # the gray-box attacker's own key (it cannot know the server's
 
 
 def key_layers(layers: list[str], keep: int | None, key: int) -> list[str]:
-    """`keep` of `layers` drawn from `key` (`detector calibrate --secret-layers keep --secret-seed 1000+key`);
-    all of them when keep is None."""
-    return list(layers) if keep is None else secret_layer_subset(layers, keep, 1000 + key)
+    """`keep` of `layers` drawn from `key` (network order kept); all of them when keep is None."""
+    if keep is None:
+        return list(layers)
+    pick = np.sort(np.random.default_rng(1000 + key).choice(len(layers), keep, replace=False))
+    return [layers[i] for i in pick]
 
 
 def guard_on(inputs, x, y, pred, pool: np.ndarray, layers: list[str], seed: int, out_dir: Path) -> Guard:
@@ -88,6 +92,25 @@ def evasion(guard: Guard, adv: torch.Tensor, targets: np.ndarray) -> dict:
     return {"attack_success": float(reached.mean()), "evasion": float((reached & ~v.flagged).mean())}
 
 
+class KeyAverage:
+    """The gray-box attacker's EOT over keys: guards of its own, each on a key it drew, attacked through the mean
+    of their (score - threshold); its exact reading is the same mean of the exact guards' margins."""
+
+    def __init__(self, guards: list[Guard]) -> None:
+        self.parts = [GuardSurrogate(g) for g in guards]
+        self.threshold, self.members = 0.0, [("key_average",)]
+
+    def __call__(self, images: torch.Tensor) -> SurrogateOutput:
+        outs = [s(images) for s in self.parts]
+        score = torch.stack([o.score - s.threshold for o, s in zip(outs, self.parts)]).mean(0)
+        return outs[0]._replace(score=score)  # logits: the same classifier in every part
+
+    def verdict(self, images: torch.Tensor) -> Verdict:
+        parts = [s.verdict(images) for s in self.parts]
+        score = np.mean([v.score - s.threshold for v, s in zip(parts, self.parts)], axis=0)
+        return Verdict(parts[0].predicted, score > 0, score)
+
+
 def with_interval(row: dict, n: int) -> dict:
     """row plus the Wilson 95% interval of its evasion over n images."""
     return row | {"evasion_ci95": wilson_interval(round(row["evasion"] * n), n)}
@@ -107,6 +130,8 @@ def main() -> None:
     p.add_argument("--keep", default="7", help="comma list: layers a secret key keeps, of the world CNN's 14")
     p.add_argument("--keys", default="0,2,3,4,5", help="comma list of server keys (the attacker's own key is 1)")
     p.add_argument("--white-box-keys", default="0", help="keys whose guard is also attacked white-box")
+    p.add_argument("--eot-keys", type=int, default=0,
+                   help="also a gray-box attacker averaging over this many keys of its own per K (EOT over keys)")
     p.add_argument("--out", default="runs/adaptive/hardening.json")
     args = p.parse_args()
     keeps, keys = [int(k) for k in args.keep.split(",")], [int(k) for k in args.keys.split(",")]
@@ -137,11 +162,16 @@ def main() -> None:
         for k in keeps:
             attackers[f"gray_box_own_key_{k}"] = guard_on(inputs, x, y, pred, pool, key_layers(all_layers, k, ATTACKER_KEY),
                                                           1, Path(tmp) / f"att_key_{k}")
+            if args.eot_keys:  # attacker keys 100, 101, ...: never the server's
+                attackers[f"gray_box_eot_keys_{k}"] = [
+                    guard_on(inputs, x, y, pred, pool, key_layers(all_layers, k, 100 + j), 1, Path(tmp) / f"att_eot_{k}_{j}")
+                    for j in range(args.eot_keys)]
         print(f"attacker guards calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
         attacked = {}
         for name, g in attackers.items():
             t0 = time.perf_counter()
-            attacked[name] = (strongest(GuardSurrogate(g), x_src, t_src, args.eps, acfg)[0], time.perf_counter() - t0)
+            surrogate = KeyAverage(g) if isinstance(g, list) else GuardSurrogate(g)
+            attacked[name] = (strongest(surrogate, x_src, t_src, args.eps, acfg)[0], time.perf_counter() - t0)
             print(f"{name} attack: {attacked[name][1]:.0f} s", flush=True)
         evading: dict = {}
         for design, keep, key in designs:
@@ -158,23 +188,27 @@ def main() -> None:
                 white = strongest(GuardSurrogate(guard), x_src, t_src, args.eps, acfg)[0]
                 row["white_box"] = with_interval(evasion(guard, white, targets), n) | {"seconds": round(time.perf_counter() - t0, 1)}
             for name, (adv, s) in attacked.items():
-                if name.startswith("gray_box_own_key") and name != f"gray_box_own_key_{keep}":
+                if name.startswith(("gray_box_own_key", "gray_box_eot_keys")) and not name.endswith(f"_{keep}"):
                     continue  # the shipped guard has no key; its gray-box attacker is gray_box_all
                 row[name.removesuffix(f"_{keep}")] = with_interval(evasion(guard, adv, targets), n) | {"seconds": round(s, 1)}
                 evading[design, name] = evaded(guard, adv, targets)
             if keep is not None:
                 row["paired_vs_shipped"] = {"gray_box_all": paired(evading["shipped", "gray_box_all"],
                                                                    evading[design, "gray_box_all"])}
+                if args.eot_keys:  # the shipped guard against its gray-box attacker vs the design against EOT over keys
+                    row["paired_vs_shipped"]["gray_box_eot_keys"] = paired(evading["shipped", "gray_box_all"],
+                                                                           evading[design, f"gray_box_eot_keys_{keep}"])
             results["designs"][design] = row
             print(design, json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=1))  # every finished design kept
-    print(f"\n{'design':<28}{'clean FPR':>10}{'naive AUROC':>12}{'naive':>7}{'white':>7}{'gray all':>9}{'gray own':>9}")
+    print(f"\n{'design':<28}{'clean FPR':>10}{'naive AUROC':>12}{'naive':>7}{'white':>7}{'gray all':>9}{'gray own':>9}"
+          f"{'gray EOT':>9}")
     for design, r in results["designs"].items():
-        white = r.get("white_box", {}).get("evasion", float("nan"))
-        own = r.get("gray_box_own_key", {}).get("evasion", float("nan"))
+        white, own, eot = (r.get(k, {}).get("evasion", float("nan")) for k in ("white_box", "gray_box_own_key",
+                                                                             "gray_box_eot_keys"))
         print(f"{design:<28}{r['clean_fpr']:>10.3f}{r['naive']['auroc']:>12.3f}{r['naive']['evasion']:>7.2f}"
-              f"{white:>7.2f}{r['gray_box_all']['evasion']:>9.2f}{own:>9.2f}")
+              f"{white:>7.2f}{r['gray_box_all']['evasion']:>9.2f}{own:>9.2f}{eot:>9.2f}")
 
 
 if __name__ == "__main__":

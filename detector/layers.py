@@ -21,13 +21,11 @@ import inspect
 import itertools
 import math
 import pickle
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torchvision
 from torch import fx, nn
@@ -96,15 +94,6 @@ def preset_info(name: str) -> list[LayerInfo]:
 def preset_layers(name: str) -> list[str]:
     """The preset's node names in depth order."""
     return [info.name for info in preset_info(name)]
-
-
-def secret_layer_subset(layers: list[str], keep: int, seed: int | None = None) -> list[str]:
-    """`keep` of `layers` (depth order kept), drawn from `seed`, or from fresh OS entropy when None: the
-    hardened guard's key (README, Threat model). The bundle stores the result, so it is as secret as the bundle."""
-    if not 1 <= keep <= len(layers):
-        raise ValueError(f"--secret-layers: expected 1..{len(layers)} (the tapped layers), got {keep}")
-    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
-    return [layers[i] for i in np.sort(rng.choice(len(layers), keep, replace=False))]
 
 
 # --------------------------------------------------------------------------- graph tracing

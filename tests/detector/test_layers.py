@@ -376,18 +376,3 @@ def test_inception_weights_with_or_without_aux_head(tmp_path):
         assert set(preset_layers("inception_v3")) <= set(graph_node_names(model))
         outputs.append(model(x))
     torch.testing.assert_close(outputs[0], outputs[1])
-
-
-def test_secret_layer_subset_keeps_depth_order_and_draws_fresh_without_a_seed():
-    from semguard.detector.layers import secret_layer_subset
-
-    layers = [f"l{i}" for i in range(14)]
-    drawn = secret_layer_subset(layers, 7, 3)
-    assert drawn == secret_layer_subset(layers, 7, 3) and len(set(drawn)) == 7
-    assert drawn == sorted(drawn, key=layers.index)  # depth order, as the bank and Gaussians expect
-    assert secret_layer_subset(layers, 14, 3) == layers
-    fresh = {tuple(secret_layer_subset(layers, 7)) for _ in range(20)}  # OS entropy: C(14, 7) = 3432 choices
-    assert len(fresh) > 15
-    for keep in (0, 15):
-        with pytest.raises(ValueError, match="expected 1..14"):
-            secret_layer_subset(layers, keep)

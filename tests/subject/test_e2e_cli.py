@@ -211,24 +211,3 @@ def test_entry_point_bundle_is_served_only_with_trust_model_code(assets, tmp_pat
     expected = Guard(want).inspect_arrays(images)
     np.testing.assert_array_equal(got["PREDICTION"], expected.predicted)
     np.testing.assert_allclose(got["SCORE"], expected.score, rtol=1e-4, atol=1e-5)
-
-
-def test_secret_layers_bundle_taps_the_drawn_subset(assets, tmp_path, capsys):
-    """`detector calibrate --secret-layers K --secret-seed S`: the bundle taps exactly the K layers that seed draws
-    (the hardening of README's Threat model) and the guard built from it scores images."""
-    from semguard.detector.guard import Guard
-    from semguard.detector.layers import secret_layer_subset
-    from semguard.subject.core import SubjectSpec, load_subject
-    from semguard.subject.flags import read_subject_toml
-
-    spec = SubjectSpec(**read_subject_toml(assets.toml), world_cache=Path(cache_flags(assets)[1]))
-    layers = load_subject(spec, progress=False).layers
-    flags = ["--subject", str(assets.toml), *cache_flags(assets), "--method", "gaussian", "--quiet"]
-    assert main(["detector", "calibrate", "--out", str(tmp_path / "bundle"), "--secret-layers", "3",
-                 "--secret-seed", "7", *flags]) == 0
-    assert "tapping 3 of" in capsys.readouterr().err
-    guard = Guard.load(tmp_path / "bundle")
-    assert list(guard.info.layers) == secret_layer_subset(layers, 3, 7) and len(layers) > 3
-    assert len(guard.inspect_arrays(subject_images(assets, [0, 1])).score) == 2
-    with pytest.raises(SystemExit, match="expected 1.."):
-        main(["detector", "calibrate", "--out", str(tmp_path / "b2"), "--secret-layers", str(len(layers) + 1), *flags])
