@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from semguard.config_flags import (
@@ -18,6 +17,7 @@ from semguard.config_flags import (
 # Types and defaults come from analysis.training_run.TrainConfig (imported on first use).
 TRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("--epochs", "epochs", "epochs (with --permute-labels: the most to try)"),
+    Flag("--columns", "model.columns", "FractalNet columns C (block depth 2^(C-1); paper: 3)"),
     Flag("--checkpoint-every", "checkpoint_every", "a checkpoint every K epochs (paper: 5)"),
     Flag("--train-subset", "train_subset", "train on the first N training images"),
     Flag("--permute-labels", "permute_labels", "control run: train on the labels permuted with this seed until fitted"),
@@ -44,7 +44,6 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     preset.add_argument("--quick", action="store_true",
                         help="pipeline check: 5000 images, 3 epochs (under 2 minutes; the world's net stays at chance)")
     preset.add_argument("--paper", action="store_true", help="the paper's CIFAR run: widths 64-512, C=3, B=5, 400 epochs")
-    p.add_argument("--columns", type=int, help="FractalNet columns C (block depth 2^(C-1); paper: 3; default: the preset's)")
     p.add_argument("--images", type=Path, help="CIFAR-100 binary: train.bin, or the folder holding it (default: the world)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     add_world_cache_flag(p, "the embedded world's cache (its training images are used)")
@@ -62,10 +61,7 @@ def train_config(args: argparse.Namespace):
     from semguard.analysis.training_run import TrainConfig, paper_config, quick_config
 
     base = quick_config() if args.quick else paper_config() if getattr(args, "paper", False) else TrainConfig()
-    config = config_from_flags(args, base, TRAIN_FLAGS)
-    if getattr(args, "columns", None) is not None:
-        config = replace(config, model=replace(config.model, columns=args.columns))
-    return config
+    return config_from_flags(args, base, TRAIN_FLAGS)
 
 
 def training_images(args: argparse.Namespace):

@@ -80,16 +80,17 @@ def scores(guard: Guard, images: torch.Tensor) -> np.ndarray:
     return np.concatenate([guard.inspect_arrays(images[i : i + 500]).score for i in range(0, len(images), 500)])
 
 
-def evaded(guard: Guard, adv: torch.Tensor, targets: np.ndarray) -> np.ndarray:
-    """(n,) bool: the image reaches its target and the guard does not flag it."""
-    v = guard.inspect_arrays(adv)
-    return (v.predicted == targets) & ~v.flagged
-
-
-def evasion(guard: Guard, adv: torch.Tensor, targets: np.ndarray) -> dict:
+def outcome(guard: Guard, adv: torch.Tensor, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(reached, evaded), each (n,) bool: the image reaches its target / and the guard does not flag it."""
     v = guard.inspect_arrays(adv)
     reached = v.predicted == targets
-    return {"attack_success": float(reached.mean()), "evasion": float((reached & ~v.flagged).mean())}
+    return reached, reached & ~v.flagged
+
+
+def evasion_row(reached: np.ndarray, evaded: np.ndarray) -> dict:
+    """Attack success, evasion and the Wilson 95% interval of the evasion."""
+    return {"attack_success": float(reached.mean()), "evasion": float(evaded.mean()),
+            "evasion_ci95": wilson_interval(int(evaded.sum()), len(evaded))}
 
 
 class KeyAverage:
@@ -109,11 +110,6 @@ class KeyAverage:
         parts = [s.verdict(images) for s in self.parts]
         score = np.mean([v.score - s.threshold for v, s in zip(parts, self.parts)], axis=0)
         return Verdict(parts[0].predicted, score > 0, score)
-
-
-def with_interval(row: dict, n: int) -> dict:
-    """row plus the Wilson 95% interval of its evasion over n images."""
-    return row | {"evasion_ci95": wilson_interval(round(row["evasion"] * n), n)}
 
 
 def paired(shipped: np.ndarray, design: np.ndarray) -> dict:
@@ -180,18 +176,18 @@ def main() -> None:
             clean = scores(guard, x[split.evaluation])
             row = {"layers": layers, "keep": keep, "key": key, "threshold": guard.info.threshold,
                    "clean_fpr": float((clean > guard.info.threshold).mean())}
-            row["naive"] = with_interval(evasion(guard, naive, targets), n)
-            reached = guard.inspect_arrays(naive).predicted == targets
+            reached, evaded = outcome(guard, naive, targets)
+            row["naive"] = evasion_row(reached, evaded)
             row["naive"]["auroc"] = detection_metrics(clean, scores(guard, naive[reached]), guard.info.threshold).auroc
             if keep is None or key in white_keys:
                 t0 = time.perf_counter()
                 white = strongest(GuardSurrogate(guard), x_src, t_src, args.eps, acfg)[0]
-                row["white_box"] = with_interval(evasion(guard, white, targets), n) | {"seconds": round(time.perf_counter() - t0, 1)}
+                row["white_box"] = evasion_row(*outcome(guard, white, targets)) | {"seconds": round(time.perf_counter() - t0, 1)}
             for name, (adv, s) in attacked.items():
                 if name.startswith(("gray_box_own_key", "gray_box_eot_keys")) and not name.endswith(f"_{keep}"):
                     continue  # the shipped guard has no key; its gray-box attacker is gray_box_all
-                row[name.removesuffix(f"_{keep}")] = with_interval(evasion(guard, adv, targets), n) | {"seconds": round(s, 1)}
-                evading[design, name] = evaded(guard, adv, targets)
+                reached, evading[design, name] = outcome(guard, adv, targets)
+                row[name.removesuffix(f"_{keep}")] = evasion_row(reached, evading[design, name]) | {"seconds": round(s, 1)}
             if keep is not None:
                 row["paired_vs_shipped"] = {"gray_box_all": paired(evading["shipped", "gray_box_all"],
                                                                    evading[design, "gray_box_all"])}
