@@ -1,6 +1,6 @@
 """ServiceConfig: every knob of the guard server, with the reason for each default.
 
-Filled from the CLI or the environment at the edge only (service/cli.py); the server code takes
+Filled from the CLI or the environment at the edge only (semguard/commands/serve.py); the server code takes
 a ServiceConfig and never reads os.environ itself.
 """
 from __future__ import annotations

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from semguard.analysis.cli import QUICKSTART_FLAGS, quickstart_config
-from semguard.analysis.detector_cli import _config as detector_config
-from semguard.analysis.detector_cli import detector_flags
-from semguard.analysis.training_cli import TRAIN_FLAGS, train_config
-from semguard.attacks.cli import generate_flags, params_from_args
-from semguard.service.cli import FLAGS as SERVE_FLAGS
-from semguard.service.cli import config_from_args as serve_config
+from semguard.commands.quickstart import QUICKSTART_FLAGS, quickstart_config
+from semguard.commands.detector import _config as detector_config
+from semguard.commands.detector import detector_flags
+from semguard.commands.train import TRAIN_FLAGS, train_config
+from semguard.commands.attack import generate_flags, params_from_args
+from semguard.commands.serve import FLAGS as SERVE_FLAGS
+from semguard.commands.serve import config_from_args as serve_config
 
 from semguard.cli import build_parser
 from semguard.config_flags import (

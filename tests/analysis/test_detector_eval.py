@@ -102,7 +102,7 @@ def test_config_rejects_bad_values():
 
 
 def test_cli_registers_detector_commands_and_formats(tiny_world):
-    from semguard.analysis.detector_cli import _config, format_results
+    from semguard.commands.detector import _config, format_results
     from semguard.cli import build_parser
 
     args = build_parser().parse_args(["detector", "evaluate", "--out", "x", "--quick", "--sources", "7", "--no-art",
@@ -115,7 +115,7 @@ def test_cli_registers_detector_commands_and_formats(tiny_world):
                                       "--bank-max-width", "1024", "--bank-reduction", "channel_pool"])
     cfg = _config(args)
     assert args.world_seed == 2 and (cfg.detector.bank_max_width, cfg.detector.bank_reduction) == (1024, "channel_pool")
-    from semguard.analysis.detector_cli import _checked_config
+    from semguard.commands.detector import _checked_config
 
     bad = build_parser().parse_args(["detector", "calibrate", "--out", "b", "--features", "fraction,words"])
     with pytest.raises(SystemExit, match="semguard detector calibrate: features must be"):

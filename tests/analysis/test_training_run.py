@@ -76,7 +76,7 @@ def test_other_settings_in_the_same_directory_are_refused(tmp_path):
 
 
 def test_quick_flag_starts_from_the_reduced_setting_and_flags_override_it():
-    from semguard.analysis.training_cli import train_config
+    from semguard.commands.train import train_config
     from semguard.analysis.training_run import quick_config
 
     from semguard.cli import build_parser
@@ -109,7 +109,7 @@ def test_train_reads_cifar100_binary(tmp_path, capsys):
     assert main(args) == 0  # the default (reduced) net: 2 steps on 12 images
     record = json.loads((tmp_path / "run" / "train.json").read_text())
     assert record["epochs_done"] == 1 and len(record["checkpoints"]) == 2 and "1 epochs, 2 checkpoints" in capsys.readouterr().out
-    from semguard.analysis.training_cli import training_images
+    from semguard.commands.train import training_images
     from semguard.cli import build_parser
 
     x, y = training_images(build_parser().parse_args(["train", "--images", str(tmp_path / "train.bin"), "--out", "o"]))

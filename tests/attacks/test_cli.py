@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from semguard.attacks import cli as attacks_cli
+from semguard.commands import attack as attacks_cli
 from semguard.attacks.generate import GenerateParams
 from semguard.attacks.store import load_attack_set
 from semguard.cli import build_parser, main
@@ -36,7 +36,7 @@ def test_generate_command_bad_flags(tmp_path):
 
 
 def test_ray_is_imported_only_with_ray_flag():
-    code = ("import sys; from semguard.cli import build_parser; import semguard.attacks.generate, semguard.attacks.cli; "
+    code = ("import sys; from semguard.cli import build_parser; import semguard.attacks.generate, semguard.commands.attack; "
             "build_parser().parse_args(['attack', 'generate', '--out', 'o']); assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -123,7 +123,7 @@ def test_world_sets_resume_as_before(tmp_path, monkeypatch, capsys):
 def test_analyze_takes_the_subject_the_set_records(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from semguard.analysis.cli import attack_set_subject
+    from semguard.commands.attack import attack_set_subject
     from semguard.subject.core import SubjectSpec
 
     monkeypatch.chdir(tmp_path)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from semguard.attacks import cli as attacks_cli
+from semguard.commands import attack as attacks_cli
 from semguard.attacks.generate import GenerateParams, generate_attack_set
 from semguard.attacks.store import MANIFEST_FILE, SHARD_DIR, load_attack_set
 from semguard.cli import main
@@ -130,7 +130,7 @@ def test_quickstart_activations_on_ray_equal_the_in_process_ones(cluster):
 
 
 def test_quickstart_ray_flag():
-    from semguard.analysis.cli import quickstart_config
+    from semguard.commands.quickstart import quickstart_config
     from semguard.cli import build_parser
 
     parse = lambda *argv: quickstart_config(build_parser().parse_args(["quickstart", "--out", "o", *argv]))  # noqa: E731

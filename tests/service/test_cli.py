@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from semguard.cli import build_parser
-from semguard.service.cli import config_from_args
+from semguard.commands.serve import config_from_args
 from semguard.service.config import ServiceConfig
 from tests.service.fake_upstream import FakeUpstream, raw_answer
 from tests.tiny_worldnet import write_worldnet_bundle

@@ -31,7 +31,7 @@ def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT) -> 
     return reply.status == health_pb2.HealthCheckResponse.SERVING, status
 
 
-def add_health_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("health", help="exit 0 if a guard server's gRPC health service says SERVING",
                               description=__doc__.splitlines()[0])
     add_health_flags(p)

@@ -39,7 +39,7 @@ SUBJECT_POLICY = (
 )
 
 
-def add_detector_commands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `detector` with `calibrate` and `evaluate`; returns the detector subparsers."""
     det = subparsers.add_parser("detector", help="calibrate and evaluate the adversarial-image guard")
     commands = det.add_subparsers(dest="detector_command", required=True)
@@ -71,7 +71,6 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> argparse._S
                             "fits in 2 GiB as float32, all of the embedded world's)")
     cal.set_defaults(func=run_calibrate)
     ev.set_defaults(func=run_evaluate)
-    return commands
 
 
 def detector_flags() -> tuple[Flag, ...]:

@@ -48,7 +48,7 @@ FLAGS: tuple[Flag, ...] = (
 DEFAULT_BUNDLE = "runs/quickstart/bundle"
 
 
-def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="run the gRPC guard server (Open Inference Protocol + semguard.v1)",
                               description=__doc__.splitlines()[0])
     p.add_argument("--bundle", default=os.environ.get("SEMGUARD_BUNDLE", DEFAULT_BUNDLE),

@@ -1,13 +1,15 @@
-"""`semguard attack ...` subcommands: `attack generate` builds an attack set (paper section 4).
+"""`semguard attack generate` builds an attack set (paper section 4); `semguard attack analyze` runs the
+paper's 1 vs 2 analyses on it and on the misclassified test images (Figures 4-6).
 
-The CLI is the edge: it fills GenerateParams from flags, loads the subject (the embedded world's
-model, test images and word vectors unless the subject flags name others) and calls
-attacks.generate.generate_attack_set. The set records its subject (params.json "subject", paths
-absolute), so `semguard attack analyze` needs only the set; a resumed set must name the same subject.
+Only argparse and subject checks here: flags fill GenerateParams, the subject loads (the embedded world's
+model, test images and word vectors unless the subject flags name others), and the library does the work
+(attacks.generate, analysis). A set records its subject (params.json "subject", paths absolute), so
+`attack analyze` needs only the set; a resumed set must name the same subject.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,10 +47,15 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, GenerateParams, generate_flags())
 
 
-def add_attack_commands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Add `attack` with its `generate` subcommand; returns the attack subparsers (for `attack analyze`)."""
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """`semguard attack generate|analyze`."""
     attack = subparsers.add_parser("attack", help="build and analyse adversarial attack sets")
     commands = attack.add_subparsers(dest="attack_command", required=True)
+    _add_generate_command(commands)
+    _add_analyze_command(commands)
+
+
+def _add_generate_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("generate", help="targeted MI-FGSM attack set: sources x targets by word similarity")
     p.add_argument("--out", type=Path, required=True, help="attack-set directory (resumed when it exists)")
     add_world_cache_flag(p, "embedded world cache: its model, test images and word vectors are attacked")
@@ -61,7 +68,6 @@ def add_attack_commands(subparsers: argparse._SubParsersAction) -> argparse._Sub
     p.add_argument("--ray-actors", type=int, default=0, metavar="N",
                    help="with --ray: actors, one model each (default: one per GPU, else one per CPU)")
     p.set_defaults(func=run_generate)
-    return commands
 
 
 def params_from_args(args: argparse.Namespace) -> GenerateParams:
@@ -89,8 +95,6 @@ def checked_subject_record(out_dir: Path, spec: SubjectSpec) -> dict | None:
     embedded world, a set that records no subject (made before sets recorded one) keeps recording
     none, and another --world-cache alone is no mismatch: the set keeps the cache it recorded (the
     model fingerprint in params.json still tells whether it is the same world)."""
-    import json
-
     from semguard.attacks.store import PARAMS_FILE
     from semguard.subject.core import subject_record
 
@@ -160,4 +164,88 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"semguard attack generate: {err}") from None
     print(f"{result.out_dir}: {result.n_success}/{result.n_examples} attacks succeeded "
           f"({len(result.computed)} shards computed, {len(result.skipped)} already done)")
+    return 0
+
+
+def _add_analyze_command(commands: argparse._SubParsersAction) -> None:
+    """`semguard attack analyze`: the paper's 1 vs 2 analyses of an attack set and of natural mistakes."""
+    p = commands.add_parser(
+        "analyze",
+        help="1 vs 2 by layer for an attack set (by target rank) and for misclassified test images",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--attack-set", type=Path, required=True, help="directory written by `semguard attack generate`")
+    p.add_argument("--out", type=Path, required=True, help="where analysis.json and the figures go")
+    add_world_cache_flag(p, "the embedded world's cache (for sets that record no subject)")
+    add_subject_flags(p)  # default: the subject the set records
+    p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
+    p.add_argument("--reference-size", type=int, default=100, help="reference concepts (paper: 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="a subject's set: read at most N test images for the misclassified study and the references "
+                        "(stratified over the classes with a word vector; default: all)")
+    p.set_defaults(func=run_attack_analyze)
+
+
+def attack_set_subject(args: argparse.Namespace, header: dict):
+    """The subject to analyse a set on: the subject flags when they name assets, else what the set
+    records (`attack generate` writes it; a --world-cache given explicitly still replaces a recorded
+    world's cache), else the embedded world in --world-cache (sets older than the record)."""
+    import dataclasses
+
+    from semguard.subject.core import subject_spec_from_record
+    from semguard.subject.flags import subject_spec_from_args
+    from semguard.world_cache import DEFAULT_WORLD_CACHE
+
+    spec = subject_spec_from_args(args, world_cache=args.world_cache)
+    if spec.is_world() and header.get("subject") is not None:
+        recorded = subject_spec_from_record(header["subject"])
+        moved = recorded.is_world() and Path(args.world_cache) != Path(DEFAULT_WORLD_CACHE)
+        spec = dataclasses.replace(recorded, world_cache=Path(args.world_cache)) if moved else recorded
+    return spec
+
+
+def run_attack_analyze(args: argparse.Namespace) -> int:
+    from semguard.analysis.quickstart import analyze_attacks
+    from semguard.attacks.generate import model_fingerprint
+    from semguard.attacks.store import load_attack_set
+    from semguard.world.inputs import load_world_inputs
+
+    try:
+        if args.max_images is not None and args.max_images < 1:
+            raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+        attack_set = load_attack_set(args.attack_set)
+        spec = attack_set_subject(args, attack_set.header)
+        if spec.is_world():
+            from semguard.world import WorldSettings
+
+            inputs = load_world_inputs(settings=WorldSettings(seed=spec.world_seed), cache_dir=spec.world_cache)
+            model, where = inputs.model, f"the world in {spec.world_cache}"
+        else:
+            from semguard.subject.core import load_subject
+
+            subject = load_subject(spec)
+            model, where = subject.model, f"the subject's model ({subject.name})"
+        if attack_set.header["model_sha256"] != model_fingerprint(model):
+            raise ValueError(f"{args.attack_set} was generated against another model than {where}")
+        if spec.is_world():
+            if args.max_images is not None:
+                raise ValueError("--max-images: for a subject's set (the embedded world's test split is read whole)")
+            result = analyze_attacks(inputs, attack_set, args.out, args.reference_size, args.permutations, args.seed)
+        else:
+            from semguard.analysis.subject_attacks import analyze_subject_attacks
+
+            result = analyze_subject_attacks(subject, attack_set, args.out, args.reference_size, args.permutations,
+                                             args.seed, max_images=args.max_images)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"semguard attack analyze: {err}") from None
+    adv = result["adversarial_one_vs_two"]
+    print(json.dumps({
+        "attacks": result["attacks"],
+        "layers": adv["layers"],
+        "one_vs_two_mean_over_ranks": [round(a, 3) for a in adv["accuracy"]],
+        "misclassified_count": result["misclassified"]["count"],
+        "misclassified_mean_cosine": round(result["misclassified"]["mean_cosine"], 3),
+    }, indent=2))
+    print(f"figures and analysis.json in {args.out}")
     return 0

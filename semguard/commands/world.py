@@ -9,7 +9,7 @@ from pathlib import Path
 from semguard.config_flags import add_world_cache_flag
 
 
-def add_world_commands(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     world = subparsers.add_parser("world", help="the embedded world: build it, or rebuild its shipped files")
     commands = world.add_subparsers(dest="world_command", required=True)
     p = commands.add_parser("build", help="render the default world and load (or train) its CNN and vectors")

@@ -1,0 +1,58 @@
+"""`semguard reproduce`: the paper's whole study on real assets (analysis.reproduce). Only argparse
+here: torch loads when the command runs."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
+
+# analysis.reproduce.StudyConfig; a flag given here overrides the file's [study] table.
+STUDY_FLAGS: tuple[Flag, ...] = (
+    Flag("--permutations", "two_vs_two.n_permutations", "permutations per layer, 2 vs 2 and 1 vs 2 (paper: 1000)"),
+    Flag("--image-sets", "two_vs_two.image_sets", "image sets per class (paper: 5)"),
+    Flag("--memory-budget", "two_vs_two.memory_budget_gib", "GiB of activations held at once"),
+    Flag("--device", "two_vs_two.device", "cpu, cuda ... (default: CUDA when present)"),
+    Flag("--sources", "attack.n_sources", "attacked source classes (paper: 100, 6 targets each)"),
+    Flag("--reference-size", "reference_size", "1 vs 2 reference classes (paper: 100)"),
+    Flag("--seed", "seed", "seed of the permutations, sources and references"),
+    Flag("--quiet", "progress", "no progress bars"),
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """`semguard reproduce`."""
+    p = subparsers.add_parser(
+        "reproduce", help="the paper's whole study on your models, images and vectors (resumable)",
+        description="For each model of the study file: 2 vs 2 through the layers (Figure 1), a targeted MI-FGSM "
+        "attack set, 1 vs 2 of adversarial and misclassified images (Figures 4-6), block averages, then report.md "
+        "with the paper's numbers beside ours. Every stage keeps its outputs in OUT/<model>/ and is skipped when "
+        "rerun; a killed run resumes. See the README for paper.toml.",
+    )
+    p.add_argument("--subject", type=Path, required=True, metavar="FILE",
+                   help="study TOML: shared subject keys, one [[models]] table per architecture, optional [study]")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    add_world_cache_flag(p, "the embedded world's cache (for a [[models]] table naming no asset)")
+    defer_arguments(p, _add_study_flags)
+    p.set_defaults(func=run_reproduce_command)
+
+
+def _add_study_flags(p: argparse.ArgumentParser) -> None:
+    from semguard.analysis.reproduce import StudyConfig
+
+    add_config_flags(p, StudyConfig, STUDY_FLAGS)
+
+
+def run_reproduce_command(args: argparse.Namespace) -> int:
+    from semguard.analysis.reproduce import read_study, reproduce
+
+    try:
+        study = read_study(args.subject, world_cache=args.world_cache)
+        study = study._replace(config=config_from_flags(args, study.config, STUDY_FLAGS))
+        summary = reproduce(study, args.out)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"semguard reproduce: {err}") from None
+    print(json.dumps({name: m["headline"] for name, m in summary["models"].items()}, indent=1))
+    print(f"written: {Path(args.out) / 'report.md'}, study.json and one folder per model")
+    return 0
