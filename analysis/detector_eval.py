@@ -472,27 +472,6 @@ def quick_config(config: DetectorEvalConfig = DetectorEvalConfig(), n_sources: i
                                train_attacks=tuple(small(a) for a in config.train_attacks), art_epochs=5)
 
 
-def worldnet_spec(model: nn.Module) -> ModelSpec:
-    """How a bundle rebuilds the world's CNN: the "worldnet" builder that models.worldnet registers."""
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
-    return ModelSpec("worldnet", kwargs, module="semguard.models.worldnet")
-
-
-def evaluate_world_detector(world, model: nn.Module, word_vectors: np.ndarray, out_dir: str | Path,
-                            config: DetectorEvalConfig = DetectorEvalConfig()) -> DetectorEvaluation:
-    """quickstart's detector stage: the guard bundle at out_dir/bundle, ROC PNG, figures for summary.json.
-
-    world: a world.World (classes, test_images uint8 (N, 32, 32, 3), test_labels, model_path);
-    model: its CNN; word_vectors (C, d) aligned with world.classes.
-    """
-    from semguard.detector.layers import preset_layers
-
-    return evaluate_detector(
-        model, worldnet_spec(model), preset_layers("worldnet"), list(world.classes), np.asarray(word_vectors),
-        world.test_images, world.test_labels, out_dir, config, model_name="worldnet",
-    )
-
-
 # ----------------------------------------------------------------------------- any subject (semguard.subject)
 
 # Clean images calibrate/evaluate hold in memory (float32) unless --max-images says otherwise: all of the

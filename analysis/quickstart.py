@@ -16,17 +16,17 @@ import numpy as np
 import torch
 
 from semguard.analysis.adaptive_eval import QUICKSTART_ADAPTIVE
-from semguard.analysis.adversarial import CleanSet, adversarial_one_vs_two, build_references, misclassified_one_vs_two
-from semguard.analysis.detector_eval import DetectorEvalConfig, evaluate_world_detector
+from semguard.analysis.attack_analysis import analyze_attacks
+from semguard.analysis.detector_eval import DetectorEvalConfig, evaluate_subject_detector
 from semguard.analysis.figures import plot_by_layer
-from semguard.analysis.one_vs_two import block_average
 from semguard.analysis.report import render_report
 from semguard.files import write_json_atomic
 from semguard.analysis.two_vs_two import activations_by_set, image_set_indices, two_vs_two_by_layer
 from semguard.attacks.generate import GenerateParams, generate_attack_set
-from semguard.attacks.store import AttackSet, load_attack_set
-from semguard.detector.layers import LayerTap, preset_info, preset_layers
+from semguard.attacks.store import load_attack_set
+from semguard.detector.layers import LayerTap, preset_layers
 from semguard.models.inputs import as_model_input, predict
+from semguard.subject.core import SubjectSpec, world_subject
 from semguard.world import WorldSettings
 from semguard.world.inputs import DEFAULT_CACHE_DIR, WorldInputs, load_world_inputs
 
@@ -142,10 +142,11 @@ def _run_quickstart(config: QuickstartConfig) -> dict:
         generate_attack_set(model, world.test_images, world.test_labels, list(world.classes), vectors,
                             attack_dir, config.attack, progress=config.progress)
     with timer.stage("one_vs_two"):
-        summary.update(analyze_attacks(
-            inputs, load_attack_set(attack_dir), out, config.reference_size, config.n_permutations, config.seed,
-            test_pred, tap,
-        ))
+        subject = world_subject(SubjectSpec(world_cache=Path(config.cache_dir), world_seed=config.world.seed),
+                                inputs=inputs)
+        analysis = analyze_attacks(subject, load_attack_set(attack_dir), out, config.reference_size,
+                                   config.n_permutations, config.seed)
+        summary.update({k: v for k, v in analysis.items() if k != "subject"})  # summary.json has "world"
     with timer.stage("detector"):
         summary["detector"] = detector_stage(inputs, out, replace(config.detector, progress=config.progress))
     summary["timings_s"] = timer.seconds
@@ -210,78 +211,11 @@ def detector_stage(inputs: WorldInputs, out: Path, config: DetectorEvalConfig) -
     if not (cached / "detector_eval.json").exists():
         staging = inputs.world.root / f"detector-{key}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        evaluate_world_detector(inputs.world, inputs.model, inputs.word_vectors, staging, config)
+        evaluate_subject_detector(world_subject(SubjectSpec(world_cache=inputs.world.root.parent), inputs=inputs),
+                                  staging, config)
         os.replace(staging, cached)
     shutil.copytree(cached / "bundle", out / "bundle", dirs_exist_ok=True)
     for png in ("detector_roc.png", "adaptive_evasion.png", "adaptive_loss_curves.png"):
         if (cached / png).exists():
             shutil.copy2(cached / png, out / png)
     return json.loads((cached / "detector_eval.json").read_text())
-
-
-def analyze_attacks(
-    inputs: WorldInputs,
-    attack_set: AttackSet,
-    out: Path,
-    reference_size: int = 100,
-    n_permutations: int = 1000,
-    seed: int = 0,
-    test_predictions: np.ndarray | None = None,
-    tap: LayerTap | None = None,
-) -> dict:
-    """1 vs 2 of the attack set's successful images and of the misclassified test images:
-    summary sections `attacks`, `adversarial_one_vs_two`, `misclassified`; figures and analysis.json in out."""
-    world = inputs.world
-    tap = tap or LayerTap(inputs.model, preset_layers("worldnet"))
-    if test_predictions is None:
-        test_predictions = predict(inputs.model, world.test_images)
-    clean = CleanSet(world.test_images, world.test_labels, test_predictions)
-    references = build_references(tap, clean, len(inputs.word_vectors), reference_size, seed)
-    adversarial = adversarial_one_vs_two(attack_set, tap, inputs.word_vectors, references, n_permutations, seed)
-    misclassified = misclassified_one_vs_two(tap, clean, inputs.word_vectors, references, n_permutations, seed)
-    result = attack_summary(attack_set, adversarial)
-    result["misclassified"] = {**misclassified.scores.as_json(), "mean_cosine": misclassified.mean_cosine}
-    plot_attack_figures(out, adversarial, misclassified.scores, [i.block for i in preset_info("worldnet")])
-    write_json_atomic(out / "analysis.json", result)
-    return result
-
-
-def attack_summary(attack_set, adversarial) -> dict:
-    """summary.json's `attacks` and `adversarial_one_vs_two` sections."""
-    params = attack_set.header["generate"]
-    return {
-        "attacks": {
-            "path": str(attack_set.path),
-            "requested": len(attack_set),
-            "succeeded": len(attack_set.successful()),
-            "eps": params["eps"],
-            "step": params["step"],
-            "decay": params["decay"],
-            "iterations": params["iterations"],
-            "backend": params["backend"],
-        },
-        "adversarial_one_vs_two": {
-            **adversarial.as_json(),
-            "pooled_accuracy": adversarial.accuracy.tolist(),
-            "accuracy": adversarial.group_accuracy.mean(axis=0).tolist(),  # mean over target ranks
-            "by_rank": {str(g): acc.tolist() for g, acc in zip(adversarial.groups, adversarial.group_accuracy)},
-        },
-    }
-
-
-def plot_attack_figures(out: Path, adversarial, misclassified, blocks: list[str]) -> None:
-    """Paper Figure 6 (1 vs 2 of adversarial images by target rank) and Figures 4-5 (misclassified)."""
-    curves = {f"rank {g} (n={n})": acc for g, n, acc in
-              zip(adversarial.groups, adversarial.group_counts, adversarial.group_accuracy)}
-    curves["all ranks"] = adversarial.accuracy
-    plot_by_layer(
-        out / "adversarial_one_vs_two_by_layer.png", adversarial.layers, curves,
-        significant={"all ranks": adversarial.p_bhy < 0.05}, ylabel="1 vs 2 accuracy (true label wins)",
-        title=f"1 vs 2, successful MI-FGSM images (n={adversarial.count}), by target similarity rank",
-    )
-    names, averaged = block_average(misclassified.accuracy, blocks)
-    plot_by_layer(
-        out / "misclassified_one_vs_two_by_block.png", names, {"block average": averaged},
-        ylabel="1 vs 2 accuracy (true label wins)",
-        title=f"1 vs 2, misclassified test images (n={misclassified.count}), block averaged",
-    )

@@ -10,7 +10,7 @@ For each model, in OUT/<name>/, each stage skipped when its finished output is t
                   itself resumable layer by layer)
     attacks/      the targeted MI-FGSM attack set (paper 4: sources x 6 targets; resumable by shard)
     one_vs_two/   1 vs 2 of the successful adversarial images (Figure 6) and of the misclassified
-                  images (Figures 4-5, block averaged): analysis.subject_attacks.analyze_subject_attacks
+                  images (Figures 4-5, block averaged): analysis.attack_analysis.analyze_attacks
 A stage is finished when its stage.json (written last) records the key it was computed under;
 a stage whose settings or subject changed is computed again. Then OUT/study.json and
 OUT/report.md, with the paper's numbers (PAPER, from ../shared/PAPER.md) beside ours.
@@ -221,7 +221,7 @@ def _stage(folder: Path, key: dict, compute: Callable[[], None], say: Callable[[
 
 def run_model(model: StudyModel, out: Path, config: StudyConfig) -> dict:
     """The three stages of one model in out; the model's section of study.json."""
-    from semguard.analysis.subject_attacks import analyze_subject_attacks
+    from semguard.analysis.attack_analysis import analyze_attacks
     from semguard.analysis.subject_two_vs_two import run_two_vs_two
     from semguard.subject.core import subject_record
     from semguard.attacks.generate import generate_attack_set
@@ -265,7 +265,7 @@ def run_model(model: StudyModel, out: Path, config: StudyConfig) -> dict:
                     "n_permutations": figure1.n_permutations, "seed": config.seed}
     stages["one_vs_two"] = _stage(
         out / "one_vs_two", analysis_key,
-        lambda: analyze_subject_attacks(subject(), load_attack_set(out / "attacks"), out / "one_vs_two",
+        lambda: analyze_attacks(subject(), load_attack_set(out / "attacks"), out / "one_vs_two",
                                         config.reference_size, figure1.n_permutations, config.seed), say)
     two = json.loads((out / "two_vs_two" / "two_vs_two.json").read_text())
     analysis = json.loads((out / "one_vs_two" / "analysis.json").read_text())

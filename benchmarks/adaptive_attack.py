@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from semguard.models.worldnet import worldnet_spec
 from semguard.analysis.detector_eval import (
     DetectorEvalConfig,
     plan_attack,
     run_attack,
     split_clean,
-    worldnet_spec,
 )
 from semguard.attacks.adaptive import GuardSurrogate
 from semguard.attacks.guard_pgd import GuardAttackConfig, GuardAttackResult, guard_pgd

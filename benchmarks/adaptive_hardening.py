@@ -43,9 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import binomtest
+from semguard.models.worldnet import worldnet_spec
 from semguard.analysis.adaptive_eval import AdaptiveConfig, attack_plan, strongest, wilson_interval
 from semguard.analysis.detector_eval import (
-    AttackSpec, DetectorEvalConfig, run_attack, split_clean, training_attacks, worldnet_spec,
+    AttackSpec, DetectorEvalConfig, run_attack, split_clean, training_attacks,
 )
 from semguard.attacks.adaptive import GuardSurrogate, SurrogateOutput, Verdict
 from semguard.detector.calibrate import calibrate_guard

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from semguard.models.worldnet import worldnet_spec
 from semguard.analysis.detector_eval import (
     DEFAULT_ATTACKS, EARLY_MIFGSM, PAPER_MIFGSM, SMALL_MIFGSM, AttackSpec, DetectorEvalConfig, plan_attack, run_attack,
-    split_clean, worldnet_spec,
+    split_clean,
 )
 from semguard.config_flags import add_world_cache_flag
 from semguard.detector.calibrate import calibrate_guard, fit_calib_split, guard_features

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from semguard.subject.core import world_subject
 from semguard.analysis.detector_eval import (
-    SMALL_MIFGSM, AttackSpec, DetectorEvalConfig, evaluate_world_detector, plan_attack, run_attack, split_clean,
+    SMALL_MIFGSM, AttackSpec, DetectorEvalConfig, evaluate_subject_detector, plan_attack, run_attack, split_clean,
 )
 from semguard.config_flags import add_world_cache_flag
 from semguard.detector.guard import Guard
@@ -77,7 +78,7 @@ def main() -> None:
             start = time.perf_counter()
             det = shipped.detector if kind == "exact" else dataclasses.replace(
                 shipped.detector, bank_max_width=args.max_width, bank_reduction=kind, bank_projection_dim=args.dim)
-            ev = evaluate_world_detector(world, model, inputs.word_vectors, Path(tmp) / kind, dataclasses.replace(base, detector=det))
+            ev = evaluate_subject_detector(world_subject(inputs=inputs), Path(tmp) / kind, dataclasses.replace(base, detector=det))
             guards[kind] = Guard.load(ev.bundle_dir)
             figures[kind] = ev.results["per_attack"]
             print(f"  {kind}: evaluated in {time.perf_counter() - start:.0f} s", flush=True)

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from semguard.detector.bundle import ModelSpec
 from semguard.detector.layers import LayerInfo, register_preset
 from semguard.files import atomic_path
 
@@ -137,10 +138,16 @@ def load_world_model(path: str | Path) -> WorldNet:
 
 
 # Guard bundles (detector.bundle) rebuild the world CNN by name from WorldNetConfig's fields, stored as
-# JSON kwargs (tuples become lists); analysis.detector_eval.worldnet_spec writes them.
+# JSON kwargs (tuples become lists); worldnet_spec writes them.
 from semguard.detector.bundle import register_model_builder  # noqa: E402  (models -> detector, as the preset above)
 
 
 @register_model_builder("worldnet")
 def build_worldnet(**config) -> WorldNet:
     return WorldNet(WorldNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
+
+
+def worldnet_spec(model: WorldNet) -> ModelSpec:
+    """How a bundle rebuilds the world's CNN: the "worldnet" builder registered above."""
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()}
+    return ModelSpec("worldnet", kwargs, module="semguard.models.worldnet")

@@ -303,7 +303,7 @@ def _entry_point_model(spec: SubjectSpec, n_classes: int) -> _Model:
 
 
 def _worldnet_model(spec: SubjectSpec) -> _Model:
-    from semguard.analysis.detector_eval import worldnet_spec
+    from semguard.models.worldnet import worldnet_spec
     from semguard.models.worldnet import load_world_model, worldnet_layers
 
     try:

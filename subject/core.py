@@ -86,6 +86,46 @@ def subject_spec_from_record(record: dict) -> SubjectSpec:
     return SubjectSpec(**values)
 
 
+def describe_record(record: dict) -> str:
+    """'images=..., model=...' for the assets a subject record names, or 'the embedded world'."""
+    named = [f"{k}={record[k]}" for k in SPEC_FIELDS if record.get(k) is not None]
+    return ", ".join(named) if named else "the embedded world"
+
+
+def resumed_subject_record(existing: dict | None | bool, spec: SubjectSpec, where: str) -> dict | None:
+    """The subject record a resumed run writes into a folder whose params recorded `existing` (None or False:
+    a set made before sets recorded their subject, always on the embedded world). A folder made on another
+    subject is a ValueError naming what differs. On the embedded world, a folder that records no subject keeps
+    recording none, and another world cache alone is no mismatch: the folder keeps the cache it recorded (the
+    model fingerprint in its params still tells whether it is the same world)."""
+    record = subject_record(spec)
+    legacy = existing is False or existing is None
+    if legacy and spec.is_world():
+        return None
+    if legacy or (describe_record(existing) == "the embedded world" and not spec.is_world()):
+        raise ValueError(f"{where} holds an attack set made on the embedded world; this run names "
+                         f"another subject ({describe_record(record)}); use another out dir")
+    if spec.is_world() and describe_record(existing) == "the embedded world" and existing.get("world_seed") == spec.world_seed:
+        return existing
+    if existing != record:
+        keys = sorted(set(existing) | set(record))
+        diffs = [f"{k}: {existing.get(k)!r} there, {record.get(k)!r} now" for k in keys if existing.get(k) != record.get(k)]
+        raise ValueError(f"{where} holds an attack set made on another subject ({'; '.join(diffs)}); "
+                         "resume it with the same subject, or use another out dir")
+    return record
+
+
+def recorded_subject(spec: SubjectSpec, recorded: dict | None) -> SubjectSpec:
+    """The subject a recorded run is analysed on: `spec` (from flags) when it names assets, else the one the
+    run recorded (a world cache given explicitly still replaces a recorded world's), else the embedded world
+    in spec's cache (runs older than the record)."""
+    if not spec.is_world() or recorded is None:
+        return spec
+    found = subject_spec_from_record(recorded)
+    moved = found.is_world() and Path(spec.world_cache) != Path(DEFAULT_WORLD_CACHE)
+    return dataclasses.replace(found, world_cache=Path(spec.world_cache)) if moved else found
+
+
 class ImageSet(Protocol):
     """Labelled images of one subject, read on demand (a real set need not fit in memory).
 
@@ -133,14 +173,17 @@ class Subject(NamedTuple):
     source_weights: str | None = None  # the weights file the model came from (recorded in bundles)
 
 
-def world_subject(spec: SubjectSpec = SubjectSpec(), progress: bool = True) -> Subject:
-    """The embedded world (its test split) through the loaders real assets use."""
-    from semguard.analysis.detector_eval import worldnet_spec
+def world_subject(spec: SubjectSpec = SubjectSpec(), progress: bool = True, inputs=None) -> Subject:
+    """The embedded world (its test split) through the loaders real assets use. inputs: a
+    world.inputs.WorldInputs already loaded (the quickstart's, whose settings a spec cannot name)."""
     from semguard.detector.layers import preset_layers
-    from semguard.world.build import WorldSettings
-    from semguard.world.inputs import load_world_inputs
+    from semguard.models.worldnet import worldnet_spec
 
-    inputs = load_world_inputs(WorldSettings(seed=spec.world_seed), spec.world_cache, progress=progress)
+    if inputs is None:
+        from semguard.world.build import WorldSettings
+        from semguard.world.inputs import load_world_inputs
+
+        inputs = load_world_inputs(WorldSettings(seed=spec.world_seed), spec.world_cache, progress=progress)
     w = inputs.world
     return Subject(
         "worldnet", inputs.model, worldnet_spec(inputs.model), preset_layers("worldnet"), list(w.classes),

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from semguard.analysis.real_data import image_files, read_cifar100_binary, resize_center_crop
+from semguard.subject.real_data import image_files, read_cifar100_binary, resize_center_crop
 from semguard.detector.words import CIFAR100_CLASSES
 from semguard.subject.labels import ClassList, builtin_classes
 

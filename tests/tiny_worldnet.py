@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semguard.analysis.detector_eval import worldnet_spec
+from semguard.models.worldnet import worldnet_spec
 from semguard.detector.calibrate import CalibrationConfig
 from semguard.detector.guard import calibrate_guard
 from semguard.models.worldnet import WorldNet, WorldNetConfig, worldnet_layers

@@ -80,63 +80,29 @@ def params_from_args(args: argparse.Namespace) -> GenerateParams:
         raise SystemExit(f"semguard attack generate: {err}") from None
 
 
-def _world_inputs(cache_dir: Path):
-    """(model, test images, test labels, class names, word vectors (n_classes, d))."""
-    from semguard.world.inputs import load_world_inputs
-
-    inputs = load_world_inputs(cache_dir=cache_dir)
-    w = inputs.world
-    return inputs.model, w.test_images, w.test_labels, list(w.classes), inputs.word_vectors
-
-
 def checked_subject_record(out_dir: Path, spec: SubjectSpec) -> dict | None:
-    """The subject record this run writes, checked against an attack set already in out_dir (before
-    anything is loaded): a set made on another subject is a ValueError naming what differs. On the
-    embedded world, a set that records no subject (made before sets recorded one) keeps recording
-    none, and another --world-cache alone is no mismatch: the set keeps the cache it recorded (the
-    model fingerprint in params.json still tells whether it is the same world)."""
+    """The subject record this run writes, checked against an attack set already in out_dir before anything
+    is loaded (semguard.subject.core.resumed_subject_record)."""
     from semguard.attacks.store import PARAMS_FILE
-    from semguard.subject.core import subject_record
+    from semguard.subject.core import resumed_subject_record, subject_record
 
-    record = subject_record(spec)
     try:
         existing = json.loads((Path(out_dir) / PARAMS_FILE).read_text()).get("subject", False)
     except (OSError, ValueError, AttributeError):
-        return record  # no set there (or a damaged one: open_attack_set says so)
-    if (existing is False or existing is None) and spec.is_world():
-        return None
-    if existing is False or existing is None or (_describe(existing) == "the embedded world" and not spec.is_world()):
-        raise ValueError(f"out_dir {out_dir} holds an attack set made on the embedded world; this run names "
-                         f"another subject ({_describe(record)}); use another out dir")
-    if spec.is_world() and _describe(existing) == "the embedded world" and existing.get("world_seed") == spec.world_seed:
-        return existing
-    if existing != record:
-        keys = sorted(set(existing) | set(record))
-        diffs = [f"{k}: {existing.get(k)!r} there, {record.get(k)!r} now" for k in keys if existing.get(k) != record.get(k)]
-        raise ValueError(f"out_dir {out_dir} holds an attack set made on another subject ({'; '.join(diffs)}); "
-                         "resume it with the same subject, or use another out dir")
-    return record
-
-
-def _describe(record: dict) -> str:
-    from semguard.subject.core import SPEC_FIELDS
-
-    named = [f"{k}={record[k]}" for k in SPEC_FIELDS if record.get(k) is not None]
-    return ", ".join(named) if named else "the embedded world"
+        return subject_record(spec)  # no set there (or a damaged one: open_attack_set says so)
+    return resumed_subject_record(existing, spec, f"out_dir {out_dir}")
 
 
 def subject_inputs(spec: SubjectSpec):
-    """(model, images (array or ImageSet), labels, class names, word vectors (C, d) with NaN rows for
-    classes without one): the embedded world's arrays, or a subject's images read on demand."""
+    """(model, images (an ImageSet), labels, class names, word vectors (C, d) with NaN rows for classes
+    without one: attacks.generate makes them neither source nor target)."""
     import numpy as np
 
-    if spec.is_world():
-        return _world_inputs(spec.world_cache)
     from semguard.subject.core import load_subject
 
     subject = load_subject(spec)
     vectors = np.asarray(subject.word_vectors, np.float64).copy()
-    vectors[~subject.matched] = np.nan  # attacks.generate: no vector, neither source nor target
+    vectors[~subject.matched] = np.nan
     return subject.model, subject.images, subject.images.labels, list(subject.classes), vectors
 
 
@@ -182,61 +148,35 @@ def _add_analyze_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-size", type=int, default=100, help="reference concepts (paper: 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-images", type=int, default=None, metavar="N",
-                   help="a subject's set: read at most N test images for the misclassified study and the references "
+                   help="read at most N test images for the misclassified study and the references "
                         "(stratified over the classes with a word vector; default: all)")
     p.set_defaults(func=run_attack_analyze)
 
 
 def attack_set_subject(args: argparse.Namespace, header: dict):
-    """The subject to analyse a set on: the subject flags when they name assets, else what the set
-    records (`attack generate` writes it; a --world-cache given explicitly still replaces a recorded
-    world's cache), else the embedded world in --world-cache (sets older than the record)."""
-    import dataclasses
+    """The subject to analyse a set on: the subject flags when they name assets, else what the set records
+    (semguard.subject.core.recorded_subject)."""
+    from semguard.subject.core import recorded_subject
 
-    from semguard.subject.core import subject_spec_from_record
-    from semguard.subject.flags import subject_spec_from_args
-    from semguard.world_cache import DEFAULT_WORLD_CACHE
-
-    spec = subject_spec_from_args(args, world_cache=args.world_cache)
-    if spec.is_world() and header.get("subject") is not None:
-        recorded = subject_spec_from_record(header["subject"])
-        moved = recorded.is_world() and Path(args.world_cache) != Path(DEFAULT_WORLD_CACHE)
-        spec = dataclasses.replace(recorded, world_cache=Path(args.world_cache)) if moved else recorded
-    return spec
+    return recorded_subject(subject_spec_from_args(args, world_cache=args.world_cache), header.get("subject"))
 
 
 def run_attack_analyze(args: argparse.Namespace) -> int:
-    from semguard.analysis.quickstart import analyze_attacks
+    from semguard.analysis.attack_analysis import analyze_attacks
     from semguard.attacks.generate import model_fingerprint
     from semguard.attacks.store import load_attack_set
-    from semguard.world.inputs import load_world_inputs
+    from semguard.subject.core import load_subject
 
     try:
         if args.max_images is not None and args.max_images < 1:
             raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
         attack_set = load_attack_set(args.attack_set)
-        spec = attack_set_subject(args, attack_set.header)
-        if spec.is_world():
-            from semguard.world import WorldSettings
-
-            inputs = load_world_inputs(settings=WorldSettings(seed=spec.world_seed), cache_dir=spec.world_cache)
-            model, where = inputs.model, f"the world in {spec.world_cache}"
-        else:
-            from semguard.subject.core import load_subject
-
-            subject = load_subject(spec)
-            model, where = subject.model, f"the subject's model ({subject.name})"
-        if attack_set.header["model_sha256"] != model_fingerprint(model):
-            raise ValueError(f"{args.attack_set} was generated against another model than {where}")
-        if spec.is_world():
-            if args.max_images is not None:
-                raise ValueError("--max-images: for a subject's set (the embedded world's test split is read whole)")
-            result = analyze_attacks(inputs, attack_set, args.out, args.reference_size, args.permutations, args.seed)
-        else:
-            from semguard.analysis.subject_attacks import analyze_subject_attacks
-
-            result = analyze_subject_attacks(subject, attack_set, args.out, args.reference_size, args.permutations,
-                                             args.seed, max_images=args.max_images)
+        subject = load_subject(attack_set_subject(args, attack_set.header))
+        if attack_set.header["model_sha256"] != model_fingerprint(subject.model):
+            raise ValueError(f"{args.attack_set} was generated against another model than the subject's "
+                             f"({subject.name})")
+        result = analyze_attacks(subject, attack_set, args.out, args.reference_size, args.permutations, args.seed,
+                                 max_images=args.max_images)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"semguard attack analyze: {err}") from None
     adv = result["adversarial_one_vs_two"]

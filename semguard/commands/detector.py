@@ -147,44 +147,11 @@ def _checked_config(args: argparse.Namespace) -> DetectorEvalConfig:
         raise SystemExit(f"semguard detector {args.detector_command}: {err}") from None
 
 
-def _world(args: argparse.Namespace, progress: bool):
-    """(world, model, word vectors (C, d) aligned with world.classes)."""
-    from semguard.detector.words import load_vectors, match_labels
-    from semguard.world import WorldSettings, build_world, load_world_model
-
-    world = build_world(WorldSettings(seed=args.world_seed), args.world_cache, progress=progress)
-    words = match_labels(load_vectors(world.vectors_path), list(world.classes))
-    if words.unmatched:
-        raise SystemExit(f"semguard detector: the world's vectors lack {len(words.unmatched)} class names")
-    return world, load_world_model(world.model_path), words.vectors
-
-
 def run_calibrate(args: argparse.Namespace) -> int:
-    from semguard.analysis.detector_eval import split_clean, training_attacks, worldnet_spec
-    from semguard.detector.flagger import SUPERVISED
-    from semguard.models.inputs import as_model_input, predict
-    from semguard.detector.guard import calibrate_guard
-    from semguard.detector.layers import preset_layers
+    from semguard.analysis.detector_eval import calibrate_subject_guard
 
     cfg = _checked_config(args)
-    subject = _subject(args, cfg.progress)
-    if subject is not None:
-        from semguard.analysis.detector_eval import calibrate_subject_guard
-
-        report = _on_subject(args, calibrate_subject_guard, subject, args.out, cfg, args.max_images)
-        return _print_calibration(report)
-    world, model, vectors = _world(args, cfg.progress)
-    x, y = as_model_input(world.test_images), world.test_labels
-    split = split_clean(y, cfg.eval_fraction, cfg.seed)  # the same split `evaluate` uses: its held-out part stays unseen
-    attack_images = None
-    if cfg.detector.method in SUPERVISED:
-        predicted = predict(model, x, cfg.batch_size)
-        attack_images, _ = training_attacks(model, x, y, predicted, split.calibration, vectors, cfg)
-    report = calibrate_guard(
-        model, worldnet_spec(model), preset_layers("worldnet"), list(world.classes), vectors, x[split.calibration],
-        y[split.calibration], args.out, model_name="worldnet", attack_images=attack_images, config=cfg.detector,
-        source_weights=str(world.model_path), progress=cfg.progress,
-    )
+    report = _on_subject(args, calibrate_subject_guard, _subject(args, cfg.progress), args.out, cfg, args.max_images)
     return _print_calibration(report)
 
 
@@ -195,17 +162,14 @@ def _print_calibration(report) -> int:
 
 
 def _subject(args: argparse.Namespace, progress: bool):
-    """The subject the flags name (semguard.subject.Subject), or None: the embedded world on the path it
-    always took (no subject flag, no --max-images)."""
+    """The subject the flags name (semguard.subject.Subject; the embedded world when they name none)."""
+    from semguard.subject.core import load_subject
+
     try:
         if args.max_images is not None and args.max_images < 4:
             raise ValueError(f"--max-images must be >= 4, got {args.max_images}")
-        spec = subject_spec_from_args(args, world_cache=args.world_cache, world_seed=args.world_seed)
-        if spec.is_world() and args.max_images is None:
-            return None
-        from semguard.subject.core import load_subject
-
-        return load_subject(spec, progress)
+        return load_subject(subject_spec_from_args(args, world_cache=args.world_cache, world_seed=args.world_seed),
+                            progress)
     except ValueError as err:
         raise SystemExit(f"semguard detector {args.detector_command}: {err}") from None
 
@@ -219,17 +183,10 @@ def _on_subject(args: argparse.Namespace, run, *run_args):
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from semguard.analysis.detector_eval import evaluate_world_detector
+    from semguard.analysis.detector_eval import evaluate_subject_detector
 
     cfg = _checked_config(args)
-    subject = _subject(args, cfg.progress)
-    if subject is not None:
-        from semguard.analysis.detector_eval import evaluate_subject_detector
-
-        ev = _on_subject(args, evaluate_subject_detector, subject, args.out, cfg, args.max_images)
-    else:
-        world, model, vectors = _world(args, cfg.progress)
-        ev = evaluate_world_detector(world, model, vectors, args.out, cfg)
+    ev = _on_subject(args, evaluate_subject_detector, _subject(args, cfg.progress), args.out, cfg, args.max_images)
     print(format_results(ev.results))
     if "adaptive" in ev.results:
         from semguard.analysis.adaptive_eval import format_adaptive

@@ -66,7 +66,7 @@ def train_config(args: argparse.Namespace):
 def training_images(args: argparse.Namespace):
     """uint8 (N, 32, 32, 3) images and labels: CIFAR-100's train.bin when --images is given, else the world's."""
     if args.images is not None:
-        from semguard.analysis.real_data import read_cifar100_binary
+        from semguard.subject.real_data import read_cifar100_binary
 
         path = args.images / "train.bin" if args.images.is_dir() else args.images
         data = read_cifar100_binary(path)

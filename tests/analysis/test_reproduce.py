@@ -38,7 +38,7 @@ batch_size = 16
 def small_world_subject(spec) -> Subject:
     """A random WorldNet with a least-squares head on class-coloured images: some test images right
     (attackable sources, references), some wrong (the misclassified analysis)."""
-    from semguard.analysis.detector_eval import worldnet_spec
+    from semguard.models.worldnet import worldnet_spec
     from semguard.models.worldnet import WorldNet, WorldNetConfig, worldnet_layers
 
     torch.manual_seed(0)
@@ -124,19 +124,19 @@ def test_a_rerun_computes_and_loads_nothing(world, study_file, tmp_path):
 
 
 def test_a_killed_run_resumes_at_the_stage_it_was_in(world, study_file, tmp_path, monkeypatch):
-    from semguard.analysis import subject_attacks as analysis_cli
+    from semguard.analysis import attack_analysis as analysis_cli
 
     out = tmp_path / "out"
-    real = analysis_cli.analyze_subject_attacks
+    real = analysis_cli.analyze_attacks
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(analysis_cli, "analyze_subject_attacks", killed)
+    monkeypatch.setattr(analysis_cli, "analyze_attacks", killed)
     with pytest.raises(KeyboardInterrupt):
         reproduce(study_file, out)
     assert not (out / "study.json").exists() and not (out / "world" / "one_vs_two" / "stage.json").exists()
-    monkeypatch.setattr(analysis_cli, "analyze_subject_attacks", real)
+    monkeypatch.setattr(analysis_cli, "analyze_attacks", real)
     resumed = reproduce(study_file, out)
     assert resumed["models"]["world"]["stages"] == {"two_vs_two": "reused", "attacks": "reused",
                                                     "one_vs_two": "computed"}

@@ -222,7 +222,7 @@ def test_choose_image_sets_takes_the_first_images_and_needs_three_classes():
 
 
 def test_on_a_world_like_subject_it_equals_the_quickstart_stage(tmp_path):
-    from semguard.analysis.detector_eval import worldnet_spec
+    from semguard.models.worldnet import worldnet_spec
     from semguard.analysis.quickstart import QuickstartConfig, two_vs_two_stage
     from semguard.models.worldnet import WorldNet, WorldNetConfig, worldnet_layers
 

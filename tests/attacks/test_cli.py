@@ -9,11 +9,12 @@ from semguard.attacks.generate import GenerateParams
 from semguard.attacks.store import load_attack_set
 from semguard.cli import build_parser, main
 from semguard.subject.core import subject_record, subject_spec_from_record
-from tests.attacks.tiny import tiny_world
+import semguard.subject.core as subject_core
+from tests.attacks.tiny import as_world_subject, tiny_world
 
 
 def test_generate_command(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(attacks_cli, "_world_inputs", lambda cache: tiny_world())
+    monkeypatch.setattr(subject_core, "world_subject", as_world_subject(tiny_world()))
     argv = ["attack", "generate", "--out", str(tmp_path / "set"), "--sources", "3", "--iterations", "4",
             "--batch-size", "9", "--seed", "1"]
     assert main(argv) == 0
@@ -88,7 +89,7 @@ def test_generate_on_a_subject_records_it(tmp_path, monkeypatch, on_tiny_subject
 
 def test_resumed_set_must_name_the_same_subject(tmp_path, monkeypatch, on_tiny_subject):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(attacks_cli, "_world_inputs", lambda cache: tiny_world())
+    monkeypatch.setattr(subject_core, "world_subject", as_world_subject(tiny_world()))
     small = ["--sources", "2", "--iterations", "1", "--batch-size", "8"]
     assert main(["attack", "generate", "--out", "subject-set", *SUBJECT_FLAGS, *small]) == 0
     other = [*SUBJECT_FLAGS[:5], "other-imgs", *SUBJECT_FLAGS[6:]]
@@ -105,7 +106,7 @@ def test_world_sets_resume_as_before(tmp_path, monkeypatch, capsys):
     """A world set records the world; an older one without a subject record and another --world-cache still resume."""
     import json
 
-    monkeypatch.setattr(attacks_cli, "_world_inputs", lambda cache: tiny_world())
+    monkeypatch.setattr(subject_core, "world_subject", as_world_subject(tiny_world()))
     argv = ["attack", "generate", "--out", str(tmp_path / "set"), "--sources", "2", "--iterations", "1",
             "--batch-size", "8", "--world-cache", str(tmp_path / "cache")]
     assert main(argv) == 0
@@ -194,7 +195,7 @@ def test_exported_world_gives_the_same_attacks(tmp_path, monkeypatch):
     import numpy as np
 
     world, export = small_world(tmp_path)
-    monkeypatch.setattr(attacks_cli, "_world_inputs", lambda cache: world)
+    monkeypatch.setattr(subject_core, "world_subject", as_world_subject(world))
     small = ["--sources", "4", "--targets-per-source", "3", "--iterations", "5", "--batch-size", "8",
              "--world-cache", str(tmp_path / "cache")]
     assert main(["attack", "generate", "--out", str(tmp_path / "world-set"), *small]) == 0

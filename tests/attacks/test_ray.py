@@ -19,7 +19,8 @@ from semguard.attacks.store import MANIFEST_FILE, SHARD_DIR, load_attack_set
 from semguard.cli import main
 from tests.attacks.generate_worker import PARAMS as WORKER_PARAMS
 from tests.attacks.generate_worker import start_and_kill
-from tests.attacks.tiny import tiny_world
+import semguard.subject.core as subject_core
+from tests.attacks.tiny import as_world_subject, tiny_world
 
 ray = pytest.importorskip("ray")  # the default run has no Ray; .ci/run installs it and checks the import
 from semguard.attacks.distributed import RayParams, generate_attack_set_ray  # noqa: E402 (needs ray)
@@ -96,7 +97,7 @@ def test_kill_driver_and_resume_with_ray(cluster, tmp_path):
 
 
 def test_generate_command_with_ray(cluster, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(attacks_cli, "_world_inputs", lambda cache: tiny_world())
+    monkeypatch.setattr(subject_core, "world_subject", as_world_subject(tiny_world()))
     argv = ["attack", "generate", "--out", str(tmp_path / "set"), "--sources", "3", "--iterations", "4",
             "--batch-size", "9", "--ray", "--ray-actors", "2"]
     assert main(argv) == 0

@@ -48,3 +48,18 @@ def tiny_world(n_images: int = 240, n_classes: int = N_CLASSES, dim: int = 8, se
     names = [f"concept{c}" for c in range(n_classes)]
     vectors = rng.normal(size=(n_classes, dim))
     return model, images, labels, names, vectors
+
+
+def as_world_subject(world):
+    """A stand-in for semguard.subject.core.world_subject serving `world` (a tiny_world() tuple) as the
+    embedded world, so the commands' one subject path runs on it."""
+    from semguard.detector.bundle import ModelSpec
+    from semguard.subject.core import ArrayImages, Subject
+
+    model, images, labels, names, vectors = world
+
+    def world_subject(spec, progress=True, inputs=None):
+        return Subject("tiny", model, ModelSpec("tiny", {}), [], list(names), np.asarray(vectors),
+                       np.ones(len(names), bool), ArrayImages(images, labels), spec)
+
+    return world_subject

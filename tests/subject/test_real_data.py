@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from semguard.analysis.real_data import ImageFolder, read_cifar100_binary
+from semguard.subject.real_data import ImageFolder, read_cifar100_binary
 from semguard.detector.layers import LayerTap, iter_activations
 from semguard.models.worldnet import WorldNet
 

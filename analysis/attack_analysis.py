@@ -1,0 +1,150 @@
+"""1 vs 2 through the layers for adversarial and for naturally misclassified images (paper section 4,
+Figures 4-6): which layers still side with the true label? One path for every subject, the embedded
+world included: `semguard attack analyze`, `semguard quickstart` and `semguard reproduce` call
+`analyze_attacks`.
+
+Test images are read from the subject's ImageSet in batches and only their (n, R) profiles against the
+references are kept, so memory does not grow with the number of images. Analyses run among the classes
+with a word vector only (the paper's 838 of 1000).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from semguard.analysis.detector_eval import clean_image_indices
+from semguard.analysis.figures import plot_by_layer
+from semguard.analysis.one_vs_two import (
+    OneVsTwoScores,
+    ReferenceSet,
+    block_average,
+    choose_reference_set,
+    mean_cosine,
+    one_vs_two_by_layer,
+    reference_profiles,
+)
+from semguard.attacks.store import AttackSet
+from semguard.detector.layers import LayerTap, iter_activations, layer_blocks
+from semguard.files import write_json_atomic
+from semguard.models.inputs import as_model_input, predict
+
+TAP_BATCH = 128  # images per tapped forward pass
+PREDICT_BATCH = 256  # images per prediction pass
+
+
+def tapped(tap: LayerTap, images: np.ndarray | torch.Tensor, batch_size: int = TAP_BATCH) -> Iterator[dict[str, np.ndarray]]:
+    """layer -> (b, k) activations, one batch at a time."""
+    with torch.no_grad():
+        for _, out in iter_activations(tap, as_model_input(images), batch_size):
+            yield {name: a.cpu().numpy() for name, a in out.acts.items()}
+
+
+class References(NamedTuple):
+    """The reference set and, per layer, the representation of each reference concept (R, k)."""
+
+    concepts: ReferenceSet
+    acts: dict[str, np.ndarray]
+
+
+def predict_images(model: torch.nn.Module, images, indices: np.ndarray) -> np.ndarray:
+    """Predicted class (n,) of images.load(indices), read PREDICT_BATCH images at a time."""
+    out = [predict(model, images.load(indices[i:i + PREDICT_BATCH]), PREDICT_BATCH)
+           for i in range(0, len(indices), PREDICT_BATCH)]
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def analyze_attacks(subject, attack_set: AttackSet, out: Path, reference_size: int = 100, n_permutations: int = 1000,
+                    seed: int = 0, max_images: int | None = None) -> dict:
+    """1 vs 2 of the set's successful images (by target rank) and of the misclassified test images.
+
+    subject: a semguard.subject.Subject. Returns the `attacks`, `adversarial_one_vs_two`, `misclassified` and
+    `subject` sections; writes analysis.json and the figures in out. max_images: read at most this many test
+    images for the references and the misclassified study (clean_image_indices: stratified over the classes).
+    """
+    Path(out).mkdir(parents=True, exist_ok=True)
+    matched = np.flatnonzero(subject.matched)  # analysis index -> class id
+    remap = np.full(len(subject.classes), -1)
+    remap[matched] = np.arange(len(matched))  # class id -> analysis index, -1 without a word vector
+    vectors = np.asarray(subject.word_vectors)[matched]
+    tap = LayerTap(subject.model.eval(), subject.layers)
+    images, labels = subject.images, np.asarray(subject.images.labels)
+    pool = clean_image_indices(labels, np.asarray(subject.matched), max_images or len(labels), seed)
+    true = remap[labels[pool]]
+    predicted = remap[predict_images(subject.model, images, pool)]  # -1: a class without a vector
+
+    reference = choose_reference_set(true, predicted, len(matched), reference_size, seed)
+    ref_batches = list(tapped(tap, images.load(pool[reference.image_index])))
+    references = References(reference, {n: np.concatenate([b[n] for b in ref_batches]) for n in tap.layers})
+
+    def scores(batches, t, p, groups) -> OneVsTwoScores:
+        profiles = reference_profiles(batches, references.acts)
+        return one_vs_two_by_layer(profiles, t, p, reference, vectors, groups, n_permutations, seed)
+
+    kept = attack_set.successful().records
+    if not kept:
+        raise ValueError(f"attack set {attack_set.path} has no successful attack to analyse")
+    adv_true, adv_pred = remap[[r.source_class for r in kept]], remap[[r.target_class for r in kept]]
+    if (adv_true < 0).any() or (adv_pred < 0).any():
+        raise ValueError(f"attack set {attack_set.path} attacks classes without a word vector in this subject")
+    adversarial = scores(tapped(tap, attack_set.images(kept)), adv_true, adv_pred, np.array([r.rank for r in kept]))
+
+    wrong = np.flatnonzero((predicted != true) & (predicted >= 0))  # mistaken for another class with a vector
+    if len(wrong) == 0:
+        raise ValueError("the model misclassifies no test image of a class with a word vector: nothing to analyse")
+    chunks = (images.load(pool[wrong[i:i + TAP_BATCH]]) for i in range(0, len(wrong), TAP_BATCH))
+    misclassified = scores((b for x in chunks for b in tapped(tap, x)), true[wrong], predicted[wrong], None)
+
+    result = attack_summary(attack_set, adversarial)
+    result["misclassified"] = {**misclassified.as_json(),
+                               "mean_cosine": mean_cosine(vectors, true[wrong], predicted[wrong])}
+    result["subject"] = {"name": subject.name, "classes": len(subject.classes), "with_word_vector": len(matched),
+                         "test_images": len(pool)}
+    plot_attack_figures(out, adversarial, misclassified, layer_blocks(subject.name, subject.layers))
+    write_json_atomic(out / "analysis.json", result)
+    return result
+
+
+def attack_summary(attack_set: AttackSet, adversarial: OneVsTwoScores) -> dict:
+    """summary.json's `attacks` and `adversarial_one_vs_two` sections."""
+    params = attack_set.header["generate"]
+    return {
+        "attacks": {
+            "path": str(attack_set.path),
+            "requested": len(attack_set),
+            "succeeded": len(attack_set.successful()),
+            "eps": params["eps"],
+            "step": params["step"],
+            "decay": params["decay"],
+            "iterations": params["iterations"],
+            "backend": params["backend"],
+        },
+        "adversarial_one_vs_two": {
+            **adversarial.as_json(),
+            "pooled_accuracy": adversarial.accuracy.tolist(),
+            "accuracy": adversarial.group_accuracy.mean(axis=0).tolist(),  # mean over target ranks
+            "by_rank": {str(g): acc.tolist() for g, acc in zip(adversarial.groups, adversarial.group_accuracy)},
+        },
+    }
+
+
+def plot_attack_figures(out: Path, adversarial: OneVsTwoScores, misclassified: OneVsTwoScores,
+                        blocks: list[str]) -> None:
+    """Paper Figure 6 (1 vs 2 of adversarial images by target rank) and Figures 4-5 (misclassified)."""
+    curves = {f"rank {g} (n={n})": acc for g, n, acc in
+              zip(adversarial.groups, adversarial.group_counts, adversarial.group_accuracy)}
+    curves["all ranks"] = adversarial.accuracy
+    plot_by_layer(
+        out / "adversarial_one_vs_two_by_layer.png", adversarial.layers, curves,
+        significant={"all ranks": adversarial.p_bhy < 0.05}, ylabel="1 vs 2 accuracy (true label wins)",
+        title=f"1 vs 2, successful MI-FGSM images (n={adversarial.count}), by target similarity rank",
+    )
+    names, averaged = block_average(misclassified.accuracy, blocks)
+    plot_by_layer(
+        out / "misclassified_one_vs_two_by_block.png", names, {"block average": averaged},
+        ylabel="1 vs 2 accuracy (true label wins)",
+        title=f"1 vs 2, misclassified test images (n={misclassified.count}), block averaged",
+    )
