@@ -49,3 +49,14 @@ def test_a_command_module_holds_its_whole_group():
         sub = argparse.ArgumentParser().add_subparsers()
         importlib.import_module(f"semguard.commands.{name}").register(sub)
         assert list(sub.choices) == [name]
+
+
+BATCH = ("quickstart", "attack generate", "attack analyze", "detector calibrate", "detector evaluate",
+         "analyze two-vs-two", "analyze training", "reproduce", "train")
+
+
+def test_batch_commands_share_the_common_flags():
+    tree = command_tree(build_parser())
+    lacking = {cmd: sorted({"--quiet", "--seed"} - tree[cmd]) for cmd in BATCH}
+    assert {cmd: flags for cmd, flags in lacking.items() if flags} == {}
+    assert "--quiet" in tree["world build"] and "--quiet" in tree["world export"]

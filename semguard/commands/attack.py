@@ -62,6 +62,7 @@ def _add_generate_command(commands: argparse._SubParsersAction) -> None:
     add_subject_flags(p)
     defer_arguments(p, _add_generate_flags)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="attack the shards on Ray actors (needs semguard[ray]); ADDRESS: auto (the running "
                         "cluster), ray://HOST:10001, or none to start Ray on this machine; this process writes")
@@ -93,14 +94,14 @@ def checked_subject_record(out_dir: Path, spec: SubjectSpec) -> dict | None:
     return resumed_subject_record(existing, spec, f"out_dir {out_dir}")
 
 
-def subject_inputs(spec: SubjectSpec):
+def subject_inputs(spec: SubjectSpec, progress: bool = True):
     """(model, images (an ImageSet), labels, class names, word vectors (C, d) with NaN rows for classes
     without one: attacks.generate makes them neither source nor target)."""
     import numpy as np
 
     from semguard.subject.core import load_subject
 
-    subject = load_subject(spec)
+    subject = load_subject(spec, progress)
     vectors = np.asarray(subject.word_vectors, np.float64).copy()
     vectors[~subject.matched] = np.nan
     return subject.model, subject.images, subject.images.labels, list(subject.classes), vectors
@@ -116,16 +117,16 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         spec = subject_spec_from_args(args, world_cache=args.world_cache)
         record = checked_subject_record(args.out, spec)  # a resumed set names the same subject
-        model, images, labels, names, vectors = subject_inputs(spec)
+        model, images, labels, names, vectors = subject_inputs(spec, not args.quiet)
         if args.ray is None:
             result = generate_attack_set(model, images, labels, names, vectors, args.out, params, device=device,
-                                         subject=record)
+                                         progress=not args.quiet, subject=record)
         else:  # the only place that imports ray
             from semguard.attacks.distributed import RayParams, generate_attack_set_ray
 
             result = generate_attack_set_ray(model, images, labels, names, vectors, args.out, params,
                                              RayParams(address=args.ray, actors=args.ray_actors), device=device,
-                                             subject=record)
+                                             progress=not args.quiet, subject=record)
     except ValueError as err:
         raise SystemExit(f"semguard attack generate: {err}") from None
     print(f"{result.out_dir}: {result.n_success}/{result.n_examples} attacks succeeded "
@@ -147,6 +148,7 @@ def _add_analyze_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
     p.add_argument("--reference-size", type=int, default=100, help="reference concepts (paper: 100)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--max-images", type=int, default=None, metavar="N",
                    help="read at most N test images for the misclassified study and the references "
                         "(stratified over the classes with a word vector; default: all)")
@@ -171,7 +173,7 @@ def run_attack_analyze(args: argparse.Namespace) -> int:
         if args.max_images is not None and args.max_images < 1:
             raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
         attack_set = load_attack_set(args.attack_set)
-        subject = load_subject(attack_set_subject(args, attack_set.header))
+        subject = load_subject(attack_set_subject(args, attack_set.header), not args.quiet)
         if attack_set.header["model_sha256"] != model_fingerprint(subject.model):
             raise ValueError(f"{args.attack_set} was generated against another model than the subject's "
                              f"({subject.name})")
