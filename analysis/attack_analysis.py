@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from semguard.analysis.detector_eval import clean_image_indices
+from semguard.evaluation.detector_eval import clean_image_indices
 from semguard.analysis.figures import plot_by_layer
 from semguard.analysis.one_vs_two import (
     OneVsTwoScores,

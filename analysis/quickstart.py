@@ -15,9 +15,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from semguard.analysis.adaptive_eval import QUICKSTART_ADAPTIVE
+from semguard.evaluation.adaptive_eval import QUICKSTART_ADAPTIVE
 from semguard.analysis.attack_analysis import analyze_attacks
-from semguard.analysis.detector_eval import DetectorEvalConfig, evaluate_subject_detector
+from semguard.evaluation.detector_eval import DetectorEvalConfig, evaluate_subject_detector
 from semguard.analysis.figures import plot_by_layer
 from semguard.analysis.report import render_report
 from semguard.files import write_json_atomic
@@ -189,7 +189,7 @@ def two_vs_two_stage(tap: LayerTap, world, vectors: np.ndarray, out: Path, confi
 
 
 # The code the detector stage's results depend on: a cached evaluation is reused only while it is unchanged.
-DETECTOR_CODE = ("detector", "attacks", "models", "analysis/detector_eval.py", "analysis/adaptive_eval.py")
+DETECTOR_CODE = ("detector", "attacks", "models", "evaluation/detector_eval.py", "evaluation/adaptive_eval.py")
 
 
 def code_fingerprint(paths: tuple[str, ...] = DETECTOR_CODE, root: Path = Path(__file__).resolve().parent.parent) -> str:

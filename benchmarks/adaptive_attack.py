@@ -4,7 +4,7 @@
 
 The embedded world's quickstart bundle (runs/quickstart/bundle) and test images; the attacked images are
 correctly classified images of the quickstart evaluation's held-out half (`split_clean(labels, 0.5, 0)`,
-as `analysis.detector_eval.evaluate_detector` splits), so no calibration image is attacked; one seeded
+as `evaluation.detector_eval.evaluate_detector` splits), so no calibration image is attacked; one seeded
 random target each. Rows: PGD ignoring the guard (naive), combined PGD with the per-image lambda search,
 orthogonal PGD, combined PGD on the Mahalanobis member only and on the signature columns only. Success is
 decided by the exact Guard: evasion = the target is predicted AND the image is not flagged. Gray-box:
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from semguard.models.worldnet import worldnet_spec
-from semguard.analysis.detector_eval import (
+from semguard.evaluation.detector_eval import (
     DetectorEvalConfig,
     plan_attack,
     run_attack,

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 from semguard.models.worldnet import worldnet_spec
-from semguard.analysis.adaptive_eval import AdaptiveConfig, attack_plan, strongest, wilson_interval
-from semguard.analysis.detector_eval import (
+from semguard.evaluation.adaptive_eval import AdaptiveConfig, attack_plan, strongest, wilson_interval
+from semguard.evaluation.detector_eval import (
     AttackSpec, DetectorEvalConfig, run_attack, split_clean, training_attacks,
 )
 from semguard.attacks.adaptive import GuardSurrogate, SurrogateOutput, Verdict

@@ -15,7 +15,7 @@ For the world CNN (32x32, 100 classes) and a randomly initialised torchvision re
 The bundle is built like `calibrate_guard` builds one (bank, Mahalanobis, flagger fitted on features
 computed as the guard computes them) from random images, one reference image per concept and random
 labels: the figures are about speed and memory, not detection. The flagger scores the features the
-evaluation ships (`analysis.detector_eval.DetectorEvalConfig().detector`), fitted as a Gaussian since
+evaluation ships (`evaluation.detector_eval.DetectorEvalConfig().detector`), fitted as a Gaussian since
 there are no attack images here (a logistic flagger's score, one dot product, costs less). Each timing is the median
 of `repeats` runs, plain and guard interleaved so background load hits both alike.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from semguard.analysis.detector_eval import DetectorEvalConfig
+from semguard.evaluation.detector_eval import DetectorEvalConfig
 from semguard.config_flags import add_world_cache_flag
 from semguard.detector.bundle import Bundle, BundleManifest, ModelSpec
 from semguard.detector.calibrate import CalibrationConfig, bank_reductions, density_reductions, guard_features, layer_shapes

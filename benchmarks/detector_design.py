@@ -3,7 +3,7 @@
 Run: python benchmarks/detector_design.py [--world-seeds 1 2] [--world-cache .semguard/world]
 
 For each development world (the embedded world built with another seed: other images, another
-WorldNet, other word vectors) this follows the evaluation protocol of `analysis.detector_eval`
+WorldNet, other word vectors) this follows the evaluation protocol of `evaluation.detector_eval`
 (the same clean split, training attacks on calibration-part images, the same evaluated attacks
 on held-out images), computes every image's flagger features once, and prints side by side the
 AUROC per attack of candidate flaggers against the Mahalanobis baseline (Lee et al.'s logistic
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from semguard.models.worldnet import worldnet_spec
-from semguard.analysis.detector_eval import (
+from semguard.evaluation.detector_eval import (
     DEFAULT_ATTACKS, EARLY_MIFGSM, PAPER_MIFGSM, SMALL_MIFGSM, AttackSpec, DetectorEvalConfig, plan_attack, run_attack,
     split_clean,
 )

@@ -27,7 +27,7 @@ import torch
 from scipy.stats import spearmanr
 
 from semguard.subject.core import world_subject
-from semguard.analysis.detector_eval import (
+from semguard.evaluation.detector_eval import (
     SMALL_MIFGSM, AttackSpec, DetectorEvalConfig, evaluate_subject_detector, plan_attack, run_attack, split_clean,
 )
 from semguard.config_flags import add_world_cache_flag

@@ -27,3 +27,15 @@ def predict(
         for start in range(0, len(images), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
+
+
+def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, H, W, C) -> same shape, each image translated by up to max_shift pixels (edges replicated)."""
+    if max_shift == 0:
+        return images
+    b, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
+    oy, ox = rng.integers(0, 2 * max_shift + 1, (2, b))
+    rows = (oy[:, None] + np.arange(h))[:, :, None]  # (B, H, 1)
+    cols = (ox[:, None] + np.arange(w))[:, None, :]  # (B, 1, W)
+    return padded[np.arange(b)[:, None, None], rows, cols]

@@ -47,7 +47,7 @@ def _quickstart_default():
 
 
 def _detector_default():
-    from semguard.analysis.detector_eval import DetectorEvalConfig
+    from semguard.evaluation.detector_eval import DetectorEvalConfig
 
     return DetectorEvalConfig()
 
@@ -59,7 +59,7 @@ def _generate_default():
 
 
 def _train_default():
-    from semguard.analysis.training_run import TrainConfig
+    from semguard.models.trainer import TrainConfig
 
     return TrainConfig()
 

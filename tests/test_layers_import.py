@@ -1,6 +1,7 @@
 """Imports point one way (ARCHITECTURE.md, "Layers"): a package imports only the layers below it.
 
-    shared (semguard/*.py) < detector < models < attacks, service, world < subject < analysis < commands
+    shared (semguard/*.py) < detector < models < attacks, service, world < subject < evaluation < analysis
+    < commands
 
 Every `import` and `from ... import` of every project file is parsed (function-level imports too), so a
 deferred import cannot hide an upward dependency.
@@ -13,8 +14,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Layer of each package; a package may import its own layer's modules only when it is itself.
 LAYERS = {"shared": 0, "detector": 1, "models": 2, "attacks": 3, "service": 3, "world": 3, "subject": 4,
-          "analysis": 5, "commands": 6}
-FOLDERS = ("semguard", "detector", "models", "attacks", "service", "world", "subject", "analysis")
+          "evaluation": 5, "analysis": 6, "commands": 7}
+FOLDERS = ("semguard", "detector", "models", "attacks", "service", "world", "subject", "evaluation", "analysis")
 
 
 def package_of_file(path: Path) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("detector", "attacks", "service", "world", "models", "analysis", "subject")  # folders mapped to semguard.<name>
+PACKAGES = ("detector", "attacks", "service", "world", "models", "analysis", "subject", "evaluation")  # folders mapped to semguard.<name>
 SOURCES = [*PACKAGES, "semguard", "tests", "benchmarks", "proto"]
 
 
@@ -47,7 +47,7 @@ def test_every_module_is_loaded_under_one_name(tmp_path):
     code = """
 import importlib, pkgutil, sys
 import semguard
-for folder in ("commands", "detector", "attacks", "service", "world", "models", "analysis", "subject"):
+for folder in ("commands", "detector", "attacks", "service", "world", "models", "analysis", "subject", "evaluation"):
     package = importlib.import_module("semguard." + folder)
     for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
         try:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from semguard.models.inputs import as_model_input, predict
+from semguard.models.inputs import as_model_input, predict, random_shift
 from semguard.models.worldnet import WorldNet, WorldNetConfig
 
 
@@ -26,18 +26,6 @@ class TrainSettings:
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> model input, channels-last in memory (faster convs on CPU)."""
     return as_model_input(images).contiguous(memory_format=torch.channels_last)
-
-
-def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
-    """(B, H, W, C) -> same shape, each image translated by up to max_shift pixels (edges replicated)."""
-    if max_shift == 0:
-        return images
-    b, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
-    oy, ox = rng.integers(0, 2 * max_shift + 1, (2, b))
-    rows = (oy[:, None] + np.arange(h))[:, :, None]  # (B, H, 1)
-    cols = (ox[:, None] + np.arange(w))[:, None, :]  # (B, 1, W)
-    return padded[np.arange(b)[:, None, None], rows, cols]
 
 
 def _lr_at(step: int, total: int, s: TrainSettings) -> float:

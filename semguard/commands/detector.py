@@ -4,12 +4,12 @@
     semguard detector evaluate --out DIR          # attacks + every detector on the held-out split
 
 The CLI is the edge: flags fill CalibrationConfig / DetectorEvalConfig, then it calls
-detector.calibrate.calibrate_guard or analysis.detector_eval.evaluate_detector. Both commands
+detector.calibrate.calibrate_guard or evaluation.detector_eval.evaluate_detector. Both commands
 split the world's clean test images with the same seed, so a bundle from `calibrate` never saw
 the images `evaluate` holds out.
 
 With the subject flags (semguard.subject.flags: --subject FILE, --model, --weights, --images, ...)
-both work on the user's model instead (analysis.detector_eval.calibrate_subject_guard /
+both work on the user's model instead (evaluation.detector_eval.calibrate_subject_guard /
 evaluate_subject_detector); the bundle rebuilds that model (its ModelSpec). SUBJECT_POLICY says
 what happens to the classes without a word vector.
 """
@@ -25,7 +25,7 @@ from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, 
 from semguard.subject.flags import add_subject_flags, subject_spec_from_args
 
 if TYPE_CHECKING:
-    from semguard.analysis.detector_eval import DetectorEvalConfig
+    from semguard.evaluation.detector_eval import DetectorEvalConfig
 
 SUBJECT_POLICY = (
     "On a subject (--subject FILE or --model/--weights/--images/--labels/--vectors; none: the embedded world), "
@@ -97,13 +97,13 @@ def detector_flags() -> tuple[Flag, ...]:
 
 
 def _add_detector_flags(p: argparse.ArgumentParser) -> None:
-    from semguard.analysis.detector_eval import DetectorEvalConfig
+    from semguard.evaluation.detector_eval import DetectorEvalConfig
 
     add_config_flags(p, DetectorEvalConfig, detector_flags())
 
 
 def _config(args: argparse.Namespace) -> DetectorEvalConfig:
-    from semguard.analysis.detector_eval import DetectorEvalConfig, quick_config
+    from semguard.evaluation.detector_eval import DetectorEvalConfig, quick_config
 
     cfg = config_from_flags(args, DetectorEvalConfig(), detector_flags())
     # one --seed: the clean split `evaluate` holds out and the calibration inside it
@@ -122,7 +122,7 @@ def _config(args: argparse.Namespace) -> DetectorEvalConfig:
 def _adaptive_config(args: argparse.Namespace):
     from fractions import Fraction
 
-    from semguard.analysis.adaptive_eval import AdaptiveConfig
+    from semguard.evaluation.adaptive_eval import AdaptiveConfig
 
     changes = {k: v for k, v in (("n_images", args.adaptive_images), ("iterations", args.adaptive_steps)) if v is not None}
     if args.adaptive_eps:
@@ -148,7 +148,7 @@ def _checked_config(args: argparse.Namespace) -> DetectorEvalConfig:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from semguard.analysis.detector_eval import calibrate_subject_guard
+    from semguard.evaluation.detector_eval import calibrate_subject_guard
 
     cfg = _checked_config(args)
     report = _on_subject(args, calibrate_subject_guard, _subject(args, cfg.progress), args.out, cfg, args.max_images)
@@ -183,13 +183,13 @@ def _on_subject(args: argparse.Namespace, run, *run_args):
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from semguard.analysis.detector_eval import evaluate_subject_detector
+    from semguard.evaluation.detector_eval import evaluate_subject_detector
 
     cfg = _checked_config(args)
     ev = _on_subject(args, evaluate_subject_detector, _subject(args, cfg.progress), args.out, cfg, args.max_images)
     print(format_results(ev.results))
     if "adaptive" in ev.results:
-        from semguard.analysis.adaptive_eval import format_adaptive
+        from semguard.evaluation.adaptive_eval import format_adaptive
 
         print(format_adaptive(ev.results["adaptive"]) + f"\nadaptive figure: {Path(args.out) / 'adaptive_evasion.png'}")
     print(f"bundle: {ev.bundle_dir}\nROC curves: {ev.roc_path}\nfigures: {Path(args.out) / 'detector_eval.json'}")

@@ -13,7 +13,7 @@ from semguard.config_flags import (
     defer_arguments,
 )
 
-# Types and defaults come from analysis.training_run.TrainConfig (imported on first use).
+# Types and defaults come from models.trainer.TrainConfig (imported on first use).
 TRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("--epochs", "epochs", "epochs (with --permute-labels: the most to try)"),
     Flag("--columns", "model.columns", "FractalNet columns C (block depth 2^(C-1); paper: 3)"),
@@ -51,13 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from semguard.analysis.training_run import TrainConfig
+    from semguard.models.trainer import TrainConfig
 
     add_config_flags(p, TrainConfig, TRAIN_FLAGS)
 
 
 def train_config(args: argparse.Namespace):
-    from semguard.analysis.training_run import TrainConfig, paper_config, quick_config
+    from semguard.models.trainer import TrainConfig, paper_config, quick_config
 
     base = quick_config() if args.quick else paper_config() if getattr(args, "paper", False) else TrainConfig()
     return config_from_flags(args, base, TRAIN_FLAGS)
@@ -79,7 +79,7 @@ def training_images(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     import torch
-    from semguard.analysis.training_run import train_checkpoints
+    from semguard.models.trainer import train_checkpoints
 
     torch.set_num_threads(1)  # bit-exact resumption, and the shared cores stay usable
     try:

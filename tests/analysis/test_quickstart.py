@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from semguard.analysis.adaptive_eval import QUICKSTART_ADAPTIVE, THREAT_MODELS, AdaptiveConfig
-from semguard.analysis.detector_eval import AttackSpec, DetectorEvalConfig
+from semguard.evaluation.adaptive_eval import QUICKSTART_ADAPTIVE, THREAT_MODELS, AdaptiveConfig
+from semguard.evaluation.detector_eval import AttackSpec, DetectorEvalConfig
 from semguard.analysis.quickstart import STAGES, QuickstartConfig, Timer, run_quickstart
 from semguard.analysis.report import render_summary
 from semguard.attacks.generate import GenerateParams

@@ -9,7 +9,7 @@ from semguard.analysis.training import (
     analyze_training,
     first_reaching,
 )
-from semguard.analysis.training_run import train_checkpoints
+from semguard.models.trainer import train_checkpoints
 from semguard.detector.layers import LayerTap
 from semguard.models.fractalnet import fractalnet_layers, load_fractalnet
 from semguard.models.inputs import as_model_input

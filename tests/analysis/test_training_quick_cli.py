@@ -5,7 +5,7 @@ Slow-ish: renders the default world (~20-50 s), trains 3 epochs on 5000 images a
 import json
 
 import numpy as np
-from semguard.analysis.training_run import quick_config
+from semguard.models.trainer import quick_config
 from semguard.cli import main
 from semguard.models.fractalnet import fractalnet_layers
 

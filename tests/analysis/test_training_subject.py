@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from semguard.analysis.training_run import train_checkpoints
+from semguard.models.trainer import train_checkpoints
 from semguard.cli import main
 from semguard.detector.layers import LayerTap, relu_nodes
 from semguard.detector.significance import bhy

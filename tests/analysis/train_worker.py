@@ -3,7 +3,7 @@ import sys
 
 import numpy as np
 import torch
-from semguard.analysis.training_run import TrainConfig, train_checkpoints
+from semguard.models.trainer import TrainConfig, train_checkpoints
 from semguard.models.fractalnet import FractalNetConfig
 
 TINY = TrainConfig(model=FractalNetConfig(num_classes=4, widths=(4, 8), columns=2, dropout=(0.0, 0.1)),

@@ -183,7 +183,7 @@ def test_ensemble_members_are_cut_to_the_configured_features():
 # ----------------------------------------------------------------------------- one feature function
 
 
-SHIPPED = CalibrationConfig(method="ensemble")  # features and members as analysis.detector_eval ships them
+SHIPPED = CalibrationConfig(method="ensemble")  # features and members as evaluation.detector_eval ships them
 BATCH = 32
 
 

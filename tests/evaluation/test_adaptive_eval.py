@@ -1,4 +1,4 @@
-"""analysis.adaptive_eval on a tiny CNN: every threat model's keys, cells decided by the exact detectors, the
+"""evaluation.adaptive_eval on a tiny CNN: every threat model's keys, cells decided by the exact detectors, the
 gray-box attacker calibrating its own detectors without reading the real bundle."""
 import json
 import os
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from semguard.analysis.adaptive_eval import (
+from semguard.evaluation.adaptive_eval import (
     THREAT_MODELS, AdaptiveConfig, AttackerView, attack_plan, attacker_detectors, eps_label, wilson_interval,
 )
-from semguard.analysis.detector_eval import AttackSpec, DetectorEvalConfig, evaluate_detector, split_clean
+from semguard.evaluation.detector_eval import AttackSpec, DetectorEvalConfig, evaluate_detector, split_clean
 from semguard.detector.bundle import ModelSpec
 from semguard.detector.calibrate import CalibrationConfig
 from tests.analysis.test_detector_eval import N_CLASSES, tiny_world  # noqa: F401 (fixture)
@@ -87,7 +87,7 @@ def test_gray_box_attacker_never_reads_the_real_bundle(tiny_world, tmp_path):
         view = AttackerView(model, SPEC, LAYERS, NAMES, words, None)
         own = attacker_detectors(view, x, y, y, np.setdiff1d(split.evaluation, sources),
                                  ("detector", "mahalanobis", "art_binary_activation"), cfg, 1, None, tmp_path / "own")
-        from semguard.analysis.adaptive_eval import strongest, surrogate_of
+        from semguard.evaluation.adaptive_eval import strongest, surrogate_of
 
         adv, runs = strongest(surrogate_of(model, own["detector"]), x[sources], torch.as_tensor(targets), 0.3,
                               cfg.adaptive)
@@ -126,8 +126,8 @@ def test_config_rejects_bad_values(kwargs, match):
 
 
 def test_art_surrogate_forward_is_arts_detect_and_its_gradient_reaches_the_image(tiny_world):
-    from semguard.analysis.adaptive_eval import surrogate_of
-    from semguard.analysis.detector_eval import art_binary_detector
+    from semguard.evaluation.adaptive_eval import surrogate_of
+    from semguard.evaluation.detector_eval import art_binary_detector
 
     model, images, _, _ = tiny_world
     noisy = (images[:60] + 0.3 * torch.randn(60, 3, 8, 8, generator=torch.Generator().manual_seed(0))).clamp(0, 1)

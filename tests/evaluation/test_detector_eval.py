@@ -1,11 +1,11 @@
-"""analysis.detector_eval: the evaluation protocol end to end on a tiny CNN (reduced settings, seconds)."""
+"""evaluation.detector_eval: the evaluation protocol end to end on a tiny CNN (reduced settings, seconds)."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from semguard.analysis.detector_eval import (
+from semguard.evaluation.detector_eval import (
     AttackSpec, DetectorEvalConfig, evaluate_detector, plan_attack, split_clean,
 )
 from semguard.detector.bundle import ModelSpec
@@ -169,7 +169,7 @@ def test_plan_attack_skips_classes_without_a_vector():
 
 
 def test_clean_image_indices_are_stratified_over_matched_classes():
-    from semguard.analysis.detector_eval import clean_image_indices, default_max_images
+    from semguard.evaluation.detector_eval import clean_image_indices, default_max_images
 
     labels = np.repeat(np.arange(5), [10, 2, 6, 8, 4])
     matched = np.array([True, True, False, True, True])
@@ -186,7 +186,7 @@ def test_subject_bundle_serves_classes_without_a_vector(tiny_world, tmp_path):
     """No unmatched class is a reference nor an alternative, the bundle lists every class (zero word rows) and
     rebuilds its model; an image predicted as an unmatched class is judged as the top matched class, and clean images
     of unmatched classes are not flagged much more often than the others (calibrated on every class)."""
-    from semguard.analysis.detector_eval import calibrate_subject_guard
+    from semguard.evaluation.detector_eval import calibrate_subject_guard
     from semguard.detector.bundle import read_bundle
 
     subject = tiny_subject(tiny_world)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from semguard.analysis.training_run import (
+from semguard.models.trainer import (
     TrainConfig,
     lr_schedule,
     paper_config,
@@ -77,7 +77,7 @@ def test_other_settings_in_the_same_directory_are_refused(tmp_path):
 
 def test_quick_flag_starts_from_the_reduced_setting_and_flags_override_it():
     from semguard.commands.train import train_config
-    from semguard.analysis.training_run import quick_config
+    from semguard.models.trainer import quick_config
 
     from semguard.cli import build_parser
 

@@ -41,7 +41,7 @@ from scipy.stats import binomtest
 from torch import nn
 from tqdm.auto import tqdm
 
-from semguard.analysis.detector_eval import (
+from semguard.evaluation.detector_eval import (
     VARIANTS, AttackSpec, CleanSplit, Detector, DetectorEvalConfig, build_detectors, run_attack, training_attacks,
 )
 from semguard.attacks.adaptive import ActivationDetectorSurrogate, GuardSurrogate

@@ -112,7 +112,7 @@ class DetectorEvalConfig:
     batch_size: int = 256  # scoring batch
     seed: int = 0
     progress: bool = True
-    # guard-aware attacks on the detectors (analysis.adaptive_eval.AdaptiveConfig); None: not run
+    # guard-aware attacks on the detectors (evaluation.adaptive_eval.AdaptiveConfig); None: not run
     adaptive: object | None = None
 
     def __post_init__(self) -> None:
@@ -217,7 +217,7 @@ class Detector(NamedTuple):
     role: str  # "detector" (shipped), "signature", "baseline", "control"
     score: object  # callable (n, C, H, W) float32 tensor -> (n,) float64 scores, larger = more suspicious
     threshold: float | None
-    # what an adaptive attacker differentiates (analysis.adaptive_eval): the Guard, or ART's (layer, head, detect)
+    # what an adaptive attacker differentiates (evaluation.adaptive_eval): the Guard, or ART's (layer, head, detect)
     attack_view: object = None
 
 
@@ -379,7 +379,7 @@ def evaluate_detector(
         metrics, curves = score_all(detectors, x[split.evaluation], runs)
         t3 = time.perf_counter()
         if cfg.adaptive is not None:
-            from semguard.analysis.adaptive_eval import AttackerView, adaptive_evaluation
+            from semguard.evaluation.adaptive_eval import AttackerView, adaptive_evaluation
 
             view = AttackerView(model, model_spec, layers, label_names, word_vectors, model_name)
             adaptive = adaptive_evaluation(view, detectors, x, y, predicted, split, out, cfg)

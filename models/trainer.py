@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from semguard.models.fractalnet import WORLD_CONFIG, FractalNet, FractalNetConfig
-from semguard.models.inputs import as_model_input, predict
-from semguard.world.train import random_shift
+from semguard.models.inputs import as_model_input, predict, random_shift
 
 from semguard.files import atomic_path, write_json_atomic
 
