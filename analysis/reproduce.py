@@ -115,7 +115,7 @@ def read_study(path: str | Path, world_cache: str | Path | None = None) -> Study
     for i, table in enumerate(tables):
         own = _subject_values(path, {k: v for k, v in table.items() if k != "name"}, f"[[models]] #{i + 1}")
         spec = SubjectSpec(**{**base, **own}, world_cache=cache)
-        name = table.get("name", spec.model or ("world" if spec.is_world() else None))
+        name = table.get("name", spec.default_name())
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"--subject {path}: [[models]] #{i + 1} needs a name (letters, digits, . _ -) for its "
                              f"output folder, got {name!r}")
@@ -230,8 +230,7 @@ def run_model(model: StudyModel, out: Path, config: StudyConfig) -> dict:
     from semguard.subject.core import load_subject
 
     say = _sayer(config)
-    what = "the embedded world" if model.spec.is_world() else model.spec.model or model.spec.model_entry
-    say(f"{model.name}: {what}")
+    say(f"{model.name}: {model.spec.describe()}")
     figure1 = replace(config.two_vs_two, seed=config.seed, progress=config.progress)
     attack = replace(config.attack, seed=config.seed)
     device = torch.device(figure1.device) if figure1.device else default_device()  # every stage runs there

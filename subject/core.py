@@ -62,6 +62,14 @@ class SubjectSpec:
     def is_world(self) -> bool:
         return all(getattr(self, name) is None for name in SPEC_FIELDS)
 
+    def default_name(self) -> str | None:
+        """A name for the subject's outputs: its architecture's, "world" for the embedded world, else None."""
+        return self.model or ("world" if self.is_world() else None)
+
+    def describe(self) -> str:
+        """'the embedded world', or the assets the spec names ('model=resnet50, images=...')."""
+        return describe_record(self.to_json())
+
     def to_json(self) -> dict:
         """JSON-able record (what an attack set or report stores about its subject)."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

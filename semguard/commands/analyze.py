@@ -9,16 +9,28 @@ from pathlib import Path
 
 from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
 
+
+
+def two_vs_two_flags(field_prefix: str = "") -> tuple[Flag, ...]:
+    """The 2 vs 2 pipeline's flags (analysis.subject_two_vs_two.TwoVsTwoConfig fields under `field_prefix`):
+    `analyze two-vs-two` and `reproduce` share them."""
+    return (
+        Flag("--permutations", f"{field_prefix}n_permutations", "permutations per layer (paper: 1000)"),
+        Flag("--image-sets", f"{field_prefix}image_sets", "image sets, one image per matched class each (paper: 5)"),
+        Flag("--memory-budget", f"{field_prefix}memory_budget_gib",
+             "GiB of activations held at once (layers are grouped into passes)"),
+        Flag("--device", f"{field_prefix}device", "cpu, cuda, cuda:1 ... (default: CUDA when present)"),
+    )
+
+
 # Types and defaults come from analysis.subject_two_vs_two.TwoVsTwoConfig (imported on first use).
 TWO_VS_TWO_FLAGS: tuple[Flag, ...] = (
-    Flag("--permutations", "n_permutations", "permutations per layer (paper: 1000)"),
-    Flag("--image-sets", "image_sets", "image sets, one image per matched class each (paper: 5)"),
+    *two_vs_two_flags(),
     Flag("--seed", "seed", "seed of the permutations"),
-    Flag("--memory-budget", "memory_budget_gib", "GiB of activations held at once (layers are grouped into passes)"),
     Flag("--batch-size", "batch_size", "images per forward pass"),
-    Flag("--device", "device", "cpu, cuda, cuda:1 ... (default: CUDA when present)"),
     Flag("--quiet", "progress", "no progress bars"),
 )
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """`semguard analyze training|diagram|two-vs-two`."""

@@ -6,14 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+from semguard.commands.analyze import two_vs_two_flags
 from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
 
 # analysis.reproduce.StudyConfig; a flag given here overrides the file's [study] table.
 STUDY_FLAGS: tuple[Flag, ...] = (
-    Flag("--permutations", "two_vs_two.n_permutations", "permutations per layer, 2 vs 2 and 1 vs 2 (paper: 1000)"),
-    Flag("--image-sets", "two_vs_two.image_sets", "image sets per class (paper: 5)"),
-    Flag("--memory-budget", "two_vs_two.memory_budget_gib", "GiB of activations held at once"),
-    Flag("--device", "two_vs_two.device", "cpu, cuda ... (default: CUDA when present)"),
+    *two_vs_two_flags("two_vs_two."),  # --permutations counts for 1 vs 2 too
     Flag("--sources", "attack.n_sources", "attacked source classes (paper: 100, 6 targets each)"),
     Flag("--reference-size", "reference_size", "1 vs 2 reference classes (paper: 100)"),
     Flag("--seed", "seed", "seed of the permutations, sources and references"),
