@@ -122,7 +122,7 @@ def test_attack_analyze_command_on_the_quickstart_attack_set(quickstart, tmp_pat
 
     config, summary = quickstart
     small = world_inputs.load_world_inputs(SMALL_WORLD, config.cache_dir, progress=False)
-    monkeypatch.setattr(world_inputs, "load_world_inputs", lambda **kwargs: small)
+    monkeypatch.setattr(world_inputs, "load_world_inputs", lambda *args, **kwargs: small)
     args = ["attack", "analyze", "--attack-set", summary["attacks"]["path"], "--out", str(tmp_path), "--permutations", "50"]
     assert main(args) == 0
     analysis = json.loads((tmp_path / "analysis.json").read_text())
@@ -130,7 +130,7 @@ def test_attack_analyze_command_on_the_quickstart_attack_set(quickstart, tmp_pat
     assert (tmp_path / "adversarial_one_vs_two_by_layer.png").read_bytes()[:8] == PNG_MAGIC
     assert "misclassified_count" in capsys.readouterr().out
     other = world_inputs.WorldInputs(small.world, type(small.model)(small.model.config).eval(), small.word_vectors)
-    monkeypatch.setattr(world_inputs, "load_world_inputs", lambda **kwargs: other)
+    monkeypatch.setattr(world_inputs, "load_world_inputs", lambda *args, **kwargs: other)
     with pytest.raises(SystemExit, match="another model"):
         main(args)
 
