@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset, Subset
 
 from semguard.evaluation.detector_eval import clean_image_indices
 from semguard.analysis.figures import plot_by_layer
@@ -36,11 +37,11 @@ TAP_BATCH = 128  # images per tapped forward pass
 PREDICT_BATCH = 256  # images per prediction pass
 
 
-def tapped(tap: LayerTap, images: np.ndarray | torch.Tensor, batch_size: int = TAP_BATCH) -> Iterator[dict[str, np.ndarray]]:
-    """layer -> (b, k) activations, one batch at a time."""
-    with torch.no_grad():
-        for _, out in iter_activations(tap, as_model_input(images), batch_size):
-            yield {name: a.cpu().numpy() for name, a in out.acts.items()}
+def tapped(tap: LayerTap, images: torch.Tensor | Dataset, batch_size: int = TAP_BATCH
+           ) -> Iterator[dict[str, np.ndarray]]:
+    """layer -> (b, k) activations, one batch at a time, of a tensor or a Dataset (a Subset of an ImageSet)."""
+    for _, out in iter_activations(tap, images, batch_size):
+        yield {name: a.cpu().numpy() for name, a in out.acts.items()}
 
 
 class References(NamedTuple):
@@ -48,13 +49,6 @@ class References(NamedTuple):
 
     concepts: ReferenceSet
     acts: dict[str, np.ndarray]
-
-
-def predict_images(model: torch.nn.Module, images, indices: np.ndarray) -> np.ndarray:
-    """Predicted class (n,) of images.load(indices), read PREDICT_BATCH images at a time."""
-    out = [predict(model, images.load(indices[i:i + PREDICT_BATCH]), PREDICT_BATCH)
-           for i in range(0, len(indices), PREDICT_BATCH)]
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 def analyze_attacks(subject, attack_set: AttackSet, out: Path, reference_size: int = 100, n_permutations: int = 1000,
@@ -74,10 +68,10 @@ def analyze_attacks(subject, attack_set: AttackSet, out: Path, reference_size: i
     images, labels = subject.images, np.asarray(subject.images.labels)
     pool = clean_image_indices(labels, np.asarray(subject.matched), max_images or len(labels), seed)
     true = remap[labels[pool]]
-    predicted = remap[predict_images(subject.model, images, pool)]  # -1: a class without a vector
+    predicted = remap[predict(subject.model, Subset(images, pool), PREDICT_BATCH)]  # -1: a class without a vector
 
     reference = choose_reference_set(true, predicted, len(matched), reference_size, seed)
-    ref_batches = list(tapped(tap, images.load(pool[reference.image_index])))
+    ref_batches = list(tapped(tap, Subset(images, pool[reference.image_index])))
     references = References(reference, {n: np.concatenate([b[n] for b in ref_batches]) for n in tap.layers})
 
     def scores(batches, t, p, groups) -> OneVsTwoScores:
@@ -90,13 +84,13 @@ def analyze_attacks(subject, attack_set: AttackSet, out: Path, reference_size: i
     adv_true, adv_pred = remap[[r.source_class for r in kept]], remap[[r.target_class for r in kept]]
     if (adv_true < 0).any() or (adv_pred < 0).any():
         raise ValueError(f"attack set {attack_set.path} attacks classes without a word vector in this subject")
-    adversarial = scores(tapped(tap, attack_set.images(kept)), adv_true, adv_pred, np.array([r.rank for r in kept]))
+    adversarial = scores(tapped(tap, as_model_input(attack_set.images(kept))), adv_true, adv_pred,
+                         np.array([r.rank for r in kept]))
 
     wrong = np.flatnonzero((predicted != true) & (predicted >= 0))  # mistaken for another class with a vector
     if len(wrong) == 0:
         raise ValueError("the model misclassifies no test image of a class with a word vector: nothing to analyse")
-    chunks = (images.load(pool[wrong[i:i + TAP_BATCH]]) for i in range(0, len(wrong), TAP_BATCH))
-    misclassified = scores((b for x in chunks for b in tapped(tap, x)), true[wrong], predicted[wrong], None)
+    misclassified = scores(tapped(tap, Subset(images, pool[wrong])), true[wrong], predicted[wrong], None)
 
     result = attack_summary(attack_set, adversarial)
     result["misclassified"] = {**misclassified.as_json(),

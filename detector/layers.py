@@ -416,6 +416,25 @@ def _collate_images(items: list) -> torch.Tensor:
     return torch.stack([torch.as_tensor(_first_item(item)) for item in items])
 
 
+def image_batches(images_or_dataset: torch.Tensor | Dataset, batch_size: int, num_workers: int = 0
+                  ) -> Iterator[torch.Tensor]:
+    """(b, C, H, W) batches of a tensor (N, C, H, W), or of a Dataset yielding images or (image, label) (a
+    DataLoader, in order; with `num_workers`, decoding runs in worker processes): the one batching loop
+    that tapping and prediction share."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if isinstance(images_or_dataset, torch.Tensor):
+        source = images_or_dataset
+        return (source[i : i + batch_size] for i in range(0, len(source), batch_size))
+    if isinstance(images_or_dataset, Dataset):
+        return iter(DataLoader(images_or_dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                               collate_fn=_collate_images))
+    raise ValueError(
+        f"images_or_dataset: expected a torch.Tensor (N, C, H, W) or a torch Dataset, "
+        f"got {type(images_or_dataset).__name__}"
+    )
+
+
 def iter_activations(
     tap: LayerTap,
     images_or_dataset: torch.Tensor | Dataset,
@@ -429,21 +448,7 @@ def iter_activations(
     Yields (slice of item indices, TapOutput) batch by batch, without grad, so only one batch of
     activations is alive at a time. Images move to the tap's device; outputs stay there.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    if isinstance(images_or_dataset, torch.Tensor):
-        source = images_or_dataset
-        batches = (source[i : i + batch_size] for i in range(0, len(source), batch_size))
-    elif isinstance(images_or_dataset, Dataset):
-        batches = iter(DataLoader(
-            images_or_dataset, batch_size=batch_size, shuffle=False,
-            num_workers=num_workers, collate_fn=_collate_images,
-        ))
-    else:
-        raise ValueError(
-            f"images_or_dataset: expected a torch.Tensor (N, C, H, W) or a torch Dataset, "
-            f"got {type(images_or_dataset).__name__}"
-        )
+    batches = image_batches(images_or_dataset, batch_size, num_workers)
     total = math.ceil(len(images_or_dataset) / batch_size) if hasattr(images_or_dataset, "__len__") else None
     device = tap.device
     start = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 
 def as_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -17,15 +18,19 @@ def as_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(
-    model: nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 256, device: torch.device | str | None = None
-) -> np.ndarray:
-    """Predicted class (N,) int64, in batches, on the model's device unless `device` is given."""
+def predict(model: nn.Module, images: np.ndarray | torch.Tensor | Dataset, batch_size: int = 256,
+            device: torch.device | str | None = None, num_workers: int = 0) -> np.ndarray:
+    """Predicted class (N,) int64, in batches, on the model's device unless `device` is given. images: an
+    array or tensor in either format of `as_model_input`, or a Dataset (an ImageSet, a Subset of one:
+    read batch by batch, by `num_workers` DataLoader workers when given)."""
+    from semguard.detector.layers import image_batches
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    out = [
-        model(as_model_input(images[start : start + batch_size]).to(device)).argmax(1).cpu()
-        for start in range(0, len(images), batch_size)
-    ]
+    if isinstance(images, Dataset):
+        batches = image_batches(images, batch_size, num_workers)
+    else:
+        batches = (as_model_input(images[start : start + batch_size]) for start in range(0, len(images), batch_size))
+    out = [model(batch.to(device)).argmax(1).cpu() for batch in batches]
     return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
 
 

@@ -18,11 +18,12 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from semguard.detector.bundle import ModelSpec
 from semguard.world_cache import DEFAULT_WORLD_CACHE
@@ -134,23 +135,33 @@ def recorded_subject(spec: SubjectSpec, recorded: dict | None) -> SubjectSpec:
     return dataclasses.replace(found, world_cache=Path(spec.world_cache)) if moved else found
 
 
-class ImageSet(Protocol):
-    """Labelled images of one subject, read on demand (a real set need not fit in memory).
+class ImageSet(Dataset):
+    """Labelled images of one subject, read on demand (a real set need not fit in memory): a torch Dataset.
 
-    labels: (N,) int64, indices into Subject.classes. load(indices) -> float32 (n, 3, H, W) in
-    [0, 1], at the model's input size, in the order of `indices`. skipped: files that could not
-    be read (reported by the loader, never in `labels`).
+    labels: (N,) int64, indices into Subject.classes. load(indices) -> float32 (n, 3, H, W) in [0, 1], at
+    the model's input size, in the order of `indices` (subclasses implement it, decoding a batch at once).
+    skipped: files that could not be read (reported by the loader, never in `labels`). As a Dataset, item i
+    is (image (3, H, W), label); a DataLoader fetches a batch through `__getitems__`, i.e. one `load`, so
+    `torch.utils.data.Subset(images, indices)` and DataLoader workers serve any caller.
     """
 
     labels: np.ndarray
-    skipped: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
 
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        return len(self.labels)
 
-    def load(self, indices: np.ndarray) -> torch.Tensor: ...
+    def load(self, indices: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.load(np.array([index]))[0], int(self.labels[index])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        return list(zip(self.load(np.asarray(indices, np.int64)), self.labels[indices].tolist()))
 
 
-class ArrayImages:
+class ArrayImages(ImageSet):
     """An ImageSet over images already in memory: uint8 (N, H, W, 3) (the world's format)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
@@ -158,9 +169,6 @@ class ArrayImages:
             raise ValueError(f"images must be uint8 (N, H, W, 3) with one label each, got {images.dtype} "
                              f"{images.shape} and {np.shape(labels)} labels")
         self.images, self.labels, self.skipped = images, np.asarray(labels, np.int64), ()
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def load(self, indices: np.ndarray) -> torch.Tensor:
         from semguard.models.inputs import as_model_input

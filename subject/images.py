@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from semguard.subject.real_data import image_files, read_cifar100_binary, resize_center_crop
 from semguard.detector.words import CIFAR100_CLASSES
+from semguard.subject.core import ImageSet
 from semguard.subject.labels import ClassList, builtin_classes
 
 _WNID = re.compile(r"^n\d{8}$")
@@ -73,14 +74,11 @@ def _to_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(pixels).transpose(0, 3, 1, 2).copy()).float().div_(255)  # (n, 3, H, W)
 
 
-class FileImages:
+class FileImages(ImageSet):
     """ImageSet over image files, decoded on demand (only the requested images are ever in memory)."""
 
     def __init__(self, files: Sequence[Path], labels: np.ndarray, transform: Transform, skipped: tuple[str, ...] = ()):
         self.files, self.labels, self.transform, self.skipped = list(files), np.asarray(labels, np.int64), transform, skipped
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def _read(self, path: Path) -> np.ndarray:
         try:
@@ -96,14 +94,11 @@ class FileImages:
             return _to_tensor(list(pool.map(self._read, paths)))
 
 
-class CifarImages:
+class CifarImages(ImageSet):
     """ImageSet over memory-mapped CIFAR records (uint8 (N, 32, 32, 3)), transformed on demand."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Transform):
         self.images, self.labels, self.transform, self.skipped = images, np.asarray(labels, np.int64), transform, ()
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def load(self, indices: np.ndarray) -> torch.Tensor:
         rows = self.images[np.asarray(indices, np.int64).reshape(-1)]  # (n, 32, 32, 3)
