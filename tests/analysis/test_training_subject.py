@@ -16,7 +16,7 @@ from semguard.models.fractalnet import fractalnet_layers, load_fractalnet
 from semguard.models.inputs import as_model_input
 from semguard.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalized
 
-from tests.analysis.test_training_run import write_cifar_binary
+from tests.models.test_trainer import write_cifar_binary
 from tests.analysis.train_worker import TINY, synthetic
 from tests.detector.test_rsa import correlation_matrix_loop, two_vs_two_pairs_loop
 from tests.subject.fixtures import write_image

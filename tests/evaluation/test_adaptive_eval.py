@@ -15,7 +15,7 @@ from semguard.evaluation.adaptive_eval import (
 from semguard.evaluation.detector_eval import AttackSpec, DetectorEvalConfig, evaluate_detector, split_clean
 from semguard.detector.bundle import ModelSpec
 from semguard.detector.calibrate import CalibrationConfig
-from tests.analysis.test_detector_eval import N_CLASSES, tiny_world  # noqa: F401 (fixture)
+from tests.evaluation.test_detector_eval import N_CLASSES, tiny_world  # noqa: F401 (fixture)
 from tests.tiny_cnn import LAYERS
 
 FAST = dict(n_sources=24, batch_size=24)
