@@ -72,6 +72,13 @@ def _same_tree(a, b, skip=()):
                 doc.get("attacks", {}).pop("path", None)
                 doc.pop("subject", None)
             assert x == y, name
+        elif name.suffix == ".safetensors":  # the same tensors and metadata (the header's key order may differ)
+            from safetensors import safe_open
+
+            x, y = safe_open(a / name, "np"), safe_open(b / name, "np")
+            assert x.metadata() == y.metadata() and sorted(x.keys()) == sorted(y.keys()), name
+            for key in x.keys():
+                np.testing.assert_array_equal(x.get_tensor(key), y.get_tensor(key), err_msg=f"{name} {key}")
         elif name.suffix != ".png":  # figures: same data, but titles may name the subject
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
     return names
