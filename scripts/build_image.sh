@@ -62,8 +62,9 @@ start=$(date +%s)
 podman build --format docker --network host --ignorefile deploy/Dockerfile.dockerignore \
     -f deploy/Dockerfile --build-arg "BASE_IMAGE=$BASE" "${pip_args[@]}" -t "$TAG" .
 build_time=$(elapsed "$start")
-podman image prune -f >/dev/null   # the dangling images an earlier build of the same tag left
 size=$(podman image inspect -f '{{.Size}}' "$TAG")
+say "image $TAG: $(numfmt --to=si "$size")B, built in $build_time"
+podman image prune -f >/dev/null   # the dangling images an earlier build of the same tag left
 
 bundle=${SEMGUARD_IMAGE_BUNDLE:-}
 if [ -z "$bundle" ]; then
@@ -71,7 +72,8 @@ if [ -z "$bundle" ]; then
     bundle="$WORK/quickstart/bundle"
 fi
 bundle=$(realpath "$bundle")
-ls -l "$bundle"
+[ -f "$bundle/bundle.json" ] || { echo "build_image.sh: $bundle is not a guard bundle (no bundle.json)" >&2; exit 2; }
+ls -l "$bundle"   # the modes as written: the container's uid 10001 reads them through the mount
 
 cleanup() { podman rm -f -t 0 "$NAME" "$NAME-unreadable" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
@@ -121,4 +123,4 @@ grep -q "^semguard serve: --bundle /bundle: /bundle/model.safetensors: not reada
     && [ "$code" = 2 ] && [ "$(wc -l < "$WORK/unreadable.out")" = 1 ] \
     || { echo "build_image.sh: an unreadable bundle did not stop the server in one line (exit $code)" >&2; exit 1; }
 say "unreadable bundle: one line, exit 2"
-say "image $TAG: $(numfmt --to=si "$size")B, built in $build_time"
+say "image $TAG: $(numfmt --to=si "$size")B, built in $build_time; served, healthy, drained"

@@ -1,7 +1,7 @@
 """deploy/Dockerfile: hadolint-clean, non-root, bundle mounted not baked, health-checked, lean install.
 
-The image is linted and its layout checked here, not built (no image may be pulled on this machine);
-test_container_layout.py runs the same command line outside a container.
+The image is linted and its layout checked here; scripts/build_image.sh builds and runs it with podman
+(.ci/run), test_container_layout.py runs the same command line outside a container.
 """
 from __future__ import annotations
 
