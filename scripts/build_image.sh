@@ -10,7 +10,7 @@
 # sources and imported into podman (kept: later runs reuse it, and podman's layer cache keeps the
 # torch layer). pip inside the build gets this machine's settings (scripts/image_pip_settings.py).
 # Environment: SEMGUARD_IMAGE (tag, default semguard:0.1.0), SEMGUARD_IMAGE_WORK (work folder,
-# default /var/tmp/semguard-image), SEMGUARD_IMAGE_BUNDLE (serve this bundle instead of a quickstart's),
+# default /var/tmp/semguard-image; the torch stage is kept as <tag name>-torch:cache), SEMGUARD_IMAGE_BUNDLE (serve this bundle instead of a quickstart's),
 # SEMGUARD_BASE_IMAGE (default localhost/semguard-base:bookworm; deleted -> rebuilt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,9 +58,14 @@ pytag=$(podman run --rm "$BASE" python3 -c 'import sys; print(f"cp{sys.version_i
 mapfile -t pip_args < <(python3 scripts/image_pip_settings.py "$WORK" "$pytag")
 say "pip settings for the build: ${pip_args[*]:-none}"
 start=$(date +%s)
-# docker format: the OCI format drops HEALTHCHECK. --network host: pip reaches this machine's index.
-podman build --format docker --network host --ignorefile deploy/Dockerfile.dockerignore \
-    -f deploy/Dockerfile --build-arg "BASE_IMAGE=$BASE" "${pip_args[@]}" -t "$TAG" .
+build() {
+    # docker format: the OCI format drops HEALTHCHECK. --network host: pip reaches this machine's index.
+    podman build --format docker --network host --ignorefile deploy/Dockerfile.dockerignore \
+        -f deploy/Dockerfile --build-arg "BASE_IMAGE=$BASE" "${pip_args[@]}" "$@" .
+}
+# The torch stage tagged first: the prune below then keeps it, and the next build starts from it.
+build --target torch -t "${TAG%%:*}-torch:cache"
+build -t "$TAG"
 build_time=$(elapsed "$start")
 size=$(podman image inspect -f '{{.Size}}' "$TAG")
 say "image $TAG: $(numfmt --to=si "$size")B, built in $build_time"
@@ -75,9 +80,11 @@ bundle=$(realpath "$bundle")
 [ -f "$bundle/bundle.json" ] || { echo "build_image.sh: $bundle is not a guard bundle (no bundle.json)" >&2; exit 2; }
 ls -l "$bundle"   # the modes as written: the container's uid 10001 reads them through the mount
 
-cleanup() { podman rm -f -t 0 "$NAME" "$NAME-unreadable" >/dev/null 2>&1 || true; }
+cleanup() { podman rm --force --ignore --time 0 "$NAME" "$NAME-unreadable" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
-podman run -d --name "$NAME" -p 127.0.0.1::8001 -p 127.0.0.1::8002 -v "$bundle:/bundle:ro" "$TAG" >/dev/null
+quiet_systemd() { grep -v 'systemd connection' >&2 || true; }   # no systemd here: its healthcheck timers cannot be made
+podman run -d --name "$NAME" -p 127.0.0.1::8001 -p 127.0.0.1::8002 -v "$bundle:/bundle:ro" "$TAG" \
+    >/dev/null 2> >(quiet_systemd)
 grpc=$(podman port "$NAME" 8001/tcp | head -n1)
 metrics=$(podman port "$NAME" 8002/tcp | head -n1)
 healthy=

@@ -9,8 +9,9 @@ Prints one argument a line:
   or SSL_CERT_FILE), for a TLS-intercepting proxy;
 - `--volume=PATH:PATH:ro` for each local path those settings name (find-links folders, file://
   indexes with their parent folder, constraint files), so that they mean the same inside the build;
-- `--build-arg=TORCH_VERSION=...` (and TORCHVISION_VERSION, TORCH_INDEX) when a CPU torch wheel for
-  PYTHON_TAG lies in a find-links folder: the CPU-only image where PyTorch's CPU index is unreachable.
+- `--build-arg=TORCH_VERSION=...` (and TORCHVISION_VERSION, TORCH_INDEX) when CPU torch and torchvision
+  wheels for PYTHON_TAG lie in a find-links folder; else the Dockerfile's default (PyTorch's CPU
+  index) when that answers, else `--build-arg=TORCH_INDEX=<the configured index>`: CUDA torch.
 Nothing is printed for a setting this machine does not have. Standard library only.
 """
 from __future__ import annotations
@@ -18,13 +19,15 @@ from __future__ import annotations
 import ast
 import os
 import re
+import ssl
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 PATH_KEYS = ("find-links", "constraint", "requirement", "index-url", "extra-index-url")
 CA_KEY = "cert"
-CPU_TORCH = re.compile(r"torch-(?P<major>\d+)\.(?P<minor>\d+)\.(?P<patch>\d+)\+cpu-(?P<tag>cp\d+)-")
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # deploy/Dockerfile's TORCH_INDEX default
 # torchvision 0.N pairs with torch 2.(N-15): 0.28 <-> 2.13, 0.29 <-> 2.14 (pytorch/vision's table)
 TORCHVISION_MINOR_OFFSET = 15
 
@@ -49,18 +52,33 @@ def local_paths(value: str) -> list[str]:
     return [p for p in paths if os.path.exists(p)]
 
 
+def cpu_wheels(find_links: list[str], name: str, python_tag: str) -> set[tuple[int, int, int]]:
+    """Versions of the `name`-X.Y.Z+cpu wheels for python_tag in those folders."""
+    pattern = re.compile(rf"{name}-(\d+)\.(\d+)\.(\d+)\+cpu-{python_tag}-")
+    return {tuple(int(v) for v in m.groups()) for folder in find_links if os.path.isdir(folder)
+            for wheel in Path(folder).glob(f"{name}-*+cpu-*.whl") if (m := pattern.match(wheel.name))}
+
+
 def cpu_torch(find_links: list[str], python_tag: str) -> tuple[str, str] | None:
-    """(torch version, torchvision version) of the newest CPU torch wheel for python_tag found there."""
-    found = []
-    for folder in find_links:
-        for wheel in Path(folder).glob("torch-*+cpu-*.whl") if os.path.isdir(folder) else []:
-            m = CPU_TORCH.match(wheel.name)
-            if m and m["tag"] == python_tag:
-                found.append(tuple(int(m[k]) for k in ("major", "minor", "patch")))
-    if not found:
+    """(torch, torchvision) versions of the newest CPU pair there. A CPU torch alone is no use: PyPI's
+    torchvision is built against CUDA torch and fails to import beside a CPU one (torchvision::nms)."""
+    vision = cpu_wheels(find_links, "torchvision", python_tag)
+    pairs = [(t, (0, t[1] + TORCHVISION_MINOR_OFFSET, t[2])) for t in cpu_wheels(find_links, "torch", python_tag)]
+    pairs = [pair for pair in pairs if pair[1] in vision]
+    if not pairs:
         return None
-    major, minor, patch = max(found)
-    return f"{major}.{minor}.{patch}+cpu", f"0.{minor + TORCHVISION_MINOR_OFFSET}.{patch}"
+    torch, torchvision = max(pairs)
+    return "{}.{}.{}+cpu".format(*torch), "{}.{}.{}+cpu".format(*torchvision)
+
+
+def reachable(url: str, ca: str | None) -> bool:
+    """Whether `url` answers within 10 s (the CA as pip would use it)."""
+    context = ssl.create_default_context(cafile=ca) if ca else None
+    try:
+        with urllib.request.urlopen(url, timeout=10, context=context):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def main(work: Path, python_tag: str) -> list[str]:
@@ -84,10 +102,14 @@ def main(work: Path, python_tag: str) -> list[str]:
     args += [f"--volume={p}:{p}:ro" for p in mounts]
     links = [p for v in (settings.get(("global", "find-links")),) if v for p in local_paths(v)]
     torch = cpu_torch(links, python_tag)
+    index = settings.get(("global", "index-url"), "https://pypi.org/simple")
     if torch:
-        index = settings.get(("global", "index-url"), "https://pypi.org/simple")
         args += [f"--build-arg=TORCH_VERSION={torch[0]}", f"--build-arg=TORCHVISION_VERSION={torch[1]}",
                  f"--build-arg=TORCH_INDEX={index}"]
+    elif not reachable(f"{CPU_INDEX}/torch/", ca):
+        print(f"image_pip_settings.py: {CPU_INDEX} does not answer and no CPU torch + torchvision pair lies in "
+              f"{links or 'a find-links folder'}: the image gets the CUDA torch of {index} (several GB)", file=sys.stderr)
+        args.append(f"--build-arg=TORCH_INDEX={index}")
     return args
 
 

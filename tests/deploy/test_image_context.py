@@ -18,9 +18,9 @@ else:
 
 
 def build_stage_copies() -> list[tuple[list[str], str]]:
-    """(sources, destination relative to WORKDIR) of each COPY of the first stage that reads the context."""
-    first_stage = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ").split("\nFROM ")[1]
-    return [(line.split()[1:-1], line.split()[-1]) for line in first_stage.splitlines()
+    """(sources, destination relative to WORKDIR) of each COPY from the context in the stages before the last."""
+    build_stages = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ").split("\nFROM ")[1:-1]
+    return [(line.split()[1:-1], line.split()[-1]) for stage in build_stages for line in stage.splitlines()
             if line.upper().startswith("COPY ") and "--from" not in line]
 
 
