@@ -112,7 +112,7 @@ print(f"tritonclient: {manifest['model_name']} LABEL {reply.as_numpy('LABEL').to
 EOF
 python3 -c 'import sys, urllib.request; text = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics").read().decode(); assert "semguard_requests_total" in text' "$metrics"
 say "metrics: /metrics answers"
-podman stop -t 60 "$NAME" >/dev/null   # STOPSIGNAL SIGTERM: drain, then exit
+podman stop -t 60 "$NAME" >/dev/null 2> >(quiet_systemd)   # STOPSIGNAL SIGTERM: drain, then exit
 code=$(podman inspect -f '{{.State.ExitCode}}' "$NAME")
 podman logs "$NAME" 2>&1 | tail -n 3
 [ "$code" = 0 ] || { echo "build_image.sh: exit code $code after SIGTERM, not 0" >&2; exit 1; }
@@ -122,7 +122,7 @@ say "SIGTERM: drained, exit 0"
 unreadable="$WORK/unreadable-bundle"
 rm -rf "$unreadable" && cp -a "$bundle" "$unreadable" && chmod 0600 "$unreadable/model.safetensors"
 set +e
-podman run --name "$NAME-unreadable" -v "$unreadable:/bundle:ro" "$TAG" >"$WORK/unreadable.out" 2>&1
+podman run --no-healthcheck --name "$NAME-unreadable" -v "$unreadable:/bundle:ro" "$TAG" >"$WORK/unreadable.out" 2>&1
 code=$?
 set -e
 cat "$WORK/unreadable.out"
