@@ -68,7 +68,7 @@ build --target torch -t "${TAG%%:*}-torch:cache"
 build -t "$TAG"
 build_time=$(elapsed "$start")
 size=$(podman image inspect -f '{{.Size}}' "$TAG")
-say "image $TAG: $(numfmt --to=si "$size")B, built in $build_time"
+say "image $TAG: $(numfmt --to=si --round=nearest --format=%.2f "$size")B, built in $build_time"
 podman image prune -f >/dev/null   # the dangling images an earlier build of the same tag left
 
 bundle=${SEMGUARD_IMAGE_BUNDLE:-}
@@ -130,4 +130,4 @@ grep -q "^semguard serve: --bundle /bundle: /bundle/model.safetensors: not reada
     && [ "$code" = 2 ] && [ "$(wc -l < "$WORK/unreadable.out")" = 1 ] \
     || { echo "build_image.sh: an unreadable bundle did not stop the server in one line (exit $code)" >&2; exit 1; }
 say "unreadable bundle: one line, exit 2"
-say "image $TAG: $(numfmt --to=si "$size")B, built in $build_time; served, healthy, drained"
+say "image $TAG: $(numfmt --to=si --round=nearest --format=%.2f "$size")B, built in $build_time; served, healthy, drained"

@@ -1,5 +1,5 @@
-"""The image's build stage receives every folder pyproject.toml maps to a package, so `pip install .`
-inside it installs them all: the build context (deploy/Dockerfile.dockerignore, as BuildKit and
+"""The image's build stage receives every folder pyproject.toml maps to a package, so the wheel
+it builds (`pip wheel .`) holds them all: the build context (deploy/Dockerfile.dockerignore, as BuildKit and
 podman read it) and the build stage's COPY lines, simulated here, then the wheel built from them."""
 from __future__ import annotations
 
