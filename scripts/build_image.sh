@@ -73,7 +73,7 @@ podman image prune -f >/dev/null   # the dangling images an earlier build of the
 
 bundle=${SEMGUARD_IMAGE_BUNDLE:-}
 if [ -z "$bundle" ]; then
-    # its world cache in the work folder: a later run (CI, a fresh clone) reuses it, under 2 min
+    # its world cache in the work folder: a later run (CI, a fresh clone) reuses it
     semguard quickstart --out "$WORK/quickstart" --world-cache "$WORK/world" >/dev/null
     bundle="$WORK/quickstart/bundle"
 fi
