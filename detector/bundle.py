@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import pwd
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ from torch import nn
 from semguard.detector.flagger import Flagger
 from semguard.detector.mahalanobis import MahalanobisDetector, load_mahalanobis, save_mahalanobis
 from semguard.detector.reference import ReferenceBank, load_bank, save_bank, word_similarity
-from semguard.files import sha256_file, write_atomic
+from semguard.files import chmod_like_open, sha256_file, write_atomic
 from semguard.registry import Registry
 
 BUNDLE_FORMAT = "semguard.bundle/1"
@@ -207,10 +209,30 @@ def write_bundle(
         save_mahalanobis(mahalanobis, out / FILES["mahalanobis"])
         roles.append("mahalanobis")
     files = {r: FILES[r] for r in roles}
+    for name in files.values():  # safetensors writes 0600: the serving user (another uid in a container) must read them
+        chmod_like_open(out / name)
     hashes = {name: sha256_file(out / name) for name in files.values()}
     final = BundleManifest(**{**asdict(manifest), "model": manifest.model, "files": files, "sha256": hashes})
     write_atomic(out / "bundle.json", json.dumps(final.to_json(), indent=1))
     return out
+
+
+def _user() -> str:
+    uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:  # a container's numeric user with no passwd entry
+        return f"uid {uid}"
+
+
+def check_readable(path: Path, access: int = os.R_OK) -> None:
+    """BundleError naming the file, its mode and owner and this process's user when `access` is denied
+    (a bundle written 0600 by one user and served by another, the container's uid 10001)."""
+    if os.access(path, access):
+        return
+    st = path.stat()
+    raise BundleError(f"{path}: not readable by {_user()}: mode {st.st_mode & 0o7777:04o}, owner uid {st.st_uid} "
+                      "(make the bundle readable by the serving user: chmod -R a+rX)")
 
 
 def _file(root: Path, manifest: BundleManifest, role: str) -> Path:
@@ -220,6 +242,7 @@ def _file(root: Path, manifest: BundleManifest, role: str) -> Path:
     path = root / name
     if not path.is_file():
         raise BundleError(f"bundle {str(root)!r} is missing {name}")
+    check_readable(path)
     if sha256_file(path) != manifest.sha256.get(name):
         raise BundleError(f"{name}: sha256 does not match bundle.json (a file from another bundle or corrupted)")
     return path
@@ -229,8 +252,11 @@ def read_bundle(bundle_dir: str | Path, *, trust_model_code: bool = False) -> Bu
     """Load and cross-check a bundle; every inconsistency is a BundleError (a ValueError).
     trust_model_code: see build_model (an entry-point model is refused without it)."""
     root = Path(bundle_dir)
+    if root.is_dir():
+        check_readable(root, os.R_OK | os.X_OK)
     if not (root / "bundle.json").is_file():
         raise BundleError(f"bundle_dir: {str(root)!r} has no bundle.json (not a guard bundle, or incomplete)")
+    check_readable(root / "bundle.json")
     try:
         manifest = BundleManifest.from_json(json.loads((root / "bundle.json").read_text()))
     except json.JSONDecodeError as e:

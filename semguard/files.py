@@ -49,6 +49,27 @@ def write_json_atomic(path: str | Path, payload: Any, *, indent: int | None = 2)
     return write_atomic(path, json.dumps(payload, indent=indent, default=_to_builtin) + "\n")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only swap it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_like_open(path: str | Path) -> Path:
+    """Give a file the mode open() would have created it with (0666 less the umask): for writers
+    such as safetensors that create their files 0600 whatever the umask."""
+    os.chmod(path, 0o666 & ~current_umask())
+    return Path(path)
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()

@@ -207,12 +207,13 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
 
 def load_guard(bundle: str | Path, trust_model_code: bool = False) -> GuardLike:
     """The real Guard, imported lazily so `semguard --help` does not pay for torch and the detector.
-    A bundle whose model is user code (an entry point) is a StartupError unless `trust_model_code`."""
-    from semguard.detector.bundle import UntrustedModelCode, read_bundle
+    A bundle that cannot be loaded (unreadable, incomplete, inconsistent) is a StartupError naming the file;
+    so is one whose model is user code (an entry point) unless `trust_model_code`."""
+    from semguard.detector.bundle import BundleError, read_bundle
     from semguard.detector.guard import Guard
     try:
         return Guard(read_bundle(bundle, trust_model_code=trust_model_code))
-    except UntrustedModelCode as exc:
+    except BundleError as exc:
         raise StartupError(f"--bundle {bundle}: {exc}", exit_code=2) from None
 
 

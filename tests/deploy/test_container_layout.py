@@ -41,8 +41,8 @@ def as_nobody() -> list[str]:
 @pytest.fixture(scope="module")
 def readonly_bundle(tmp_path_factory) -> Path:
     bundle = write_worldnet_bundle(tmp_path_factory.mktemp("bundle"))
-    for path in [*bundle.iterdir(), bundle]:
-        path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH | (0o111 if path.is_dir() else 0))
+    for path in [*bundle.iterdir(), bundle]:  # a read-only mount: write bits off, read bits as written
+        path.chmod(stat.S_IMODE(path.stat().st_mode) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     return bundle
 
 
