@@ -229,7 +229,7 @@ class _Oracle:
                 d = distortion(sent, self.source, self.params.norm)
                 if d < self.best_distortion:
                     self.best, self.best_distortion = sent, d
-                if d <= self.params.radius and self.queries_to_success is None:
+                if d <= self.params.radius * (1 + 1e-5) and self.queries_to_success is None:  # float32 pixels
                     self.queries_to_success = self.queries
             if a.refused or (self.params.evade_guard and a.flagged) or a.prediction < 0:
                 out[i, self.label] = 1.0  # "still the source class": nothing to learn from it
