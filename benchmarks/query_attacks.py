@@ -9,7 +9,9 @@ ModelInfer request (attacks/query.py). Servers (conditions):
   bare             --policy annotate, query defence off; the attacker ignores the guard's FLAG
   guard annotate   same server; an answer the guard flags is a failure to the attacker (it wants both)
   guard block      --policy block: flagged images are refused
-  defence          --policy annotate --query-defence block (the attacker still evades the guard's FLAG)
+  defence          --policy annotate --query-defence block; the attacker ignores the FLAG (the query
+                   defence alone)
+  guard + defence  same server; the attacker must also evade the FLAG
 
 Also: benign client streams through the defence (service/query_defence.py, the served code, without
 gRPC): distinct images, retries, JPEG re-encodes, crops, video-like frames; adaptive attackers against
@@ -51,7 +53,7 @@ SERVERS = {"annotate": BASE, "block": replace(BASE, policy="block"),
            "adaptive": replace(BASE, query=QueryDefenceConfig(mode="block"))}  # its own index: no earlier runs' queries
 CONDITIONS = {  # name -> (server, evade_guard)
     "bare": ("annotate", False), "guard annotate": ("annotate", True), "guard block": ("block", True),
-    "defence": ("defence", True)}
+    "defence": ("defence", False), "guard + defence": ("defence", True)}
 RUNS = [("hopskipjump", False), ("hopskipjump", True), ("signopt", False), ("square", False), ("simba", False)]
 SCORES = {"square", "simba"}
 
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list; NAME+t = targeted")
     p.add_argument("--benign-clients", type=int, default=100, help="clients per benign stream (20 queries each)")
     p.add_argument("--memory-queries", type=int, default=50_000, help="queries remembered for the cost figures")
+    p.add_argument("--sections", default="benign,cost,latency,attacks,adaptive", help="comma list of what to run")
     p.add_argument("--out", default="runs/query_attacks/query_attacks.json")
     return p
 
@@ -226,13 +229,14 @@ def latency(ports: dict, images: np.ndarray, n: int = 400) -> dict:
 
 
 def adaptive(port: int, server, model, world, args, tmp: Path) -> list[dict]:
-    """HopSkipJump (untargeted, labels) against the defence, knowing it: blinding, then Sybil identities."""
+    """HopSkipJump (untargeted, labels) against the query defence alone (it ignores the guard's FLAG, as in the
+    "defence" condition), knowing the defence: blinding, then Sybil identities."""
     rows = []
     for label, extra in (("blinding 4/255", {"blinding": 4 / 255}), ("blinding 16/255", {"blinding": 16 / 255}),
                          ("sybil 100 ids", {"identities": 100}), ("sybil 1000 ids", {"identities": 1000})):
         before = server.metrics.query_matches.labels("cross_client")._value.get()
         params = QueryAttackParams(attack="hopskipjump", max_queries=args.max_queries, n_images=args.images,
-                                   client_header=KEY, client_id=f"adaptive-{label}", **extra)
+                                   evade_guard=False, client_header=KEY, client_id=f"adaptive-{label}", **extra)
         row = run_condition(port, model, world, params, "defence", tmp, label)
         row["cross_client_matches"] = server.metrics.query_matches.labels("cross_client")._value.get() - before
         rows.append(row)
@@ -252,27 +256,33 @@ def main() -> None:
             raise SystemExit(f"--attacks: unknown attack {attack!r}; known: {sorted(QUERY_ATTACKS)}")
     print(f"{platform.processor() or platform.machine()}, shared 2-core machine, torch threads 1; "
           f"{args.images} images per cell, budget {args.max_queries} queries", flush=True)
+    sections = set(args.sections.split(","))
     clean = plan_images(world.test_images, np.arange(min(4000, len(world.test_labels))))
-    print("benign streams (defence defaults):", flush=True)
     report = {"machine": platform.processor() or platform.machine(), "args": vars(args),
-              "defence": dataclasses.asdict(QueryDefenceConfig(mode="block")),
-              "benign": benign_rates(clean, args.benign_clients, QueryDefenceConfig(mode="block"))}
-    report["cost"] = cost(clean, args.memory_queries)
-    print(f"  cost: check p50 {report['cost']['check_ms_p50']:.3f} ms p99 {report['cost']['check_ms_p99']:.3f} ms; "
-          f"{report['cost']['bytes_per_query']:.0f} B/query = {report['cost']['gib_per_10m_queries']:.2f} GiB "
-          f"per 10M", flush=True)
+              "defence": dataclasses.asdict(QueryDefenceConfig(mode="block"))}
+    if "benign" in sections:
+        print("benign streams (defence defaults):", flush=True)
+        report["benign"] = benign_rates(clean, args.benign_clients, QueryDefenceConfig(mode="block"))
+    if "cost" in sections:
+        report["cost"] = c = cost(clean, args.memory_queries)
+        print(f"  cost: check p50 {c['check_ms_p50']:.3f} ms p99 {c['check_ms_p99']:.3f} ms; {c['bytes_per_query']:.0f} "
+              f"B/query = {c['gib_per_10m_queries']:.2f} GiB per 10M", flush=True)
     guard = load_guard(args.bundle)
     servers = {name: create_server(config, guard) for name, config in SERVERS.items()}
     for created in servers.values():
         created.server.start()
     ports = {name: created.port for name, created in servers.items()}
     try:
-        report["latency"] = latency(ports, clean)
+        if "latency" in sections:
+            report["latency"] = latency(ports, clean)
         with tempfile.TemporaryDirectory() as tmp:
-            print("attacks:", flush=True)
-            report["attacks"] = attack_table(ports, model, world, runs, args, Path(tmp))
-            print("adaptive attackers vs the defence:", flush=True)
-            report["adaptive"] = adaptive(ports["adaptive"], servers["adaptive"].server, model, world, args, Path(tmp))
+            if "attacks" in sections:
+                print("attacks:", flush=True)
+                report["attacks"] = attack_table(ports, model, world, runs, args, Path(tmp))
+            if "adaptive" in sections:
+                print("adaptive attackers vs the defence:", flush=True)
+                report["adaptive"] = adaptive(ports["adaptive"], servers["adaptive"].server, model, world, args,
+                                              Path(tmp))
     finally:
         for created in servers.values():
             created.server.stop(0).wait(10)
