@@ -401,8 +401,9 @@ def plan_from_model(model, images, labels: np.ndarray, params: QueryAttackParams
     model = model.eval()
     sample = np.sort(np.random.default_rng([params.seed, 1]).permutation(len(labels))[:max(512, 8 * params.n_images)])
     with torch.no_grad():
-        predicted = np.concatenate([model(as_model_input(take_images(images, sample[i:i + batch_size]))).argmax(1).numpy()
-                                    for i in range(0, len(sample), batch_size)])
+        batches = (as_model_input(take_images(images, sample[i:i + batch_size]))
+                   for i in range(0, len(sample), batch_size))
+        predicted = np.concatenate([model(x).argmax(1).numpy() for x in batches])
     plan = plan_query_attack(predicted, labels[sample], params.n_images, params.targeted, params.seed)
     to_test = lambda js: [int(sample[j]) if j >= 0 else -1 for j in js]  # noqa: E731
     return QueryPlan(to_test(plan.indices), plan.labels, plan.targets, to_test(plan.inits))

@@ -172,8 +172,8 @@ def benign_rates(images: np.ndarray, clients: int, config: QueryDefenceConfig) -
                     matches += v.matched
                     if v.suspected:
                         flagged.add(c)
-        out.append({"stream": kind, "queries_per_client": len(streams[0]), "clients_flagged": rate(len(flagged), clients),
-                    "own_matches": matches})
+        out.append({"stream": kind, "queries_per_client": len(streams[0]),
+                    "clients_flagged": rate(len(flagged), clients), "own_matches": matches})
         print(f"  benign {kind:<9} clients flagged {len(flagged)}/{clients}, own matches {matches}", flush=True)
     return out
 
@@ -265,8 +265,8 @@ def main() -> None:
         report["benign"] = benign_rates(clean, args.benign_clients, QueryDefenceConfig(mode="block"))
     if "cost" in sections:
         report["cost"] = c = cost(clean, args.memory_queries)
-        print(f"  cost: check p50 {c['check_ms_p50']:.3f} ms p99 {c['check_ms_p99']:.3f} ms; {c['bytes_per_query']:.0f} "
-              f"B/query = {c['gib_per_10m_queries']:.2f} GiB per 10M", flush=True)
+        print(f"  cost: check p50 {c['check_ms_p50']:.3f} ms p99 {c['check_ms_p99']:.3f} ms; "
+              f"{c['bytes_per_query']:.0f} B/query = {c['gib_per_10m_queries']:.2f} GiB per 10M", flush=True)
     guard = load_guard(args.bundle)
     servers = {name: create_server(config, guard) for name, config in SERVERS.items()}
     for created in servers.values():
