@@ -5,11 +5,47 @@ a ServiceConfig and never reads os.environ itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 POLICIES = ("annotate", "block")
 BLOCK_ACTIONS = ("error", "refuse")
 MiB = 1024 * 1024
+QUERY_DEFENCE_MODES = ("off", "annotate", "block", "ban")
+
+
+@dataclass(frozen=True)
+class QueryDefenceConfig:
+    """The stateful query defence (service/query_defence.py); defaults are Blacklight's for 32x32 images."""
+
+    mode: str = "off"             # off | annotate (verdict in answers) | block (refuse matches of suspected
+                                  # clients) | ban (refuse every query of a suspected client for ban_seconds)
+    window: int = 20              # values per hashed window; Blacklight's for 32x32 images
+    quant_step: int = 50          # quantisation step on the 0-255 scale (Blacklight): removes small perturbations
+    n_hashes: int = 50            # fingerprint size (Blacklight)
+    match_threshold: int = 25     # shared hashes for a match (Blacklight: half the fingerprint)
+    suspect_matches: int = 3      # matches within a client's last suspect_window queries that make it suspected:
+                                  # one near-duplicate (a re-encoded upload) is not an attack, an attack makes hundreds
+    suspect_window: int = 100
+    history: int = 100_000        # queries remembered (all clients); the oldest are evicted
+    max_posting: int = 64         # recent queries kept per hash: bounds the work of one lookup
+    max_clients: int = 100_000    # client states kept (least recently seen evicted)
+    ban_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUERY_DEFENCE_MODES:
+            raise ValueError(f"query.mode must be one of {QUERY_DEFENCE_MODES}, got {self.mode!r}")
+        for name in ("window", "quant_step", "n_hashes", "match_threshold", "suspect_matches", "suspect_window",
+                     "history", "max_posting", "max_clients"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"query.{name} must be >= 1, got {getattr(self, name)}")
+        if self.match_threshold > self.n_hashes:
+            raise ValueError(f"query.match_threshold ({self.match_threshold}) must be <= the fingerprint's "
+                             f"{self.n_hashes} hashes")
+        if self.suspect_matches > self.suspect_window:
+            raise ValueError(f"query.suspect_matches ({self.suspect_matches}) must be <= query.suspect_window "
+                             f"({self.suspect_window})")
+        if self.ban_seconds <= 0:
+            raise ValueError(f"query.ban_seconds must be > 0, got {self.ban_seconds}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +75,9 @@ class ServiceConfig:
     torch_threads: int | None = None    # guard intra-op threads (process-wide); None = torch's default. Set it
                                         # below the core count when clients or other jobs share the cores:
                                         # oversubscribed OpenMP threads stall batched forwards badly
+    query: QueryDefenceConfig = field(default_factory=QueryDefenceConfig)  # stateful query-attack defence
+    query_client_key: str | None = None  # gRPC metadata key naming the client (an API key header, lower case);
+                                         # without it (or when absent) the mTLS certificate, else the peer address
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -9,6 +9,7 @@ present those stages are exported too.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
@@ -19,9 +20,12 @@ import torch
 
 from semguard.service.batcher import DynamicBatcher
 from semguard.service.config import ServiceConfig
+from semguard.service.errors import ServiceError
 from semguard.service.metrics import ServiceMetrics
+from semguard.service.query_defence import QueryDefence, QueryVerdict, client_identity, client_key
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 GUARD_STAGES = ("forward", "signature", "flagger")
 
 
@@ -55,6 +59,8 @@ class GuardEngine:
         self.input_shape = tuple(int(s) for s in self.info.input_shape)  # (C, H, W)
         self.batcher = DynamicBatcher(self._run, config.max_batch_size, config.max_queue_delay_ms / 1000.0,
                                       config.max_queue_images, observe=metrics.observe_batcher)
+        self.query = QueryDefence(config.query) if config.query.mode != "off" else None
+        self.query_client_key = config.query_client_key
         metrics.set_bundle({"model_name": self.info.model_name, "flagger_method": self.info.flagger_method,
                             "layers": len(self.info.layers), "classes": len(self.info.labels),
                             "input_shape": "x".join(map(str, self.input_shape))}, float(self.info.threshold))
@@ -66,6 +72,31 @@ class GuardEngine:
             return fn(*args)
         finally:
             self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - start)
+
+    def check_queries(self, images: np.ndarray, context: grpc.ServicerContext | None) -> list[QueryVerdict] | None:
+        """The query defence's verdict per image of this client's request (None when it is off); a
+        ServiceError PERMISSION_DENIED when it refuses the request (--query-defence block / ban)."""
+        if self.query is None:
+            return None
+        start = time.perf_counter()
+        client = client_identity(context.peer(), context.invocation_metadata() or (),
+                                 context.peer_identities(), self.query_client_key) if context is not None else ""
+        check = self.query.check(images, client)
+        m = self.metrics
+        m.query_seconds.observe(time.perf_counter() - start)
+        m.query_matches.labels("own").inc(sum(v.matched for v in check.verdicts))
+        m.query_matches.labels("cross_client").inc(check.cross_client)
+        m.query_suspected.set(self.query.n_suspected)
+        m.query_bans.inc(int(check.newly_banned))
+        if check.newly_suspected or check.newly_banned:  # an API key is a secret: logged as its hash
+            shown = client if not client.startswith("key:") else f"key#{client_key(client):016x}"
+            log.warning("query defence: client %s %s (%d of its recent queries are near-duplicates)", shown,
+                        "banned" if check.newly_banned else "suspected", check.verdicts[-1].client_matches)
+        if check.refused:
+            m.query_refused.inc()
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, "refused by the query defence: this client's "
+                               "recent queries are near-duplicates of each other, as a query attack's are")
+        return check.verdicts
 
     def inspect(self, images: np.ndarray, context: grpc.ServicerContext | None = None) -> list[Any]:
         """Verdicts for images (B, C, H, W) float32, through the batcher, within the RPC's deadline."""

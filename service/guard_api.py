@@ -12,6 +12,7 @@ from semguard.service.config import ServiceConfig
 from semguard.service.engine import GuardEngine
 from semguard.service.generated import guard_pb2 as pb
 from semguard.service.generated import guard_pb2_grpc as pb_grpc
+from semguard.service.query_defence import QueryVerdict
 
 
 def request_images(request: pb.InspectRequest, input_shape: Sequence[int], max_pixels: int) -> np.ndarray:
@@ -30,8 +31,12 @@ def request_images(request: pb.InspectRequest, input_shape: Sequence[int], max_p
     raise InputError("InspectRequest: set `encoded` (PNG/JPEG files) or `tensor` (raw pixels)")
 
 
-def verdict_message(v: Any, labels: Sequence[str], layers: Sequence[str], threshold: float) -> pb.Verdict:
+def verdict_message(v: Any, labels: Sequence[str], layers: Sequence[str], threshold: float,
+                    query: QueryVerdict | None = None) -> pb.Verdict:
     return pb.Verdict(
+        query=None if query is None else pb.QueryVerdict(matched=query.matched, overlap=query.overlap,
+                                                         client_matches=query.client_matches,
+                                                         suspected=query.suspected, flagged=query.flagged),
         prediction=int(v.prediction), label=v.label,
         top5=[pb.ClassProbability(class_index=int(c), label=labels[int(c)], probability=float(p)) for c, p in v.top5],
         signature=[pb.LayerValue(layer=name, value=float(x)) for name, x in zip(layers, np.asarray(v.signature))],
@@ -46,9 +51,11 @@ class GuardServicer(pb_grpc.GuardServicer):
     def Inspect(self, request, context):
         info = self.engine.info
         images = self.engine.decode(request_images, request, self.engine.input_shape, self.config.max_image_pixels)
+        query = self.engine.check_queries(images, context)
         verdicts = self.engine.inspect(images, context)
         return pb.InspectResponse(request_id=request.request_id, verdicts=[
-            verdict_message(v, info.labels, info.layers, info.threshold) for v in verdicts])
+            verdict_message(v, info.labels, info.layers, info.threshold, q)
+            for v, q in zip(verdicts, query or [None] * len(verdicts))])
 
     def InspectStream(self, request_iterator, context) -> Iterator[pb.InspectResponse]:
         for request in request_iterator:
@@ -59,4 +66,4 @@ class GuardServicer(pb_grpc.GuardServicer):
         return pb.GuardInfo(model_name=info.model_name, labels=list(info.labels), layers=list(info.layers),
                             input_shape=list(self.engine.input_shape), threshold=float(info.threshold),
                             flagger_method=info.flagger_method, max_batch_size=self.config.max_batch_size,
-                            policy=self.config.policy)
+                            policy=self.config.policy, query_defence=self.config.query.mode)

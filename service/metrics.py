@@ -92,6 +92,20 @@ class ServiceMetrics:
                                           registry=r)
         self.upstream_requests = Counter("semguard_upstream_requests", "Forwarded ModelInfer calls by the "
                                          "upstream's status code (errors: code != OK)", ["code"], registry=r)
+        # with --query-defence only (service/query_defence.py)
+        self.query_matches = Counter("semguard_query_attack_matches", "Queries matching an earlier near-duplicate "
+                                     "query: of the same client (own) or of another (cross_client: answers never "
+                                     "show these)", ["scope"], registry=r)
+        self.query_suspected = Gauge("semguard_query_attack_suspected_clients", "Clients whose recent queries "
+                                     "match each other like a query attack's (suspected or banned)", registry=r)
+        self.query_refused = Counter("semguard_query_attack_refused", "Requests refused by --query-defence "
+                                     "block or ban", registry=r)
+        self.query_bans = Counter("semguard_query_attack_bans", "Clients banned by --query-defence ban", registry=r)
+        self.query_seconds = Histogram("semguard_query_attack_check_duration_seconds", "Time of the query "
+                                       "defence per request (fingerprint, match, record)", buckets=LATENCY_BUCKETS,
+                                       registry=r)
+        for scope in ("own", "cross_client"):
+            self.query_matches.labels(scope)
         for verdict in ("clean", "flagged"):
             self.images.labels(verdict)  # export zeros so rate() works from the first scrape
         for stage in ("decode", "queue", "inspect"):

@@ -8,8 +8,10 @@ place tritonclient reads them.
 Input: exactly one tensor, any name; its datatype picks the layout:
   FP32 [B, C, H, W] in [0, 1] | UINT8 [B, H, W, C] | BYTES [B] (or [B, 1]) of PNG/JPEG files.
 Outputs: LOGITS FP32 [B, K], PROBABILITIES FP32 [B, K], PREDICTION INT64 [B], LABEL BYTES [B],
-  SCORE FP32 [B], FLAG BOOL [B], SIGNATURE FP32 [B, L]; the last three renamed with
-  `output_prefix` (SEMGUARD_ -> SEMGUARD_SCORE...), so that an upstream's cannot shadow them.
+  SCORE FP32 [B], FLAG BOOL [B], SIGNATURE FP32 [B, L], and with --query-defence on QUERY_FLAG
+  BOOL [B] (the image is a near-duplicate of this client's recent queries and the client is
+  suspected of a query attack); the guard's outputs renamed with `output_prefix`
+  (SEMGUARD_ -> SEMGUARD_SCORE...), so that an upstream's cannot shadow them.
 With an upstream (--upstream): the upstream's outputs, then the guard's three. The request is
 forwarded while the guard inspects, except under --policy block, where the verdict decides
 whether it is forwarded at all (see `ModelInfer`). Ready only while the upstream is ready.
@@ -33,9 +35,15 @@ from semguard.service.upstream import Upstream
 
 VERSION = "1"
 GUARD_OUTPUTS = ("SCORE", "FLAG", "SIGNATURE")  # what the guard adds to an upstream's answer
+QUERY_OUTPUTS = ("QUERY_FLAG",)  # ...and with --query-defence on
 DATATYPES = {"LOGITS": "FP32", "PROBABILITIES": "FP32", "PREDICTION": "INT64", "LABEL": "BYTES",
-             "SCORE": "FP32", "FLAG": "BOOL", "SIGNATURE": "FP32"}
+             "SCORE": "FP32", "FLAG": "BOOL", "SIGNATURE": "FP32", "QUERY_FLAG": "BOOL"}
 NUMPY = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?"}
+
+
+def guard_outputs(config: ServiceConfig) -> tuple[str, ...]:
+    """The guard's own outputs under this config (unprefixed)."""
+    return GUARD_OUTPUTS + (QUERY_OUTPUTS if config.query.mode != "off" else ())
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -105,8 +113,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.engine, self.config, self.upstream = engine, config, upstream
         self.model_name = config.model_name or engine.info.model_name
         # output name as the client sees it -> the guard's own name
-        self.public = {n: config.output_prefix + n if n in GUARD_OUTPUTS else n for n in DATATYPES}
-        self.guard_outputs = frozenset(self.public[n] for n in GUARD_OUTPUTS)
+        ours = guard_outputs(config)
+        self.public = {n: config.output_prefix + n if n in ours else n for n in DATATYPES
+                       if n in ours or n not in QUERY_OUTPUTS}
+        self.guard_outputs = frozenset(self.public[n] for n in ours)
         self.serving = True  # cleared by the server at shutdown
         self.upstream_up = upstream is None  # set by the server's upstream watcher
 
@@ -133,18 +143,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         c, h, w = self.engine.input_shape
         k, n_layers = len(self.engine.info.labels), len(self.engine.info.layers)
         shapes = {"LOGITS": [-1, k], "PROBABILITIES": [-1, k], "PREDICTION": [-1], "LABEL": [-1],
-                  "SCORE": [-1], "FLAG": [-1], "SIGNATURE": [-1, n_layers]}
+                  "SCORE": [-1], "FLAG": [-1], "SIGNATURE": [-1, n_layers], "QUERY_FLAG": [-1]}
         T = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=self.model_name, versions=[VERSION], platform="semguard",
             inputs=[T(name="IMAGE", datatype="FP32", shape=[-1, c, h, w])],
-            outputs=[T(name=self.public[n], datatype=DATATYPES[n], shape=s) for n, s in shapes.items()])
+            outputs=[T(name=self.public[n], datatype=DATATYPES[n], shape=s) for n, s in shapes.items()
+                     if n in self.public])
 
     def ModelInfer(self, request, context):
         self._check_model(request.model_name, request.model_version)
         wanted = self._requested(request)
         images = self.engine.decode(decode_infer_inputs, request, self.engine.input_shape,
                                     self.config.max_image_pixels)
+        query = self.engine.check_queries(images, context)  # before the upstream sees a refused query
         # Overlap the upstream's pass with the guard's, except under --policy block: there the
         # verdict decides whether the upstream may see the request at all. Forwarding speculatively
         # and dropping the answer would hand flagged (adversarial) images to the upstream model,
@@ -161,6 +173,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 pending.cancel()
             raise
         outputs = verdict_outputs(verdicts, refused)
+        outputs["QUERY_FLAG"] = np.array([bool(q.flagged) for q in query] if query else [False] * len(verdicts))
         if self.upstream is not None:
             if pending is None:
                 pending = self.upstream.infer_future(request, self.guard_outputs, time_remaining(context))
@@ -177,11 +190,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         names = [o.name for o in request.outputs]
         private = {public: name for name, public in self.public.items()}
         if self.upstream is not None:  # the rest is the upstream's to answer
-            return [private[n] for n in names if n in self.guard_outputs] if names else list(GUARD_OUTPUTS)
+            return [private[n] for n in names if n in self.guard_outputs] if names else guard_outputs(self.config)
         unknown = [n for n in names if n not in private]
         if unknown:
             raise InputError(f"unknown output(s) {unknown}; this model has {list(private)}")
-        return [private[n] for n in names] if names else list(DATATYPES)
+        return [private[n] for n in names] if names else list(self.public)
 
     def _apply_policy(self, verdicts: Sequence[Any]) -> np.ndarray:
         """Returns (B,) bool: images whose classifier outputs are refused; raises for block+error."""

@@ -30,7 +30,7 @@ from semguard.service.generated import guard_pb2, guard_pb2_grpc
 from semguard.service.guard_api import GuardServicer
 from semguard.service.interceptor import GuardInterceptor
 from semguard.service.metrics import ServiceMetrics, score_buckets
-from semguard.service.oip import GUARD_OUTPUTS, InferenceServicer
+from semguard.service.oip import InferenceServicer, guard_outputs
 from semguard.service.upstream import Upstream, UpstreamClash
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,8 @@ def create_server(config: ServiceConfig, guard: GuardLike) -> CreatedServer:
                                                               getattr(info, "calibration_scores", ())))
     credentials = _credentials(config) if config.tls_cert else None  # before anything needs stopping
     model_name = config.model_name or info.model_name
-    guard_outputs = frozenset(config.output_prefix + n for n in GUARD_OUTPUTS)
-    upstream = _connect_upstream(config, model_name, metrics, guard_outputs) if config.upstream else None
+    ours = frozenset(config.output_prefix + n for n in guard_outputs(config))
+    upstream = _connect_upstream(config, model_name, metrics, ours) if config.upstream else None
     engine = GuardEngine(guard, config, metrics)
     options = [("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.max_receive_message_length", config.max_message_bytes),

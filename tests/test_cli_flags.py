@@ -186,7 +186,7 @@ def test_every_command_that_reads_a_world_has_the_same_world_cache_flag():
 
     leaves = dict(leaf_parsers(build_parser()))
     assert set(leaves) == {("quickstart",), ("serve",), ("health",), ("attack", "generate"), ("attack", "analyze"),
-                           ("detector", "calibrate"), ("detector", "evaluate"), ("world", "build"), ("train",),
+                           ("attack", "query"), ("detector", "calibrate"), ("detector", "evaluate"), ("world", "build"), ("train",),
                            ("analyze", "training"), ("analyze", "diagram"), ("analyze", "two-vs-two"),
                            ("reproduce",), ("world", "export")}
     for path, parser in leaves.items():

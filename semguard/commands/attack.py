@@ -48,11 +48,12 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """`semguard attack generate|analyze`."""
+    """`semguard attack generate|analyze|query`."""
     attack = subparsers.add_parser("attack", help="build and analyse adversarial attack sets")
     commands = attack.add_subparsers(dest="attack_command", required=True)
     _add_generate_command(commands)
     _add_analyze_command(commands)
+    _add_query_command(commands)
 
 
 def _add_generate_command(commands: argparse._SubParsersAction) -> None:
@@ -69,6 +70,69 @@ def _add_generate_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-actors", type=int, default=0, metavar="N",
                    help="with --ray: actors, one model each (default: one per GPU, else one per CPU)")
     p.set_defaults(func=run_generate)
+
+
+def query_flags() -> tuple[Flag, ...]:
+    from semguard.attacks.query import ANSWERS, QUERY_ATTACKS
+
+    return (
+        Flag("--attack", "attack", choices=tuple(QUERY_ATTACKS)),
+        Flag("--targeted", "targeted", "towards a random other class (default: untargeted)"),
+        Flag("--max-queries", "max_queries", "images sent per attacked image"),
+        Flag("--answers", "answers", "what the attacker reads: the predicted label, or the probabilities", ANSWERS),
+        Flag("--eps", "eps", "success radius in the attack's norm (default: L2 1.0, L-inf 8/255)"),
+        Flag("--ignore-guard-flag", "evade_guard", "count answers the guard flags as successes too"),
+        Flag("--n-images", "n_images", "test images to attack"),
+        Flag("--seed", "seed"),
+        Flag("--client-header", "client_header", "metadata key the server tells clients by (serve --query-client-key)"),
+        Flag("--client-id", "client_id", "the attacker's identity in that header"),
+        Flag("--identities", "identities", "spread the queries over this many identities (Sybil)"),
+        Flag("--blinding", "blinding", "query blinding: uniform noise of this amplitude and a random 2-pixel shift"),
+    )
+
+
+def _add_query_command(commands: argparse._SubParsersAction) -> None:
+    """`attack query`: a black-box attack through a live endpoint (attacks/query.py)."""
+    # conflict_handler: --model names the served model here; a subject's own model comes from --subject FILE
+    p = commands.add_parser("query", help="black-box query attack (HopSkipJump, Square, ...) through a live OIP "
+                            "endpoint, e.g. `semguard serve`", conflict_handler="resolve")
+    add_world_cache_flag(p, "embedded world cache: its test images are attacked")
+    add_subject_flags(p)
+    p.add_argument("--address", required=True, help="HOST:PORT of the OIP v2 gRPC endpoint")
+    p.add_argument("--model", dest="served_model", required=True, help="model name on the endpoint")
+    p.add_argument("--out", type=Path, required=True, help="results directory (resumed when it exists)")
+    defer_arguments(p, _add_query_flags)
+    p.set_defaults(func=run_query)
+
+
+def _add_query_flags(p: argparse.ArgumentParser) -> None:
+    from semguard.attacks.query import QueryAttackParams
+
+    add_config_flags(p, QueryAttackParams, query_flags())
+
+
+def run_query(args: argparse.Namespace) -> int:
+    from semguard.attacks.query import (Endpoint, QueryAttackParams, plan_from_model, plan_images,
+                                        run_query_attacks, summary_line)
+
+    try:
+        params = config_from_flags(args, QueryAttackParams(), query_flags())
+        spec = subject_spec_from_args(args, world_cache=args.world_cache)
+        model, images, labels, _, _ = subject_inputs(spec)
+        plan = plan_from_model(model, images, labels, params)
+        inits = {i: x for i, x in zip(plan.inits, plan_images(images, [i for i in plan.inits if i >= 0]))}
+        endpoint = Endpoint(args.address, args.served_model, params.client_header)
+    except ValueError as err:
+        raise SystemExit(f"semguard attack query: {err}") from None
+    try:
+        result = run_query_attacks(endpoint, plan_images(images, plan.indices), plan, params, args.out,
+                                   subject=checked_subject_record(args.out, spec), init_images=inits)
+    except ValueError as err:
+        raise SystemExit(f"semguard attack query: {err}") from None
+    finally:
+        endpoint.close()
+    print(f"{result.out_dir}: {summary_line(result.rows)} ({result.computed} attacked, {result.skipped} already done)")
+    return 0
 
 
 def params_from_args(args: argparse.Namespace) -> GenerateParams:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import NoReturn
 
 from semguard.config_flags import Flag, add_config_flags, flag_values, with_values
-from semguard.service.config import BLOCK_ACTIONS, POLICIES, ServiceConfig
+from semguard.service.config import BLOCK_ACTIONS, POLICIES, QUERY_DEFENCE_MODES, ServiceConfig
 
 ENV_PREFIX = "SEMGUARD_"  # SEMGUARD_<FIELD upper-cased> backs each flag
 
@@ -42,6 +42,17 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--grace-seconds", "grace_seconds", "shutdown grace for in-flight requests"),
     Flag("--max-workers", "max_workers", "gRPC handler threads"),
     Flag("--torch-threads", "torch_threads", "guard intra-op threads (default: torch's, all cores)"),
+    Flag("--query-defence", "query.mode", "stateful query-attack defence: annotate answers with the query verdict, "
+         "block refuses near-duplicate queries of suspected clients, ban refuses all their queries for a while",
+         QUERY_DEFENCE_MODES),
+    Flag("--query-client-key", "query_client_key", "gRPC metadata key naming the client (e.g. x-api-key; default: "
+         "the mTLS certificate, else the peer address)"),
+    Flag("--query-match-threshold", "query.match_threshold", "shared fingerprint hashes that make two queries match"),
+    Flag("--query-suspect-matches", "query.suspect_matches", "matches among a client's recent queries that make it "
+         "suspected"),
+    Flag("--query-suspect-window", "query.suspect_window", "a client's recent queries counted for suspicion"),
+    Flag("--query-history", "query.history", "queries remembered across all clients (oldest evicted)"),
+    Flag("--query-ban-seconds", "query.ban_seconds", "how long --query-defence ban refuses a suspected client"),
 )
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17semguard/v1/guard.proto\x12\x0bsemguard.v1\"\x84\x01\n\x0eInspectRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07\x65ncoded\x18\x02 \x01(\x0b\x32\x1a.semguard.v1.EncodedImagesH\x00\x12%\n\x06tensor\x18\x03 \x01(\x0b\x32\x13.semguard.v1.TensorH\x00\x42\x08\n\x06images\"\x1f\n\rEncodedImages\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x92\x01\n\x06Tensor\x12*\n\x06layout\x18\x01 \x01(\x0e\x32\x1a.semguard.v1.Tensor.Layout\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"?\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\r\n\tFP32_NCHW\x10\x01\x12\x0e\n\nUINT8_NHWC\x10\x02\"M\n\x0fInspectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08verdicts\x18\x02 \x03(\x0b\x32\x14.semguard.v1.Verdict\"\xd4\x01\n\x07Verdict\x12\x12\n\nprediction\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12+\n\x04top5\x18\x03 \x03(\x0b\x32\x1d.semguard.v1.ClassProbability\x12*\n\tsignature\x18\x04 \x03(\x0b\x32\x17.semguard.v1.LayerValue\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x0f\n\x07\x66lagged\x18\x07 \x01(\x08\x12\x1a\n\x12\x64isagreeing_layers\x18\x08 \x03(\t\"K\n\x10\x43lassProbability\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"*\n\nLayerValue\x12\r\n\x05layer\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02\"\x10\n\x0eGetInfoRequest\"\xa7\x01\n\tGuardInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12\x13\n\x0binput_shape\x18\x04 \x03(\x05\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x16\n\x0e\x66lagger_method\x18\x06 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x0e\n\x06policy\x18\x08 \x01(\t2\xdd\x01\n\x05Guard\x12\x44\n\x07Inspect\x12\x1b.semguard.v1.InspectRequest\x1a\x1c.semguard.v1.InspectResponse\x12N\n\rInspectStream\x12\x1b.semguard.v1.InspectRequest\x1a\x1c.semguard.v1.InspectResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1b.semguard.v1.GetInfoRequest\x1a\x16.semguard.v1.GuardInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17semguard/v1/guard.proto\x12\x0bsemguard.v1\"\x84\x01\n\x0eInspectRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07\x65ncoded\x18\x02 \x01(\x0b\x32\x1a.semguard.v1.EncodedImagesH\x00\x12%\n\x06tensor\x18\x03 \x01(\x0b\x32\x13.semguard.v1.TensorH\x00\x42\x08\n\x06images\"\x1f\n\rEncodedImages\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x92\x01\n\x06Tensor\x12*\n\x06layout\x18\x01 \x01(\x0e\x32\x1a.semguard.v1.Tensor.Layout\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"?\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\r\n\tFP32_NCHW\x10\x01\x12\x0e\n\nUINT8_NHWC\x10\x02\"M\n\x0fInspectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08verdicts\x18\x02 \x03(\x0b\x32\x14.semguard.v1.Verdict\"\xfe\x01\n\x07Verdict\x12\x12\n\nprediction\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12+\n\x04top5\x18\x03 \x03(\x0b\x32\x1d.semguard.v1.ClassProbability\x12*\n\tsignature\x18\x04 \x03(\x0b\x32\x17.semguard.v1.LayerValue\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x0f\n\x07\x66lagged\x18\x07 \x01(\x08\x12\x1a\n\x12\x64isagreeing_layers\x18\x08 \x03(\t\x12(\n\x05query\x18\t \x01(\x0b\x32\x19.semguard.v1.QueryVerdict\"l\n\x0cQueryVerdict\x12\x0f\n\x07matched\x18\x01 \x01(\x08\x12\x0f\n\x07overlap\x18\x02 \x01(\x05\x12\x16\n\x0e\x63lient_matches\x18\x03 \x01(\x05\x12\x11\n\tsuspected\x18\x04 \x01(\x08\x12\x0f\n\x07\x66lagged\x18\x05 \x01(\x08\"K\n\x10\x43lassProbability\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"*\n\nLayerValue\x12\r\n\x05layer\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02\"\x10\n\x0eGetInfoRequest\"\xbe\x01\n\tGuardInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12\x13\n\x0binput_shape\x18\x04 \x03(\x05\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x16\n\x0e\x66lagger_method\x18\x06 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x15\n\rquery_defence\x18\t \x01(\t2\xdd\x01\n\x05Guard\x12\x44\n\x07Inspect\x12\x1b.semguard.v1.InspectRequest\x1a\x1c.semguard.v1.InspectResponse\x12N\n\rInspectStream\x12\x1b.semguard.v1.InspectRequest\x1a\x1c.semguard.v1.InspectResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1b.semguard.v1.GetInfoRequest\x1a\x16.semguard.v1.GuardInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,15 +43,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INSPECTRESPONSE']._serialized_start=357
   _globals['_INSPECTRESPONSE']._serialized_end=434
   _globals['_VERDICT']._serialized_start=437
-  _globals['_VERDICT']._serialized_end=649
-  _globals['_CLASSPROBABILITY']._serialized_start=651
-  _globals['_CLASSPROBABILITY']._serialized_end=726
-  _globals['_LAYERVALUE']._serialized_start=728
-  _globals['_LAYERVALUE']._serialized_end=770
-  _globals['_GETINFOREQUEST']._serialized_start=772
-  _globals['_GETINFOREQUEST']._serialized_end=788
-  _globals['_GUARDINFO']._serialized_start=791
-  _globals['_GUARDINFO']._serialized_end=958
-  _globals['_GUARD']._serialized_start=961
-  _globals['_GUARD']._serialized_end=1182
+  _globals['_VERDICT']._serialized_end=691
+  _globals['_QUERYVERDICT']._serialized_start=693
+  _globals['_QUERYVERDICT']._serialized_end=801
+  _globals['_CLASSPROBABILITY']._serialized_start=803
+  _globals['_CLASSPROBABILITY']._serialized_end=878
+  _globals['_LAYERVALUE']._serialized_start=880
+  _globals['_LAYERVALUE']._serialized_end=922
+  _globals['_GETINFOREQUEST']._serialized_start=924
+  _globals['_GETINFOREQUEST']._serialized_end=940
+  _globals['_GUARDINFO']._serialized_start=943
+  _globals['_GUARDINFO']._serialized_end=1133
+  _globals['_GUARD']._serialized_start=1136
+  _globals['_GUARD']._serialized_end=1357
 # @@protoc_insertion_point(module_scope)

@@ -51,7 +51,7 @@ class InspectResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., verdicts: _Optional[_Iterable[_Union[Verdict, _Mapping]]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("prediction", "label", "top5", "signature", "score", "threshold", "flagged", "disagreeing_layers")
+    __slots__ = ("prediction", "label", "top5", "signature", "score", "threshold", "flagged", "disagreeing_layers", "query")
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     TOP5_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class Verdict(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     FLAGGED_FIELD_NUMBER: _ClassVar[int]
     DISAGREEING_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
     prediction: int
     label: str
     top5: _containers.RepeatedCompositeFieldContainer[ClassProbability]
@@ -68,7 +69,22 @@ class Verdict(_message.Message):
     threshold: float
     flagged: bool
     disagreeing_layers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prediction: _Optional[int] = ..., label: _Optional[str] = ..., top5: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ..., signature: _Optional[_Iterable[_Union[LayerValue, _Mapping]]] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., flagged: _Optional[bool] = ..., disagreeing_layers: _Optional[_Iterable[str]] = ...) -> None: ...
+    query: QueryVerdict
+    def __init__(self, prediction: _Optional[int] = ..., label: _Optional[str] = ..., top5: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ..., signature: _Optional[_Iterable[_Union[LayerValue, _Mapping]]] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., flagged: _Optional[bool] = ..., disagreeing_layers: _Optional[_Iterable[str]] = ..., query: _Optional[_Union[QueryVerdict, _Mapping]] = ...) -> None: ...
+
+class QueryVerdict(_message.Message):
+    __slots__ = ("matched", "overlap", "client_matches", "suspected", "flagged")
+    MATCHED_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_MATCHES_FIELD_NUMBER: _ClassVar[int]
+    SUSPECTED_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    matched: bool
+    overlap: int
+    client_matches: int
+    suspected: bool
+    flagged: bool
+    def __init__(self, matched: _Optional[bool] = ..., overlap: _Optional[int] = ..., client_matches: _Optional[int] = ..., suspected: _Optional[bool] = ..., flagged: _Optional[bool] = ...) -> None: ...
 
 class ClassProbability(_message.Message):
     __slots__ = ("class_index", "label", "probability")
@@ -93,7 +109,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GuardInfo(_message.Message):
-    __slots__ = ("model_name", "labels", "layers", "input_shape", "threshold", "flagger_method", "max_batch_size", "policy")
+    __slots__ = ("model_name", "labels", "layers", "input_shape", "threshold", "flagger_method", "max_batch_size", "policy", "query_defence")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +118,7 @@ class GuardInfo(_message.Message):
     FLAGGER_METHOD_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_DEFENCE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     layers: _containers.RepeatedScalarFieldContainer[str]
@@ -110,4 +127,5 @@ class GuardInfo(_message.Message):
     flagger_method: str
     max_batch_size: int
     policy: str
-    def __init__(self, model_name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., threshold: _Optional[float] = ..., flagger_method: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
+    query_defence: str
+    def __init__(self, model_name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., threshold: _Optional[float] = ..., flagger_method: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., policy: _Optional[str] = ..., query_defence: _Optional[str] = ...) -> None: ...

@@ -18,6 +18,7 @@ class CertPaths(NamedTuple):
     server_key: Path
     client_cert: Path
     client_key: Path
+    ca_key: Path  # to issue more certificates (tests that need a second client)
 
 
 def _name(cn: str) -> x509.Name:
@@ -49,7 +50,7 @@ def write_certificates(directory: Path) -> CertPaths:
     for name, cert in (("ca", ca), ("server", server), ("client", client)):
         out[f"{name}_cert"] = directory / f"{name}.crt"
         out[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    for name in ("server", "client"):
+    for name in ("server", "client", "ca"):
         out[f"{name}_key"] = directory / f"{name}.key"
         out[f"{name}_key"].write_bytes(keys[name].private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))

@@ -1,0 +1,296 @@
+"""Attackers who only have the API: black-box query attacks through `semguard serve`, and the query defence.
+
+    python benchmarks/query_attacks.py [--images 3] [--max-queries 600] [--benign-clients 100]
+
+The embedded world's bundle (runs/quickstart/bundle) served in this process on loopback ports (real gRPC,
+tritonclient clients); correctly classified test images, seeded targets. Every attack query is a
+ModelInfer request (attacks/query.py). Servers (conditions):
+
+  bare             --policy annotate, query defence off; the attacker ignores the guard's FLAG
+  guard annotate   same server; an answer the guard flags is a failure to the attacker (it wants both)
+  guard block      --policy block: flagged images are refused
+  defence          --policy annotate --query-defence block; the attacker ignores the FLAG (the query
+                   defence alone)
+  guard + defence  same server; the attacker must also evade the FLAG
+
+Also: benign client streams through the defence (service/query_defence.py, the served code, without
+gRPC): distinct images, retries, JPEG re-encodes, crops, video-like frames; adaptive attackers against
+the defence (query blinding, queries spread over identities); the defence's cost per query and memory.
+Writes runs/query_attacks/query_attacks.json and prints the tables (BENCHMARKS.md "Query attacks").
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import platform
+import statistics
+import tempfile
+import time
+import tracemalloc
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from semguard.analysis.adaptive_eval import wilson_interval
+from semguard.attacks.query import (QUERY_ATTACKS, Endpoint, QueryAttackParams, plan_from_model, plan_images,
+                                    run_query_attacks)
+from semguard.config_flags import add_world_cache_flag
+from semguard.service.config import QueryDefenceConfig, ServiceConfig
+from semguard.service.query_defence import QueryDefence
+from semguard.service.server import create_server, load_guard
+from semguard.world.inputs import load_world_inputs
+
+KEY = "x-api-key"
+BASE = ServiceConfig(grpc_port=0, metrics_port=None, max_queue_delay_ms=0.0, torch_threads=1,
+                     query_client_key=KEY)
+SERVERS = {"annotate": BASE, "block": replace(BASE, policy="block"),
+           "defence": replace(BASE, query=QueryDefenceConfig(mode="block")),
+           "adaptive": replace(BASE, query=QueryDefenceConfig(mode="block"))}  # its own index: no earlier runs' queries
+CONDITIONS = {  # name -> (server, evade_guard)
+    "bare": ("annotate", False), "guard annotate": ("annotate", True), "guard block": ("block", True),
+    "defence": ("defence", False), "guard + defence": ("defence", True)}
+RUNS = [("hopskipjump", False), ("hopskipjump", True), ("signopt", False), ("square", False), ("simba", False)]
+SCORES = {"square", "simba"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", default="runs/quickstart/bundle")
+    add_world_cache_flag(p, "the embedded world whose test images are attacked")
+    p.add_argument("--images", type=int, default=3, help="attacked images per attack and condition")
+    p.add_argument("--max-queries", type=int, default=600, help="query budget per attacked image (issue: 10k)")
+    p.add_argument("--attacks", default=",".join(f"{a}{'+t' if t else ''}" for a, t in RUNS),
+                   help="comma list; NAME+t = targeted")
+    p.add_argument("--benign-clients", type=int, default=100, help="clients per benign stream (20 queries each)")
+    p.add_argument("--memory-queries", type=int, default=50_000, help="queries remembered for the cost figures")
+    p.add_argument("--sections", default="benign,cost,latency,attacks,adaptive", help="comma list of what to run")
+    p.add_argument("--out", default="runs/query_attacks/query_attacks.json")
+    return p
+
+
+def rate(k: int, n: int) -> dict:
+    return {"k": k, "n": n, "rate": k / n if n else None, "wilson95": wilson_interval(k, n) if n else None}
+
+
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(statistics.median(values)) if values else None
+
+
+def attack_table(servers: dict, model, world, runs, args, tmp: Path) -> list[dict]:
+    rows = []
+    for attack, targeted in runs:
+        for condition, (server, evade) in CONDITIONS.items():
+            params = QueryAttackParams(attack=attack, targeted=targeted, max_queries=args.max_queries,
+                                       answers="scores" if attack in SCORES else "label", evade_guard=evade,
+                                       n_images=args.images, client_header=KEY,
+                                       client_id=f"{attack}-{targeted}-{condition}")
+            rows.append(run_condition(servers[server], model, world, params, condition, tmp))
+            print_row(rows[-1])
+    return rows
+
+
+def run_condition(port: int, model, world, params: QueryAttackParams, condition: str, tmp: Path,
+                  label: str | None = None) -> dict:
+    plan = plan_from_model(model, world.test_images, world.test_labels, params)
+    inits = dict(zip(plan.inits, plan_images(world.test_images, [i for i in plan.inits if i >= 0])))
+    endpoint = Endpoint(f"127.0.0.1:{port}", "worldnet", KEY)
+    start = time.perf_counter()
+    try:
+        result = run_query_attacks(endpoint, plan_images(world.test_images, plan.indices), plan, params,
+                                   Path(tempfile.mkdtemp(dir=tmp)), init_images=inits)
+    finally:
+        endpoint.close()
+    r = result.rows
+    wins = sum(x["success"] for x in r)
+    return {"attack": params.attack, "targeted": params.targeted, "condition": condition, "variant": label,
+            "success": rate(wins, len(r)),
+            "median_queries_to_success": median(x["queries_to_success"] for x in r),
+            "detected": rate(sum(x["queries_to_detection"] is not None for x in r), len(r)),
+            "median_queries_to_detection": median(x["queries_to_detection"] for x in r),
+            "queries": sum(x["queries"] for x in r), "refused": sum(x["refused"] for x in r),
+            "final_flagged": sum(bool(x["final_flagged"]) for x in r),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def print_row(row: dict) -> None:
+    s, d = row["success"], row["detected"]
+    name = f"{row['attack']}{' targeted' if row['targeted'] else ''}{' ' + row['variant'] if row['variant'] else ''}"
+    print(f"  {name:<34}{row['condition']:<16}success {s['k']}/{s['n']} [{s['wilson95'][0]:.2f}, "
+          f"{s['wilson95'][1]:.2f}]  med q {row['median_queries_to_success']}  detected {d['k']}/{d['n']} "
+          f"med q {row['median_queries_to_detection']}  ({row['queries']} queries, {row['refused']} refused, "
+          f"{row['seconds']} s)", flush=True)
+
+
+# ---- benign streams: the served defence code, without gRPC ------------------------------------------
+
+def _jpeg(x: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray((x.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), np.float32).transpose(2, 0, 1) / 255
+
+
+def _crop(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    c, h, w = x.shape
+    size = int(rng.integers(26, 31))
+    top, left = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+    crop = (x[:, top:top + size, left:left + size].transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    return np.asarray(Image.fromarray(crop).resize((w, h), Image.BILINEAR), np.float32).transpose(2, 0, 1) / 255
+
+
+def benign_stream(kind: str, images: np.ndarray, rng: np.random.Generator, n: int = 20) -> list[np.ndarray]:
+    """One benign client's n queries (C, H, W) of `kind`, from its own distinct images."""
+    if kind == "distinct":
+        return list(images[:n])
+    if kind == "video":  # one scene, 1-pixel pan per frame and slow brightness drift
+        x = images[0]
+        return [np.clip(np.roll(x, t, axis=2) * (1 + 0.005 * t), 0, 1).astype(np.float32) for t in range(n)]
+    twin = {"retry": lambda x: x, "jpeg": lambda x: _jpeg(x, int(rng.choice([95, 90, 75]))),
+            "crop": lambda x: _crop(x, rng)}[kind]
+    return [v for x in images[:n // 2] for v in (x, twin(x))]  # each image, then its retry / re-encode / crop
+
+
+def benign_rates(images: np.ndarray, clients: int, config: QueryDefenceConfig) -> list[dict]:
+    """Per stream kind: clients ever suspected (one defence per kind, clients interleaved round-robin)."""
+    out = []
+    for kind in ("distinct", "retry", "jpeg", "crop", "video"):
+        rng = np.random.default_rng(0)
+        defence = QueryDefence(config, salt=1)
+        per = 20 if kind in ("distinct", "video") else 10
+        streams = [benign_stream(kind, images[rng.choice(len(images), per, replace=False)], rng)
+                   for _ in range(clients)]
+        flagged, matches = set(), 0
+        for t in range(max(map(len, streams))):
+            for c, stream in enumerate(streams):
+                if t < len(stream):
+                    v = defence.check(stream[t][None], f"client-{c}").verdicts[0]
+                    matches += v.matched
+                    if v.suspected:
+                        flagged.add(c)
+        out.append({"stream": kind, "queries_per_client": len(streams[0]),
+                    "clients_flagged": rate(len(flagged), clients), "own_matches": matches})
+        print(f"  benign {kind:<9} clients flagged {len(flagged)}/{clients}, own matches {matches}", flush=True)
+    return out
+
+
+def cost(images: np.ndarray, n: int) -> dict:
+    """Per-image check time (p50/p99 over n distinct queries, 1000 clients) and, in a second pass with
+    tracemalloc on, memory per remembered query (index, ring arrays and client states)."""
+    def stream(defence: QueryDefence, timed: list[float] | None) -> None:
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            x = np.clip(images[i % len(images)] + rng.uniform(-0.2, 0.2, images.shape[1:]), 0, 1).astype(np.float32)
+            t0 = time.perf_counter()
+            defence.check(x[None], f"c{i % 1000}")
+            if timed is not None:
+                timed.append(time.perf_counter() - t0)
+
+    config = QueryDefenceConfig(mode="annotate", history=n)
+    times: list[float] = []
+    stream(QueryDefence(config, salt=1), times)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    defence = QueryDefence(config, salt=1)
+    stream(defence, None)
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    t = np.array(times) * 1e3
+    return {"queries": n, "check_ms_p50": float(np.percentile(t, 50)), "check_ms_p99": float(np.percentile(t, 99)),
+            "bytes_per_query": used / n, "gib_per_10m_queries": used / n * 1e7 / 2**30,
+            "index_keys": len(defence._postings)}
+
+
+def latency(ports: dict, images: np.ndarray, n: int = 400) -> dict:
+    """ModelInfer latency p50/p99 with the defence off vs on (block), distinct clean images, one client;
+    requests alternate between the two servers, so both see the same load of the shared machine."""
+    names = ("annotate", "defence")
+    endpoints = {name: Endpoint(f"127.0.0.1:{ports[name]}", "worldnet", KEY) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(n):
+        for name in names if i % 2 else names[::-1]:
+            t0 = time.perf_counter()
+            endpoints[name].ask(images[i % len(images)], "latency-client")
+            times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name in names:
+        endpoints[name].close()
+        t = np.array(times[name][20:]) * 1e3
+        out[name] = {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99))}
+    out["added_p50_ms"] = out["defence"]["p50_ms"] - out["annotate"]["p50_ms"]
+    out["added_p99_ms"] = out["defence"]["p99_ms"] - out["annotate"]["p99_ms"]
+    print(f"  latency off p50 {out['annotate']['p50_ms']:.2f} ms p99 {out['annotate']['p99_ms']:.2f} ms | defence "
+          f"p50 {out['defence']['p50_ms']:.2f} ms p99 {out['defence']['p99_ms']:.2f} ms", flush=True)
+    return out
+
+
+def adaptive(port: int, server, model, world, args, tmp: Path) -> list[dict]:
+    """HopSkipJump (untargeted, labels) against the query defence alone (it ignores the guard's FLAG, as in the
+    "defence" condition), knowing the defence: blinding, then Sybil identities."""
+    rows = []
+    for label, extra in (("blinding 4/255", {"blinding": 4 / 255}), ("blinding 16/255", {"blinding": 16 / 255}),
+                         ("sybil 100 ids", {"identities": 100}), ("sybil 1000 ids", {"identities": 1000})):
+        before = server.metrics.query_matches.labels("cross_client")._value.get()
+        params = QueryAttackParams(attack="hopskipjump", max_queries=args.max_queries, n_images=args.images,
+                                   evade_guard=False, client_header=KEY, client_id=f"adaptive-{label}", **extra)
+        row = run_condition(port, model, world, params, "defence", tmp, label)
+        row["cross_client_matches"] = server.metrics.query_matches.labels("cross_client")._value.get() - before
+        rows.append(row)
+        print_row(row)
+        print(f"    cross-client matches seen by the operator: {row['cross_client_matches']:.0f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    torch.set_num_threads(1)
+    inputs = load_world_inputs(cache_dir=args.world_cache, progress=False)
+    world, model = inputs.world, inputs.model.eval()
+    runs = [(a.removesuffix("+t"), a.endswith("+t")) for a in args.attacks.split(",") if a]
+    for attack, _ in runs:
+        if attack not in QUERY_ATTACKS:
+            raise SystemExit(f"--attacks: unknown attack {attack!r}; known: {sorted(QUERY_ATTACKS)}")
+    print(f"{platform.processor() or platform.machine()}, shared 2-core machine, torch threads 1; "
+          f"{args.images} images per cell, budget {args.max_queries} queries", flush=True)
+    sections = set(args.sections.split(","))
+    clean = plan_images(world.test_images, np.arange(min(4000, len(world.test_labels))))
+    report = {"machine": platform.processor() or platform.machine(), "args": vars(args),
+              "defence": dataclasses.asdict(QueryDefenceConfig(mode="block"))}
+    if "benign" in sections:
+        print("benign streams (defence defaults):", flush=True)
+        report["benign"] = benign_rates(clean, args.benign_clients, QueryDefenceConfig(mode="block"))
+    if "cost" in sections:
+        report["cost"] = c = cost(clean, args.memory_queries)
+        print(f"  cost: check p50 {c['check_ms_p50']:.3f} ms p99 {c['check_ms_p99']:.3f} ms; "
+              f"{c['bytes_per_query']:.0f} B/query = {c['gib_per_10m_queries']:.2f} GiB per 10M", flush=True)
+    guard = load_guard(args.bundle)
+    servers = {name: create_server(config, guard) for name, config in SERVERS.items()}
+    for created in servers.values():
+        created.server.start()
+    ports = {name: created.port for name, created in servers.items()}
+    try:
+        if "latency" in sections:
+            report["latency"] = latency(ports, clean)
+        with tempfile.TemporaryDirectory() as tmp:
+            if "attacks" in sections:
+                print("attacks:", flush=True)
+                report["attacks"] = attack_table(ports, model, world, runs, args, Path(tmp))
+            if "adaptive" in sections:
+                print("adaptive attackers vs the defence:", flush=True)
+                report["adaptive"] = adaptive(ports["adaptive"], servers["adaptive"].server, model, world, args,
+                                              Path(tmp))
+    finally:
+        for created in servers.values():
+            created.server.stop(0).wait(10)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
