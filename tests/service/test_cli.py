@@ -1,16 +1,20 @@
 """`semguard serve` flags and SEMGUARD_* environment -> ServiceConfig."""
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
+import tritonclient.grpc as triton
 
 from semguard.cli import build_parser
 from semguard.service.cli import config_from_args
 from semguard.service.config import ServiceConfig
 from tests.service.fake_upstream import FakeUpstream, raw_answer
+from tests.service.subprocess_server import serving_port
 from tests.tiny_worldnet import write_worldnet_bundle
 
 
@@ -64,14 +68,26 @@ def test_port_in_use_is_one_line(tmp_path):
     assert rc == 1 and len(err.strip().splitlines()) == 1 and "--grpc-port" in err, err
 
 
-def test_upstream_clash_is_one_line(tmp_path):
+@pytest.mark.slow
+def test_an_upstream_clash_never_stops_serve(tmp_path):
+    """`semguard serve` in front of an upstream whose outputs clash: it serves, not ready, says why once."""
     up = FakeUpstream(["SCORE", "FLAG"], raw_answer({}))
     up.start()
+    bundle = write_worldnet_bundle(tmp_path)
+    cmd = [sys.executable, "-m", "semguard.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
+           "--grpc-port", "0", "--metrics-port", "0", "--torch-threads", "1", "--grace-seconds", "1",
+           "--upstream", f"127.0.0.1:{up.port}", "--upstream-model", "clf", "--upstream-poll-seconds", "0.1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        bundle = write_worldnet_bundle(tmp_path)
-        rc, err = serve_fails("--upstream", f"127.0.0.1:{up.port}", "--upstream-model", "clf", "--grpc-port", "0",
-                              "--torch-threads", "1", "--log-level", "WARNING", bundle=str(bundle))
+        port = serving_port(proc, timeout_s=60)
+        time.sleep(0.5)  # five polls
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        assert proc.poll() is None and not client.is_server_ready()
+        client.close()
     finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
         up.stop()
-    assert rc == 2 and "FLAG, SCORE" in err and "--output-prefix" in err, err
-    assert len([line for line in err.splitlines() if line.startswith("semguard serve:")]) == 1, err
+    assert proc.returncode == 0, err
+    clashes = [line for line in err.splitlines() if "FLAG, SCORE named like the guard's" in line]
+    assert len(clashes) == 1 and "--output-prefix" in clashes[0] and "Traceback" not in err, err
