@@ -2,7 +2,7 @@
 servicer, data plane, model repository and interceptors, as `kserve.ModelServer` wires them),
 serving a small numpy model. Runs in KServe's own environment (scripts/test.sh: .venv-kserve).
 
-    python kserve_server.py --name kworld [--port 0] [--outputs output-0,CLASS,LABEL]
+    python kserve_server.py --name kworld[,other names] [--port 0] [--outputs output-0,CLASS,LABEL]
 
 Prints `port N` once serving on 127.0.0.1:N (ModelServer itself binds [::] on a fixed port and
 starts a REST server too; the tests need neither). The model: input `input-0` FP32 [-1, 3, H, W];
@@ -65,9 +65,11 @@ class ChannelModel(Model):
         return InferResponse(payload.id, self.name, outputs, from_grpc=True)
 
 
-async def serve(name: str, port: int, outputs: list[str]) -> None:
+async def serve(names: list[str], port: int, outputs: list[str]) -> None:
     repository = ModelRepository()
-    repository.update(ChannelModel(name, outputs))
+    model = ChannelModel(names[0], outputs)
+    for name in names:
+        repository.update(model, name=name)
     server = aio.server(futures.ThreadPoolExecutor(max_workers=4),
                         interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()))
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -84,7 +86,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--outputs", default="output-0,CLASS,LABEL")
     args = p.parse_args(ARGS)
-    asyncio.run(serve(args.name, args.port, args.outputs.split(",")))
+    asyncio.run(serve(args.name.split(","), args.port, args.outputs.split(",")))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ through the guard, and read the guard's verdict beside the server's outputs; the
 readiness must follow the server through restarts, clashes and freezes."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -38,13 +39,14 @@ def kserve_python() -> str:
 
 
 class KServe:
-    """KServe's model server in a subprocess, serving model `kworld`; restartable on its port."""
+    """KServe's model server in a subprocess, serving one model under `names` (comma-separated);
+    restartable on its port."""
 
-    def __init__(self, python: str):
-        self.python, self.port, self.proc = python, 0, None
+    def __init__(self, python: str, names: str):
+        self.python, self.names, self.port, self.proc = python, names, 0, None
 
     def start(self, outputs: str = OUTPUTS, port: int | None = None) -> int:
-        self.proc = subprocess.Popen([self.python, str(SERVER), "--name", "kworld", "--outputs", outputs,
+        self.proc = subprocess.Popen([self.python, str(SERVER), "--name", self.names, "--outputs", outputs,
                                       "--port", str(self.port if port is None else port)],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline()  # "port N" once serving
@@ -60,16 +62,17 @@ class KServe:
 
 @pytest.fixture
 def kserve(kserve_python) -> Iterator[KServe]:
-    """A KServe server for the test to start, stop and restart."""
-    server = KServe(kserve_python)
+    """A KServe server for the test to start, stop and restart, serving the bundle's name (tinycnn), so
+    that the guard's own name reaches it also where the guard cannot take the upstream's name."""
+    server = KServe(kserve_python, "tinycnn")
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def kworld(kserve_python) -> Iterator[KServe]:
-    """A KServe server serving kworld (outputs output-0, CLASS, LABEL) for the whole module."""
-    server = KServe(kserve_python)
+    """A KServe server serving kworld (outputs output-0, CLASS, LABEL; also named tinycnn) for the module."""
+    server = KServe(kserve_python, "kworld,tinycnn")
     server.start()
     yield server
     server.stop()
@@ -115,12 +118,8 @@ def test_a_client_of_the_upstream_works_unchanged_through_the_guard(make_server,
     np.testing.assert_allclose(through["SEMGUARD_SCORE"], [v.score for v in verdicts], rtol=1e-6)
     assert (answer.model_name, answer.model_version) == (direct_answer.model_name, direct_answer.model_version)
 
-    upstream = triton.InferenceServerClient(f"127.0.0.1:{kserve.port}")
     client = triton.InferenceServerClient(f"127.0.0.1:{front.port}")
-    theirs, ours = upstream.get_model_metadata("kworld"), client.get_model_metadata("kworld")
-    assert ours.name == "kworld" and tensors(ours.inputs) == tensors(theirs.inputs)
-    assert tensors(ours.outputs) == tensors(theirs.outputs) + [
-        ("SEMGUARD_SCORE", "FP32", [-1]), ("SEMGUARD_FLAG", "BOOL", [-1]), ("SEMGUARD_SIGNATURE", "FP32", [-1, 3])]
+    assert client.get_model_metadata("kworld").name == "kworld"
     # versions are the upstream's to judge (KServe accepts any); the alias answers under its own name
     _, answer = metadata_client(front.port, "kworld", images, model_version="7")
     assert answer.model_name == "kworld"
@@ -131,17 +130,26 @@ def test_a_client_of_the_upstream_works_unchanged_through_the_guard(make_server,
     with pytest.raises(InferenceServerException, match="unknown model 'tinycnn'") as e:
         client.get_model_metadata("tinycnn")
     assert e.value.status() == "StatusCode.NOT_FOUND"
-    upstream.close()
     client.close()
 
 
-def _infer(port: int, images: np.ndarray, **kw):
-    """A plain client of model kworld (input-0 FP32)."""
+def test_metadata_is_the_upstreams_plus_the_guards_outputs(make_server, kworld):
+    front = make_server(upstream=f"127.0.0.1:{kworld.port}", output_prefix="SEMGUARD_")  # its model tinycnn
+    with contextlib.closing(triton.InferenceServerClient(f"127.0.0.1:{kworld.port}")) as upstream, \
+            contextlib.closing(triton.InferenceServerClient(f"127.0.0.1:{front.port}")) as client:
+        theirs, ours = upstream.get_model_metadata("tinycnn"), client.get_model_metadata("tinycnn")
+    assert ours.name == "tinycnn" and tensors(ours.inputs) == tensors(theirs.inputs)
+    assert tensors(ours.outputs) == tensors(theirs.outputs) + [
+        ("SEMGUARD_SCORE", "FP32", [-1]), ("SEMGUARD_FLAG", "BOOL", [-1]), ("SEMGUARD_SIGNATURE", "FP32", [-1, 3])]
+
+
+def _infer(port: int, images: np.ndarray, model: str = "tinycnn", **kw):
+    """A plain client of the model (input-0 FP32)."""
     client = triton.InferenceServerClient(f"127.0.0.1:{port}")
     try:
         inp = triton.InferInput("input-0", list(images.shape), "FP32")
         inp.set_data_from_numpy(images)
-        return client.infer("kworld", [inp], **kw)
+        return client.infer(model, [inp], **kw)
     finally:
         client.close()
 
@@ -149,7 +157,7 @@ def _infer(port: int, images: np.ndarray, **kw):
 @pytest.mark.slow
 def test_a_restart_with_a_clashing_output_makes_the_guard_not_ready(make_server, kserve, clean_images, caplog):
     kserve.start()
-    front = make_server(upstream=f"127.0.0.1:{kserve.port}", upstream_model="kworld", output_prefix="SEMGUARD_",
+    front = make_server(upstream=f"127.0.0.1:{kserve.port}", output_prefix="SEMGUARD_",
                         upstream_poll_seconds=0.1)
     metrics = front.server.metrics
     _infer(front.port, clean_images)
@@ -165,7 +173,7 @@ def test_a_restart_with_a_clashing_output_makes_the_guard_not_ready(make_server,
             assert "SEMGUARD_FLAG named like the guard's" in e.value.message()
             assert "--output-prefix" in e.value.message()
     client = triton.InferenceServerClient(f"127.0.0.1:{front.port}")
-    assert _health(front.port) == NOT_SERVING and not client.is_server_ready() and not client.is_model_ready("kworld")
+    assert _health(front.port) == NOT_SERVING and not client.is_server_ready() and not client.is_model_ready("tinycnn")
     assert metrics.upstream_up._value.get() == 0 and metrics.upstream_clashes._value.get() == 1
     assert len([r for r in caplog.records if "named like the guard's" in r.getMessage()]) == 1
     assert "Traceback" not in caplog.text and not any(s.value for m in metrics.internal_errors.collect()
@@ -173,7 +181,7 @@ def test_a_restart_with_a_clashing_output_makes_the_guard_not_ready(make_server,
     kserve.stop()
     kserve.start()  # fixed: ready again
     assert _wait_for(lambda: _health(front.port) == SERVING)
-    assert client.is_model_ready("kworld")
+    assert client.is_model_ready("tinycnn")
     _infer(front.port, clean_images)
     client.close()
 
@@ -182,7 +190,7 @@ def test_a_restart_with_a_clashing_output_makes_the_guard_not_ready(make_server,
 def test_the_port_opens_at_once_and_a_clash_found_later_never_stops_the_guard(make_server, kserve, clean_images):
     kserve.port = free_port()  # nothing listens there yet
     start = time.monotonic()
-    front = make_server(upstream=f"127.0.0.1:{kserve.port}", upstream_model="kworld", upstream_poll_seconds=0.1)
+    front = make_server(upstream=f"127.0.0.1:{kserve.port}", upstream_poll_seconds=0.1)
     # serving (not ready) at once: before 2.5 s, where waiting for the upstream took 10 s
     assert time.monotonic() - start < 2.5 and _health(front.port) == NOT_SERVING
     kserve.start("output-0,CLASS,LABEL,FLAG")  # FLAG: the guard's own name (no --output-prefix)
@@ -199,7 +207,7 @@ def test_the_port_opens_at_once_and_a_clash_found_later_never_stops_the_guard(ma
 
 @pytest.mark.slow
 def test_a_frozen_upstream_is_cut_at_the_default_upstream_timeout(make_server, kworld, clean_images):
-    front = make_server(upstream=f"127.0.0.1:{kworld.port}", upstream_model="kworld")
+    front = make_server(upstream=f"127.0.0.1:{kworld.port}")  # its model tinycnn
     with pytest.raises(InferenceServerException) as e:  # the client sets no deadline: --upstream-timeout's 5 s
         _infer(front.port, clean_images, parameters={"sleep_s": 8})
     assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "upstream" in e.value.message()
