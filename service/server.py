@@ -198,8 +198,8 @@ def serve(config: ServiceConfig, bundle: str | Path, trust_model_code: bool = Fa
     guard = load_guard(bundle, trust_model_code)
     created = create_server(config, guard)
     created.server.start()
-    log.info("semguard serving %s on %s:%d (metrics port %s)", guard.info.model_name, config.host,
-             created.port, created.server.metrics_port)
+    log.info("semguard serving %s on %s:%d (metrics port %s)", " and ".join(created.server.inference.names),
+             config.host, created.port, created.server.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

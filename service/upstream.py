@@ -94,8 +94,8 @@ def raw_outputs(response: pb.ModelInferResponse, where: str) -> pb.ModelInferRes
 class Upstream:
     """One upstream model, `model_name` at `target`; clients may know it under other names (aliases).
 
-    `poll` (the watcher's job) decides `usable`: ServerReady true, the model's metadata readable,
-    no output named like one of `guard_outputs`. on_change(usable) is called on each change,
+    `poll` (the watcher's job) decides whether it is usable: ServerReady true, the model's metadata
+    readable, no output named like one of `guard_outputs`. on_change(usable) is called on each change,
     on_clash(message) once per clash found, on_call(seconds, code) after each forwarded ModelInfer.
     """
 
@@ -124,16 +124,12 @@ class Upstream:
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    @property
-    def usable(self) -> bool:
-        return bool(self._usable)
-
     def deadline(self, client_remaining: float | None) -> float:
         """Seconds the upstream gets: the client's deadline when it set one, else --upstream-timeout."""
         return self.timeout if client_remaining is None else client_remaining
 
     def poll(self, timeout: float) -> bool:
-        """Look at the upstream once (ServerReady, then the model's metadata); returns `usable`."""
+        """Look at the upstream once (ServerReady, then the model's metadata); True if it is usable."""
         try:
             ready = self._stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout).ready
             meta = self._stub.ModelMetadata(pb.ModelMetadataRequest(name=self.model_name),
@@ -175,6 +171,8 @@ class Upstream:
                 self._reported_missing = missing
             usable = up and self._clash is None
             changed, self._usable = usable != self._usable, usable
+            if changed:  # under the lock: a poll and an answer must not report out of order
+                self._on_change(usable)
         if new_clash:
             log.error("%s; the guard is NOT ready and answers UNAVAILABLE until that changes", self._clash)
             if self.on_clash is not None:
@@ -184,8 +182,6 @@ class Upstream:
         if changed and not (new_clash or new_missing):
             log.log(logging.INFO if usable else logging.WARNING, "upstream %s is %s", self.target,
                     "ready" if usable else "NOT ready: the guard reports not ready")
-        if changed:
-            self._on_change(usable)
         return usable
 
     @property
