@@ -1,7 +1,7 @@
 """Load test of the guard server: dynamic batching vs batch-1 serving, side by side.
 
     python benchmarks/bench_service.py [--clients 16] [--requests 800]
-    python benchmarks/bench_service.py --upstream-comparison [--requests 160]
+    python benchmarks/bench_service.py --upstream-comparison [--requests 160] [--kserve-python .venv-kserve/bin/python]
 
 Loopback only and bounded: the server runs in a child process (its own GIL, as in production),
 N client threads in this process each send their share of M single-image ModelInfer requests with
@@ -15,7 +15,8 @@ and flagger work per batch, which batching amortises the same way. `--bundle DIR
 real bundle instead.
 
 --upstream-comparison: p50 latency of the guard in front of an upstream OIP server (a second
-server process, model "classifier", standing in for Triton; the guard serves under its name) vs
+semguard process serving model "classifier", or with --kserve-python KServe's Python model server;
+the guard serves under the upstream model's name) vs
 that upstream alone vs the guard alone, at 1 and --clients clients, with the ratios side by side;
 and the guard in front of it at --delay-ms vs at 0 ms batching delay (an idle batcher does not wait
 for company, so at one client the delay should cost nothing).
@@ -31,6 +32,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -157,24 +159,48 @@ def run(max_batch_size: int, args: argparse.Namespace) -> LoadResult:
         return _load(port, model, shape, args.clients, args.requests)
 
 
+KSERVE_SERVER = Path(__file__).resolve().parent.parent / "tests" / "service" / "kserve_server.py"
+
+
+@contextlib.contextmanager
+def kserve_served(python: str):
+    """KServe's Python model server (tests/service/kserve_server.py, numpy per-channel means) serving
+    model "worldnet", the benchmark guard's own name; yields (port, model name, input shape)."""
+    proc = subprocess.Popen([python, str(KSERVE_SERVER), "--name", "worldnet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("port "):
+            raise SystemExit(f"--kserve-python {python}: KServe's model server did not start")
+        yield int(line.split()[1]), "worldnet", (3, 32, 32)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def upstream_comparison(args: argparse.Namespace) -> None:
     """Guard in front of an upstream vs the upstream alone vs the guard alone, at 1 and N clients."""
     guard_outs = ("SEMGUARD_SCORE", "SEMGUARD_FLAG")
     rows: dict[int, dict[str, LoadResult]] = {}
-    with served(args.max_batch_size, args, model_name="classifier") as (up_port, up_model, shape):
+    upstream = kserve_served(args.kserve_python) if args.kserve_python else \
+        served(args.max_batch_size, args, model_name="classifier")
+    up_out = "CLASS" if args.kserve_python else "PREDICTION"
+    with upstream as (up_port, up_model, shape):
         for clients in (1, args.clients):
             n = max(args.requests // 2, 20) if clients == 1 else args.requests
-            rows[clients] = {"upstream alone": _load(up_port, up_model, shape, clients, n, ("PREDICTION",))}
+            rows[clients] = {"upstream alone": _load(up_port, up_model, shape, clients, n, (up_out,))}
             with served(args.max_batch_size, args, output_prefix="SEMGUARD_") as (port, model, _):
                 rows[clients]["guard alone"] = _load(port, model, shape, clients, n, guard_outs)
             with served(args.max_batch_size, args, output_prefix="SEMGUARD_", upstream=f"127.0.0.1:{up_port}",
                         upstream_model=up_model) as (port, model, _):
-                rows[clients]["guard + upstream"] = _load(port, model, shape, clients, n, ("PREDICTION", *guard_outs))
+                rows[clients]["guard + upstream"] = _load(port, model, shape, clients, n, (up_out, *guard_outs))
             with served(args.max_batch_size, args, output_prefix="SEMGUARD_", upstream=f"127.0.0.1:{up_port}",
                         upstream_model=up_model, max_queue_delay_ms=0.0) as (port, model, _):
                 rows[clients]["guard + up, delay 0"] = _load(port, model, shape, clients, n,
-                                                             ("PREDICTION", *guard_outs))
-    print(f"machine: {machine()}; 1 image 3x32x32 FP32 per request, loopback, annotate policy (overlapped passes)")
+                                                             (up_out, *guard_outs))
+    print(f"machine: {machine()}; upstream: {'KServe model server' if args.kserve_python else 'semguard'}; "
+          f"1 image 3x32x32 FP32 per request, loopback, annotate policy (overlapped passes), "
+          f"batching delay {args.delay_ms:g} ms")
     print(f"{'clients':>7s} {'mode':20s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s} {'errors':>7s}")
     for clients, results in rows.items():
         for name, r in results.items():
@@ -209,6 +235,9 @@ def main() -> None:
     p.add_argument("--bundle", default=None, help="benchmark a real guard bundle instead of the WorldNet stand-in")
     p.add_argument("--upstream-comparison", action="store_true",
                    help="guard in front of an upstream vs upstream alone vs guard alone, at 1 and --clients clients")
+    p.add_argument("--kserve-python", default=None,
+                   help="with --upstream-comparison: the upstream is KServe's model server, run by this Python "
+                   "(scripts/test.sh makes .venv-kserve/bin/python); default: a second semguard process")
     args = p.parse_args()
     if args.upstream_comparison:
         return upstream_comparison(args)

@@ -1,6 +1,7 @@
 """`semguard serve` flags and SEMGUARD_* environment -> ServiceConfig."""
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -14,7 +15,6 @@ from semguard.cli import build_parser
 from semguard.service.cli import config_from_args
 from semguard.service.config import ServiceConfig
 from tests.service.fake_upstream import FakeUpstream, raw_answer
-from tests.service.subprocess_server import serving_port
 from tests.tiny_worldnet import write_worldnet_bundle
 
 
@@ -68,6 +68,12 @@ def test_port_in_use_is_one_line(tmp_path):
     assert rc == 1 and len(err.strip().splitlines()) == 1 and "--grpc-port" in err, err
 
 
+def serving_port_in(log: list[str]) -> int:
+    match = re.search(r"semguard serving .* on 127\.0\.0\.1:(\d+)", log[-1]) if log else None
+    assert match, "server did not start:\n" + "".join(log)
+    return int(match.group(1))
+
+
 @pytest.mark.slow
 def test_an_upstream_clash_never_stops_serve(tmp_path):
     """`semguard serve` in front of an upstream whose outputs clash: it serves, not ready, says why once."""
@@ -78,16 +84,20 @@ def test_an_upstream_clash_never_stops_serve(tmp_path):
            "--grpc-port", "0", "--metrics-port", "0", "--torch-threads", "1", "--grace-seconds", "1",
            "--upstream", f"127.0.0.1:{up.port}", "--upstream-model", "clf", "--upstream-poll-seconds", "0.1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = []  # the first poll (and its error) comes before the "serving" line
     try:
-        port = serving_port(proc, timeout_s=60)
+        while not (log and "semguard serving" in log[-1]) and (line := proc.stderr.readline()):
+            log.append(line)
+        port = serving_port_in(log)
         time.sleep(0.5)  # five polls
         client = triton.InferenceServerClient(f"127.0.0.1:{port}")
         assert proc.poll() is None and not client.is_server_ready()
         client.close()
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        _, rest = proc.communicate(timeout=60)
         up.stop()
+    err = "".join(log) + rest
     assert proc.returncode == 0, err
     clashes = [line for line in err.splitlines() if "FLAG, SCORE named like the guard's" in line]
     assert len(clashes) == 1 and "--output-prefix" in clashes[0] and "Traceback" not in err, err

@@ -291,7 +291,8 @@ def test_an_upstream_that_starts_later_is_checked_when_it_answers(make_server, u
     front = make_server(upstream=f"127.0.0.1:{clashing.port}", upstream_poll_seconds=0.1)
     with caplog.at_level(logging.ERROR):
         clashing.start(clashing.port)
-        time.sleep(1.0)  # ten polls
+        assert _wait_for(lambda: clashes(front) == 1)  # once the channel's reconnect backoff let it through
+        time.sleep(0.5)  # five more polls
     assert _health(front.port) == health_pb2.HealthCheckResponse.NOT_SERVING  # a shadowed verdict is never served
     errors = [r for r in caplog.records if "SCORE named like the guard's" in r.getMessage()]
     assert len(errors) == 1 and "--output-prefix" in errors[0].getMessage()

@@ -194,11 +194,11 @@ def test_the_port_opens_at_once_and_a_clash_found_later_never_stops_the_guard(ma
     # serving (not ready) at once: before 2.5 s, where waiting for the upstream took 10 s
     assert time.monotonic() - start < 2.5 and _health(front.port) == NOT_SERVING
     kserve.start("output-0,CLASS,LABEL,FLAG")  # FLAG: the guard's own name (no --output-prefix)
-    time.sleep(1.0)  # ten polls
+    assert _wait_for(lambda: front.server.metrics.upstream_clashes._value.get() == 1)
     with pytest.raises(InferenceServerException) as e:
         _infer(front.port, clean_images)
     assert e.value.status() == "StatusCode.UNAVAILABLE" and "FLAG named like the guard's" in e.value.message()
-    assert _health(front.port) == NOT_SERVING and front.server.metrics.upstream_clashes._value.get() == 1
+    assert _health(front.port) == NOT_SERVING
     kserve.stop()
     kserve.start()
     assert _wait_for(lambda: _health(front.port) == SERVING)
