@@ -205,8 +205,8 @@ def test_the_upstream_gets_the_clients_deadline_or_upstream_timeout(make_server,
     inp.set_data_from_numpy(clean_images)
     client.infer("tinycnn", [inp], client_timeout=30)
     client.close()
-    assert up.deadlines[0] is not None and 0 < up.deadlines[0] <= 2.1  # --upstream-timeout (grpc rounds up)
-    assert up.deadlines[1] is not None and 10 < up.deadlines[1] <= 30.1  # the client's, passed on
+    assert up.deadlines[0] is not None and 0 < up.deadlines[0] <= 2.5  # --upstream-timeout (grpc rounds up)
+    assert up.deadlines[1] is not None and 10 < up.deadlines[1] <= 31  # the client's, passed on
 
 
 class SlowGuard:
