@@ -1,7 +1,7 @@
 """Load test of the guard server: dynamic batching vs batch-1 serving, side by side.
 
     python benchmarks/bench_service.py [--clients 16] [--requests 800]
-    python benchmarks/bench_service.py --upstream-comparison [--requests 160]
+    python benchmarks/bench_service.py --upstream-comparison [--requests 160] [--kserve-python .venv-kserve/bin/python]
 
 Loopback only and bounded: the server runs in a child process (its own GIL, as in production),
 N client threads in this process each send their share of M single-image ModelInfer requests with
@@ -15,8 +15,11 @@ and flagger work per batch, which batching amortises the same way. `--bundle DIR
 real bundle instead.
 
 --upstream-comparison: p50 latency of the guard in front of an upstream OIP server (a second
-server process, model "classifier", standing in for Triton) vs that upstream alone vs the guard
-alone, at 1 and --clients clients, with the ratios side by side.
+semguard process serving model "classifier", or with --kserve-python KServe's Python model server;
+the guard serves under the upstream model's name) vs
+that upstream alone vs the guard alone, at 1 and --clients clients, with the ratios side by side;
+and the guard in front of it at --delay-ms vs at 0 ms batching delay (an idle batcher does not wait
+for company, so at one client the delay should cost nothing).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -74,11 +78,13 @@ def _serve(max_batch_size: int, delay_ms: float, bundle: str | None, torch_threa
     from semguard.service.server import create_server, load_guard
 
     guard = load_guard(bundle) if bundle else BenchGuard()
-    config = ServiceConfig(grpc_port=0, metrics_port=None, max_batch_size=max_batch_size,
-                           max_queue_delay_ms=delay_ms, max_workers=64, torch_threads=torch_threads, **(extra or {}))
+    config = ServiceConfig(**{"grpc_port": 0, "metrics_port": None, "max_batch_size": max_batch_size,
+                              "max_queue_delay_ms": delay_ms, "max_workers": 64, "torch_threads": torch_threads,
+                              **(extra or {})})
     created = create_server(config, guard)
     created.server.start()
-    conn.send((created.port, config.model_name or guard.info.model_name, tuple(guard.info.input_shape)))
+    served_as = config.upstream_model or config.model_name or guard.info.model_name  # upstream mode: its model's name
+    conn.send((created.port, served_as, tuple(guard.info.input_shape)))
     conn.recv()  # until the parent says stop
     created.server.stop(grace=5).wait(10)
 
@@ -153,29 +159,58 @@ def run(max_batch_size: int, args: argparse.Namespace) -> LoadResult:
         return _load(port, model, shape, args.clients, args.requests)
 
 
+KSERVE_SERVER = Path(__file__).resolve().parent.parent / "tests" / "service" / "kserve_server.py"
+
+
+@contextlib.contextmanager
+def kserve_served(python: str):
+    """KServe's Python model server (tests/service/kserve_server.py, numpy per-channel means) serving
+    model "worldnet", the benchmark guard's own name; yields (port, model name, input shape)."""
+    proc = subprocess.Popen([python, str(KSERVE_SERVER), "--name", "worldnet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("port "):
+            raise SystemExit(f"--kserve-python {python}: KServe's model server did not start")
+        yield int(line.split()[1]), "worldnet", (3, 32, 32)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def upstream_comparison(args: argparse.Namespace) -> None:
     """Guard in front of an upstream vs the upstream alone vs the guard alone, at 1 and N clients."""
     guard_outs = ("SEMGUARD_SCORE", "SEMGUARD_FLAG")
     rows: dict[int, dict[str, LoadResult]] = {}
-    with served(args.max_batch_size, args, model_name="classifier") as (up_port, up_model, shape):
+    upstream = kserve_served(args.kserve_python) if args.kserve_python else \
+        served(args.max_batch_size, args, model_name="classifier")
+    up_out = "CLASS" if args.kserve_python else "PREDICTION"
+    with upstream as (up_port, up_model, shape):
         for clients in (1, args.clients):
-            n = max(args.requests // 4, 20) if clients == 1 else args.requests
-            rows[clients] = {"upstream alone": _load(up_port, up_model, shape, clients, n, ("PREDICTION",))}
+            n = max(args.requests // 2, 20) if clients == 1 else args.requests
+            rows[clients] = {"upstream alone": _load(up_port, up_model, shape, clients, n, (up_out,))}
             with served(args.max_batch_size, args, output_prefix="SEMGUARD_") as (port, model, _):
                 rows[clients]["guard alone"] = _load(port, model, shape, clients, n, guard_outs)
             with served(args.max_batch_size, args, output_prefix="SEMGUARD_", upstream=f"127.0.0.1:{up_port}",
                         upstream_model=up_model) as (port, model, _):
-                rows[clients]["guard + upstream"] = _load(port, model, shape, clients, n, ("PREDICTION", *guard_outs))
-    print(f"machine: {machine()}; 1 image 3x32x32 FP32 per request, loopback, annotate policy (overlapped passes)")
-    print(f"{'clients':>7s} {'mode':18s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s} {'errors':>7s}")
+                rows[clients]["guard + upstream"] = _load(port, model, shape, clients, n, (up_out, *guard_outs))
+            with served(args.max_batch_size, args, output_prefix="SEMGUARD_", upstream=f"127.0.0.1:{up_port}",
+                        upstream_model=up_model, max_queue_delay_ms=0.0) as (port, model, _):
+                rows[clients]["guard + up, delay 0"] = _load(port, model, shape, clients, n,
+                                                             (up_out, *guard_outs))
+    print(f"machine: {machine()}; upstream: {'KServe model server' if args.kserve_python else 'semguard'}; "
+          f"1 image 3x32x32 FP32 per request, loopback, annotate policy (overlapped passes), "
+          f"batching delay {args.delay_ms:g} ms")
+    print(f"{'clients':>7s} {'mode':20s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s} {'errors':>7s}")
     for clients, results in rows.items():
         for name, r in results.items():
-            print(f"{clients:7d} {name:18s} {r.percentile(50):8.2f} {r.percentile(99):8.2f} {r.throughput:8.1f} "
+            print(f"{clients:7d} {name:20s} {r.percentile(50):8.2f} {r.percentile(99):8.2f} {r.throughput:8.1f} "
                   f"{r.errors:7d}")
         both, up, guard = results["guard + upstream"], results["upstream alone"], results["guard alone"]
         print(f"{clients:7d} p50 ratios: guard+upstream / upstream {both.percentile(50) / up.percentile(50):.2f}x, "
               f"/ guard {both.percentile(50) / guard.percentile(50):.2f}x, "
-              f"/ (upstream + guard) {both.percentile(50) / (up.percentile(50) + guard.percentile(50)):.2f}x")
+              f"/ (upstream + guard) {both.percentile(50) / (up.percentile(50) + guard.percentile(50)):.2f}x, "
+              f"/ itself at delay 0 {both.percentile(50) / results['guard + up, delay 0'].percentile(50):.2f}x")
 
 
 def machine() -> str:
@@ -200,6 +235,9 @@ def main() -> None:
     p.add_argument("--bundle", default=None, help="benchmark a real guard bundle instead of the WorldNet stand-in")
     p.add_argument("--upstream-comparison", action="store_true",
                    help="guard in front of an upstream vs upstream alone vs guard alone, at 1 and --clients clients")
+    p.add_argument("--kserve-python", default=None,
+                   help="with --upstream-comparison: the upstream is KServe's model server, run by this Python "
+                   "(scripts/test.sh makes .venv-kserve/bin/python); default: a second semguard process")
     args = p.parse_args()
     if args.upstream_comparison:
         return upstream_comparison(args)

@@ -1,6 +1,9 @@
 """Dynamic batcher: merge concurrent requests into one guard pass, like Triton's dynamic batcher.
 
-One worker thread owns the model. A batch closes when it holds `max_batch_size` images or when
+One worker thread owns the model. A request that finds the worker idle (nothing queued when the
+last batch finished) runs at once: waiting for company at low load only adds latency (measured:
+a 5 ms delay took a guarded request from 7.8 to 12.5 ms p50 at one client). Under load, requests
+queue while a batch runs, and the next batch closes when it holds `max_batch_size` images or when
 its oldest request has waited `max_queue_delay_s`, whichever comes first. Requests are never
 split across batches except when one request alone exceeds `max_batch_size` (then it is cut into
 chunks up front). Requests whose deadline passed while queued are dropped, not computed.
@@ -107,12 +110,13 @@ class DynamicBatcher:
 
     def _next_batch(self) -> list[_Item] | None:
         with self._cond:
+            idle = not self._queue  # nothing arrived while the last batch ran: no load to batch
             while not self._queue and not self._closed:
                 self._cond.wait()
             if not self._queue:
                 return None  # closed and drained
             close_at = self._queue[0].enqueued + self.max_queue_delay_s
-            while self._queued_images < self.max_batch_size and not self._closed:
+            while self._queued_images < self.max_batch_size and not self._closed and not idle:
                 remaining = close_at - time.monotonic()
                 if remaining <= 0:
                     break

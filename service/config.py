@@ -56,17 +56,21 @@ class ServiceConfig:
     metrics_host: str | None = None     # None = same as host
     max_message_bytes: int = 64 * MiB   # gRPC default is 4 MiB; 32 x 3 x 299 x 299 fp32 is ~34 MB
     max_batch_size: int = 32            # images per guard forward pass (Triton's max_batch_size)
-    max_queue_delay_ms: float = 5.0     # how long the first request waits for company (Triton's max_queue_delay)
+    max_queue_delay_ms: float = 5.0     # how long the first request waits for company (Triton's max_queue_delay),
+                                        # only under load: one that finds the batcher idle is run at once
     max_queue_images: int = 1024        # beyond this, shed load with RESOURCE_EXHAUSTED instead of growing latency
     max_image_pixels: int = 4096 * 4096  # decoded size limit for PNG/JPEG: a decompression-bomb guard
     policy: str = "annotate"            # "annotate": always answer with the verdict; "block": refuse flagged images
     block_action: str = "error"         # block: "error" fails the request, "refuse" blanks flagged images' outputs
     model_name: str | None = None       # OIP model name; None = the bundle's model_name
     upstream: str | None = None         # host:port of an OIP server to forward clean requests to
-    upstream_model: str | None = None   # its model name; None = same as ours
+    upstream_model: str | None = None   # the upstream's model name, which the guard serves under; None = model_name
+                                        # (or the bundle's); with both, model_name is an alias of it
     output_prefix: str = ""             # prefix of the guard's SCORE/FLAG/SIGNATURE outputs, so they cannot clash
                                         # with (and be shadowed by) an upstream's outputs of the same name
     upstream_poll_seconds: float = 1.0  # upstream ServerReady poll period: how fast readiness follows it
+    upstream_timeout: float = 5.0       # s an upstream call may take when the client set no deadline (a client's
+                                        # deadline is passed on instead): a frozen upstream must not hold requests
     tls_cert: str | None = None         # PEM server certificate chain; with tls_key turns TLS on
     tls_key: str | None = None          # PEM private key
     tls_client_ca: str | None = None    # PEM CA: when set, clients must present a certificate it signed (mTLS)
@@ -89,8 +93,9 @@ class ServiceConfig:
         for name in ("max_batch_size", "max_message_bytes", "max_queue_images", "max_image_pixels", "max_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.upstream_poll_seconds <= 0:
-            raise ValueError(f"upstream_poll_seconds must be > 0, got {self.upstream_poll_seconds}")
+        for name in ("upstream_poll_seconds", "upstream_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.upstream_model and not self.upstream:
             raise ValueError("upstream_model needs upstream (host:port)")
         if self.max_queue_delay_ms < 0 or self.grace_seconds < 0:

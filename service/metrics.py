@@ -86,7 +86,12 @@ class ServiceMetrics:
         self.bundle = Info("semguard_bundle", "The guard bundle this server serves", registry=r)
         # with --upstream only (series stay empty without one)
         self.upstream_up = Gauge("semguard_upstream_up", "1 while the upstream OIP server answers ServerReady "
-                                 "true (polled); the guard is ready only then", registry=r)
+                                 "true and its model's metadata without an output named like the guard's "
+                                 "(polled); the guard is ready only then", registry=r)
+        self.upstream_clashes = Counter("semguard_upstream_output_clashes", "Times the upstream model was found "
+                                        "with an output named like the guard's (on a poll after a (re)connect or "
+                                        "a change, or in an answer); the guard is not ready until it changes",
+                                        registry=r)
         self.upstream_seconds = Histogram("semguard_upstream_request_duration_seconds",
                                           "Forwarded ModelInfer latency, send to answer", buckets=LATENCY_BUCKETS,
                                           registry=r)

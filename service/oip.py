@@ -12,9 +12,11 @@ Outputs: LOGITS FP32 [B, K], PROBABILITIES FP32 [B, K], PREDICTION INT64 [B], LA
   BOOL [B] (the image is a near-duplicate of this client's recent queries and the client is
   suspected of a query attack); the guard's outputs renamed with `output_prefix`
   (SEMGUARD_ -> SEMGUARD_SCORE...), so that an upstream's cannot shadow them.
-With an upstream (--upstream): the upstream's outputs, then the guard's three. The request is
-forwarded while the guard inspects, except under --policy block, where the verdict decides
-whether it is forwarded at all (see `ModelInfer`). Ready only while the upstream is ready.
+With an upstream (--upstream) the guard is the upstream's model as its clients know it: served
+under that model's name (and --model-name as an alias), any version forwarded as asked; metadata
+and answers are the upstream's, with the guard's outputs added. The request is forwarded
+while the guard inspects, except under --policy block, where the verdict decides whether it is
+forwarded at all (see `ModelInfer`). Ready only while the upstream is usable (service/upstream.py).
 """
 from __future__ import annotations
 
@@ -112,6 +114,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: GuardEngine, config: ServiceConfig, upstream: Upstream | None = None):
         self.engine, self.config, self.upstream = engine, config, upstream
         self.model_name = config.model_name or engine.info.model_name
+        # the names clients may ask for: the guard's model, or the upstream's and --model-name as an alias
+        aliases = [config.model_name] if config.model_name else []
+        self.names = tuple(dict.fromkeys([upstream.model_name, *aliases])) if upstream else (self.model_name,)
         # output name as the client sees it -> the guard's own name
         ours = guard_outputs(config)
         self.public = {n: config.output_prefix + n if n in ours else n for n in DATATYPES
@@ -132,27 +137,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelReady(self, request, context):
         # A readiness probe for another name is an answer ("not ready"), not an error.
-        ours = request.name == self.model_name and request.version in ("", VERSION)
-        return pb.ModelReadyResponse(ready=self.ready and ours)
+        if request.name not in self.names or not self.ready:
+            return pb.ModelReadyResponse(ready=False)
+        if self.upstream is None:
+            return pb.ModelReadyResponse(ready=request.version in ("", VERSION))
+        return pb.ModelReadyResponse(ready=self.upstream.model_ready(request.version, time_remaining(context)))
 
     def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="semguard", version=_version(), extensions=[])
 
     def ModelMetadata(self, request, context):
         self._check_model(request.name, request.version)
+        if self.upstream is not None:
+            self.upstream.check_usable()
+            meta = self.upstream.metadata(request.version, time_remaining(context))
+            meta.name = request.name
+            meta.outputs.extend(self._tensors(guard_outputs(self.config)))
+            return meta
         c, h, w = self.engine.input_shape
-        k, n_layers = len(self.engine.info.labels), len(self.engine.info.layers)
-        shapes = {"LOGITS": [-1, k], "PROBABILITIES": [-1, k], "PREDICTION": [-1], "LABEL": [-1],
-                  "SCORE": [-1], "FLAG": [-1], "SIGNATURE": [-1, n_layers], "QUERY_FLAG": [-1]}
         T = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=self.model_name, versions=[VERSION], platform="semguard",
             inputs=[T(name="IMAGE", datatype="FP32", shape=[-1, c, h, w])],
-            outputs=[T(name=self.public[n], datatype=DATATYPES[n], shape=s) for n, s in shapes.items()
-                     if n in self.public])
+            outputs=self._tensors([n for n in DATATYPES if n in self.public]))
+
+    def _tensors(self, names: Sequence[str]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+        """Metadata of the guard's outputs `names` (own names), as clients see them."""
+        k, n_layers = len(self.engine.info.labels), len(self.engine.info.layers)
+        shapes = {"LOGITS": [-1, k], "PROBABILITIES": [-1, k], "SIGNATURE": [-1, n_layers]}
+        return [pb.ModelMetadataResponse.TensorMetadata(name=self.public[n], datatype=DATATYPES[n],
+                                                        shape=shapes.get(n, [-1])) for n in names]
 
     def ModelInfer(self, request, context):
         self._check_model(request.model_name, request.model_version)
+        if self.upstream is not None:
+            self.upstream.check_usable()  # a known clash is refused, never forwarded
         wanted = self._requested(request)
         images = self.engine.decode(decode_infer_inputs, request, self.engine.input_shape,
                                     self.config.max_image_pixels)
@@ -164,7 +183,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # block pays inspect + upstream latency in series; annotate pays about the longer of the two.
         pending = None
         if self.upstream is not None and self.config.policy != "block":
-            pending = self.upstream.infer_future(request, self.guard_outputs, time_remaining(context))
+            pending = self.upstream.infer_future(request, time_remaining(context))
         try:
             verdicts = self.engine.inspect(images, context)
             refused = self._apply_policy(verdicts)
@@ -176,11 +195,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         outputs["QUERY_FLAG"] = np.array([bool(q.flagged) for q in query] if query else [False] * len(verdicts))
         if self.upstream is not None:
             if pending is None:
-                pending = self.upstream.infer_future(request, self.guard_outputs, time_remaining(context))
-            response = pending()
+                pending = self.upstream.infer_future(request, time_remaining(context))
+            response = pending()  # the version as the upstream answered
         else:
-            response = pb.ModelInferResponse()
-        response.model_name, response.model_version, response.id = self.model_name, VERSION, request.id
+            response = pb.ModelInferResponse(model_version=VERSION)
+        response.model_name, response.id = request.model_name, request.id  # the name asked: an alias stays one
         for name in wanted:
             add_output(response, name, outputs[name], self.public[name])
         return response
@@ -209,10 +228,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return flagged
 
     def _check_model(self, name: str, version: str) -> None:
-        if name != self.model_name:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND,
-                               f"unknown model {name!r}; this server serves {self.model_name!r}")
-        if version not in ("", VERSION):
+        """NOT_FOUND for another model, or another version of the guard's own (an upstream's are its to judge)."""
+        if name not in self.names:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this server serves "
+                               f"{' and '.join(map(repr, self.names))}")
+        if self.upstream is None and version not in ("", VERSION):
             raise ServiceError(grpc.StatusCode.NOT_FOUND,
                                f"unknown version {version!r} of model {name!r}; available: [{VERSION!r}]")
 

@@ -4,8 +4,9 @@
     created.server.start(); ...; created.server.stop(grace=5).wait()
 
 `serve(config, bundle)` is what `semguard serve` runs: load the Guard, start, stop on SIGTERM/SIGINT.
-Whatever stops a start (a clashing upstream, a busy port, an unreadable TLS file) is a StartupError
-naming the flag or file, which the CLI prints as one line.
+Whatever stops a start (a busy port, an unreadable TLS file) is a StartupError naming the flag or
+file, which the CLI prints as one line. Nothing about an upstream stops a start: the port opens at
+once, and the guard reports not ready until the upstream is usable (service/upstream.py).
 """
 from __future__ import annotations
 
@@ -31,12 +32,11 @@ from semguard.service.guard_api import GuardServicer
 from semguard.service.interceptor import GuardInterceptor
 from semguard.service.metrics import ServiceMetrics, score_buckets
 from semguard.service.oip import InferenceServicer, guard_outputs
-from semguard.service.upstream import Upstream, UpstreamClash
+from semguard.service.upstream import Upstream
 
 log = logging.getLogger(__name__)
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 GUARD_SERVICE = guard_pb2.DESCRIPTOR.services_by_name["Guard"].full_name
-UPSTREAM_START_TIMEOUT = 10.0  # s to wait for the upstream's model metadata at start-up
 
 
 class GuardServer:
@@ -48,7 +48,6 @@ class GuardServer:
         self.grpc_server, self.config, self.engine, self.metrics = grpc_server, config, engine, metrics
         self.health, self.inference, self.upstream = health_servicer, inference, upstream
         self.metrics_port: int | None = None
-        self._upstream_problem: str | None = None
 
     def start(self) -> None:
         if self.config.torch_threads is not None:
@@ -68,20 +67,10 @@ class GuardServer:
         else:  # ...while the upstream is ready too; the first poll decides before start returns
             self.upstream.watch(self.config.upstream_poll_seconds, self._upstream_changed)
 
-    def _upstream_changed(self, up: bool) -> None:
-        if up and not self.upstream.outputs_checked:
-            try:
-                self.upstream.check_outputs(self.inference.model_name, self.inference.guard_outputs, UPSTREAM_START_TIMEOUT)
-            except (grpc.RpcError, UpstreamClash) as exc:  # never serve a verdict an upstream output could shadow
-                problem = str(exc) if isinstance(exc, UpstreamClash) else f"{exc.code().name} {exc.details()}"
-                if problem != self._upstream_problem:  # polled every few seconds: say it once
-                    log.error("upstream %s is ready but its model's outputs cannot be used: %s; staying NOT_SERVING",
-                              self.config.upstream, problem)
-                    self._upstream_problem = problem
-                up = False
-        self.metrics.upstream_up.set(1 if up else 0)
-        self.inference.upstream_up = up
-        self._set_serving(up)
+    def _upstream_changed(self, usable: bool) -> None:
+        self.metrics.upstream_up.set(1 if usable else 0)
+        self.inference.upstream_up = usable
+        self._set_serving(usable)
 
     def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -133,25 +122,10 @@ def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
 
 def _connect_upstream(config: ServiceConfig, model_name: str, metrics: ServiceMetrics,
                       guard_outputs: frozenset[str]) -> Upstream:
-    """The upstream, after checking its model's outputs do not clash with the guard's. An upstream not
-    reachable yet (the guard and Triton often start together) is not an error: the guard starts not
-    ready, and checks the outputs when the upstream first answers (GuardServer._upstream_changed)."""
-    upstream = Upstream(config.upstream, config.upstream_model, config.max_message_bytes, metrics.observe_upstream)
-    name = config.upstream_model or model_name
-    try:
-        upstream.check_outputs(model_name, guard_outputs, UPSTREAM_START_TIMEOUT)
-    except grpc.RpcError as exc:
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            log.warning("upstream %s does not answer yet: starting NOT_SERVING until it does", config.upstream)
-            return upstream
-        upstream.close()
-        flag = "--upstream-model" if exc.code() == grpc.StatusCode.NOT_FOUND else "--upstream"
-        raise StartupError(f"{flag}: cannot read the metadata of model {name!r} at {config.upstream}: "
-                           f"{exc.code().name} {exc.details()}") from None
-    except UpstreamClash as exc:
-        upstream.close()
-        raise StartupError(str(exc), exit_code=2) from None
-    return upstream
+    """The upstream's channel; nothing is asked of it yet (GuardServer.start polls it)."""
+    return Upstream(config.upstream, config.upstream_model or model_name, config.max_message_bytes, guard_outputs,
+                    config.upstream_timeout, on_call=metrics.observe_upstream,
+                    on_clash=lambda _message: metrics.upstream_clashes.inc())
 
 
 def create_server(config: ServiceConfig, guard: GuardLike) -> CreatedServer:
@@ -225,8 +199,8 @@ def serve(config: ServiceConfig, bundle: str | Path, trust_model_code: bool = Fa
     guard = load_guard(bundle, trust_model_code)
     created = create_server(config, guard)
     created.server.start()
-    log.info("semguard serving %s on %s:%d (metrics port %s)", guard.info.model_name, config.host,
-             created.port, created.server.metrics_port)
+    log.info("semguard serving %s on %s:%d (metrics port %s)", " and ".join(created.server.inference.names),
+             config.host, created.port, created.server.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

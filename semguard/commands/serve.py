@@ -32,10 +32,13 @@ FLAGS: tuple[Flag, ...] = (
          "images' outputs", BLOCK_ACTIONS),
     Flag("--model-name", "model_name", "OIP model name (default: the bundle's)"),
     Flag("--upstream", "upstream", "host:port of an OIP server (Triton, KServe) to forward clean requests to"),
-    Flag("--upstream-model", "upstream_model", "model name on the upstream server"),
+    Flag("--upstream-model", "upstream_model", "model name on the upstream server; the guard serves under it "
+         "(--model-name then adds an alias)"),
     Flag("--output-prefix", "output_prefix", "prefix of the guard's SCORE, FLAG, SIGNATURE outputs (e.g. SEMGUARD_), "
          "needed when the upstream has outputs of those names"),
     Flag("--upstream-poll-seconds", "upstream_poll_seconds", "how often the upstream's readiness is polled"),
+    Flag("--upstream-timeout", "upstream_timeout", "seconds an upstream call may take when the client sets no "
+         "deadline (a client's deadline is passed on)"),
     Flag("--tls-cert", "tls_cert", "PEM certificate chain; with --tls-key enables TLS"),
     Flag("--tls-key", "tls_key", "PEM private key"),
     Flag("--tls-client-ca", "tls_client_ca", "PEM CA that client certificates must chain to (mTLS)"),

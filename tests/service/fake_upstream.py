@@ -32,6 +32,7 @@ class FakeUpstream(pb_grpc.GRPCInferenceServiceServicer):
                  delay_s: float = 0.0):
         self.outputs, self.answer, self.delay_s = outputs, answer, delay_s
         self.requests: list[pb.ModelInferRequest] = []
+        self.deadlines: list[float | None] = []  # seconds left at arrival; None = no deadline
         self.server: grpc.Server | None = None
         self.port = 0
         self._lock = threading.Lock()
@@ -55,7 +56,9 @@ class FakeUpstream(pb_grpc.GRPCInferenceServiceServicer):
                                         outputs=[T(name=n, datatype="FP32", shape=[-1]) for n in self.outputs])
 
     def ModelInfer(self, request, context):
+        remaining = context.time_remaining()
         with self._lock:
             self.requests.append(request)
+            self.deadlines.append(None if remaining is None or remaining > 1e6 else remaining)
         time.sleep(self.delay_s)
         return self.answer(request)

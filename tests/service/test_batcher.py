@@ -97,3 +97,29 @@ def test_observer_sees_batches_and_queue():
     b.infer(images(3))
     b.close()
     assert seen["batch_size"] == [3] and seen["queue_depth"][-1] == 0 and len(seen["queue_seconds"]) == 1
+
+
+def test_an_idle_batcher_runs_at_once_a_busy_one_waits_for_company():
+    gate = threading.Event()
+    rec = Recorder(gate)
+    b = DynamicBatcher(rec, max_batch_size=8, max_queue_delay_s=30.0, max_queue_images=100)
+    gate.set()
+    # alone on an idle batcher: not held for the 30 s delay (the deadline would expire first)
+    assert b.infer(images(1), deadline=time.monotonic() + 5) == [0.0]
+    gate.clear()
+    first = threading.Thread(target=b.infer, args=(images(1),))
+    first.start()  # runs at once, and holds the worker at the gate
+    time.sleep(0.1)
+    results = [None] * 2
+
+    def later(i: int) -> None:
+        results[i] = b.infer(images(4, 10 * (i + 1)))
+    waiting = [threading.Thread(target=later, args=(i,)) for i in range(2)]
+    for t in waiting:
+        t.start()
+    time.sleep(0.1)
+    gate.set()  # the two that queued meanwhile fill a batch of 8 together rather than run at once
+    for t in [first, *waiting]:
+        t.join(10)
+    assert rec.batches == [1, 1, 8] and results == [[10.0, 11.0, 12.0, 13.0], [20.0, 21.0, 22.0, 23.0]]
+    b.close()

@@ -1,11 +1,15 @@
 """`semguard serve` flags and SEMGUARD_* environment -> ServiceConfig."""
 from __future__ import annotations
 
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
+import tritonclient.grpc as triton
 
 from semguard.cli import build_parser
 from semguard.commands.serve import config_from_args
@@ -64,14 +68,36 @@ def test_port_in_use_is_one_line(tmp_path):
     assert rc == 1 and len(err.strip().splitlines()) == 1 and "--grpc-port" in err, err
 
 
-def test_upstream_clash_is_one_line(tmp_path):
+def serving_port_in(log: list[str]) -> int:
+    match = re.search(r"semguard serving .* on 127\.0\.0\.1:(\d+)", log[-1]) if log else None
+    assert match, "server did not start:\n" + "".join(log)
+    return int(match.group(1))
+
+
+@pytest.mark.slow
+def test_an_upstream_clash_never_stops_serve(tmp_path):
+    """`semguard serve` in front of an upstream whose outputs clash: it serves, not ready, says why once."""
     up = FakeUpstream(["SCORE", "FLAG"], raw_answer({}))
     up.start()
+    bundle = write_worldnet_bundle(tmp_path)
+    cmd = [sys.executable, "-m", "semguard.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
+           "--grpc-port", "0", "--metrics-port", "0", "--torch-threads", "1", "--grace-seconds", "1",
+           "--upstream", f"127.0.0.1:{up.port}", "--upstream-model", "clf", "--upstream-poll-seconds", "0.1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = []  # the first poll (and its error) comes before the "serving" line
     try:
-        bundle = write_worldnet_bundle(tmp_path)
-        rc, err = serve_fails("--upstream", f"127.0.0.1:{up.port}", "--upstream-model", "clf", "--grpc-port", "0",
-                              "--torch-threads", "1", "--log-level", "WARNING", bundle=str(bundle))
+        while not (log and "semguard serving" in log[-1]) and (line := proc.stderr.readline()):
+            log.append(line)
+        port = serving_port_in(log)
+        time.sleep(0.5)  # five polls
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        assert proc.poll() is None and not client.is_server_ready()
+        client.close()
     finally:
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=60)
         up.stop()
-    assert rc == 2 and "FLAG, SCORE" in err and "--output-prefix" in err, err
-    assert len([line for line in err.splitlines() if line.startswith("semguard serve:")]) == 1, err
+    err = "".join(log) + rest
+    assert proc.returncode == 0, err
+    clashes = [line for line in err.splitlines() if "FLAG, SCORE named like the guard's" in line]
+    assert len(clashes) == 1 and "--output-prefix" in clashes[0] and "Traceback" not in err, err

@@ -155,15 +155,17 @@ def test_upstream_forwarding_appends_guard_outputs(make_server, guard, clean_ima
     upstream = make_server(model_name="classifier", metrics_port=None)
     front = make_server(upstream=f"127.0.0.1:{upstream.port}", upstream_model="classifier",
                         policy="block", block_action="error", output_prefix="SEMGUARD_")
-    res = triton_infer(front.port, "IMAGE", clean_images, "FP32", outputs=["PREDICTION", "SEMGUARD_SCORE"])
+    # served under the upstream's name, as its clients know it
+    res = triton_infer(front.port, "IMAGE", clean_images, "FP32", outputs=["PREDICTION", "SEMGUARD_SCORE"],
+                       model="classifier")
     assert [o.name for o in res.get_response().outputs] == ["PREDICTION", "SEMGUARD_SCORE"]
     np.testing.assert_array_equal(res.as_numpy("PREDICTION"), [v.prediction for v in expected(guard, clean_images)])
-    res = triton_infer(front.port, "IMAGE", clean_images, "FP32")  # everything upstream has + guard outputs
+    res = triton_infer(front.port, "IMAGE", clean_images, "FP32", model="classifier")  # all upstream's + guard's
     names = [o.name for o in res.get_response().outputs]
     assert names[-3:] == ["SEMGUARD_SCORE", "SEMGUARD_FLAG", "SEMGUARD_SIGNATURE"] and "LOGITS" in names
     assert len(set(names)) == len(names) and "FLAG" in names
     with pytest.raises(InferenceServerException, match="blocked by policy"):
-        triton_infer(front.port, "IMAGE", flagged_images, "FP32")
+        triton_infer(front.port, "IMAGE", flagged_images, "FP32", model="classifier")
 
 
 def test_tls_and_mtls(make_server, tmp_path, clean_images):

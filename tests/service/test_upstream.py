@@ -1,5 +1,6 @@
 """Upstream mode against a hand-written OIP upstream (tests/service/fake_upstream.py): output-name
-clashes, typed answers, readiness that follows the upstream, and the overlapped passes."""
+clashes, typed answers, readiness that follows the upstream, deadlines, and the overlapped passes.
+tests/service/test_upstream_kserve.py puts the guard in front of a real third-party server."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import logging
+import re
 import time
 
 import grpc
@@ -17,8 +19,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
-from semguard.service import server as server_module
-from semguard.service.errors import StartupError
 from semguard.service.upstream import TYPED_FIELDS
 from tests.service.fake_upstream import FakeUpstream, raw_answer
 from tests.service.test_server import expected, triton_infer
@@ -45,16 +45,29 @@ def score_flag_upstream(upstreams, n: int, **kw) -> FakeUpstream:
                                                     "FLAG": ("BOOL", np.ones(n, bool))}), **kw)
 
 
-def test_clashing_upstream_is_refused_without_prefix(make_server, upstreams):
+def clashes(front) -> float:
+    return front.server.metrics.upstream_clashes._value.get()
+
+
+def test_a_clash_at_start_up_is_not_ready_and_unavailable_never_an_exit(make_server, upstreams, clean_images,
+                                                                         caplog):
     up = score_flag_upstream(upstreams, 4)
-    with pytest.raises(StartupError, match=r"output\(s\) FLAG, SCORE named like the guard's.*--output-prefix") as e:
-        make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf")
-    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    with caplog.at_level(logging.ERROR):
+        front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_poll_seconds=0.1)
+        time.sleep(0.5)  # five polls
+        for _ in range(2):
+            with pytest.raises(InferenceServerException) as e:
+                triton_infer(front.port, "IMAGE", clean_images, "FP32")
+            assert e.value.status() == "StatusCode.UNAVAILABLE"
+            assert re.search(r"output\(s\) FLAG, SCORE named like the guard's.*--output-prefix", e.value.message())
+    assert _health(front.port) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert front.server.metrics.upstream_up._value.get() == 0 and up.requests == []  # never forwarded
+    assert len([r for r in caplog.records if "named like the guard's" in r.getMessage()]) == 1 and clashes(front) == 1
 
 
 def test_prefix_keeps_guard_and_upstream_outputs_apart(make_server, upstreams, guard, clean_images):
     up = score_flag_upstream(upstreams, len(clean_images))
-    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf", output_prefix="SEMGUARD_")
+    front = make_server(upstream=f"127.0.0.1:{up.port}", output_prefix="SEMGUARD_")
     res = triton_infer(front.port, "IMAGE", clean_images, "FP32")
     assert [o.name for o in res.get_response().outputs] == ["SCORE", "FLAG", "SEMGUARD_SCORE", "SEMGUARD_FLAG",
                                                             "SEMGUARD_SIGNATURE"]
@@ -70,17 +83,28 @@ def test_prefix_keeps_guard_and_upstream_outputs_apart(make_server, upstreams, g
     assert [o.name for o in meta.outputs][-3:] == ["SEMGUARD_SCORE", "SEMGUARD_FLAG", "SEMGUARD_SIGNATURE"]
 
 
-def test_clash_at_run_time_is_internal_never_shadowed(make_server, upstreams, clean_images, caplog):
-    # metadata says PROB, but the answer (the upstream changed since start-up) has SEMGUARD_FLAG too
+def test_a_clash_in_an_answer_is_unavailable_never_internal(make_server, upstreams, clean_images, caplog):
+    # metadata says PROB, but the answer (the upstream changed since its metadata was read) has SEMGUARD_FLAG too
     up = upstreams(["PROB"], raw_answer({"PROB": ("FP32", np.zeros(4, "<f4")),
                                          "SEMGUARD_FLAG": ("BOOL", np.zeros(4, bool))}))
-    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf", output_prefix="SEMGUARD_")
-    with caplog.at_level(logging.ERROR), pytest.raises(InferenceServerException, match="internal error") as e:
-        triton_infer(front.port, "IMAGE", clean_images, "FP32")
-    assert e.value.status() == "StatusCode.INTERNAL"
-    assert "SEMGUARD_FLAG named like the guard's" in caplog.text
-    assert front.server.metrics.internal_errors.labels(
-        "inference.GRPCInferenceService/ModelInfer", "UpstreamClash")._value.get() == 1
+    front = make_server(upstream=f"127.0.0.1:{up.port}", output_prefix="SEMGUARD_", upstream_poll_seconds=0.1)
+    assert _health(front.port) == health_pb2.HealthCheckResponse.SERVING
+    with caplog.at_level(logging.ERROR):
+        for _ in range(2):
+            with pytest.raises(InferenceServerException) as e:
+                triton_infer(front.port, "IMAGE", clean_images, "FP32")
+            assert e.value.status() == "StatusCode.UNAVAILABLE"
+            assert "SEMGUARD_FLAG named like the guard's" in e.value.message() and "--output-prefix" in e.value.message()
+        time.sleep(0.5)  # polls: the metadata did not change, so the clash found in the answer stands
+    assert len(up.requests) == 1  # the second was refused, not forwarded
+    assert _health(front.port) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert len([r for r in caplog.records if "named like the guard's" in r.getMessage()]) == 1 and clashes(front) == 1
+    assert "Traceback" not in caplog.text and not any(
+        s.value for m in front.server.metrics.internal_errors.collect() for s in m.samples)
+    up.outputs = ["PROB", "OTHER"]  # a changed model: checked again from its metadata
+    up.answer = raw_answer({"PROB": ("FP32", np.zeros(4, "<f4"))})
+    assert _wait_for(lambda: _health(front.port) == health_pb2.HealthCheckResponse.SERVING)
+    triton_infer(front.port, "IMAGE", clean_images, "FP32")
 
 
 # one case per OIP datatype with a typed field: extremes and awkward values, compared bit for bit
@@ -109,7 +133,7 @@ def typed_answer(datatype: str, values: np.ndarray):
 def test_typed_answers_come_back_raw_and_exact(make_server, upstreams, clean_images, datatype):
     values = TYPED_CASES[datatype]
     up = upstreams(["OUT"], typed_answer(datatype, values))
-    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf")
+    front = make_server(upstream=f"127.0.0.1:{up.port}")
     res = triton_infer(front.port, "IMAGE", clean_images, "FP32")
     got, want = res.as_numpy("OUT"), np.stack([values, values])
     assert res.get_response().outputs[0].datatype == datatype and got.shape == want.shape
@@ -124,12 +148,17 @@ def test_fp16_travels_raw_only(make_server, upstreams, clean_images):
     # KServe v2 / Triton have no typed field for FP16: raw passes through, "typed" (no contents) is refused
     half = np.array([0.1, 65504, -0.0], "<f2")
     up = upstreams(["H"], raw_answer({"H": ("FP16", half)}))
-    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf")
+    front = make_server(upstream=f"127.0.0.1:{up.port}")
     assert triton_infer(front.port, "IMAGE", clean_images, "FP32").as_numpy("H").tobytes() == half.tobytes()
     up.answer = lambda request: pb.ModelInferResponse(outputs=[pb.ModelInferResponse.InferOutputTensor(
         name="H", datatype="FP16", shape=[3])])
     with pytest.raises(InferenceServerException, match="FP16 has no typed contents field"):
         triton_infer(front.port, "IMAGE", clean_images, "FP32")
+
+
+def _health(port: int) -> int:
+    with contextlib.closing(grpc.insecure_channel(f"127.0.0.1:{port}")) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
 
 
 def _wait_for(predicate, timeout=15.0) -> bool:
@@ -143,7 +172,7 @@ def _wait_for(predicate, timeout=15.0) -> bool:
 
 def test_readiness_follows_the_upstream(make_server, upstreams, clean_images):
     up = upstreams(["OUT"], raw_answer({"OUT": ("FP32", np.zeros(4, "<f4"))}))
-    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf", upstream_poll_seconds=0.1)
+    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_poll_seconds=0.1)
     client = triton.InferenceServerClient(f"127.0.0.1:{front.port}")
     with contextlib.closing(grpc.insecure_channel(f"127.0.0.1:{front.port}")) as ch:
         health = health_pb2_grpc.HealthStub(ch)
@@ -167,6 +196,19 @@ def test_readiness_follows_the_upstream(make_server, upstreams, clean_images):
     assert front.server.metrics.upstream_seconds._sum.get() > 0
 
 
+def test_the_upstream_gets_the_clients_deadline_or_upstream_timeout(make_server, upstreams, clean_images):
+    up = upstreams(["OUT"], raw_answer({"OUT": ("FP32", np.zeros(4, "<f4"))}))
+    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_timeout=2.0)
+    triton_infer(front.port, "IMAGE", clean_images, "FP32")  # no deadline of its own
+    client = triton.InferenceServerClient(f"127.0.0.1:{front.port}")
+    inp = triton.InferInput("IMAGE", list(clean_images.shape), "FP32")
+    inp.set_data_from_numpy(clean_images)
+    client.infer("tinycnn", [inp], client_timeout=30)
+    client.close()
+    assert up.deadlines[0] is not None and 0 < up.deadlines[0] <= 2.5  # --upstream-timeout (grpc rounds up)
+    assert up.deadlines[1] is not None and 10 < up.deadlines[1] <= 31  # the client's, passed on
+
+
 class SlowGuard:
     """The test guard, 0.3 s slower per batch."""
 
@@ -181,12 +223,12 @@ class SlowGuard:
 def test_annotate_overlaps_the_passes_block_forwards_only_clean(make_server, upstreams, guard, clean_images,
                                                                 flagged_images):
     up = upstreams(["OUT"], raw_answer({"OUT": ("FP32", np.zeros(2, "<f4"))}), delay_s=0.3)
-    annotate = make_server(SlowGuard(guard), upstream=f"127.0.0.1:{up.port}", upstream_model="clf")
+    annotate = make_server(SlowGuard(guard), upstream=f"127.0.0.1:{up.port}")
     triton_infer(annotate.port, "IMAGE", clean_images[:2], "FP32")  # warm
     start = time.perf_counter()
     triton_infer(annotate.port, "IMAGE", clean_images[:2], "FP32")
     assert time.perf_counter() - start < 0.55  # about max(0.3, 0.3), not 0.3 + 0.3
-    block = make_server(SlowGuard(guard), upstream=f"127.0.0.1:{up.port}", upstream_model="clf",
+    block = make_server(SlowGuard(guard), upstream=f"127.0.0.1:{up.port}",
                         policy="block", block_action="error")
     sent = len(up.requests)
     with pytest.raises(InferenceServerException, match="blocked by policy"):
@@ -224,7 +266,7 @@ def test_kserve_client_reads_the_guards_flag_beside_the_upstreams(make_server, u
             pytest.fail("SEMGUARD_KSERVE_PYTHON is unset: run the tests through scripts/test.sh")
         pytest.skip("KServe's client is installed by scripts/test.sh (SEMGUARD_KSERVE_PYTHON)")
     up = score_flag_upstream(upstreams, len(clean_images))
-    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf", output_prefix="SEMGUARD_")
+    front = make_server(upstream=f"127.0.0.1:{up.port}", output_prefix="SEMGUARD_")
     np.save(tmp_path / "images.npy", clean_images)
     done = subprocess.run([python, "-c", KSERVE_CLIENT, str(front.port), str(tmp_path / "images.npy")],
                           capture_output=True, text=True, timeout=120)
@@ -235,17 +277,10 @@ def test_kserve_client_reads_the_guards_flag_beside_the_upstreams(make_server, u
     np.testing.assert_allclose(outputs["SEMGUARD_SCORE"], [v.score for v in expected(guard, clean_images)], rtol=1e-6)
 
 
-def _health(port: int) -> int:
-    with contextlib.closing(grpc.insecure_channel(f"127.0.0.1:{port}")) as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
-
-
-def test_an_upstream_that_starts_later_is_checked_when_it_answers(make_server, upstreams, clean_images,
-                                                                   monkeypatch, caplog):
-    monkeypatch.setattr(server_module, "UPSTREAM_START_TIMEOUT", 0.5)
+def test_an_upstream_that_starts_later_is_checked_when_it_answers(make_server, upstreams, clean_images, caplog):
     up = upstreams(["OUT"], raw_answer({"OUT": ("FP32", np.zeros(4, "<f4"))}))
     up.stop()  # the guard starts first, as it may beside Triton in one pod
-    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_model="clf", upstream_poll_seconds=0.1)
+    front = make_server(upstream=f"127.0.0.1:{up.port}", upstream_poll_seconds=0.1)
     assert _health(front.port) == health_pb2.HealthCheckResponse.NOT_SERVING
     up.start(up.port)
     assert _wait_for(lambda: _health(front.port) == health_pb2.HealthCheckResponse.SERVING)
@@ -253,10 +288,11 @@ def test_an_upstream_that_starts_later_is_checked_when_it_answers(make_server, u
 
     clashing = upstreams(["SCORE"], raw_answer({"SCORE": ("FP32", np.zeros(4, "<f4"))}))
     clashing.stop()
-    front = make_server(upstream=f"127.0.0.1:{clashing.port}", upstream_model="clf", upstream_poll_seconds=0.1)
+    front = make_server(upstream=f"127.0.0.1:{clashing.port}", upstream_poll_seconds=0.1)
     with caplog.at_level(logging.ERROR):
         clashing.start(clashing.port)
-        time.sleep(1.0)  # ten polls
+        assert _wait_for(lambda: clashes(front) == 1)  # once the channel's reconnect backoff let it through
+        time.sleep(0.5)  # five more polls
     assert _health(front.port) == health_pb2.HealthCheckResponse.NOT_SERVING  # a shadowed verdict is never served
     errors = [r for r in caplog.records if "SCORE named like the guard's" in r.getMessage()]
     assert len(errors) == 1 and "--output-prefix" in errors[0].getMessage()
