@@ -167,7 +167,7 @@ def _another_client(paths, directory):
 
 def test_serve_flags_and_environment_fill_the_query_defence(capsys):
     from semguard.cli import build_parser
-    from semguard.service.cli import config_from_args, run_serve
+    from semguard.commands.serve import config_from_args, run_serve
 
     args = build_parser().parse_args(["serve", "--query-defence", "ban", "--query-client-key", KEY,
                                       "--query-match-threshold", "20", "--query-ban-seconds", "30"])
