@@ -76,6 +76,8 @@ def add_attack_analyze_command(attack_commands: argparse._SubParsersAction) -> N
     from semguard.subject.flags import add_subject_flags
 
     add_subject_flags(p)  # default: the subject the set records
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="allow a recorded subject whose model is user code (model_entry) to be imported and run")
     p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
     p.add_argument("--reference-size", type=int, default=100, help="reference concepts (paper: 100)")
     p.add_argument("--seed", type=int, default=0)
@@ -97,7 +99,9 @@ def attack_set_subject(args: argparse.Namespace, header: dict):
 
     spec = subject_spec_from_args(args, world_cache=args.world_cache)
     if spec.is_world() and header.get("subject") is not None:
-        recorded = subject_spec_from_record(header["subject"])
+        recorded = subject_spec_from_record(header["subject"], f"{args.attack_set / 'params.json'}: subject",
+                                            trust_model_code=args.trust_model_code,
+                                            trust_pickled_vectors=bool(args.trust_pickled_vectors))
         moved = recorded.is_world() and Path(args.world_cache) != Path(DEFAULT_WORLD_CACHE)
         spec = dataclasses.replace(recorded, world_cache=Path(args.world_cache)) if moved else recorded
     return spec

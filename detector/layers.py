@@ -189,6 +189,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        from semguard.files import check_safetensors
+
+        check_safetensors(path)
         return load_file(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
