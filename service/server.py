@@ -131,12 +131,23 @@ def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
         raise StartupError(f"--tls-cert/--tls-key: not usable PEM: {exc}") from None
 
 
+def upstream_credentials(config: ServiceConfig) -> grpc.ChannelCredentials | None:
+    """The channel credentials --upstream-tls* ask for (None: plaintext); StartupError naming an unreadable file."""
+    if not config.upstream_tls:
+        return None
+    ca = _read("--upstream-tls-ca", config.upstream_tls_ca) if config.upstream_tls_ca else None
+    key = _read("--upstream-tls-key", config.upstream_tls_key) if config.upstream_tls_key else None
+    cert = _read("--upstream-tls-cert", config.upstream_tls_cert) if config.upstream_tls_cert else None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
 def _connect_upstream(config: ServiceConfig, model_name: str, metrics: ServiceMetrics,
                       guard_outputs: frozenset[str]) -> Upstream:
     """The upstream, after checking its model's outputs do not clash with the guard's. An upstream not
     reachable yet (the guard and Triton often start together) is not an error: the guard starts not
     ready, and checks the outputs when the upstream first answers (GuardServer._upstream_changed)."""
-    upstream = Upstream(config.upstream, config.upstream_model, config.max_message_bytes, metrics.observe_upstream)
+    upstream = Upstream(config.upstream, config.upstream_model, config.max_message_bytes, metrics.observe_upstream,
+                        upstream_credentials(config))
     name = config.upstream_model or model_name
     try:
         upstream.check_outputs(model_name, guard_outputs, UPSTREAM_START_TIMEOUT)

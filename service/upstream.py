@@ -89,15 +89,18 @@ def raw_outputs(response: pb.ModelInferResponse, where: str) -> pb.ModelInferRes
 
 class Upstream:
     def __init__(self, target: str, model_name: str | None, max_message_bytes: int,
-                 on_call: Callable[[float, str], None] | None = None):
-        """on_call(seconds, status code name): called after each forwarded ModelInfer (metrics)."""
+                 on_call: Callable[[float, str], None] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        """on_call(seconds, status code name): called after each forwarded ModelInfer (metrics).
+        credentials: TLS (with a client certificate: mTLS) to the upstream; None = plaintext."""
         self.target, self.model_name, self.on_call = target, model_name, on_call
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes),
                    # reconnect backoff grows to 120 s by default: a restarted upstream would stay
                    # "not ready" for minutes
                    ("grpc.max_reconnect_backoff_ms", 2000)]
-        self._channel = grpc.insecure_channel(target, options=options)
+        self._channel = (grpc.insecure_channel(target, options=options) if credentials is None
+                         else grpc.secure_channel(target, credentials, options=options))
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
