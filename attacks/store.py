@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,9 @@ FORMAT = "semguard.attack_set/1"
 PARAMS_FILE = "params.json"
 MANIFEST_FILE = "manifest.jsonl"
 SHARD_DIR = "shards"
+
+
+_SHARD_NAME = re.compile(r"shard-\d{5,}\.npz")  # shard_name's output: never a path
 
 
 def shard_name(k: int) -> str:
@@ -80,6 +84,9 @@ def _read_rows(path: Path) -> tuple[list[dict], int]:
             raise ValueError(f"{err}; the manifest is corrupt") from None
         if not isinstance(row, dict) or set(row) != set(_RECORD_FIELDS):
             raise ValueError(f"{path} line {number} is not an attack-set row (fields {sorted(_RECORD_FIELDS)})")
+        if not isinstance(row["shard"], str) or not _SHARD_NAME.fullmatch(row["shard"]):
+            raise ValueError(f"{path} line {number}: field shard must name a shard of the set (shard-NNNNN.npz), "
+                             f"got {row['shard']!r}")
         rows.append(row)
     return rows, good
 
