@@ -58,7 +58,8 @@ for folder in ("detector", "attacks", "service", "world", "models", "analysis", 
 names = {}
 for name, module in list(sys.modules.items()):
     path = getattr(module, "__file__", None)
-    if path and ("/semguard/" in path or path.startswith(%r)):
+    # a virtual environment inside the clone (.ci/run's .venv-ci) holds installed packages, not project modules
+    if path and ("/semguard/" in path or path.startswith(%r)) and "site-packages" not in path:
         names.setdefault(path, []).append(name)
 twice = {p: n for p, n in names.items() if len(n) > 1}
 print(len(names), "project modules;", "twice:", twice)

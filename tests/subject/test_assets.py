@@ -207,7 +207,7 @@ def test_bundle_of_an_entry_point_needs_trust(assets, entry, tmp_path):
 
 
 def test_timm_architecture(assets, tmp_path):
-    timm = pytest.importorskip("timm")
+    timm = pytest.importorskip("timm", reason="the timm extra (pip install 'semguard[timm]') is not installed")
     weights = tmp_path / "timm-resnet10t.pth"
     torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=6).state_dict(), weights)
     subject = load_subject(spec_of(assets, model="timm/resnet10t", weights=weights), progress=False)
