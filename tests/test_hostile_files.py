@@ -55,6 +55,11 @@ def _attack_set(root: Path, subject: dict | None = None, **header) -> Path:
     return directory
 
 
+def _labels(root: Path) -> str:
+    (root / "labels.txt").write_text("cat\ndog\n")  # with a labels file the model is built before the images
+    return str(root / "labels.txt")
+
+
 def _analyze(directory: Path, out: Path) -> Callable[[], object]:
     return lambda: main(["attack", "analyze", "--attack-set", str(directory), "--out", str(out)])
 
@@ -155,8 +160,9 @@ def _calling(fn: Callable, *args) -> Callable[[], object]:
 # --------------------------------------------------------------------------- the table
 
 CASES = [
-    Hostile("params.json subject names an entry point",
-            lambda d, o: _analyze(_attack_set(d, {"model_entry": f"{EVIL}:factory", "vectors": None}), o),
+    Hostile("params.json subject names an entry point",  # complete enough that main imported and called it
+            lambda d, o: _analyze(_attack_set(d, {"model_entry": f"{EVIL}:factory", "vectors": str(d / "v.bin"),
+                                                  "labels": _labels(d)}), o),
             r"params\.json: subject: field model_entry .*--trust-model-code"),
     Hostile("params.json subject trusts pickled vectors",
             lambda d, o: _analyze(_attack_set(d, {"model": "resnet18", "weights": str(d / "w.pth"),
