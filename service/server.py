@@ -234,13 +234,17 @@ def serve(config: ServiceConfig, bundle: str | Path, trust_model_code: bool = Fa
         _credentials(config)
     guard = load_guard(bundle, trust_model_code)
     created = create_server(config, guard)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the log line that tells callers the port
+        signal.signal(sig, lambda *_: stop.set())
     created.server.start()
     log.info("semguard serving %s on %s:%d (metrics port %s)", guard.info.model_name, config.host,
              created.port, created.server.metrics_port)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    # Python runs signal handlers in the main thread between bytecodes: a SIGTERM the kernel hands to
+    # one of grpc's threads does not wake a main thread blocked in an untimed wait (seen under load:
+    # a server that never stopped), so wake up every second.
+    while not stop.wait(1.0):
+        pass
     log.info("shutting down: up to %.1f s for in-flight requests", config.grace_seconds)
     created.server.stop().wait()
     log.info("stopped")
