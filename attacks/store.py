@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -25,12 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from semguard.files import TMP_SUFFIX as _TMP  # leftovers of a killed run are removed
-from semguard.files import atomic_path
+from semguard.files import atomic_path, loads_json, read_json
 
 FORMAT = "semguard.attack_set/1"
 PARAMS_FILE = "params.json"
 MANIFEST_FILE = "manifest.jsonl"
 SHARD_DIR = "shards"
+
+
+_SHARD_NAME = re.compile(r"shard-\d{5,}\.npz")  # shard_name's output: never a path
 
 
 def shard_name(k: int) -> str:
@@ -75,13 +79,27 @@ def _read_rows(path: Path) -> tuple[list[dict], int]:
     rows = []
     for number, line in enumerate(data[:good].splitlines(), 1):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number} is not JSON ({err}); the manifest is corrupt") from None
+            row = loads_json(line, f"{path} line {number}")
+        except ValueError as err:
+            raise ValueError(f"{err}; the manifest is corrupt") from None
         if not isinstance(row, dict) or set(row) != set(_RECORD_FIELDS):
             raise ValueError(f"{path} line {number} is not an attack-set row (fields {sorted(_RECORD_FIELDS)})")
+        if not isinstance(row["shard"], str) or not _SHARD_NAME.fullmatch(row["shard"]):
+            raise ValueError(f"{path} line {number}: field shard must name a shard of the set (shard-NNNNN.npz), "
+                             f"got {row['shard']!r}")
         rows.append(row)
     return rows, good
+
+
+MAX_EXAMPLES = 10**8  # the paper's sets have ~10^4 examples; more is a corrupt or hostile params.json
+
+
+def _check_sizes(params_path: Path, header: dict) -> None:
+    """n_examples and shard_size are sane integers before anything is sized by them."""
+    for key, low in (("n_examples", 0), ("shard_size", 1)):
+        value = header.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_EXAMPLES:
+            raise ValueError(f"{params_path}: field {key} must be an integer in [{low}, {MAX_EXAMPLES}], got {value!r}")
 
 
 def _shard_sizes(header: dict) -> list[int]:
@@ -226,9 +244,11 @@ def load_attack_set(path: str | Path) -> AttackSet:
     params_path = directory / PARAMS_FILE
     if not params_path.exists():
         raise ValueError(f"path {directory} is not an attack set: no {PARAMS_FILE}")
-    header = json.loads(params_path.read_text())
-    if header.get("format") != FORMAT:
-        raise ValueError(f"path {directory}: format {header.get('format')!r}, expected {FORMAT!r}")
+    header = read_json(params_path)
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else header
+        raise ValueError(f"path {directory}: format {found!r}, expected {FORMAT!r}")
+    _check_sizes(params_path, header)
     rows, _ = _read_rows(directory / MANIFEST_FILE)
     done = _complete_shards(directory, header, rows)
     records = tuple(AttackRecord(**r) for k in sorted(done) for r in done[k])

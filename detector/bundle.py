@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import pwd
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from torch import nn
 from semguard.detector.flagger import Flagger
 from semguard.detector.mahalanobis import MahalanobisDetector, load_mahalanobis, save_mahalanobis
 from semguard.detector.reference import ReferenceBank, load_bank, save_bank, word_similarity
-from semguard.files import chmod_like_open, sha256_file, write_atomic
+from semguard.files import check_safetensors, chmod_like_open, read_json, sha256_file, write_atomic
 from semguard.registry import Registry
 
 BUNDLE_FORMAT = "semguard.bundle/1"
@@ -72,16 +73,65 @@ ModelBuilder = Callable[..., nn.Module]
 MODEL_BUILDERS: Registry[ModelBuilder] = Registry("model builder")
 
 
-def register_model_builder(name: str, builder: ModelBuilder | None = None, *, overwrite: bool = False):
-    """Register `builder(**kwargs) -> nn.Module` under `name`; usable as a decorator."""
+@dataclass(frozen=True)
+class Arg:
+    """A keyword argument a builder accepts from bundle.json: its JSON type and its range, choices, keys or items."""
+
+    kind: type | tuple[type, ...]
+    low: float | None = None  # numbers: inclusive bounds
+    high: float | None = None
+    choices: tuple | None = None
+    fields: dict[str, "Arg"] | None = None  # dicts: the allowed keys (others refused)
+    item: "Arg | None" = None  # lists: every item
+    max_len: int = 16
+
+
+BUILDER_ARGS: dict[str, dict[str, Arg]] = {}  # builder -> the kwargs bundle.json may give it (the allow-list)
+
+
+def register_model_builder(name: str, builder: ModelBuilder | None = None, *, overwrite: bool = False,
+                           args: dict[str, Arg] | None = None):
+    """Register `builder(**kwargs) -> nn.Module` under `name`; usable as a decorator. `args`: the only
+    kwargs a bundle.json may pass it, checked before it runs (None: a builder whose kwargs are its own
+    validated config, e.g. a dataclass)."""
+    if args is not None:
+        BUILDER_ARGS[name] = args
     return MODEL_BUILDERS.register(name, builder, overwrite=overwrite)
+
+
+def check_arg(where: str, value: Any, arg: Arg) -> None:
+    """BundleError naming `where` (e.g. model.kwargs.model_kwargs.drop_rate) when `value` breaks `arg`."""
+    numeric = arg.kind in (int, float, (int, float))
+    kinds = (int, float) if arg.kind is float else arg.kind
+    if not isinstance(value, kinds) or (isinstance(value, bool) and arg.kind is not bool):
+        raise BundleError(f"field {where}: expected {getattr(arg.kind, '__name__', arg.kind)}, got {value!r}")
+    if numeric and not isinstance(value, bool):
+        if not math.isfinite(value) or (arg.low is not None and value < arg.low) or (
+                arg.high is not None and value > arg.high):
+            raise BundleError(f"field {where}: must be in [{arg.low}, {arg.high}], got {value!r}")
+    if arg.choices is not None and value not in arg.choices:
+        raise BundleError(f"field {where}: must be one of {list(arg.choices)}, got {value!r}")
+    if isinstance(value, dict) and arg.fields is not None:
+        for key, inner in value.items():
+            if key not in arg.fields:
+                raise BundleError(f"field {where}.{key}: not an argument a bundle may give (allowed: {sorted(arg.fields)})")
+            check_arg(f"{where}.{key}", inner, arg.fields[key])
+    if isinstance(value, list) and arg.item is not None:
+        if len(value) > arg.max_len:
+            raise BundleError(f"field {where}: at most {arg.max_len} items, got {len(value)}")
+        for i, inner in enumerate(value):
+            check_arg(f"{where}[{i}]", inner, arg.item)
+
+
+NUM_CLASSES = Arg(int, 1, 1_000_000)
+ARCH = Arg(str)  # checked against the library's own list of architectures by the builder
 
 
 def known_model_builders() -> list[str]:
     return MODEL_BUILDERS.names()
 
 
-@register_model_builder("torchvision")
+@register_model_builder("torchvision", args={"arch": ARCH, "num_classes": NUM_CLASSES})
 def _torchvision(arch: str, num_classes: int = 1000) -> nn.Module:
     # A bare torchvision classifier (no normalisation inside): models.normalize registers wrapped ones.
     from semguard.detector.layers import build_torchvision_model
@@ -120,7 +170,7 @@ def build_model(spec: ModelSpec, *, trust_model_code: bool = False) -> nn.Module
     """
     if spec.builder == ENTRY_POINT_BUILDER and not trust_model_code:
         raise UntrustedModelCode(
-            f"the model is built by user code (entry point {spec.kwargs.get('entry')!r}); "
+            f"field model.builder: the model is built by user code (entry point {spec.kwargs.get('entry')!r}); "
             "pass --trust-model-code (library: trust_model_code=True) to import and run it")
     if spec.module is not None:
         module = plugin_module(spec.module)  # checked even when the builder is known: a hostile file is refused
@@ -134,7 +184,14 @@ def build_model(spec: ModelSpec, *, trust_model_code: bool = False) -> nn.Module
             f"model.builder {spec.builder!r} is not registered; known model builders: {known_model_builders()} "
             "(import the module that registers it first)"
         )
-    return MODEL_BUILDERS[spec.builder](**spec.kwargs).eval()
+    if not isinstance(spec.kwargs, dict):
+        raise BundleError(f"field model.kwargs: expected an object, got {spec.kwargs!r}")
+    if spec.builder in BUILDER_ARGS:
+        check_arg("model.kwargs", spec.kwargs, Arg(dict, fields=BUILDER_ARGS[spec.builder]))
+    try:
+        return MODEL_BUILDERS[spec.builder](**spec.kwargs).eval()
+    except TypeError as e:  # a missing or unknown keyword argument
+        raise BundleError(f"field model.kwargs: do not fit builder {spec.builder!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -239,12 +296,22 @@ def _file(root: Path, manifest: BundleManifest, role: str) -> Path:
     name = manifest.files.get(role)
     if name is None:
         raise BundleError(f"bundle.json lists no {role} file")
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise BundleError(f"bundle.json: field files.{role} must be a file name inside the bundle, got {name!r}")
     path = root / name
+    if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"bundle.json: field files.{role}: {name} is a symlink out of the bundle "
+                          f"(to {path.resolve()})")
     if not path.is_file():
         raise BundleError(f"bundle {str(root)!r} is missing {name}")
     check_readable(path)
     if sha256_file(path) != manifest.sha256.get(name):
         raise BundleError(f"{name}: sha256 does not match bundle.json (a file from another bundle or corrupted)")
+    if name.endswith(".safetensors"):
+        try:
+            check_safetensors(path)
+        except ValueError as e:
+            raise BundleError(str(e)) from None
     return path
 
 
@@ -258,10 +325,15 @@ def read_bundle(bundle_dir: str | Path, *, trust_model_code: bool = False) -> Bu
         raise BundleError(f"bundle_dir: {str(root)!r} has no bundle.json (not a guard bundle, or incomplete)")
     check_readable(root / "bundle.json")
     try:
-        manifest = BundleManifest.from_json(json.loads((root / "bundle.json").read_text()))
-    except json.JSONDecodeError as e:
-        raise BundleError(f"bundle.json is not valid JSON: {e}") from None
-    model = build_model(manifest.model, trust_model_code=trust_model_code)
+        manifest = BundleManifest.from_json(read_json(root / "bundle.json"))
+    except BundleError:
+        raise
+    except ValueError as e:
+        raise BundleError(str(e)) from None
+    try:
+        model = build_model(manifest.model, trust_model_code=trust_model_code)
+    except ValueError as e:  # the file named, the error's own class kept (UntrustedModelCode, BundleError)
+        raise (type(e) if isinstance(e, BundleError) else BundleError)(f"{root / 'bundle.json'}: {e}") from None
     fits = f"model.safetensors does not fit builder {manifest.model.builder!r} with kwargs {manifest.model.kwargs}"
     try:
         missing, unexpected = load_model(model, str(_file(root, manifest, "model")), strict=False)

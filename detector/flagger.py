@@ -92,6 +92,12 @@ class Flagger:
             raise ValueError(f"center and scale must be ({f},)")
         if len(self.explain_low) != len(self.explain_layers):
             raise ValueError("explain_low must have one value per explain layer")
+        for name, value in (("threshold", self.threshold), ("center", self.center), ("scale", self.scale),
+                            ("explain_low", self.explain_low), *((f"params.{k}", v) for k, v in self.params.items())):
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"field {name} must be finite, got {np.ravel(value)[:3].tolist()}")
+        if not 0.0 < self.target_fpr < 1.0:
+            raise ValueError(f"field target_fpr must be in (0, 1), got {self.target_fpr}")
         levels = np.asarray(self.score_quantiles.get("levels", ()))
         bad = [k for k, v in self.score_quantiles.items() if k not in ("levels", "clean", "attack") or np.shape(v) != levels.shape]
         if bad:
@@ -168,7 +174,14 @@ class Flagger:
 
     @classmethod
     def load(cls, path: str | Path) -> "Flagger":
-        return cls.from_json(json.loads(Path(path).read_text()))
+        from semguard.files import read_json
+
+        try:
+            return cls.from_json(read_json(path))
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path}: malformed flagger ({type(error).__name__}: {error})") from None
+        except ValueError as error:
+            raise ValueError(error if str(path) in str(error) else f"{path}: {error}") from None
 
 
 def tail_surprise(scores: np.ndarray, reference: np.ndarray, tail_scale: float) -> np.ndarray:

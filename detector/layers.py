@@ -189,11 +189,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        from semguard.files import check_safetensors
+
+        check_safetensors(path)
         return load_file(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only refuses anything but tensors and containers
-        raise ValueError(f"weights_path: {str(path)!r} is not a plain tensor state dict: {error}") from error
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"weights_path: {str(path)!r} is not a plain tensor state dict (torch.load weights_only "
+                         f"refused it, and semguard never unpickles: {first})") from error
     # Training checkpoints often nest the weights one level down.
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from semguard.detector.reference import Reduction, read_checked
 from semguard.detector.rsa import ArrayLike, as_float64
+from semguard.files import loads_json
 
 MAHALANOBIS_FORMAT = "semguard.mahalanobis/1"
 
@@ -194,11 +195,11 @@ def save_mahalanobis(detector: MahalanobisDetector, path: str | Path) -> Path:
 
 def load_mahalanobis(path: str | Path) -> MahalanobisDetector:
     t, meta = read_checked(path, MAHALANOBIS_FORMAT, "Mahalanobis detector")
-    layers = tuple(json.loads(meta["layers"]))
+    layers = tuple(loads_json(meta["layers"], f"{path}: metadata layers"))
     return MahalanobisDetector(
         layers,
         {n: t[f"means/{n}"].numpy() for n in layers},
         {n: t[f"precisions/{n}"].numpy() for n in layers},
-        {n: Reduction(**r) for n, r in json.loads(meta["reductions"]).items()},
-        json.loads(meta["shrinkage"]),
+        {n: Reduction(**r) for n, r in loads_json(meta["reductions"], f"{path}: metadata reductions").items()},
+        loads_json(meta["shrinkage"], f"{path}: metadata shrinkage"),
     )

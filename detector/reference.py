@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from semguard.detector.rsa import ArrayLike, _correlation_matrix_t, _unit_rows, as_float64
+from semguard.files import check_safetensors, loads_json
 
 SpaceName = Literal["words", "class_similarity", "shuffled_words"]
 SPACES = ("words", "class_similarity", "shuffled_words")
@@ -380,6 +381,7 @@ def save_bank(bank: ReferenceBank, path: str | Path) -> Path:
 def read_checked(path: str | Path, expected_format: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file whose metadata "format" is `expected_format`, else a
     ValueError naming `what` the file should have been."""
+    check_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != expected_format:
@@ -390,12 +392,12 @@ def read_checked(path: str | Path, expected_format: str, what: str) -> tuple[dic
 def load_bank(path: str | Path) -> ReferenceBank:
     """Read a bank written by `save_bank`; a file of another kind is a ValueError."""
     t, meta = read_checked(path, BANK_FORMAT, "reference bank")
-    layers = tuple(json.loads(meta["layers"]))
+    layers = tuple(loads_json(meta["layers"], f"{path}: metadata layers"))
     return ReferenceBank(
         layers=layers,
         prototypes={n: t[f"prototypes/{n}"].numpy() for n in layers},
         concepts=t["concepts"].numpy(),
         label_profiles=t["label_profiles"].numpy(),
         space=meta["space"],
-        reductions={n: Reduction(**r) for n, r in json.loads(meta["reductions"]).items()},
+        reductions={n: Reduction(**r) for n, r in loads_json(meta["reductions"], f"{path}: metadata reductions").items()},
     )

@@ -26,7 +26,7 @@ from typing import IO, Union
 import numpy as np
 from gensim.models import KeyedVectors
 
-from semguard.files import atomic_path, write_atomic
+from semguard.files import atomic_path, read_json, write_atomic
 
 Label = Union[str, list[str], tuple[str, ...]]
 
@@ -101,7 +101,7 @@ def _keyed_vectors(words: list[str], vectors: np.ndarray) -> KeyedVectors:
 
 
 def _load_native(path: Path, limit: int | None, mmap: bool) -> KeyedVectors:
-    meta = json.loads((path / _NATIVE_WORDS).read_text(encoding="utf-8"))
+    meta = read_json(path / _NATIVE_WORDS)
     if not isinstance(meta, dict) or meta.get("format") != NATIVE_FORMAT:
         raise ValueError(f"path: {str(path / _NATIVE_WORDS)!r} is not a {NATIVE_FORMAT} vocabulary")
     words = meta["words"]

@@ -58,9 +58,19 @@ def imagenet_classifier(
 # Guard bundles rebuild a wrapped model from these names and JSON kwargs (bundle.json's "model"),
 # then load model.safetensors into it; ModelSpec.module names this module so a fresh process
 # registers them (detector.bundle imports semguard.* modules only).
-from semguard.detector.bundle import ENTRY_POINT_BUILDER, ModelSpec, register_model_builder  # noqa: E402
+from semguard.detector.bundle import (  # noqa: E402
+    ARCH, ENTRY_POINT_BUILDER, NUM_CLASSES, Arg, ModelSpec, register_model_builder,
+)
 
 MODULE = "semguard.models.normalize"
+# What bundle.json may pass these builders (detector.bundle.Arg); anything else is refused before the
+# library runs: timm's checkpoint_path / pretrained_cfg_overlay would load a pickle or reach the network.
+STATS = Arg(list, item=Arg(float, -100.0, 100.0), max_len=4)  # per-channel mean or std
+_NORMALIZED = {"arch": ARCH, "num_classes": NUM_CLASSES, "mean": STATS, "std": STATS}
+TORCHVISION_KWARGS = {"transform_input": Arg(bool), "init_weights": Arg(bool), "aux_logits": Arg(bool),
+                      "dropout": Arg(float, 0.0, 1.0)}
+TIMM_KWARGS = {"drop_rate": Arg(float, 0.0, 1.0), "drop_path_rate": Arg(float, 0.0, 1.0),
+               "global_pool": Arg(str, choices=("", "avg", "max", "avgmax", "catavgmax", "token", "map"))}
 
 
 def pretrained_layout(arch: str) -> dict:
@@ -70,7 +80,8 @@ def pretrained_layout(arch: str) -> dict:
     return {"transform_input": True, "init_weights": False} if arch in ("inception_v3", "googlenet") else {}
 
 
-@register_model_builder("torchvision_normalized")
+@register_model_builder("torchvision_normalized",
+                        args={**_NORMALIZED, "model_kwargs": Arg(dict, fields=TORCHVISION_KWARGS)})
 def build_torchvision_normalized(arch: str, num_classes: int = 1000, mean: Sequence[float] = IMAGENET_MEAN,
                                  std: Sequence[float] = IMAGENET_STD, model_kwargs: dict | None = None) -> Normalized:
     """Normalized(torchvision arch) with random weights (a bundle loads its own)."""
@@ -85,7 +96,7 @@ def torchvision_spec(arch: str, num_classes: int, mean: Sequence[float] = IMAGEN
     return ModelSpec("torchvision_normalized", kwargs, module=MODULE)
 
 
-@register_model_builder("timm_normalized")
+@register_model_builder("timm_normalized", args={**_NORMALIZED, "model_kwargs": Arg(dict, fields=TIMM_KWARGS)})
 def build_timm_normalized(arch: str, num_classes: int, mean: Sequence[float], std: Sequence[float],
                           model_kwargs: dict | None = None) -> Normalized:
     """Normalized(timm arch) built offline (pretrained=False; needs `pip install 'semguard[timm]'`)."""
@@ -126,7 +137,8 @@ def import_entry_point(entry: str):
     return target
 
 
-@register_model_builder(ENTRY_POINT_BUILDER)
+@register_model_builder(ENTRY_POINT_BUILDER, args={"entry": Arg(str), "mean": Arg((list, type(None)), item=STATS.item,
+                                                                         max_len=4), "std": Arg((list, type(None)), item=STATS.item, max_len=4)})
 def build_entry_point(entry: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
     """factory() -> an nn.Module taking [0, 1] images, or (module taking normalised images, mean, std),
     which is wrapped in Normalized; `mean`/`std` given here wrap a bare module (or override the factory's)."""

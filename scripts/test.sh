@@ -11,8 +11,13 @@ fi
 python3 -m pip install -q -e '.[test]'
 # KServe's Python client pins pydantic and psutil and brings a web stack: its own environment,
 # which sees this one's packages; tests/service/test_upstream.py runs it in a subprocess.
+# --system-site-packages would link it to the base interpreter, not to a venv this script runs in:
+# scripts/inherit_site.py points it at this python3's site-packages instead (rewritten every run).
+if [ ! -x .venv-kserve/bin/python ]; then
+    python3 -m venv .venv-kserve   # Debian's system Python: apt install python3-venv
+fi
+python3 scripts/inherit_site.py .venv-kserve >/dev/null
 if ! .venv-kserve/bin/python -c 'import kserve' >/dev/null 2>&1; then
-    python3 -m venv --system-site-packages --clear .venv-kserve   # Debian's system Python: apt install python3-venv
     .venv-kserve/bin/python -m pip install -q 'kserve==0.21.0'
 fi
 export SEMGUARD_KSERVE_PYTHON="$PWD/.venv-kserve/bin/python"

@@ -70,6 +70,13 @@ def comma_list(text: str) -> tuple[str, ...]:
     return tuple(text.split(","))
 
 
+def boolean(text: str) -> bool:
+    """An environment switch: 1/true/yes/on or 0/false/no/off (any case)."""
+    if text.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return text.strip().lower() in ("1", "true", "yes", "on")
+    raise ValueError(f"expected 1/true/yes/on or 0/false/no/off, got {text!r}")
+
+
 def value_parser(hint: Any) -> Callable[[str], Any]:
     """str -> value for a field of type int, float, str, Path, any of them `| None`, or tuple[str, ...]
     (a comma list); TypeError for anything else."""
@@ -81,6 +88,8 @@ def value_parser(hint: Any) -> Callable[[str], Any]:
         return comma_list
     elif hint in _SCALARS:
         return hint
+    elif hint is bool:
+        return boolean
     raise TypeError(f"hint: no flag parser for a field of type {hint}; types: {_SCALARS}, X | None, tuple[str, ...]")
 
 

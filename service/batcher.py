@@ -63,6 +63,11 @@ class DynamicBatcher:
         self._worker = threading.Thread(target=self._loop, name="semguard-batcher", daemon=True)
         self._worker.start()
 
+    @property
+    def queued_images(self) -> int:
+        """Images waiting now (a snapshot: admission control before decoding reads it)."""
+        return self._queued_images
+
     def infer(self, images: np.ndarray, deadline: float | None = None) -> list[Any]:
         """Queue `images` (B, C, H, W), wait for their results (B,), honouring `deadline` (monotonic s)."""
         chunks = [images[i:i + self.max_batch_size] for i in range(0, len(images), self.max_batch_size)]

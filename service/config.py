@@ -60,6 +60,9 @@ class ServiceConfig:
                                         # only under load: one that finds the batcher idle is run at once
     max_queue_images: int = 1024        # beyond this, shed load with RESOURCE_EXHAUSTED instead of growing latency
     max_image_pixels: int = 4096 * 4096  # decoded size limit for PNG/JPEG: a decompression-bomb guard
+    max_request_pixels: int = 16 * 4096 * 4096  # declared PNG/JPEG pixels of one request, from the headers before
+                                        # any decode: 16 images at the per-image limit (~seconds of CPU);
+                                        # a 64 MiB message of 16 kB PNGs would otherwise decode 4000 x 16 Mpx
     policy: str = "annotate"            # "annotate": always answer with the verdict; "block": refuse flagged images
     block_action: str = "error"         # block: "error" fails the request, "refuse" blanks flagged images' outputs
     model_name: str | None = None       # OIP model name; None = the bundle's model_name
@@ -71,6 +74,10 @@ class ServiceConfig:
     upstream_poll_seconds: float = 1.0  # upstream ServerReady poll period: how fast readiness follows it
     upstream_timeout: float = 5.0       # s an upstream call may take when the client set no deadline (a client's
                                         # deadline is passed on instead): a frozen upstream must not hold requests
+    upstream_tls: bool = False          # TLS to the upstream (plaintext otherwise: loopback or a pod's own network)
+    upstream_tls_ca: str | None = None  # PEM CA the upstream's certificate must chain to; None = the system roots
+    upstream_tls_cert: str | None = None  # PEM client certificate chain for an upstream that requires mTLS
+    upstream_tls_key: str | None = None   # its private key
     tls_cert: str | None = None         # PEM server certificate chain; with tls_key turns TLS on
     tls_key: str | None = None          # PEM private key
     tls_client_ca: str | None = None    # PEM CA: when set, clients must present a certificate it signed (mTLS)
@@ -90,7 +97,8 @@ class ServiceConfig:
             raise ValueError(f"block_action must be one of {BLOCK_ACTIONS}, got {self.block_action!r}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1 or None, got {self.torch_threads}")
-        for name in ("max_batch_size", "max_message_bytes", "max_queue_images", "max_image_pixels", "max_workers"):
+        for name in ("max_batch_size", "max_message_bytes", "max_queue_images", "max_image_pixels",
+                     "max_request_pixels", "max_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("upstream_poll_seconds", "upstream_timeout"):
@@ -105,5 +113,11 @@ class ServiceConfig:
                              "classifier use block_action='error'")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
+        if (self.upstream_tls_cert is None) != (self.upstream_tls_key is None):
+            raise ValueError("upstream_tls_cert and upstream_tls_key must be given together")
+        if not self.upstream_tls and (self.upstream_tls_ca or self.upstream_tls_cert):
+            raise ValueError("upstream_tls_ca / upstream_tls_cert / upstream_tls_key need upstream_tls")
+        if self.upstream_tls and not self.upstream:
+            raise ValueError("upstream_tls needs upstream (host:port)")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from semguard.detector.errors import InputError
+from semguard.service.errors import OverBudget
 
 ENCODED_FORMATS = ("PNG", "JPEG")
 
@@ -96,9 +97,9 @@ def pack_bytes_tensor(items: Sequence[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
-def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int, what: str) -> np.ndarray:
-    """One PNG/JPEG file -> float32 (C, H, W) in [0, 1], resized (bilinear) to the model input."""
-    c, h, w = input_shape
+def open_image(data: bytes, max_pixels: int, what: str) -> Image.Image:
+    """A PNG/JPEG file opened lazily: PIL has read its header (format, width, height), no pixel yet.
+    InputError when it is no such file or claims more than `max_pixels`."""
     try:
         img = Image.open(io.BytesIO(data), formats=ENCODED_FORMATS)  # reads the header only
     except Image.DecompressionBombError as exc:  # PIL's own, far higher limit, checked in open()
@@ -110,6 +111,12 @@ def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int, what:
     if img.width * img.height > max_pixels:
         raise InputError(f"{what}: image is {img.width}x{img.height} pixels, more pixels than the limit "
                          f"of {max_pixels} (max_image_pixels)")
+    return img
+
+
+def decode_pixels(img: Image.Image, input_shape: Sequence[int], what: str) -> np.ndarray:
+    """The full decode of an opened image -> float32 (C, H, W) in [0, 1], resized (bilinear) to the model input."""
+    c, h, w = input_shape
     try:
         img = img.convert("RGB" if c == 3 else "L")
         if img.size != (w, h):
@@ -120,9 +127,21 @@ def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int, what:
     return arr.reshape(h, w, c).transpose(2, 0, 1)  # (C, H, W)
 
 
+def decode_image(data: bytes, input_shape: Sequence[int], max_pixels: int, what: str) -> np.ndarray:
+    """One PNG/JPEG file -> float32 (C, H, W) in [0, 1], resized (bilinear) to the model input."""
+    return decode_pixels(open_image(data, max_pixels, what), input_shape, what)
+
+
 def encoded_images(items: Sequence[bytes], input_shape: Sequence[int], max_pixels: int,
-                   what: str = "input") -> np.ndarray:
-    """PNG/JPEG files -> float32 (B, C, H, W)."""
+                   what: str = "input", max_request_pixels: int | None = None) -> np.ndarray:
+    """PNG/JPEG files -> float32 (B, C, H, W). Every header is read first: the declared pixels of the
+    whole request are held against `max_request_pixels` (OverBudget) before any image is decoded."""
     if len(items) == 0:
         raise InputError(f"{what}: empty batch; send at least one image")
-    return np.stack([decode_image(b, input_shape, max_pixels, f"{what}[{i}]") for i, b in enumerate(items)])
+    opened = [open_image(b, max_pixels, f"{what}[{i}]") for i, b in enumerate(items)]
+    total = sum(img.width * img.height for img in opened)
+    if max_request_pixels is not None and total > max_request_pixels:
+        raise OverBudget("pixels", f"{what}: {len(opened)} images declare {total} pixels in all, more than the "
+                                   f"per-request budget of {max_request_pixels} (max_request_pixels); "
+                                   "send fewer or smaller images per request")
+    return np.stack([decode_pixels(img, input_shape, f"{what}[{i}]") for i, img in enumerate(opened)])

@@ -20,7 +20,7 @@ import torch
 
 from semguard.service.batcher import DynamicBatcher
 from semguard.service.config import ServiceConfig
-from semguard.service.errors import ServiceError
+from semguard.service.errors import OverBudget, ServiceError
 from semguard.service.metrics import ServiceMetrics
 from semguard.service.query_defence import QueryDefence, QueryVerdict, client_identity, client_key
 
@@ -97,6 +97,17 @@ class GuardEngine:
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, "refused by the query defence: this client's "
                                "recent queries are near-duplicates of each other, as a query attack's are")
         return check.verdicts
+
+    def admit(self, n: int, what: str) -> None:
+        """Refuse a request of `n` images before it is decoded when the queue has no room for it
+        (OverBudget "images"; the batcher's own check at submit stays, for requests racing in)."""
+        limit, waiting = self.batcher.max_queue_images, self.batcher.queued_images
+        if n > limit:
+            raise OverBudget("images", f"{what}: {n} images, more than the queue ever holds ({limit}, "
+                                       "max_queue_images); split the request")
+        if n > limit - waiting:
+            raise OverBudget("images", f"{what}: {n} images, but the queue has room for {limit - waiting} "
+                                       f"({waiting} of {limit} waiting, max_queue_images); retry later")
 
     def inspect(self, images: np.ndarray, context: grpc.ServicerContext | None = None) -> list[Any]:
         """Verdicts for images (B, C, H, W) float32, through the batcher, within the RPC's deadline."""

@@ -27,6 +27,15 @@ class ServiceError(Exception):
         self.code, self.message = code, message
 
 
+class OverBudget(Exception):
+    """A request over one of the per-request budgets (`budget`: "images" or "pixels"), refused before the
+    work it would cost: RESOURCE_EXHAUSTED, counted in semguard_budget_refusals_total{budget}."""
+
+    def __init__(self, budget: str, message: str):
+        super().__init__(message)
+        self.budget = budget
+
+
 class StartupError(Exception):
     """`semguard serve` cannot start: one line for stderr, and the exit code (2 usage, 1 runtime)."""
 
@@ -47,7 +56,7 @@ def status_for(exc: BaseException) -> Status:
         return Status(exc.code, exc.message, False)
     if isinstance(exc, (InputError, DecodeError)):
         return Status(grpc.StatusCode.INVALID_ARGUMENT, str(exc), False)
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, (QueueFull, OverBudget)):
         return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), False)
     if isinstance(exc, DeadlineExceeded):
         return Status(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), False)

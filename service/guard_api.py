@@ -15,11 +15,22 @@ from semguard.service.generated import guard_pb2_grpc as pb_grpc
 from semguard.service.query_defence import QueryVerdict
 
 
-def request_images(request: pb.InspectRequest, input_shape: Sequence[int], max_pixels: int) -> np.ndarray:
-    """InspectRequest -> images (B, C, H, W) float32 in [0, 1]; InputError on anything malformed."""
+def declared_images(request: pb.InspectRequest) -> int:
+    """The image count a request declares, read before anything is decoded."""
     kind = request.WhichOneof("images")
     if kind == "encoded":
-        return decode.encoded_images(list(request.encoded.images), input_shape, max_pixels, "encoded.images")
+        return len(request.encoded.images)
+    return max(int(request.tensor.shape[0]), 0) if kind == "tensor" and len(request.tensor.shape) else 0
+
+
+def request_images(request: pb.InspectRequest, input_shape: Sequence[int], max_pixels: int,
+                   max_request_pixels: int | None = None) -> np.ndarray:
+    """InspectRequest -> images (B, C, H, W) float32 in [0, 1]; InputError on anything malformed,
+    OverBudget when its PNG/JPEG headers declare more than `max_request_pixels` in all."""
+    kind = request.WhichOneof("images")
+    if kind == "encoded":
+        return decode.encoded_images(list(request.encoded.images), input_shape, max_pixels, "encoded.images",
+                                     max_request_pixels)
     if kind == "tensor":
         t = request.tensor
         if t.layout == pb.Tensor.FP32_NCHW:
@@ -50,7 +61,9 @@ class GuardServicer(pb_grpc.GuardServicer):
 
     def Inspect(self, request, context):
         info = self.engine.info
-        images = self.engine.decode(request_images, request, self.engine.input_shape, self.config.max_image_pixels)
+        self.engine.admit(declared_images(request), "Inspect")
+        images = self.engine.decode(request_images, request, self.engine.input_shape, self.config.max_image_pixels,
+                                    self.config.max_request_pixels)
         query = self.engine.check_queries(images, context)
         verdicts = self.engine.inspect(images, context)
         return pb.InspectResponse(request_id=request.request_id, verdicts=[

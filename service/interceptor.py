@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from semguard.service.errors import ServiceError, status_for
+from semguard.service.errors import OverBudget, ServiceError, status_for
 from semguard.service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class GuardInterceptor(grpc.ServerInterceptor):
             code, message = preset, details.decode() if isinstance(details, bytes) else str(details)
         else:
             code, message, internal = status_for(exc)
+            if isinstance(exc, OverBudget):
+                self.metrics.budget_refusals.labels(exc.budget).inc()
             if internal:
                 log.error("%s failed inside the server", method, exc_info=exc)
                 self.metrics.internal_errors.labels(method, type(exc).__name__).inc()

@@ -70,6 +70,9 @@ class ServiceMetrics:
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("semguard_images", "Images inspected, by verdict (clean or flagged)",
                               ["verdict"], registry=r)
+        self.budget_refusals = Counter("semguard_budget_refusals", "Requests refused before any decode for going "
+                                       "over a budget: images (the queue's room) or pixels (max_request_pixels)",
+                                       ["budget"], registry=r)
         self.blocked = Counter("semguard_blocked_images", "Flagged images refused by the block policy",
                                registry=r)
         self.stage_seconds = Histogram("semguard_stage_duration_seconds",
@@ -111,6 +114,8 @@ class ServiceMetrics:
                                        registry=r)
         for scope in ("own", "cross_client"):
             self.query_matches.labels(scope)
+        for budget in ("images", "pixels"):
+            self.budget_refusals.labels(budget)
         for verdict in ("clean", "flagged"):
             self.images.labels(verdict)  # export zeros so rate() works from the first scrape
         for stage in ("decode", "queue", "inspect"):

@@ -69,8 +69,16 @@ def verdict_outputs(verdicts: Sequence[Any], refused: np.ndarray) -> dict[str, n
             "SIGNATURE": np.stack([np.asarray(v.signature, dtype=np.float32) for v in verdicts])}
 
 
-def decode_infer_inputs(request: pb.ModelInferRequest, input_shape: Sequence[int], max_pixels: int) -> np.ndarray:
-    """ModelInferRequest -> images (B, C, H, W) float32 in [0, 1]; InputError on anything malformed."""
+def declared_images(request: pb.ModelInferRequest) -> int:
+    """The image count a request declares (its tensor's batch dimension), read before anything is decoded."""
+    shape = request.inputs[0].shape if len(request.inputs) == 1 else ()
+    return max(int(shape[0]), 0) if len(shape) else 0
+
+
+def decode_infer_inputs(request: pb.ModelInferRequest, input_shape: Sequence[int], max_pixels: int,
+                        max_request_pixels: int | None = None) -> np.ndarray:
+    """ModelInferRequest -> images (B, C, H, W) float32 in [0, 1]; InputError on anything malformed,
+    OverBudget when its PNG/JPEG headers declare more than `max_request_pixels` in all."""
     if len(request.inputs) != 1:
         raise InputError(f"ModelInfer: expected exactly 1 input tensor (the images), got {len(request.inputs)}")
     tensor, raw = request.inputs[0], request.raw_input_contents
@@ -92,7 +100,7 @@ def decode_infer_inputs(request: pb.ModelInferRequest, input_shape: Sequence[int
             raise InputError(f"{what}: BYTES shape must be [batch] or [batch, 1], got {shape}")
         if shape[0] != len(items):
             raise InputError(f"{what}: shape {shape} declares {shape[0]} images, contents hold {len(items)}")
-        return decode.encoded_images(items, input_shape, max_pixels, what)
+        return decode.encoded_images(items, input_shape, max_pixels, what, max_request_pixels)
     raise InputError(f"{what}: datatype must be one of FP32 (NCHW), UINT8 (NHWC), BYTES (PNG/JPEG), "
                      f"got {tensor.datatype!r}")
 
@@ -173,8 +181,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.upstream is not None:
             self.upstream.check_usable()  # a known clash is refused, never forwarded
         wanted = self._requested(request)
+        self.engine.admit(declared_images(request), "ModelInfer")
         images = self.engine.decode(decode_infer_inputs, request, self.engine.input_shape,
-                                    self.config.max_image_pixels)
+                                    self.config.max_image_pixels, self.config.max_request_pixels)
         query = self.engine.check_queries(images, context)  # before the upstream sees a refused query
         # Overlap the upstream's pass with the guard's, except under --policy block: there the
         # verdict decides whether the upstream may see the request at all. Forwarding speculatively

@@ -120,12 +120,23 @@ def _credentials(config: ServiceConfig) -> grpc.ServerCredentials:
         raise StartupError(f"--tls-cert/--tls-key: not usable PEM: {exc}") from None
 
 
+def upstream_credentials(config: ServiceConfig) -> grpc.ChannelCredentials | None:
+    """The channel credentials --upstream-tls* ask for (None: plaintext); StartupError naming an unreadable file."""
+    if not config.upstream_tls:
+        return None
+    ca = _read("--upstream-tls-ca", config.upstream_tls_ca) if config.upstream_tls_ca else None
+    key = _read("--upstream-tls-key", config.upstream_tls_key) if config.upstream_tls_key else None
+    cert = _read("--upstream-tls-cert", config.upstream_tls_cert) if config.upstream_tls_cert else None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
 def _connect_upstream(config: ServiceConfig, model_name: str, metrics: ServiceMetrics,
                       guard_outputs: frozenset[str]) -> Upstream:
     """The upstream's channel; nothing is asked of it yet (GuardServer.start polls it)."""
     return Upstream(config.upstream, config.upstream_model or model_name, config.max_message_bytes, guard_outputs,
                     config.upstream_timeout, on_call=metrics.observe_upstream,
-                    on_clash=lambda _message: metrics.upstream_clashes.inc())
+                    on_clash=lambda _message: metrics.upstream_clashes.inc(),
+                    credentials=upstream_credentials(config))
 
 
 def create_server(config: ServiceConfig, guard: GuardLike) -> CreatedServer:
@@ -198,13 +209,17 @@ def serve(config: ServiceConfig, bundle: str | Path, trust_model_code: bool = Fa
         _credentials(config)
     guard = load_guard(bundle, trust_model_code)
     created = create_server(config, guard)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the log line that tells callers the port
+        signal.signal(sig, lambda *_: stop.set())
     created.server.start()
     log.info("semguard serving %s on %s:%d (metrics port %s)", " and ".join(created.server.inference.names),
              config.host, created.port, created.server.metrics_port)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    # Python runs signal handlers in the main thread between bytecodes: a SIGTERM the kernel hands to
+    # one of grpc's threads does not wake a main thread blocked in an untimed wait (seen under load:
+    # a server that never stopped), so wake up every second.
+    while not stop.wait(1.0):
+        pass
     log.info("shutting down: up to %.1f s for in-flight requests", config.grace_seconds)
     created.server.stop().wait()
     log.info("stopped")

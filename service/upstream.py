@@ -97,11 +97,12 @@ class Upstream:
     `poll` (the watcher's job) decides whether it is usable: ServerReady true, the model's metadata
     readable, no output named like one of `guard_outputs`. on_change(usable) is called on each change,
     on_clash(message) once per clash found, on_call(seconds, code) after each forwarded ModelInfer.
+    credentials: TLS (with a client certificate: mTLS) to the upstream; None = plaintext.
     """
 
     def __init__(self, target: str, model_name: str, max_message_bytes: int, guard_outputs: Collection[str],
                  timeout: float, on_call: Callable[[float, str], None] | None = None,
-                 on_clash: Callable[[str], None] | None = None):
+                 on_clash: Callable[[str], None] | None = None, credentials: grpc.ChannelCredentials | None = None):
         self.target, self.model_name, self.on_call = target, model_name, on_call
         self.guard_outputs, self.timeout, self.on_clash = frozenset(guard_outputs), timeout, on_clash
         options = [("grpc.max_send_message_length", max_message_bytes),
@@ -109,7 +110,8 @@ class Upstream:
                    # reconnect backoff grows to 120 s by default: a restarted upstream would stay
                    # "not ready" for minutes
                    ("grpc.max_reconnect_backoff_ms", 2000)]
-        self._channel = grpc.insecure_channel(target, options=options)
+        self._channel = (grpc.insecure_channel(target, options=options) if credentials is None
+                         else grpc.secure_channel(target, credentials, options=options))
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._lock = threading.Lock()
         self._up = False                      # ServerReady true and the model's metadata read

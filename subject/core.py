@@ -83,15 +83,48 @@ def subject_record(spec: SubjectSpec) -> dict:
     return json.loads(json.dumps(record))
 
 
-def subject_spec_from_record(record: dict) -> SubjectSpec:
-    """The SubjectSpec an attack set recorded (subject_record), back from its JSON."""
-    known = {f.name: f for f in dataclasses.fields(SubjectSpec)}
-    unknown = sorted(set(record) - set(known))
+_RECORD_TYPES = {"model": str, "weights": str, "model_entry": str, "images": str, "labels": str, "vectors": str,
+                 "input_size": int, "resize": int, "trust_pickled_vectors": bool, "mean": list, "std": list,
+                 "layers": list, "world_cache": str, "world_seed": int}
+
+
+class UntrustedRecord(ValueError):
+    """A subject read from a file names code to run or a pickle to load, and the operator did not pass the flag."""
+
+
+def subject_spec_from_record(record: dict, where: str = "the recorded subject", *, trust_model_code: bool = False,
+                             trust_pickled_vectors: bool = False) -> SubjectSpec:
+    """The SubjectSpec a file recorded (subject_record: an attack set's params.json, a study record), back
+    from its JSON; ValueError naming `where` and the field.
+
+    A record is data: it never decides to run code. One naming an entry point ("model_entry") or claiming
+    trust in pickled vectors is an UntrustedRecord unless the operator passes --trust-model-code /
+    --trust-pickled-vectors on this command (the two keyword arguments); the returned spec trusts pickled
+    vectors only when the operator does."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: must be a JSON object, got {type(record).__name__}")
+    unknown = sorted(set(record) - set(_RECORD_TYPES))
     if unknown:
-        raise ValueError(f"the attack set's subject has keys this semguard does not know: {unknown}")
+        raise ValueError(f"{where}: keys this semguard does not know: {unknown}")
+    for key, value in record.items():
+        kind = _RECORD_TYPES[key]
+        ok = value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+        if not ok or (kind is list and value is not None and not all(isinstance(v, (str, int, float)) for v in value)):
+            raise ValueError(f"{where}: field {key} must be {kind.__name__} or null, got {value!r}")
+    if record.get("model_entry") is not None and not trust_model_code:
+        raise UntrustedRecord(f"{where}: field model_entry names code to import and run ({record['model_entry']!r}); "
+                              "pass --trust-model-code to allow it")
+    if record.get("trust_pickled_vectors") and not trust_pickled_vectors:
+        raise UntrustedRecord(f"{where}: field trust_pickled_vectors asks to unpickle {record.get('vectors')!r} "
+                              "(unpickling runs code); pass --trust-pickled-vectors to allow it")
     path_fields = {"weights", "images", "labels", "vectors", "world_cache"}
     values = {k: (Path(v) if k in path_fields and v is not None else tuple(v) if isinstance(v, list) else v)
               for k, v in record.items()}
+    values["trust_pickled_vectors"] = trust_pickled_vectors
+    if values.get("world_cache") is None:
+        values.pop("world_cache", None)
+    if values.get("world_seed") is None:
+        values.pop("world_seed", None)
     return SubjectSpec(**values)
 
 
@@ -124,13 +157,16 @@ def resumed_subject_record(existing: dict | None | bool, spec: SubjectSpec, wher
     return record
 
 
-def recorded_subject(spec: SubjectSpec, recorded: dict | None) -> SubjectSpec:
+def recorded_subject(spec: SubjectSpec, recorded: dict | None, where: str = "the recorded subject", *,
+                     trust_model_code: bool = False) -> SubjectSpec:
     """The subject a recorded run is analysed on: `spec` (from flags) when it names assets, else the one the
     run recorded (a world cache given explicitly still replaces a recorded world's), else the embedded world
-    in spec's cache (runs older than the record)."""
+    in spec's cache (runs older than the record). The record is read by subject_spec_from_record: it runs
+    code only under the operator's trust flags (`trust_model_code`, spec.trust_pickled_vectors)."""
     if not spec.is_world() or recorded is None:
         return spec
-    found = subject_spec_from_record(recorded)
+    found = subject_spec_from_record(recorded, where, trust_model_code=trust_model_code,
+                                     trust_pickled_vectors=spec.trust_pickled_vectors)
     moved = found.is_world() and Path(spec.world_cache) != Path(DEFAULT_WORLD_CACHE)
     return dataclasses.replace(found, world_cache=Path(spec.world_cache)) if moved else found
 

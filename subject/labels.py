@@ -14,7 +14,6 @@ two "crane" and two "maillot" classes need their WordNet ids).
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -76,10 +75,9 @@ def _text_entries(path: Path, text: str) -> list[Entry]:
 
 
 def _json_entries(path: Path, text: str) -> list[Entry]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--labels {path}: not valid JSON: {error}") from None
+    from semguard.files import loads_json
+
+    data = loads_json(text, f"--labels {path}")
     items = list(data.items()) if isinstance(data, dict) else [(None, v) for v in data] if isinstance(data, list) else None
     if items is None:
         raise ValueError(f"--labels {path}: JSON must be a list of class names or an object {{id: name}}")

@@ -79,9 +79,15 @@ GROUPS = {
 }
 # Fields a flag may only be given with (ServiceConfig checks them together), and fields one flag sets besides its own.
 COMPANIONS = {"--tls-cert": ["--tls-key", "k.pem"], "--tls-key": ["--tls-cert", "c.pem"],
-              "--tls-client-ca": ["--tls-cert", "c.pem", "--tls-key", "k.pem"], "--upstream-model": ["--upstream", "u:1"]}
+              "--tls-client-ca": ["--tls-cert", "c.pem", "--tls-key", "k.pem"], "--upstream-model": ["--upstream", "u:1"],
+              "--upstream-tls": ["--upstream", "u:1"], "--upstream-tls-ca": ["--upstream", "u:1", "--upstream-tls"],
+              "--upstream-tls-cert": ["--upstream", "u:1", "--upstream-tls", "--upstream-tls-key", "k.pem"],
+              "--upstream-tls-key": ["--upstream", "u:1", "--upstream-tls", "--upstream-tls-cert", "c.pem"]}
 ALSO_SET = {"--tls-cert": {"tls_key"}, "--tls-key": {"tls_cert"}, "--tls-client-ca": {"tls_cert", "tls_key"},
-            "--upstream-model": {"upstream"},
+            "--upstream-model": {"upstream"}, "--upstream-tls": {"upstream"},
+            "--upstream-tls-ca": {"upstream", "upstream_tls"},
+            "--upstream-tls-cert": {"upstream", "upstream_tls", "upstream_tls_key"},
+            "--upstream-tls-key": {"upstream", "upstream_tls", "upstream_tls_cert"},
             ("detector", "--seed"): {"detector.seed"}}  # one seed: the clean split and the calibration
 
 

@@ -58,8 +58,8 @@ for folder in ("commands", "detector", "attacks", "service", "world", "models", 
 names = {}
 for name, module in list(sys.modules.items()):
     path = getattr(module, "__file__", None)
-    # the project's own files (a venv inside the repository is not the project)
-    if path and "site-packages" not in path and ("/semguard/" in path or path.startswith(%r)):
+    # a virtual environment inside the clone (.ci/run's .venv-ci) holds installed packages, not project modules
+    if path and ("/semguard/" in path or path.startswith(%r)) and "site-packages" not in path:
         names.setdefault(path, []).append(name)
 twice = {p: n for p, n in names.items() if len(n) > 1}
 print(len(names), "project modules;", "twice:", twice)

@@ -209,6 +209,8 @@ def _add_analyze_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="where analysis.json and the figures go")
     add_world_cache_flag(p, "the embedded world's cache (for sets that record no subject)")
     add_subject_flags(p)  # default: the subject the set records
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="allow a recorded subject whose model is user code (model_entry) to be imported and run")
     p.add_argument("--permutations", type=int, default=1000, help="permutations per layer (paper: 1000)")
     p.add_argument("--reference-size", type=int, default=100, help="reference concepts (paper: 100)")
     p.add_argument("--seed", type=int, default=0)
@@ -224,7 +226,9 @@ def attack_set_subject(args: argparse.Namespace, header: dict):
     (semguard.subject.core.recorded_subject)."""
     from semguard.subject.core import recorded_subject
 
-    return recorded_subject(subject_spec_from_args(args, world_cache=args.world_cache), header.get("subject"))
+    return recorded_subject(subject_spec_from_args(args, world_cache=args.world_cache), header.get("subject"),
+                            f"{Path(args.attack_set) / 'params.json'}: subject",
+                            trust_model_code=getattr(args, "trust_model_code", False))
 
 
 def run_attack_analyze(args: argparse.Namespace) -> int:

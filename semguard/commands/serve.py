@@ -27,6 +27,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--max-queue-delay-ms", "max_queue_delay_ms", "how long a request may wait for batch-mates"),
     Flag("--max-queue-images", "max_queue_images", "queued images beyond which requests get RESOURCE_EXHAUSTED"),
     Flag("--max-image-pixels", "max_image_pixels", "largest decoded PNG/JPEG (width x height)"),
+    Flag("--max-request-pixels", "max_request_pixels", "most PNG/JPEG pixels one request may declare in all "
+         "(read from the headers before decoding; over it: RESOURCE_EXHAUSTED)"),
     Flag("--policy", "policy", "annotate: answer with the verdict; block: refuse flagged images", POLICIES),
     Flag("--block-action", "block_action", "with --policy block: error fails the request, refuse blanks flagged "
          "images' outputs", BLOCK_ACTIONS),
@@ -39,6 +41,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--upstream-poll-seconds", "upstream_poll_seconds", "how often the upstream's readiness is polled"),
     Flag("--upstream-timeout", "upstream_timeout", "seconds an upstream call may take when the client sets no "
          "deadline (a client's deadline is passed on)"),
+    Flag("--upstream-tls", "upstream_tls", "TLS to the upstream (its certificate checked against --upstream-tls-ca, "
+         "else the system roots)"),
+    Flag("--upstream-tls-ca", "upstream_tls_ca", "PEM CA the upstream's certificate must chain to"),
+    Flag("--upstream-tls-cert", "upstream_tls_cert", "PEM client certificate for an upstream that requires mTLS"),
+    Flag("--upstream-tls-key", "upstream_tls_key", "PEM private key of --upstream-tls-cert"),
     Flag("--tls-cert", "tls_cert", "PEM certificate chain; with --tls-key enables TLS"),
     Flag("--tls-key", "tls_key", "PEM private key"),
     Flag("--tls-client-ca", "tls_client_ca", "PEM CA that client certificates must chain to (mTLS)"),

@@ -37,10 +37,13 @@ class FakeUpstream(pb_grpc.GRPCInferenceServiceServicer):
         self.port = 0
         self._lock = threading.Lock()
 
-    def start(self, port: int = 0) -> int:
+    def start(self, port: int = 0, credentials: grpc.ServerCredentials | None = None) -> int:
+        """Serve on 127.0.0.1 (port 0: any free one); with `credentials`, TLS only (mTLS if they require it)."""
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self, self.server)
-        self.port = self.server.add_insecure_port(f"127.0.0.1:{port or self.port}")
+        address = f"127.0.0.1:{port or self.port}"
+        self.port = (self.server.add_insecure_port(address) if credentials is None
+                     else self.server.add_secure_port(address, credentials))
         self.server.start()
         return self.port
 

@@ -135,12 +135,26 @@ def test_weights_of_another_class_count(assets, tmp_path):
     ({"weights": None}, "--weights: --model resnet18 needs a local weights file"),
     ({"model": None}, "--model or --model-entry: a subject needs a model"),
     ({"model_entry": "pkg:f"}, "give one of them"),
-    ({"model": "resnet5O"}, r"--model 'resnet5O': not a torchvision or timm .*resnet50"),
+    ({"model": "resnet5O"}, r"--model 'resnet5O': not a torchvision .*classification architecture .*resnet50"),
     ({"weights": Path("/nonexistent/w.pth")}, r"--weights /nonexistent/w.pth: no such file"),
 ])
 def test_incomplete_or_wrong_specs(assets, changes, message):
     with pytest.raises(ValueError, match=message):
         load_subject(spec_of(assets, **changes), progress=False)
+
+
+def test_unknown_architecture_without_timm(assets, monkeypatch):
+    """Without the timm extra the message says torchvision only and how to get timm's architectures."""
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError
+    with pytest.raises(ValueError, match=r"--model 'resnet5O': not a torchvision classification architecture "
+                                         r".*resnet50.*pip install 'semguard\[timm\]'"):
+        load_subject(spec_of(assets, model="resnet5O"), progress=False)
+
+
+def test_unknown_architecture_with_timm(assets):
+    pytest.importorskip("timm", reason="the timm extra (pip install 'semguard[timm]') is not installed")
+    with pytest.raises(ValueError, match=r"--model 'resnet5O': not a torchvision or timm .*resnet50"):
+        load_subject(spec_of(assets, model="resnet5O"), progress=False)
 
 
 def test_entry_point_model(assets, entry, tmp_path):
@@ -193,7 +207,7 @@ def test_bundle_of_an_entry_point_needs_trust(assets, entry, tmp_path):
 
 
 def test_timm_architecture(assets, tmp_path):
-    timm = pytest.importorskip("timm")
+    timm = pytest.importorskip("timm", reason="the timm extra (pip install 'semguard[timm]') is not installed")
     weights = tmp_path / "timm-resnet10t.pth"
     torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=6).state_dict(), weights)
     subject = load_subject(spec_of(assets, model="timm/resnet10t", weights=weights), progress=False)

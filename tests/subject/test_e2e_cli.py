@@ -80,7 +80,12 @@ def serving(bundle: Path, *flags: str, cwd: Path | None = None, env: dict | None
         yield port
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # never leave a server behind
+            proc.communicate()
+            raise
     assert proc.returncode == 0, err
 
 
