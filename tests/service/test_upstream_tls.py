@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2
 
 from semguard.cli import build_parser
 from semguard.service import server as server_module
-from semguard.service.cli import config_from_args
+from semguard.commands.serve import config_from_args
 from tests.service.fake_upstream import FakeUpstream, raw_answer
 from tests.service.test_server import triton_infer
 from tests.service.test_upstream import _health, _wait_for

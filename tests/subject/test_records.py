@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from semguard.analysis.cli import attack_set_subject
+from semguard.commands.attack import attack_set_subject
 from semguard.cli import build_parser
 from semguard.subject.core import SubjectSpec, UntrustedRecord, subject_record, subject_spec_from_record
 
