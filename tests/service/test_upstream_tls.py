@@ -35,7 +35,7 @@ def test_mtls_upstream_is_reached_with_the_client_certificate(make_server, mtls_
                         upstream_tls_ca=str(certs.ca_cert), upstream_tls_cert=str(certs.client_cert),
                         upstream_tls_key=str(certs.client_key), upstream_poll_seconds=0.1)
     assert _wait_for(lambda: _health(front.port) == health_pb2.HealthCheckResponse.SERVING)
-    res = triton_infer(front.port, "IMAGE", clean_images, "FP32")
+    res = triton_infer(front.port, "IMAGE", clean_images, "FP32", model="clf")  # the upstream's name (drop-in)
     np.testing.assert_array_equal(res.as_numpy("OUT"), np.arange(len(clean_images), dtype=np.float32))
     assert len(up.requests) == 1
 
@@ -44,9 +44,8 @@ def test_mtls_upstream_is_reached_with_the_client_certificate(make_server, mtls_
     {},  # plaintext: what every guard did before --upstream-tls
     {"upstream_tls": True, "upstream_tls_ca": "ca"},  # TLS without the client certificate the upstream requires
 ])
-def test_without_the_right_credentials_the_upstream_is_never_reached(make_server, mtls_upstream, tls, monkeypatch):
+def test_without_the_right_credentials_the_upstream_is_never_reached(make_server, mtls_upstream, tls):
     up, certs = mtls_upstream
-    monkeypatch.setattr(server_module, "UPSTREAM_START_TIMEOUT", 0.5)
     if "upstream_tls_ca" in tls:
         tls = {**tls, "upstream_tls_ca": str(certs.ca_cert)}
     front = make_server(upstream=f"localhost:{up.port}", upstream_model="clf", upstream_poll_seconds=0.1, **tls)
