@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from semguard.detector.bundle import Bundle, BundleError, read_bundle
 from semguard.detector.calibrate import CalibrationConfig, CalibrationReport, calibrate_guard  # noqa: F401 (public here too)
@@ -144,13 +145,15 @@ class Guard:
         x = self.validate_images(images)
         fl = self.bundle.flagger
         t0 = time.perf_counter()
-        out = self.tap(x)
-        predicted = out.logits.argmax(1)
-        _sync(self.device)
+        with record_function("guard.forward"):  # stage names for benchmarks/profile_guard.py
+            out = self.tap(x)
+            predicted = out.logits.argmax(1)
+            _sync(self.device)
         t1 = time.perf_counter()
         feats = flagger_features(out.acts, self.recipe.signature_labels(out.logits), self.recipe)
-        score = fl.score(feats.features)
-        disagree = _explanation(fl, feats.signature.fraction, self.info.layers)
+        with record_function("guard.flagger"):
+            score = fl.score(feats.features)
+            disagree = _explanation(fl, feats.signature.fraction, self.info.layers)
         flagger_s = time.perf_counter() - t1 - feats.signature_s  # density features, score, explanation
         probs = torch.softmax(out.logits.double(), 1)
         top = probs.topk(min(5, probs.shape[1]), dim=1)
