@@ -18,6 +18,11 @@ labels: the figures are about speed and memory, not detection. The flagger score
 evaluation ships (`analysis.detector_eval.DetectorEvalConfig().detector`), fitted as a Gaussian since
 there are no attack images here (a logistic flagger's score, one dot product, costs less). Each timing is the median
 of `repeats` runs, plain and guard interleaved so background load hits both alike.
+
+Floors, side by side with the stages (`floors`): the plain forward pass; for the signature, one pass
+over each activation the bank reduces plus one GEMM per layer against the bank as stored (for exact
+mode: reading the bank once); for the flagger, the Mahalanobis member's float64 GEMMs (reading its
+precisions and class means once). "floor / plain" is what a guard doing only that would cost.
 """
 from __future__ import annotations
 
@@ -129,6 +134,44 @@ def time_pair(model, guard: Guard, x: torch.Tensor, repeats: int) -> tuple[float
     return statistics.median(plain), statistics.median(guarded), med
 
 
+def floors(guard: Guard, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds of the arithmetic no guard of this bundle can skip, on inputs prepared untimed.
+
+    signature: read each activation the bank reduces once (the bandwidth floor of a sketch: one pass)
+    and one float32 GEMM per layer against the prototypes as stored (reads the bank once).
+    flagger: the Mahalanobis member's float64 GEMMs, f @ P and (f P) @ mu^T per layer (reads its
+    precisions and class means once); the flagger's own score is a few dot products.
+    """
+    bank, maha = guard.bundle.bank, guard.bundle.mahalanobis
+    with torch.no_grad():
+        acts = guard.tap(x).acts
+        reduced = {n: bank.reduction(n).apply(acts[n]) for n in bank.layers}
+        wide = [acts[n] for n in bank.layers if bank.reduction(n).kind != "exact"]
+        protos = [torch.from_numpy(bank.prototypes[n]) for n in bank.layers]
+        feats = maha.features(acts) if maha is not None else {}
+        consts = [maha._scoring[n] for n in maha.layers] if maha is not None else []
+
+    def signature() -> None:
+        for a in wide:
+            a.sum()
+        for n, p in zip(bank.layers, protos):
+            reduced[n] @ p.T
+
+    def density() -> None:
+        for (mu, prec, _), f in zip(consts, feats.values()):
+            (f @ prec) @ mu.T
+
+    out = []
+    for stage in (signature, density):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            stage()
+            times.append(time.perf_counter() - t)
+        out.append(statistics.median(times))
+    return out[0], out[1]
+
+
 def agreement(exact: Guard, fast: Guard, x: torch.Tensor) -> str:
     """Fast vs exact on the same images: signature fraction MAE, score rank correlation, flag agreement."""
     a, b = exact.inspect_arrays(x), fast.inspect_arrays(x)
@@ -153,9 +196,12 @@ def bench_model(title, model, layers, input_shape, n_classes, cfg, repeats, mode
             x = torch.rand(batch, *input_shape, generator=torch.Generator().manual_seed(batch))
             reps = repeats if batch == 32 else 3 * repeats
             plain, guarded, st = time_pair(model, guards[mode], x, reps)
+            sig_floor, flag_floor = floors(guards[mode], x, reps)
             rows.append(f"| {title} | {mode} | {batch} | {1e3 * plain / batch:.2f} | {1e3 * guarded / batch:.2f} | "
                         f"{batch / plain:.1f} | {batch / guarded:.1f} | {guarded / plain:.2f}x | "
-                        f"{1e3 * st[0]:.0f} / {1e3 * st[1]:.0f} / {1e3 * st[2]:.0f} | {mib:.1f} |")
+                        f"{1e3 * st[0]:.0f} / {1e3 * st[1]:.0f} / {1e3 * st[2]:.0f} | "
+                        f"{1e3 * plain:.0f} / {1e3 * sig_floor:.0f} / {1e3 * flag_floor:.0f} | "
+                        f"{(plain + sig_floor + flag_floor) / plain:.2f}x | {mib:.1f} |")
             print(rows[-1], flush=True)
     if len(guards) == 2:
         x = torch.rand(32, *input_shape, generator=torch.Generator().manual_seed(7))
@@ -194,7 +240,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"flagger features {list(cfg.features)}, K = {cfg.k} references, all other labels as alternatives")
     header = ["| model | mode | batch | plain ms/img | guard ms/img | plain img/s | guard img/s | guard / plain | "
-              "stages fwd / sig / flag ms | bank MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "stages fwd / sig / flag ms | floors fwd / sig / flag ms | floor / plain | bank MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(header))
     rows = bench_model(title, model.eval(), layers, (3, 32, 32), 100, cfg, args.repeats, ("exact", "fast"),
                        args.fast_alternatives)

@@ -20,6 +20,7 @@ import difflib
 import inspect
 import itertools
 import math
+import operator
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -321,6 +322,18 @@ def _snapshot(value):
     return value, value._version
 
 
+def _add_in_place(graph: fx.Graph, model: nn.Module) -> None:
+    """Tracing turns `out += identity` into `out + identity`, a fresh (B, C, H, W) tensor per residual
+    block; make it in-place again where that is safe: the left operand is a conv or batch-norm output
+    (a fresh tensor, not a view) that nothing else reads (so never a tapped value)."""
+    fresh = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    for node in graph.nodes:
+        left = node.args[0] if node.op == "call_function" and node.target is operator.add else None
+        if (isinstance(left, fx.Node) and left.op == "call_module" and len(left.users) == 1
+                and isinstance(model.get_submodule(left.target), fresh)):
+            node.target = operator.iadd
+
+
 def _extractor(model: nn.Module, trace: Trace, nodes: list[str], copied: frozenset[str] = frozenset()) -> fx.GraphModule:
     """Eval-graph module returning (output, tuple of (value, version) of `nodes`), with dead code removed.
 
@@ -341,6 +354,7 @@ def _extractor(model: nn.Module, trace: Trace, nodes: list[str], copied: frozens
             taps[name] = graph.call_function(_snapshot, (value,))
     graph.erase_node(output)
     graph.output((logits, tuple(taps[n] for n in nodes)))
+    _add_in_place(graph, model)
     module = fx.GraphModule(model, graph, type(model).__name__ + "Tap")
     # Only the requested nodes outlive the pass: FX frees every other value after its last use.
     module.graph.eliminate_dead_code()
