@@ -10,6 +10,7 @@ bundle from a model and clean images (see detector.bundle for the files).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,9 +133,9 @@ class Guard:
             raise InputError("images: empty batch (B = 0)")
         if images.dtype != torch.float32:
             raise InputError(f"images must be float32 in [0, 1], got dtype {images.dtype}")
-        if not torch.isfinite(images).all():
+        lo, hi = (float(v) for v in torch.aminmax(images))  # one pass over the batch; a NaN pixel makes both NaN
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise InputError("images contain NaN or infinite pixels")
-        lo, hi = float(images.min()), float(images.max())
         if lo < -PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:
             raise InputError(f"images must lie in [0, 1] (the model normalises inside), got range [{lo:.3g}, {hi:.3g}]")
         return images.to(self.device)

@@ -41,7 +41,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--tls-client-ca", "tls_client_ca", "PEM CA that client certificates must chain to (mTLS)"),
     Flag("--grace-seconds", "grace_seconds", "shutdown grace for in-flight requests"),
     Flag("--max-workers", "max_workers", "gRPC handler threads"),
-    Flag("--torch-threads", "torch_threads", "guard intra-op threads (default: torch's, all cores)"),
+    Flag("--torch-threads", "torch_threads", "guard intra-op threads (default: the CPUs the process may use: affinity, cgroup quota)"),
 )
 
 
