@@ -52,6 +52,9 @@ from semguard.detector.signature import reduction_agreement
 from semguard.models.normalize import imagenet_classifier
 
 FAST_WIDTH = 4096  # layers wider than this are count-sketched in fast mode
+# what plain, guard and floor timings read: wall time, or with --clock cpu the calling thread's CPU time (with
+# --threads 1 all the work runs on it, so other jobs on a shared machine delay the wall clock, not this one)
+CLOCK = [time.perf_counter]
 
 
 def world_model(cache_dir: Path) -> tuple[torch.nn.Module, str, list[str]]:
@@ -123,12 +126,12 @@ def time_pair(model, guard: Guard, x: torch.Tensor, repeats: int) -> tuple[float
     with torch.no_grad():
         model(x), guard.inspect_arrays(x)  # warm-up: allocator, lazy caches (unit prototypes)
         for _ in range(repeats):
-            t = time.perf_counter()
+            t = CLOCK[0]()
             model(x)
-            plain.append(time.perf_counter() - t)
-            t = time.perf_counter()
+            plain.append(CLOCK[0]() - t)
+            t = CLOCK[0]()
             out = guard.inspect_arrays(x)
-            guarded.append(time.perf_counter() - t)
+            guarded.append(CLOCK[0]() - t)
             stages.append(out.timings)
     med = tuple(statistics.median(s[i] for s in stages) for i in range(3))
     return statistics.median(plain), statistics.median(guarded), med
@@ -165,9 +168,9 @@ def floors(guard: Guard, x: torch.Tensor, repeats: int) -> tuple[float, float]:
     for stage in (signature, density):
         times = []
         for _ in range(repeats):
-            t = time.perf_counter()
+            t = CLOCK[0]()
             stage()
-            times.append(time.perf_counter() - t)
+            times.append(CLOCK[0]() - t)
         out.append(statistics.median(times))
     return out[0], out[1]
 
@@ -227,17 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fast mode also compares each prediction with this seeded subset of alternatives (default: all)")
     add_world_cache_flag(parser, "where a built world is read")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time plain, guard and floors by wall clock or by this thread's CPU time (needs --threads 1; "
+                             "the stage columns stay the guard's own wall-clock timings)")
     return parser
 
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.clock == "cpu":
+        if args.threads != 1:
+            raise SystemExit("--clock cpu needs --threads 1 (other threads' CPU time would not be counted)")
+        CLOCK[0] = time.thread_time
     torch.manual_seed(0)
     model, title, layers = world_model(args.world_cache)  # before set_num_threads: build_world sets its own
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = DetectorEvalConfig().detector
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}, clock {args.clock}")
     print(f"flagger features {list(cfg.features)}, K = {cfg.k} references, all other labels as alternatives")
     header = ["| model | mode | batch | plain ms/img | guard ms/img | plain img/s | guard img/s | guard / plain | "
               "stages fwd / sig / flag ms | floors fwd / sig / flag ms | floor / plain | bank MiB |",

@@ -137,13 +137,14 @@ def count_sketch(acts: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     """
     b, k = acts.shape
     signs, folded = _sketch_signs(k, dim, seed, acts.dtype, acts.device)
-    out = acts.new_empty(b, dim)
+    out, means = acts.new_empty(b, dim), acts.new_empty(b, 1)
     rows = max(1, _SKETCH_BUFFER_ELEMENTS // max(k, 1))
     signed = acts.new_empty(min(rows, b), k)
-    for i in range(0, b, rows):
+    for i in range(0, b, rows):  # one pass over the activations: each chunk is signed, folded and averaged while cached
         n = min(rows, b - i)
         out[i : i + n] = _fold(torch.mul(acts[i : i + n], signs, out=signed[:n]), dim)
-    return out - acts.mean(1, keepdim=True) * folded
+        means[i : i + n] = acts[i : i + n].mean(1, keepdim=True)
+    return out - means * folded
 
 
 _SKETCH_BUFFER_ELEMENTS = 1 << 18  # float32 signed rows per step: 1 MiB
