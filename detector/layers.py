@@ -402,7 +402,8 @@ class LayerTap:
         """images: (B, ...) model inputs -> TapOutput(logits (B, C), {layer: (B, k) float32})."""
         if not isinstance(images, torch.Tensor) or images.ndim < 2 or len(images) == 0:
             raise ValueError(f"images: expected a non-empty (B, ...) tensor, got {_describe(images)}")
-        self.module.eval()  # cheap, and a model put back in train mode must not change what is tapped
+        if any(m.training for m in self.module.modules()):  # a model put back in train mode must not change what is
+            self.module.eval()  # tapped; eval() itself sets every submodule's flag (~1.5 ms a call on the world CNN)
         logits, taps = self.module(images)
         stale = frozenset(n for n, (value, version) in zip(self.nodes, taps) if version is not None and value._version != version)
         if stale:  # changed in place after the node ran: copy those from now on, and run this batch again
