@@ -138,8 +138,8 @@ def _reduce_rows_float64(reduction: Reduction, acts: torch.Tensor) -> torch.Tens
     stage when it was made in 32 MiB row chunks). Other reductions (identity, projection: small
     layers) go in one piece.
     """
-    if reduction.kind != "channel_pool" or acts.ndim != 2 or acts.dtype == torch.float64:
-        return reduction.apply(acts.double())
+    if reduction.kind != "channel_pool" or acts.ndim != 2 or acts.dtype == torch.float64 or acts.numel() <= _CHUNK_ELEMENTS:
+        return reduction.apply(acts.double())  # small enough to convert at once: fewer ops (the world CNN's layers)
     b, k = acts.shape
     if k % reduction.channels:
         reduction.apply(acts[:1])  # raises its ValueError naming the mismatch
