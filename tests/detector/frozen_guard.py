@@ -1,5 +1,6 @@
-"""The guard's feature and score computation as it was before issue 24's speed work, kept verbatim
-(per-layer Python loops, float64 Mahalanobis one layer at a time, the chunked sketch) as a slow
+"""The guard's feature and score computation as it was before issue 24's speed work (commit 0be8ea3),
+its arithmetic kept op for op (per-layer Python loops, float64 Mahalanobis one layer at a time, the
+16 MB-chunked sketch; caches dropped: signs and row statistics are recomputed per call) as a slow
 reference: `frozen_verdicts(guard, images)` must give what `Guard.inspect_arrays` gives.
 
 Only the computation is frozen; the bundle's parts (bank, detector, flagger parameters, alternative
