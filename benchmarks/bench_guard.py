@@ -18,6 +18,11 @@ labels: the figures are about speed and memory, not detection. The flagger score
 evaluation ships (`evaluation.detector_eval.DetectorEvalConfig().detector`), fitted as a Gaussian since
 there are no attack images here (a logistic flagger's score, one dot product, costs less). Each timing is the median
 of `repeats` runs, plain and guard interleaved so background load hits both alike.
+
+Floors, side by side with the stages (`floors`): the plain forward pass; for the signature, one pass
+over each activation the bank reduces plus one GEMM per layer against the bank as stored (for exact
+mode: reading the bank once); for the flagger, the Mahalanobis member's float64 GEMMs (reading its
+precisions and class means once). "floor / plain" is what a guard doing only that would cost.
 """
 from __future__ import annotations
 
@@ -47,6 +52,9 @@ from semguard.detector.signature import reduction_agreement
 from semguard.models.normalize import imagenet_classifier
 
 FAST_WIDTH = 4096  # layers wider than this are count-sketched in fast mode
+# what plain, guard and floor timings read: wall time, or with --clock cpu the calling thread's CPU time (with
+# --threads 1 all the work runs on it, so other jobs on a shared machine delay the wall clock, not this one)
+CLOCK = [time.perf_counter]
 
 
 def world_model(cache_dir: Path) -> tuple[torch.nn.Module, str, list[str]]:
@@ -118,15 +126,53 @@ def time_pair(model, guard: Guard, x: torch.Tensor, repeats: int) -> tuple[float
     with torch.no_grad():
         model(x), guard.inspect_arrays(x)  # warm-up: allocator, lazy caches (unit prototypes)
         for _ in range(repeats):
-            t = time.perf_counter()
+            t = CLOCK[0]()
             model(x)
-            plain.append(time.perf_counter() - t)
-            t = time.perf_counter()
+            plain.append(CLOCK[0]() - t)
+            t = CLOCK[0]()
             out = guard.inspect_arrays(x)
-            guarded.append(time.perf_counter() - t)
+            guarded.append(CLOCK[0]() - t)
             stages.append(out.timings)
     med = tuple(statistics.median(s[i] for s in stages) for i in range(3))
     return statistics.median(plain), statistics.median(guarded), med
+
+
+def floors(guard: Guard, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds of the arithmetic no guard of this bundle can skip, on inputs prepared untimed.
+
+    signature: read each activation the bank reduces once (the bandwidth floor of a sketch: one pass)
+    and one float32 GEMM per layer against the prototypes as stored (reads the bank once).
+    flagger: the Mahalanobis member's float64 GEMMs, f @ P and (f P) @ mu^T per layer (reads its
+    precisions and class means once); the flagger's own score is a few dot products.
+    """
+    bank, maha = guard.bundle.bank, guard.bundle.mahalanobis
+    with torch.no_grad():
+        acts = guard.tap(x).acts
+        reduced = {n: bank.reduction(n).apply(acts[n]) for n in bank.layers}
+        wide = [acts[n] for n in bank.layers if bank.reduction(n).kind != "exact"]
+        protos = [torch.from_numpy(bank.prototypes[n]) for n in bank.layers]
+        feats = maha.features(acts) if maha is not None else {}
+        consts = [maha._scoring[n] for n in maha.layers] if maha is not None else []
+
+    def signature() -> None:
+        for a in wide:
+            a.sum()
+        for n, p in zip(bank.layers, protos):
+            reduced[n] @ p.T
+
+    def density() -> None:
+        for (mu, prec, _), f in zip(consts, feats.values()):
+            (f @ prec) @ mu.T
+
+    out = []
+    for stage in (signature, density):
+        times = []
+        for _ in range(repeats):
+            t = CLOCK[0]()
+            stage()
+            times.append(CLOCK[0]() - t)
+        out.append(statistics.median(times))
+    return out[0], out[1]
 
 
 def agreement(exact: Guard, fast: Guard, x: torch.Tensor) -> str:
@@ -153,9 +199,12 @@ def bench_model(title, model, layers, input_shape, n_classes, cfg, repeats, mode
             x = torch.rand(batch, *input_shape, generator=torch.Generator().manual_seed(batch))
             reps = repeats if batch == 32 else 3 * repeats
             plain, guarded, st = time_pair(model, guards[mode], x, reps)
+            sig_floor, flag_floor = floors(guards[mode], x, reps)
             rows.append(f"| {title} | {mode} | {batch} | {1e3 * plain / batch:.2f} | {1e3 * guarded / batch:.2f} | "
                         f"{batch / plain:.1f} | {batch / guarded:.1f} | {guarded / plain:.2f}x | "
-                        f"{1e3 * st[0]:.0f} / {1e3 * st[1]:.0f} / {1e3 * st[2]:.0f} | {mib:.1f} |")
+                        f"{1e3 * st[0]:.0f} / {1e3 * st[1]:.0f} / {1e3 * st[2]:.0f} | "
+                        f"{1e3 * plain:.0f} / {1e3 * sig_floor:.0f} / {1e3 * flag_floor:.0f} | "
+                        f"{(plain + sig_floor + flag_floor) / plain:.2f}x | {mib:.1f} |")
             print(rows[-1], flush=True)
     if len(guards) == 2:
         x = torch.rand(32, *input_shape, generator=torch.Generator().manual_seed(7))
@@ -181,20 +230,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fast mode also compares each prediction with this seeded subset of alternatives (default: all)")
     add_world_cache_flag(parser, "where a built world is read")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time plain, guard and floors by wall clock or by this thread's CPU time (needs --threads 1; "
+                             "the stage columns stay the guard's own wall-clock timings)")
     return parser
 
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.clock == "cpu":
+        if args.threads != 1:
+            raise SystemExit("--clock cpu needs --threads 1 (other threads' CPU time would not be counted)")
+        CLOCK[0] = time.thread_time
     torch.manual_seed(0)
     model, title, layers = world_model(args.world_cache)  # before set_num_threads: build_world sets its own
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = DetectorEvalConfig().detector
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}, clock {args.clock}")
     print(f"flagger features {list(cfg.features)}, K = {cfg.k} references, all other labels as alternatives")
     header = ["| model | mode | batch | plain ms/img | guard ms/img | plain img/s | guard img/s | guard / plain | "
-              "stages fwd / sig / flag ms | bank MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "stages fwd / sig / flag ms | floors fwd / sig / flag ms | floor / plain | bank MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(header))
     rows = bench_model(title, model.eval(), layers, (3, 32, 32), 100, cfg, args.repeats, ("exact", "fast"),
                        args.fast_alternatives)

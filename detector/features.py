@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from semguard.detector.bundle import Bundle, BundleError
 from semguard.detector.flagger import assemble_features, feature_names
@@ -69,10 +70,12 @@ def flagger_features(acts: Mapping[str, torch.Tensor], predicted: torch.Tensor, 
     the Mahalanobis reduction goes a few rows at a time, so serving keeps its memory bound.
     """
     start = time.perf_counter()
-    sig = signature_parts(acts, predicted, recipe.bank, recipe.n_alternatives, recipe.seed, eligible=recipe.eligible)
+    with record_function("guard.signature"):  # stage names for benchmarks/profile_guard.py
+        sig = signature_parts(acts, predicted, recipe.bank, recipe.n_alternatives, recipe.seed, eligible=recipe.eligible)
     signed = time.perf_counter()  # signature_parts returns numpy: the device has finished
-    density = recipe.mahalanobis.layer_scores(acts) if "mahalanobis" in recipe.kinds else None
-    features = assemble_features(recipe.kinds, sig, density)
+    with record_function("guard.density"):
+        density = recipe.mahalanobis.layer_scores(acts) if "mahalanobis" in recipe.kinds else None
+        features = assemble_features(recipe.kinds, sig, density)
     return FlaggerFeatures(features, sig, signed - start, time.perf_counter() - signed)
 
 

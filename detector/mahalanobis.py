@@ -127,20 +127,32 @@ class MahalanobisDetector:
         return {n: int(self.means[n].nbytes + self.precisions[n].nbytes) for n in self.layers}
 
 
-_CHUNK_ELEMENTS = 1 << 22  # float64 temporary per chunk: 32 MiB
+_CHUNK_ELEMENTS = 1 << 18  # float64 staging buffer per step: 2 MiB, stays in a core's L2 cache
 
 
 def _reduce_rows_float64(reduction: Reduction, acts: torch.Tensor) -> torch.Tensor:
-    """reduction.apply(acts.double()) for (B, k) acts, a few rows at a time.
+    """reduction.apply(acts.double()) for (B, k) acts, without a float64 copy of the batch.
 
-    A channel-pooled row only depends on itself, so the result is the same, but the float64
-    copy of a whole batch (5 GB for resnet50's 49 ReLUs at batch 32) is never made: making it
-    cost ~1 s per batch. Other reductions (identity, projection: small layers) go in one piece.
+    A channel mean only depends on its own channel, so channels are converted a few at a time
+    into one reused L2-sized buffer and averaged there: the same float64 means, bit for bit, as
+    converting the whole batch (5 GB for resnet50's 49 ReLUs at batch 32, ~65% of the density
+    stage when it was made in 32 MiB row chunks). Other reductions (identity, projection: small
+    layers) go in one piece.
     """
-    if reduction.kind != "channel_pool" or acts.ndim != 2 or acts.dtype == torch.float64 or len(acts) < 2:
-        return reduction.apply(acts.double())
-    rows = max(1, _CHUNK_ELEMENTS // max(1, acts.shape[1]))
-    return torch.cat([reduction.apply(acts[i : i + rows].double()) for i in range(0, len(acts), rows)])
+    if reduction.kind != "channel_pool" or acts.ndim != 2 or acts.dtype == torch.float64 or acts.numel() <= _CHUNK_ELEMENTS:
+        return reduction.apply(acts.double())  # small enough to convert at once: fewer ops (the world CNN's layers)
+    b, k = acts.shape
+    if k % reduction.channels:
+        reduction.apply(acts[:1])  # raises its ValueError naming the mismatch
+    hw = k // reduction.channels
+    rows = acts.reshape(b * reduction.channels, hw)  # (B * channels, H * W): one row per channel
+    step = max(1, _CHUNK_ELEMENTS // hw)
+    staging = torch.empty(min(step, len(rows)), hw, dtype=torch.float64, device=acts.device)
+    out = torch.empty(len(rows), dtype=torch.float64, device=acts.device)
+    for i in range(0, len(rows), step):
+        n = min(step, len(rows) - i)
+        out[i : i + n] = staging[:n].copy_(rows[i : i + n]).mean(-1)
+    return out.reshape(b, reduction.channels)
 
 
 def fit_mahalanobis(

@@ -83,7 +83,8 @@ class ServiceConfig:
     tls_client_ca: str | None = None    # PEM CA: when set, clients must present a certificate it signed (mTLS)
     grace_seconds: float = 10.0         # shutdown: how long in-flight requests may finish
     max_workers: int = 32               # gRPC handler threads; each waits on the batcher, so > concurrent clients
-    torch_threads: int | None = None    # guard intra-op threads (process-wide); None = torch's default. Set it
+    torch_threads: int | None = None    # guard intra-op threads (process-wide); None = the CPUs the process may
+                                        # use (affinity, cgroup quota: server.inference_threads). Set it
                                         # below the core count when clients or other jobs share the cores:
                                         # oversubscribed OpenMP threads stall batched forwards badly
     query: QueryDefenceConfig = field(default_factory=QueryDefenceConfig)  # stateful query-attack defence

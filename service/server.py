@@ -11,6 +11,8 @@ once, and the guard reports not ready until the upstream is usable (service/upst
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import socket
 import threading
@@ -39,6 +41,23 @@ OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_na
 GUARD_SERVICE = guard_pb2.DESCRIPTOR.services_by_name["Guard"].full_name
 
 
+def inference_threads(requested: int | None, cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """The guard's intra-op threads: `requested` (--torch-threads), else the CPUs this process may use:
+    its affinity mask (a container's CPU set), capped by a cgroup v2 CPU quota (a container's CPU limit),
+    both of which torch's default (the machine's cores) ignores; None where neither is known."""
+    if requested is not None:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            limit = max(1, math.ceil(int(quota) / int(period)))
+            cpus = limit if cpus is None else min(cpus, limit)
+    except (OSError, ValueError):
+        pass  # no cgroup v2 CPU controller here: the affinity mask alone
+    return cpus
+
+
 class GuardServer:
     """A grpc.Server plus what must start and stop with it (batcher, metrics endpoint, health)."""
 
@@ -50,9 +69,10 @@ class GuardServer:
         self.metrics_port: int | None = None
 
     def start(self) -> None:
-        if self.config.torch_threads is not None:
+        threads = inference_threads(self.config.torch_threads)
+        if threads is not None:
             import torch
-            torch.set_num_threads(self.config.torch_threads)  # process-wide, hence at start, not in create
+            torch.set_num_threads(threads)  # process-wide, hence at start, not in create
         self.grpc_server.start()
         if self.config.metrics_port is not None:
             host = self.config.metrics_host or self.config.host

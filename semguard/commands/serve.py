@@ -51,7 +51,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--tls-client-ca", "tls_client_ca", "PEM CA that client certificates must chain to (mTLS)"),
     Flag("--grace-seconds", "grace_seconds", "shutdown grace for in-flight requests"),
     Flag("--max-workers", "max_workers", "gRPC handler threads"),
-    Flag("--torch-threads", "torch_threads", "guard intra-op threads (default: torch's, all cores)"),
+    Flag("--torch-threads", "torch_threads", "guard intra-op threads (default: the CPUs the process may use: "
+         "affinity, cgroup quota)"),
     Flag("--query-defence", "query.mode", "stateful query-attack defence: annotate answers with the query verdict, "
          "block refuses near-duplicate queries of suspected clients, ban refuses all their queries for a while",
          QUERY_DEFENCE_MODES),

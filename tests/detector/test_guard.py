@@ -83,6 +83,9 @@ def test_inspect_is_batch_independent(bundle_dir, world):
         (torch.zeros(0, 3, 8, 8), "empty batch"),
         (torch.zeros(2, 3, 8, 8, dtype=torch.float64), "float32"),
         (torch.full((2, 3, 8, 8), float("nan")), "NaN"),
+        (torch.zeros(2, 3, 8, 8).index_put_((torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan"))), "NaN"),
+        (torch.zeros(2, 3, 8, 8).index_put_((torch.tensor(0),), torch.tensor(float("inf"))), "infinite"),
+        (torch.zeros(2, 3, 8, 8).index_put_((torch.tensor(1),), torch.tensor(-float("inf"))), "infinite"),
         (torch.full((2, 3, 8, 8), 255.0), r"\[0, 1\]"),
     ],
 )

@@ -376,3 +376,37 @@ def test_inception_weights_with_or_without_aux_head(tmp_path):
         assert set(preset_layers("inception_v3")) <= set(graph_node_names(model))
         outputs.append(model(x))
     torch.testing.assert_close(outputs[0], outputs[1])
+
+
+class _Residual(nn.Module):
+    """conv -> bn, `out += x`, relu: the residual pattern tracing turns into an out-of-place add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        out += x
+        return self.relu(out).mean((2, 3))
+
+
+@pytest.mark.parametrize("layers,in_place", [(["relu"], 1), (["bn", "relu"], 0)])
+def test_residual_adds_run_in_place_unless_the_left_operand_is_tapped(layers, in_place):
+    import operator
+
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    model.bn.running_mean.uniform_(-1, 1)  # a batch norm that changes its input
+    tap = LayerTap(model, layers)
+    assert sum(n.target is operator.iadd for n in tap.module.graph.nodes) == in_place
+    x = torch.rand(4, 3, 5, 5)
+    with torch.no_grad():
+        out = tap(x)
+        torch.testing.assert_close(out.logits, model(x), rtol=0, atol=0)
+        bn = model.bn(model.conv(x))
+        torch.testing.assert_close(out.acts["relu"], torch.relu(bn + x).flatten(1), rtol=0, atol=0)
+        if "bn" in layers:
+            torch.testing.assert_close(out.acts["bn"], bn.flatten(1), rtol=0, atol=0)

@@ -52,6 +52,17 @@ def test_outliers_score_higher_and_roundtrip(tmp_path):
     assert back.reductions == det.reductions
 
 
+@pytest.mark.parametrize("b,channels,hw", [(3, 64, 12544), (5, 7, 9), (1, 2048, 49), (2, 1, 1)])
+def test_channel_means_in_float64_without_a_float64_copy_are_bit_exact(b, channels, hw):
+    from semguard.detector.mahalanobis import _reduce_rows_float64
+
+    acts = torch.relu(torch.randn(b, channels * hw, generator=torch.Generator().manual_seed(b)))
+    red = Reduction("channel_pool", channels=channels)
+    assert torch.equal(_reduce_rows_float64(red, acts), red.apply(acts.double()))
+    with pytest.raises(ValueError, match=f"do not split into {channels * hw + 1} channels"):
+        _reduce_rows_float64(Reduction("channel_pool", channels=channels * hw + 1), acts)
+
+
 def test_bad_input_raises(tmp_path):
     with pytest.raises(ValueError, match="labels"):
         fit_mahalanobis({"a": np.zeros((3, 2))}, np.array([0, 1, 7]), num_classes=3)

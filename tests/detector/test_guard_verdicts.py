@@ -1,0 +1,111 @@
+"""The guard's verdicts are those of the pre-issue-24 code (tests/detector/frozen_guard.py, the old
+per-layer loops kept as a slow reference): scores equal to 1e-6 relative and flags identical, on the
+test bundles (tiny CNN: gaussian exact bank, ensemble on a sketched bank, logistic on a projected bank
+with a subset of alternatives; a tiny WorldNet) and on the embedded world's bundle (slow)."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from semguard.detector.bundle import ModelSpec
+from semguard.detector.calibrate import CalibrationConfig
+from semguard.detector.guard import Guard, calibrate_guard
+from tests.detector.frozen_guard import frozen_verdicts
+from tests.tiny_cnn import LAYERS, tiny_task
+from tests.tiny_worldnet import IMAGE_SIZE, write_worldnet_bundle
+
+N_CLASSES = 8
+SCORE_RTOL = 1e-6  # the issue's bound; features get the same
+
+
+def assert_same_verdicts(guard: Guard, images: torch.Tensor, batches=(1, 7, 32)) -> None:
+    """Guard.inspect_arrays vs the frozen computation, batch by batch (the same batches on both sides)."""
+    flagged = 0
+    for size in batches:
+        for start in range(0, len(images), size):
+            x = images[start : start + size]
+            new, old = guard.inspect_arrays(x), frozen_verdicts(guard, x)
+            scale = max(1.0, float(np.abs(old.score).max()))
+            np.testing.assert_allclose(new.features, old.features, rtol=SCORE_RTOL, atol=1e-9 * scale)
+            np.testing.assert_allclose(new.score, old.score, rtol=SCORE_RTOL, atol=1e-9 * scale)
+            np.testing.assert_array_equal(new.signature, old.fraction)
+            np.testing.assert_allclose(new.margin, old.margin, rtol=SCORE_RTOL, atol=1e-12)
+            np.testing.assert_array_equal(new.flagged, old.flagged)
+            flagged += int(old.flagged.sum())
+    assert 0 < flagged < len(batches) * len(images), "the images must give both verdicts, or flags test nothing"
+
+
+@pytest.fixture(scope="module")
+def task():
+    return tiny_task(N_CLASSES, 160)
+
+
+def probe_images(task) -> torch.Tensor:
+    """Clean images, noisier ones (flagged more often) and a constant image (zero profiles)."""
+    noisy = (task.images[:40] + 0.4 * torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
+    return torch.cat([task.images[:40], noisy, torch.full((1, 3, 8, 8), 0.5)])
+
+
+CONFIGS = {
+    "gaussian-exact": CalibrationConfig(k=100, per_concept=3, target_fpr=0.1, batch_size=32),
+    "ensemble-sketch": CalibrationConfig(method="ensemble", per_concept=3, target_fpr=0.1, batch_size=32,
+                                         bank_max_width=100, bank_reduction="sketch", bank_projection_dim=31),
+    "logistic-projection": CalibrationConfig(method="logistic", per_concept=3, target_fpr=0.1, batch_size=32,
+                                             bank_max_width=100, bank_reduction="projection", bank_projection_dim=29,
+                                             n_alternatives=3),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tiny_cnn_bundles_keep_their_verdicts(task, tmp_path, name):
+    cfg = CONFIGS[name]
+    attack = None
+    if cfg.method != "gaussian":
+        attack = (task.images[:40] + 0.3 * torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(7))).clamp(0, 1)
+    calibrate_guard(task.model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
+                    task.words, task.images, task.labels, tmp_path, attack_images=attack, config=cfg)
+    guard = Guard.load(tmp_path)
+    assert guard.bundle.flagger.method == cfg.method
+    if cfg.bank_max_width:
+        assert {r.kind for r in guard.bundle.bank.reductions.values()} == {cfg.bank_reduction}
+    assert_same_verdicts(guard, probe_images(task))
+
+
+def test_a_changed_computation_is_caught(task, tmp_path):
+    """The comparison can fail: a guard whose flagger threshold moved by one clean score's gap disagrees."""
+    cfg = CONFIGS["gaussian-exact"]
+    calibrate_guard(task.model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
+                    task.words, task.images, task.labels, tmp_path, config=cfg)
+    guard = Guard.load(tmp_path)
+    bent = dataclasses.replace(guard.bundle.flagger, center=guard.bundle.flagger.center * (1 + 1e-4))
+    guard.bundle = dataclasses.replace(guard.bundle, flagger=bent)
+    old_guard = Guard.load(tmp_path)
+    x = probe_images(task)[:32]
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(guard.inspect_arrays(x).score, frozen_verdicts(old_guard, x).score, rtol=SCORE_RTOL)
+
+
+def test_tiny_worldnet_bundle_keeps_its_verdicts(tmp_path):
+    guard = Guard.load(write_worldnet_bundle(tmp_path))
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand(6, 3, 1, 1, generator=gen) + 0.2 * torch.rand(6, 10, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).transpose(0, 1)
+    images = torch.cat([images.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).clamp(0, 1),
+                        torch.rand(12, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)])
+    assert_same_verdicts(guard, images)
+
+
+@pytest.mark.slow
+def test_world_bundle_keeps_its_verdicts(tmp_path):
+    """The embedded world (shipped weights, copied into tmp) calibrated as `semguard detector calibrate` does,
+    on a stratified 300 of its images; verdicts on its test images and their noisy versions."""
+    from semguard.cli import main
+    from semguard.world import WorldSettings, build_world
+
+    bundle = tmp_path / "bundle"
+    assert main(["detector", "calibrate", "--world-cache", str(tmp_path / "world"), "--out", str(bundle),
+                 "--max-images", "300", "--quiet"]) == 0
+    world = build_world(WorldSettings(), tmp_path / "world", progress=False)
+    test = torch.from_numpy(world.test_images[::100]).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
+    noisy = (test + 0.1 * torch.randn(test.shape, generator=torch.Generator().manual_seed(4))).clamp(0, 1)
+    assert_same_verdicts(Guard.load(bundle), torch.cat([test, noisy]), batches=(5, 32))
