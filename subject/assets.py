@@ -18,13 +18,15 @@ Models (the model is always wrapped so that it takes [0, 1] images; eval mode, C
   world's architecture, 32 x 32 images taken as they are.
 
 `input_size` / `resize` / `mean` / `std` override the conventions (`input_size` alone keeps the
-convention's crop ratio). Layers: `layers`, else the architecture's preset (resnet50,
-inception_v3, vgg16, worldnet), else every ReLU of the model.
+convention's crop ratio). Layers: `layers` (--layers), else the architecture's preset (resnet50,
+inception_v3, vgg16, worldnet), else every activation-function output of the model (ReLU, ReLU6,
+LeakyReLU, GELU, SiLU, Hardswish, Mish, ...: modules and functional calls), the count printed.
 """
 from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -86,7 +88,7 @@ def load_asset_subject(spec: SubjectSpec, progress: bool = True) -> Subject:
     transform = Transform(size, resize, conv.interpolation)
     model = loaded.module.eval()
     _check_outputs(model, size, len(classes.synonyms), spec)
-    layers = _layers(spec, loaded)
+    layers = _layers(spec, loaded, progress)
     word_vectors, matched = _class_vectors(spec, classes, progress)
     return Subject(loaded.name, model, loaded.spec, layers, classes.names, word_vectors, matched,
                    source.image_set(transform), spec, str(spec.weights) if spec.weights is not None else None)
@@ -332,8 +334,10 @@ def _check_outputs(model: nn.Module, size: int, n_classes: int, spec: SubjectSpe
         raise ValueError(f"{what}: gives outputs {got} per image, but {_class_source(spec)} has {n_classes} classes")
 
 
-def _layers(spec: SubjectSpec, loaded: _Model) -> list[str]:
-    from semguard.detector.layers import LayerTap, known_presets, preset_layers, relu_nodes
+def _layers(spec: SubjectSpec, loaded: _Model, progress: bool = True) -> list[str]:
+    """--layers / TOML layers, else the architecture's preset, else every activation-function output
+    (ReLU, ReLU6, GELU, SiLU, Hardswish, ...; detector.layers.activation_nodes); the count is printed."""
+    from semguard.detector.layers import LayerTap, activation_nodes, known_presets, preset_layers
     from semguard.models.normalize import Normalized
 
     if spec.layers is not None:
@@ -344,11 +348,17 @@ def _layers(spec: SubjectSpec, loaded: _Model) -> list[str]:
     if loaded.arch is not None and loaded.arch in known_presets() and not loaded.name.startswith("timm/"):
         return preset_layers(loaded.arch)
     inner = loaded.module.model if isinstance(loaded.module, Normalized) else loaded.module
-    names = relu_nodes(inner)
-    if not names:
-        raise ValueError(f"layers: {loaded.name} has no ReLU nodes to tap by default; list the graph node names to "
-                         "tap as `layers = [...]` in the subject TOML (detector.layers.graph_node_names(model))")
-    return names
+    found = activation_nodes(inner)
+    if not found:
+        raise ValueError(f"layers: {loaded.name} has no activation-function outputs (ReLU, ReLU6, GELU, SiLU, "
+                         "Hardswish, ...) to tap by default; name the graph nodes to tap with --layers a,b,c or "
+                         "`layers = [...]` in the subject TOML (detector.layers.graph_node_names(model))")
+    if progress:
+        kinds = ", ".join(f"{k} {n}" for k, n in Counter(found.values()).most_common())
+        print(f"layers: tapping {len(found)} activation outputs of {loaded.name} ({kinds}), {next(iter(found))} .. "
+              f"{list(found)[-1]}; choose others with --layers a,b,c or `layers = [...]` in the subject TOML",
+              file=sys.stderr)
+    return list(found)
 
 
 # --------------------------------------------------------------------------- vectors

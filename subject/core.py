@@ -41,7 +41,8 @@ class SubjectSpec:
     input_size / resize: override the architecture's transform (centre crop / short side).
     trust_pickled_vectors: allow gensim's pickled .kv files (never by default).
     mean / std: override the architecture's normalisation (per channel, on [0, 1] pixels).
-    layers: override the tapped layers (graph node names; default: the architecture's preset, else its ReLUs).
+    layers: override the tapped layers (graph node names; default: the architecture's preset, else every
+        activation-function output: ReLU, ReLU6, GELU, SiLU, ...).
     """
 
     model: str | None = None
@@ -186,7 +187,7 @@ def world_subject(spec: SubjectSpec = SubjectSpec(), progress: bool = True, inpu
         inputs = load_world_inputs(WorldSettings(seed=spec.world_seed), spec.world_cache, progress=progress)
     w = inputs.world
     return Subject(
-        "worldnet", inputs.model, worldnet_spec(inputs.model), preset_layers("worldnet"), list(w.classes),
+        "worldnet", inputs.model, worldnet_spec(inputs.model), list(spec.layers or preset_layers("worldnet")), list(w.classes),
         inputs.word_vectors, np.ones(len(w.classes), bool), ArrayImages(w.test_images, w.test_labels), spec,
         str(w.model_path),
     )

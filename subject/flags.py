@@ -16,7 +16,8 @@ working directory. A flag given on the command line replaces the file's key.
     labels = "LOC_synset_mapping.txt"
     vectors = "GoogleNews-vectors-negative300.bin.gz"
 
-TOML-only keys (no flag): `mean`, `std` (lists of floats), `layers` (list of graph node names).
+TOML-only keys (no flag): `mean`, `std` (lists of floats). `layers` (list of graph node names) is also
+`--layers a,b,c`.
 """
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ def add_subject_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=help_text)
     group.add_argument("--trust-pickled-vectors", dest="trust_pickled_vectors", action="store_true", default=None,
                        help="allow a gensim pickled .kv vectors file (unpickling runs code: only files you made)")
+    group.add_argument("--layers", dest="layers", type=_layer_names, default=None, metavar="NAME,NAME,...",
+                       help="graph node names to tap, comma-separated (TOML: layers = [...]); default: the "
+                            "architecture's preset, else every activation-function output")
 
 
 def subject_spec_from_args(args: argparse.Namespace, world_cache: Path | str | None = None,
@@ -68,12 +72,19 @@ def subject_spec_from_args(args: argparse.Namespace, world_cache: Path | str | N
     toml_path = getattr(args, "subject", None)
     if toml_path is not None:
         values.update(read_subject_toml(toml_path))
-    for key in (*FLAG_KEYS, "trust_pickled_vectors"):
+    for key in (*FLAG_KEYS, "trust_pickled_vectors", "layers"):
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value
     cache = Path(world_cache) if world_cache is not None else Path(getattr(args, "world_cache", DEFAULT_WORLD_CACHE))
     return SubjectSpec(**values, world_cache=cache, world_seed=world_seed)
+
+
+def _layer_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated graph node names, got {text!r}")
+    return names
 
 
 def read_toml(path: Path) -> dict[str, Any]:
