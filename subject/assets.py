@@ -371,7 +371,7 @@ def _class_vectors(spec: SubjectSpec, classes: ClassList, progress: bool) -> tup
 
     kv = load_subject_vectors(spec.vectors, vectors_cache_dir(spec.world_cache),
                               trust_pickled=spec.trust_pickled_vectors, progress=progress)
-    match = match_labels(kv, classes.synonyms)
+    match = match_labels(kv, classes.synonyms, phrase_mean=spec.phrase_mean)
     n = len(classes.synonyms)
     vectors = np.zeros((n, kv.vector_size), np.float32)  # (C, d)
     vectors[match.matched] = match.vectors
@@ -380,7 +380,10 @@ def _class_vectors(spec: SubjectSpec, classes: ClassList, progress: bool) -> tup
     if not match.matched:
         raise ValueError(f"--vectors {spec.vectors}: none of the {n} classes has a word vector (first tried: "
                          f"{classes.synonyms[0]!r}); is it the right vectors file and labels file?")
-    text = f"{len(match.matched)} of {n} classes have a word vector"
+    counts = match.counts()
+    rules = (f"{counts['word']} by a word, {counts['phrase']} by a phrase token, {counts['mean']} by the mean of "
+             f"their words" + ("" if spec.phrase_mean else " (off: --no-phrase-mean)"))
+    text = f"{len(match.matched)} of {n} classes have a word vector ({rules})"
     if match.unmatched:
         listed = ", ".join(classes.names[i] for i in match.unmatched[:MAX_LISTED])
         text += f"; unmatched left out of the semantic analyses: {listed}"
