@@ -90,17 +90,22 @@ def analyze_attacks(subject, attack_set: AttackSet, out: Path, reference_size: i
     adv_true, adv_pred = remap[[r.source_class for r in kept]], remap[[r.target_class for r in kept]]
     if (adv_true < 0).any() or (adv_pred < 0).any():
         raise ValueError(f"attack set {attack_set.path} attacks classes without a word vector in this subject")
-    adversarial = scores(tapped(tap, attack_set.images(kept)), adv_true, adv_pred, np.array([r.rank for r in kept]))
+    # read in TAP_BATCH chunks, like the test images below: memory does not grow with the number of attacks
+    attacked = (attack_set.images(kept[i:i + TAP_BATCH]) for i in range(0, len(kept), TAP_BATCH))
+    adversarial = scores((b for x in attacked for b in tapped(tap, x)), adv_true, adv_pred,
+                         np.array([r.rank for r in kept]))
 
     wrong = np.flatnonzero((predicted != true) & (predicted >= 0))  # mistaken for another class with a vector
-    if len(wrong) == 0:
-        raise ValueError("the model misclassifies no test image of a class with a word vector: nothing to analyse")
-    chunks = (images.load(pool[wrong[i:i + TAP_BATCH]]) for i in range(0, len(wrong), TAP_BATCH))
-    misclassified = scores((b for x in chunks for b in tapped(tap, x)), true[wrong], predicted[wrong], None)
-
     result = attack_summary(attack_set, adversarial)
-    result["misclassified"] = {**misclassified.as_json(),
-                               "mean_cosine": mean_cosine(vectors, true[wrong], predicted[wrong])}
+    misclassified = None
+    if len(wrong) == 0:  # a good model on a few photos: the attacks are still analysed
+        result["misclassified"] = {"count": 0, "mean_cosine": None,
+                                   "skipped": "the model misclassifies no test image of a class with a word vector"}
+    else:
+        chunks = (images.load(pool[wrong[i:i + TAP_BATCH]]) for i in range(0, len(wrong), TAP_BATCH))
+        misclassified = scores((b for x in chunks for b in tapped(tap, x)), true[wrong], predicted[wrong], None)
+        result["misclassified"] = {**misclassified.as_json(),
+                                   "mean_cosine": mean_cosine(vectors, true[wrong], predicted[wrong])}
     result["subject"] = {"name": subject.name, "classes": len(subject.classes), "with_word_vector": len(matched),
                          "test_images": len(pool)}
     plot_attack_figures(out, adversarial, misclassified, layer_blocks(subject.name, subject.layers))
@@ -131,7 +136,7 @@ def attack_summary(attack_set: AttackSet, adversarial: OneVsTwoScores) -> dict:
     }
 
 
-def plot_attack_figures(out: Path, adversarial: OneVsTwoScores, misclassified: OneVsTwoScores,
+def plot_attack_figures(out: Path, adversarial: OneVsTwoScores, misclassified: OneVsTwoScores | None,
                         blocks: list[str]) -> None:
     """Paper Figure 6 (1 vs 2 of adversarial images by target rank) and Figures 4-5 (misclassified)."""
     curves = {f"rank {g} (n={n})": acc for g, n, acc in
@@ -142,6 +147,8 @@ def plot_attack_figures(out: Path, adversarial: OneVsTwoScores, misclassified: O
         significant={"all ranks": adversarial.p_bhy < 0.05}, ylabel="1 vs 2 accuracy (true label wins)",
         title=f"1 vs 2, successful MI-FGSM images (n={adversarial.count}), by target similarity rank",
     )
+    if misclassified is None:
+        return
     names, averaged = block_average(misclassified.accuracy, blocks)
     plot_by_layer(
         out / "misclassified_one_vs_two_by_block.png", names, {"block average": averaged},

@@ -88,7 +88,7 @@ def load_asset_subject(spec: SubjectSpec, progress: bool = True) -> Subject:
     transform = Transform(size, resize, conv.interpolation)
     model = loaded.module.eval()
     _check_outputs(model, size, len(classes.synonyms), spec)
-    layers = _layers(spec, loaded, progress)
+    layers = _layers(spec, loaded)
     word_vectors, matched = _class_vectors(spec, classes, progress)
     return Subject(loaded.name, model, loaded.spec, layers, classes.names, word_vectors, matched,
                    source.image_set(transform), spec, str(spec.weights) if spec.weights is not None else None)
@@ -334,7 +334,7 @@ def _check_outputs(model: nn.Module, size: int, n_classes: int, spec: SubjectSpe
         raise ValueError(f"{what}: gives outputs {got} per image, but {_class_source(spec)} has {n_classes} classes")
 
 
-def _layers(spec: SubjectSpec, loaded: _Model, progress: bool = True) -> list[str]:
+def _layers(spec: SubjectSpec, loaded: _Model) -> list[str]:
     """--layers / TOML layers, else the architecture's preset, else every activation-function output
     (ReLU, ReLU6, GELU, SiLU, Hardswish, ...; detector.layers.activation_nodes); the count is printed."""
     from semguard.detector.layers import LayerTap, activation_nodes, known_presets, preset_layers
@@ -353,11 +353,10 @@ def _layers(spec: SubjectSpec, loaded: _Model, progress: bool = True) -> list[st
         raise ValueError(f"layers: {loaded.name} has no activation-function outputs (ReLU, ReLU6, GELU, SiLU, "
                          "Hardswish, ...) to tap by default; name the graph nodes to tap with --layers a,b,c or "
                          "`layers = [...]` in the subject TOML (detector.layers.graph_node_names(model))")
-    if progress:
-        kinds = ", ".join(f"{k} {n}" for k, n in Counter(found.values()).most_common())
-        print(f"layers: tapping {len(found)} activation outputs of {loaded.name} ({kinds}), {next(iter(found))} .. "
-              f"{list(found)[-1]}; choose others with --layers a,b,c or `layers = [...]` in the subject TOML",
-              file=sys.stderr)
+    kinds = ", ".join(f"{k} {n}" for k, n in Counter(found.values()).most_common())
+    # like the vectors report, printed with --quiet too: it says what the run measures
+    print(f"layers: tapping {len(found)} activation outputs of {loaded.name} ({kinds}), {next(iter(found))} .. "
+          f"{list(found)[-1]}; choose others with --layers a,b,c or `layers = [...]` in the subject TOML", file=sys.stderr)
     return list(found)
 
 

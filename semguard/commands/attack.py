@@ -187,7 +187,8 @@ def run_attack_analyze(args: argparse.Namespace) -> int:
         "layers": adv["layers"],
         "one_vs_two_mean_over_ranks": [round(a, 3) for a in adv["accuracy"]],
         "misclassified_count": result["misclassified"]["count"],
-        "misclassified_mean_cosine": round(result["misclassified"]["mean_cosine"], 3),
+        "misclassified_mean_cosine": (None if result["misclassified"]["mean_cosine"] is None
+                                      else round(result["misclassified"]["mean_cosine"], 3)),
     }, indent=2))
     print(f"figures and analysis.json in {args.out}")
     return 0
