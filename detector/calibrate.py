@@ -299,9 +299,10 @@ def check_calibration(flagger, calib_x: np.ndarray, attack_held: np.ndarray | No
     warnings = []
     needed = held_out_needed(flagger.target_fpr)
     if len(clean) < needed:
-        warnings.append(f"{len(clean)} held-out clean images set the threshold; a false-positive rate of "
-                        f"{flagger.target_fpr:g} needs >= {needed} ({MIN_TAIL} of them above the threshold), so the "
-                        "threshold is about the largest clean score and the realised FPR on new images is unknown")
+        above = int(np.floor(len(clean) * flagger.target_fpr))
+        warnings.append(f"{len(clean)} held-out clean images set the threshold and {above} of them lie above it; a "
+                        f"false-positive rate of {flagger.target_fpr:g} needs >= {needed} ({MIN_TAIL} above it), so "
+                        "the realised FPR on new clean images may be far from the target")
     held = None
     if attack_held is not None and len(attack_held):
         held = auroc(clean, flagger.score(attack_held))

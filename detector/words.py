@@ -139,8 +139,8 @@ def _vocabulary_beside(npy: Path) -> Path:
 def _pair_in_folder(folder: Path) -> tuple[Path, Path]:
     arrays = sorted(folder.glob("*.npy"))
     if len(arrays) != 1:
-        raise ValueError(f"path: directory {str(folder)!r} is neither a native folder ({_NATIVE_WORDS} + "
-                         f"{_NATIVE_VECTORS}) nor one .npy with its vocabulary ({len(arrays)} .npy files)")
+        raise ValueError(f"path: directory {str(folder)!r} lacks {_NATIVE_WORDS} and {_NATIVE_VECTORS} (a native "
+                         f"folder) and holds {len(arrays)} .npy files (one .npy with its vocabulary)")
     return arrays[0], _vocabulary_beside(arrays[0])
 
 
