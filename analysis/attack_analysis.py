@@ -32,8 +32,21 @@ from semguard.detector.layers import LayerTap, iter_activations, layer_blocks
 from semguard.files import write_json_atomic
 from semguard.models.inputs import as_model_input, predict
 
-TAP_BATCH = 128  # images per tapped forward pass
+TAP_BATCH = 128  # images per tapped forward pass, at most (fewer when --memory-budget says so)
 PREDICT_BATCH = 256  # images per prediction pass
+# bytes held per tapped float32 activation in a pass: the tap's value, the forward's other intermediates
+# around it and the float64 correlation temporaries (measured ~3x on EfficientNet-Lite0: 96 images, 8.5 GiB)
+HELD_PER_ACTIVATION = 12
+
+
+def tap_batch_size(tap: LayerTap, image: torch.Tensor, memory_budget_gib: float) -> int:
+    """Images per tapped pass so that one pass holds about `memory_budget_gib` (1 .. TAP_BATCH);
+    image: (1, 3, H, W), tapped once to measure the activations per image."""
+    if memory_budget_gib <= 0:
+        raise ValueError(f"--memory-budget must be > 0 GiB, got {memory_budget_gib}")
+    with torch.no_grad():
+        width = sum(a.shape[1] for a in tap(image.to(tap.device)).acts.values())  # floats per image, all layers
+    return int(max(1, min(TAP_BATCH, memory_budget_gib * 2**30 // (HELD_PER_ACTIVATION * width))))
 
 
 def tapped(tap: LayerTap, images: np.ndarray | torch.Tensor, batch_size: int = TAP_BATCH) -> Iterator[dict[str, np.ndarray]]:
@@ -58,12 +71,14 @@ def predict_images(model: torch.nn.Module, images, indices: np.ndarray) -> np.nd
 
 
 def analyze_attacks(subject, attack_set: AttackSet, out: Path, reference_size: int = 100, n_permutations: int = 1000,
-                    seed: int = 0, max_images: int | None = None) -> dict:
+                    seed: int = 0, max_images: int | None = None, memory_budget_gib: float = 4.0) -> dict:
     """1 vs 2 of the set's successful images (by target rank) and of the misclassified test images.
 
     subject: a semguard.subject.Subject. Returns the `attacks`, `adversarial_one_vs_two`, `misclassified` and
     `subject` sections; writes analysis.json and the figures in out. max_images: read at most this many test
     images for the references and the misclassified study (clean_image_indices: stratified over the classes).
+    memory_budget_gib: activations held by one tapped pass (`tap_batch_size`); peak memory is that, the
+    references' activations (reference_size images) and the (n, R) profiles, whatever the number of images.
     """
     Path(out).mkdir(parents=True, exist_ok=True)
     matched = np.flatnonzero(subject.matched)  # analysis index -> class id
@@ -77,7 +92,8 @@ def analyze_attacks(subject, attack_set: AttackSet, out: Path, reference_size: i
     predicted = remap[predict_images(subject.model, images, pool)]  # -1: a class without a vector
 
     reference = choose_reference_set(true, predicted, len(matched), reference_size, seed)
-    ref_batches = list(tapped(tap, images.load(pool[reference.image_index])))
+    batch = tap_batch_size(tap, images.load(pool[:1]), memory_budget_gib)
+    ref_batches = list(tapped(tap, images.load(pool[reference.image_index]), batch))
     references = References(reference, {n: np.concatenate([b[n] for b in ref_batches]) for n in tap.layers})
 
     def scores(batches, t, p, groups) -> OneVsTwoScores:
@@ -90,9 +106,9 @@ def analyze_attacks(subject, attack_set: AttackSet, out: Path, reference_size: i
     adv_true, adv_pred = remap[[r.source_class for r in kept]], remap[[r.target_class for r in kept]]
     if (adv_true < 0).any() or (adv_pred < 0).any():
         raise ValueError(f"attack set {attack_set.path} attacks classes without a word vector in this subject")
-    # read in TAP_BATCH chunks, like the test images below: memory does not grow with the number of attacks
-    attacked = (attack_set.images(kept[i:i + TAP_BATCH]) for i in range(0, len(kept), TAP_BATCH))
-    adversarial = scores((b for x in attacked for b in tapped(tap, x)), adv_true, adv_pred,
+    # read in chunks, like the test images below: memory does not grow with the number of attacks
+    attacked = (attack_set.images(kept[i:i + batch]) for i in range(0, len(kept), batch))
+    adversarial = scores((b for x in attacked for b in tapped(tap, x, batch)), adv_true, adv_pred,
                          np.array([r.rank for r in kept]))
 
     wrong = np.flatnonzero((predicted != true) & (predicted >= 0))  # mistaken for another class with a vector
@@ -102,8 +118,8 @@ def analyze_attacks(subject, attack_set: AttackSet, out: Path, reference_size: i
         result["misclassified"] = {"count": 0, "mean_cosine": None,
                                    "skipped": "the model misclassifies no test image of a class with a word vector"}
     else:
-        chunks = (images.load(pool[wrong[i:i + TAP_BATCH]]) for i in range(0, len(wrong), TAP_BATCH))
-        misclassified = scores((b for x in chunks for b in tapped(tap, x)), true[wrong], predicted[wrong], None)
+        chunks = (images.load(pool[wrong[i:i + batch]]) for i in range(0, len(wrong), batch))
+        misclassified = scores((b for x in chunks for b in tapped(tap, x, batch)), true[wrong], predicted[wrong], None)
         result["misclassified"] = {**misclassified.as_json(),
                                    "mean_cosine": mean_cosine(vectors, true[wrong], predicted[wrong])}
     result["subject"] = {"name": subject.name, "classes": len(subject.classes), "with_word_vector": len(matched),

@@ -152,6 +152,8 @@ def _add_analyze_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, default=None, metavar="N",
                    help="read at most N test images for the misclassified study and the references "
                         "(stratified over the classes with a word vector; default: all)")
+    p.add_argument("--memory-budget", type=float, default=4.0, metavar="GIB",
+                   help="GiB of activations one tapped pass holds (images per pass follow from it)")
     p.set_defaults(func=run_attack_analyze)
 
 
@@ -178,7 +180,7 @@ def run_attack_analyze(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.attack_set} was generated against another model than the subject's "
                              f"({subject.name})")
         result = analyze_attacks(subject, attack_set, args.out, args.reference_size, args.permutations, args.seed,
-                                 max_images=args.max_images)
+                                 max_images=args.max_images, memory_budget_gib=args.memory_budget)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"semguard attack analyze: {err}") from None
     adv = result["adversarial_one_vs_two"]

@@ -42,3 +42,4 @@ def test_supervised_fits_keep_a_quarter_of_the_attacks_out():
     fit, held = _attack_split(x, "gaussian", seed=0)
     assert fit is x and held is x  # an unsupervised fit sees no attack: all of them are held out
     assert _attack_split(None, "logistic", 0) == (None, None)
+
