@@ -6,13 +6,13 @@ Formats, detected from the file's content (not its name):
 - word2vec text ("count dim" header line; a GloVe-style file without the header works too),
 - semguard native: a directory written by `convert_to_native`, with `vectors.npy` (float32,
   memory-mapped read-only, so several workers share one copy in the page cache) and
-  `words.json`.
+  `words.json`. It replaces gensim's own `.save()` format, which is a pickle: semguard never
+  unpickles a user's file. A gensim `.kv` file loads only with `trust_pickle=True`.
 - a `.npy` matrix (n_words, d) with its vocabulary beside it (as packaged GloVe/fastText ship):
   `--vectors emb.npy` (vocabulary: `emb.txt` / `.vocab` / `.json` / `.parquet`, else the folder's
   only such file) or the folder holding the pair. Vocabulary: one word per line (a "word count"
   line keeps the word), a JSON list (or {word: row}), or a one-string-column Parquet table
-  (`pip install pyarrow`). Memory-mapped like the native format. It replaces gensim's own `.save()` format, which is a pickle: semguard never
-  unpickles a user's file. A gensim `.kv` file loads only with `trust_pickle=True`.
+  (`pip install 'semguard[parquet]'`). Memory-mapped like the native format.
 
 The paper matches a class to the first of its synonyms that has a vector (838 of 1000
 ImageNet classes, 100 of 100 CIFAR-100 classes against Google News).
@@ -150,7 +150,7 @@ def read_vocabulary(path: Path) -> list[str]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError(f"path: {str(path)!r}: a Parquet vocabulary needs pyarrow (`pip install pyarrow`)") from None
+            raise ValueError(f"path: {str(path)!r}: a Parquet vocabulary needs pyarrow (`pip install 'semguard[parquet]'`)") from None
         table = pq.read_table(path)
         columns = [n for n, t in zip(table.column_names, table.schema.types) if str(t) in ("string", "large_string")]
         if len(columns) != 1:
