@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,6 +97,10 @@ def concept_vectors(word_vectors: np.ndarray | Mapping, label_names: Sequence[st
         if vectors.ndim != 2 or len(vectors) != len(label_names):
             raise ValueError(f"word_vectors must be ({len(label_names)}, d), one row per label, got {vectors.shape}")
         return vectors
+    repeated = sorted(n for n, k in Counter(label_names).items() if k > 1)
+    if repeated:
+        raise ValueError(f"word_vectors: a mapping looks classes up by name, but label_names repeats {repeated[:5]}; "
+                         "pass an array with one row per class instead")
     missing = [name for name in label_names if name not in word_vectors]
     if missing:
         raise ValueError(f"unknown label names (no word vector): {missing[:10]}{' ...' if len(missing) > 10 else ''}")
@@ -163,8 +168,7 @@ def first_correct_images(model: nn.Module, images, labels: np.ndarray, classes: 
 
 
 def _check_labels(labels: np.ndarray, label_names: Sequence[str], n_images: int) -> None:
-    if len(set(label_names)) != len(label_names):
-        raise ValueError("label_names must be unique")
+    """A class is its index: label_names may repeat (ImageNet's two "crane"), except where a name is a key."""
     if labels.shape != (n_images,):
         raise ValueError(f"labels must have shape ({n_images},) to match images, got {labels.shape}")
     if n_images and (labels.min() < 0 or labels.max() >= len(label_names)):

@@ -4,10 +4,19 @@ Clean images are split (seeded) into a fitting part (reference prototypes, Mahal
 Gaussians, flagger fit) and a held-out part used only for the threshold and the per-layer
 explanation quantiles, so the realised false-positive rate is measured on images nothing was
 fitted on. Activations are streamed batch by batch; only reduced features are kept.
+
+A calibration that cannot mislead (issue 27): with attack images (the supervised methods), a seeded
+quarter of them (`ATTACK_HOLDOUT`) is kept out of the flagger's fit, and the report carries the
+held-out AUROC (held-out clean vs held-out attack images) beside the realised FPR. A score that is
+the same for every held-out clean image is refused (ValueError, nothing written); too few held-out
+images for the target FPR (fewer than `MIN_TAIL / target_fpr`: the threshold is then the largest
+clean score or close to it, not a quantile) and a held-out AUROC below `AUROC_FLOOR` are warnings
+in the report (`CalibrationReport.warnings`), which the command prints.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -17,6 +26,7 @@ import torch
 from torch import nn
 
 from semguard.detector.bundle import BundleManifest, ModelSpec, write_bundle
+from semguard.detector.evaluate import auroc
 from semguard.detector.features import FeatureRecipe, eligible_labels, flagger_features
 from semguard.detector.flagger import FEATURE_KINDS, feature_names, fit_flagger
 from semguard.detector.layers import LayerTap, iter_activations
@@ -52,6 +62,18 @@ class CalibrationConfig:
     seed: int = 0
 
 
+MIN_TAIL = 5  # held-out clean images above the threshold for it to be a quantile estimate, not the maximum
+# A held-out AUROC below this means the score barely tells the calibration attacks from clean images
+# (0.5 is chance); a guard that weak should not be shipped unread.
+AUROC_FLOOR = 0.6
+ATTACK_HOLDOUT = 0.25  # share of attack images kept out of the flagger fit (held-out AUROC)
+
+
+def held_out_needed(target_fpr: float) -> int:
+    """Held-out clean images the threshold needs for `target_fpr`: MIN_TAIL of them above it."""
+    return math.ceil(MIN_TAIL / target_fpr - 1e-9)
+
+
 class CalibrationReport(NamedTuple):
     bundle_dir: Path
     n_fit: int
@@ -61,6 +83,9 @@ class CalibrationReport(NamedTuple):
     threshold: float
     fpr_calib: float  # realised on the held-out clean images
     bank_bytes: dict[str, int]
+    auroc_heldout: float | None = None  # held-out clean vs held-out attack images; None without attack images
+    n_attack_heldout: int = 0
+    warnings: tuple[str, ...] = ()  # what makes this bundle untrustworthy (module docstring)
 
 
 class FitCalibSplit(NamedTuple):
@@ -227,9 +252,11 @@ def calibrate_guard(
     fit_x, _ = guard_features(args[0], clean_images[fit_idx], *args[1:])
     calib_x, calib_frac = guard_features(args[0], clean_images[calib_idx], *args[1:])
     attack_x = guard_features(args[0], attack_images, *args[1:])[0] if attack_images is not None else None
+    attack_fit, attack_held = _attack_split(attack_x, cfg.method, cfg.seed)
     names = feature_names(kinds, layers)
-    flagger = fit_flagger(fit_x, calib_x, names, cfg.method, attack_x, cfg.target_fpr, explain=(layers, calib_frac),
+    flagger = fit_flagger(fit_x, calib_x, names, cfg.method, attack_fit, cfg.target_fpr, explain=(layers, calib_frac),
                           members=ensemble_members(cfg))
+    held_auroc, warnings = check_calibration(flagger, calib_x, attack_held)
 
     manifest = BundleManifest(
         model_name=model_name or model_spec.builder, model=model_spec, input_shape=input_shape, layers=tuple(layers),
@@ -240,5 +267,46 @@ def calibrate_guard(
         all_pred = np.concatenate([o.logits.argmax(1).cpu().numpy() for _, o in iter_activations(tap, clean_images, cfg.batch_size)])
     return CalibrationReport(
         out, len(fit_idx), len(calib_idx), len(bank.concepts), float((all_pred == y).mean()),
-        flagger.threshold, flagger.calibration["fpr_calib"], bank.bytes_per_layer(),
+        flagger.threshold, flagger.calibration["fpr_calib"], bank.bytes_per_layer(), held_auroc,
+        0 if attack_held is None else len(attack_held), warnings,
     )
+
+
+def _attack_split(attack_x: np.ndarray | None, method: str, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(fit, held-out) attack features: a seeded ATTACK_HOLDOUT share held out of a supervised fit (when there
+    are >= 4); an unsupervised method fits on no attack, so all of them are held out."""
+    if attack_x is None or len(attack_x) == 0:
+        return attack_x, None
+    from semguard.detector.flagger import SUPERVISED
+
+    if method not in SUPERVISED:
+        return attack_x, attack_x
+    if len(attack_x) < 4:
+        return attack_x, None
+    perm = np.random.default_rng(seed + 7).permutation(len(attack_x))
+    n_held = max(1, int(round(ATTACK_HOLDOUT * len(attack_x))))
+    return attack_x[np.sort(perm[n_held:])], attack_x[np.sort(perm[:n_held])]
+
+
+def check_calibration(flagger, calib_x: np.ndarray, attack_held: np.ndarray | None) -> tuple[float | None, tuple[str, ...]]:
+    """(held-out AUROC or None, warnings) of a fitted flagger; ValueError when its score is degenerate
+    (the same value for every held-out clean image: it could never rank one image above another)."""
+    clean = flagger.score(calib_x)
+    if np.ptp(clean) <= 1e-9 * max(1.0, float(np.abs(clean).max())):
+        raise ValueError(f"calibration: the fitted score is the constant {float(clean[0]):.4g} on all {len(clean)} "
+                         f"held-out clean images, so its threshold ({flagger.threshold:.4g}) can never separate "
+                         "anything; calibrate on more clean images (nothing was written)")
+    warnings = []
+    needed = held_out_needed(flagger.target_fpr)
+    if len(clean) < needed:
+        above = int(np.floor(len(clean) * flagger.target_fpr))
+        warnings.append(f"{len(clean)} held-out clean images set the threshold and {above} of them lie above it; a "
+                        f"false-positive rate of {flagger.target_fpr:g} needs >= {needed} ({MIN_TAIL} above it), so "
+                        "the realised FPR on new clean images may be far from the target")
+    held = None
+    if attack_held is not None and len(attack_held):
+        held = auroc(clean, flagger.score(attack_held))
+        if held < AUROC_FLOOR:
+            warnings.append(f"held-out AUROC {held:.3f} against {len(attack_held)} calibration attacks is below "
+                            f"{AUROC_FLOOR} (0.5 is chance): this guard barely tells those attacks from clean images")
+    return held, tuple(warnings)

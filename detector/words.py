@@ -8,6 +8,11 @@ Formats, detected from the file's content (not its name):
   memory-mapped read-only, so several workers share one copy in the page cache) and
   `words.json`. It replaces gensim's own `.save()` format, which is a pickle: semguard never
   unpickles a user's file. A gensim `.kv` file loads only with `trust_pickle=True`.
+- a `.npy` matrix (n_words, d) with its vocabulary beside it (as packaged GloVe/fastText ship):
+  `--vectors emb.npy` (vocabulary: `emb.txt` / `.vocab` / `.json` / `.parquet`, else the folder's
+  only such file) or the folder holding the pair. Vocabulary: one word per line (a "word count"
+  line keeps the word), a JSON list (or {word: row}), or a one-string-column Parquet table
+  (`pip install 'semguard[parquet]'`). Memory-mapped like the native format.
 
 The paper matches a class to the first of its synonyms that has a vector (838 of 1000
 ImageNet classes, 100 of 100 CIFAR-100 classes against Google News).
@@ -117,6 +122,67 @@ def _load_native(path: Path, limit: int | None, mmap: bool) -> KeyedVectors:
     return _keyed_vectors(words[:n], vectors[:n])
 
 
+VOCABULARY_SUFFIXES = (".txt", ".vocab", ".json", ".parquet")
+
+
+def _vocabulary_beside(npy: Path) -> Path:
+    """The vocabulary of `npy`: same stem with a vocabulary suffix, else the folder's only vocabulary file."""
+    same = [npy.with_suffix(s) for s in VOCABULARY_SUFFIXES if npy.with_suffix(s).is_file()]
+    others = sorted(p for p in npy.parent.iterdir() if p.suffix in VOCABULARY_SUFFIXES and p.is_file())
+    found = same or others
+    if len(found) != 1:
+        raise ValueError(f"path: {str(npy)!r}: a .npy needs its vocabulary beside it ({npy.stem}.txt, .vocab, .json "
+                         f"or .parquet, or the folder's only such file); found {[p.name for p in found]}")
+    return found[0]
+
+
+def _pair_in_folder(folder: Path) -> tuple[Path, Path]:
+    arrays = sorted(folder.glob("*.npy"))
+    if len(arrays) != 1:
+        raise ValueError(f"path: directory {str(folder)!r} lacks {_NATIVE_WORDS} and {_NATIVE_VECTORS} (a native "
+                         f"folder) and holds {len(arrays)} .npy files (one .npy with its vocabulary)")
+    return arrays[0], _vocabulary_beside(arrays[0])
+
+
+def read_vocabulary(path: Path) -> list[str]:
+    """The words of a vocabulary file, in row order (module docstring)."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"path: {str(path)!r}: a Parquet vocabulary needs pyarrow (`pip install 'semguard[parquet]'`)") from None
+        table = pq.read_table(path)
+        columns = [n for n, t in zip(table.column_names, table.schema.types) if str(t) in ("string", "large_string")]
+        if len(columns) != 1:
+            raise ValueError(f"path: {str(path)!r}: expected one string column of words, got columns "
+                             f"{dict(zip(table.column_names, map(str, table.schema.types)))}")
+        return table.column(columns[0]).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):  # {word: row}
+            return [w for w, _ in sorted(data.items(), key=lambda item: item[1])]
+        return data
+    fields = [line.split() for line in text.splitlines()]
+    return [f[0] if len(f) == 2 and f[1].isdigit() else " ".join(f) for f in fields]
+
+
+def _load_pair(npy: Path, vocabulary: Path, limit: int | None, mmap: bool) -> KeyedVectors:
+    try:
+        vectors = np.load(npy, mmap_mode="r" if mmap else None, allow_pickle=False)
+        words = read_vocabulary(vocabulary)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"path: {str(npy)!r} with vocabulary {str(vocabulary)!r}: {error}") from None
+    if vectors.ndim != 2 or vectors.shape[0] != len(words) or not np.issubdtype(vectors.dtype, np.floating):
+        raise ValueError(f"path: {str(npy)!r}: vectors {vectors.shape} {vectors.dtype} do not match the "
+                         f"{len(words)} words of {str(vocabulary)!r} (expected floats (n_words, d))")
+    if not all(isinstance(w, str) and w for w in words) or len(set(words)) != len(words):
+        raise ValueError(f"path: {str(vocabulary)!r}: words must be unique non-empty strings")
+    n = len(words) if limit is None else min(limit, len(words))
+    rows = vectors[:n] if vectors.dtype == np.float32 else np.asarray(vectors[:n], np.float32)
+    return _keyed_vectors(words[:n], rows)
+
+
 def load_vectors(
     path: str | Path, limit: int | None = None, mmap: bool = True, *, trust_pickle: bool = False
 ) -> KeyedVectors:
@@ -130,10 +196,14 @@ def load_vectors(
     _check_limit(limit)
     if not path.exists():
         raise FileNotFoundError(f"path: no word-vector file or directory {str(path)!r}")
+    if path.is_dir() and not (path / _NATIVE_WORDS).is_file():
+        return _load_pair(*_pair_in_folder(path), limit, mmap)
     if path.is_dir():
-        if not (path / _NATIVE_WORDS).is_file() or not (path / _NATIVE_VECTORS).is_file():
+        if not (path / _NATIVE_VECTORS).is_file():
             raise ValueError(f"path: directory {str(path)!r} lacks {_NATIVE_WORDS} and {_NATIVE_VECTORS}")
         return _load_native(path, limit, mmap)
+    if path.suffix == ".npy":
+        return _load_pair(path, _vocabulary_beside(path), limit, mmap)
     if trust_pickle and _is_pickle(path):
         kv = KeyedVectors.load(str(path), mmap="r" if mmap else None)
         return kv if limit is None else _keyed_vectors(kv.index_to_key[:limit], kv.vectors[:limit])
@@ -168,12 +238,17 @@ def convert_to_native(src: str | Path, dst: str | Path, limit: int | None = None
 # --------------------------------------------------------------------------- label matching
 
 
+MATCH_RULES = ("word", "phrase", "mean")  # how a label got its vector (LabelMatch.rules)
+
+
 @dataclass(frozen=True)
 class LabelMatch:
     """Labels matched to word vectors.
 
-    words: per label, the vocabulary key used, or None. vectors: (n_matched, d) float32, rows in
-    `matched` order. matched / unmatched: label indices. labels: per label, its synonyms.
+    words: per label, the vocabulary key used ("tiger_shark"), the words averaged joined by "+"
+    ("indigo+bunting"), or None. rules: per label, "word" (a one-word key), "phrase" (a multi-word key:
+    a phrase token), "mean" (the mean of its words' unit vectors) or None. vectors: (n_matched, d)
+    float32, rows in `matched` order. matched / unmatched: label indices. labels: per label, its synonyms.
     """
 
     words: list[str | None]
@@ -181,11 +256,18 @@ class LabelMatch:
     matched: list[int]
     unmatched: list[int]
     labels: list[list[str]]
+    rules: list[str | None] | None = None
+
+    def counts(self) -> dict[str, int]:
+        """Matched labels by rule, e.g. {"word": 640, "phrase": 12, "mean": 190}."""
+        rules = self.rules or ["word" if w is not None else None for w in self.words]
+        return {rule: sum(r == rule for r in rules) for rule in MATCH_RULES}
 
     def summary(self, max_listed: int = 20) -> str:
-        """e.g. "matched 838/1000 labels; unmatched (162): 3 'tiger shark', ..."."""
+        """e.g. "matched 838/1000 labels (word 640, phrase 8, mean 190); unmatched (162): 3 'tiger shark', ..."."""
         total = len(self.words)
-        text = f"matched {len(self.matched)}/{total} labels"
+        by_rule = ", ".join(f"{rule} {n}" for rule, n in self.counts().items())
+        text = f"matched {len(self.matched)}/{total} labels ({by_rule})"
         if not self.unmatched:
             return text
         listed = ", ".join(f"{i} {', '.join(self.labels[i])!r}" for i in self.unmatched[:max_listed])
@@ -217,23 +299,62 @@ def candidate_keys(phrase: str) -> list[str]:
     return keys
 
 
-def match_labels(kv: KeyedVectors, labels: list[Label]) -> LabelMatch:
+def _key(kv: KeyedVectors, phrase: str) -> str | None:
+    return next((k for k in candidate_keys(phrase) if k in kv.key_to_index), None)
+
+
+def _word_keys(kv: KeyedVectors, phrase: str) -> list[str] | None:
+    """One key per word of a multi-word phrase ("indigo bunting", "aquarium_fish"; a hyphenated word
+    without a key split at its hyphens), or None when a word has none or the phrase is one word."""
+    words = [w for w in re.split(r"[\s_]+", phrase) if w]
+    keys: list[str] = []
+    for word in words:
+        key = _key(kv, word)
+        parts = [_key(kv, p) for p in word.split("-") if p] if key is None and "-" in word else [key]
+        if any(k is None for k in parts):
+            return None
+        keys.extend(parts)
+    return keys if len(keys) > 1 else None
+
+
+def _unit_mean(kv: KeyedVectors, keys: list[str]) -> np.ndarray:
+    rows = np.stack([np.asarray(kv.vectors[kv.key_to_index[k]], np.float64) for k in keys])  # (n_words, d)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return (rows / np.where(norms > 0, norms, 1)).mean(0).astype(np.float32)  # (d,)
+
+
+def match_labels(kv: KeyedVectors, labels: list[Label], *, phrase_mean: bool = True) -> LabelMatch:
     """Match each label to the first of its synonyms that has a vector (paper: 838/1000 ImageNet).
 
     A label is a string, a comma-separated synonym string ("cougar, puma, catamount") or a list
-    of synonyms; each synonym is tried through `candidate_keys`.
+    of synonyms. A synonym has a vector when a vocabulary key spells it (`candidate_keys`: the
+    word, or a multi-word name's phrase token "tiger_shark"), else, with `phrase_mean`, when every
+    word of a multi-word name has a key: the mean of those words' unit vectors (the usual way to
+    place a phrase in a word-level space such as GloVe).
     """
     synonyms = [_synonyms(label, i) for i, label in enumerate(labels)]
     words: list[str | None] = []
-    for options in synonyms:
-        keys = (key for phrase in options for key in candidate_keys(phrase))
-        words.append(next((key for key in keys if key in kv.key_to_index), None))
+    rules: list[str | None] = []
+    means: dict[int, np.ndarray] = {}
+    for i, options in enumerate(synonyms):
+        word, rule = None, None
+        for phrase in options:
+            key = _key(kv, phrase)
+            if key is not None:
+                word, rule = key, "phrase" if len(phrase.split()) > 1 or "_" in key else "word"
+                break
+            parts = _word_keys(kv, phrase) if phrase_mean else None
+            if parts is not None:
+                word, rule, means[i] = "+".join(parts), "mean", _unit_mean(kv, parts)
+                break
+        words.append(word)
+        rules.append(rule)
     matched = [i for i, w in enumerate(words) if w is not None]
     unmatched = [i for i, w in enumerate(words) if w is None]
     vectors = np.zeros((len(matched), kv.vector_size), dtype=np.float32)  # (n_matched, d)
     for row, i in enumerate(matched):
-        vectors[row] = kv.vectors[kv.key_to_index[words[i]]]
-    return LabelMatch(words, vectors, matched, unmatched, synonyms)
+        vectors[row] = means[i] if i in means else kv.vectors[kv.key_to_index[words[i]]]
+    return LabelMatch(words, vectors, matched, unmatched, synonyms, rules)
 
 
 # --------------------------------------------------------------------------- label sets

@@ -320,7 +320,8 @@ def build_detectors(model, model_spec, layers, label_names, word_vectors, clean,
                                  attack_images=train_adv if vc.method in SUPERVISED else None)
         detectors.append(guard_detector(name, role, where, cfg.batch_size))
         info[name] = {"method": vc.method, "features": list(vc.features), "space": vc.space, "threshold": report.threshold,
-                      "fpr_calib": report.fpr_calib, "n_fit": report.n_fit, "n_calib": report.n_calib}
+                      "fpr_calib": report.fpr_calib, "n_fit": report.n_fit, "n_calib": report.n_calib,
+                      "auroc_heldout": report.auroc_heldout, "warnings": list(report.warnings)}
     if cfg.art_layer is not None and train_adv is not None and len(train_adv):
         detectors.append(art_binary_detector(model, clean[0], train_adv, cfg.art_layer, cfg.art_epochs, cfg.seed))
         info["art_binary_activation"] = {"layer": cfg.art_layer, "epochs": cfg.art_epochs, "n_adversarial_train": len(train_adv)}
@@ -519,8 +520,26 @@ def _top_level_layer(model: nn.Module, name: str | None) -> str | None:
     return name if name is not None and name in dict(model.named_children()) else None
 
 
+def check_calibration_size(n_images: int, n_calibration_part: int, cfg: DetectorEvalConfig) -> None:
+    """ValueError, before any work, when the clean images leave too few held-out ones for the target FPR
+    (detector.calibrate.held_out_needed), saying how many clean images it needs."""
+    from semguard.detector.calibrate import held_out_needed
+
+    d = cfg.detector
+    n_held = max(2, int(round(d.calib_fraction * n_calibration_part)))
+    needed = held_out_needed(d.target_fpr)
+    if n_held >= needed:
+        return
+    total = int(np.ceil(needed / d.calib_fraction / (1 - cfg.eval_fraction)))
+    raise ValueError(f"{n_images} clean images are too few for a false-positive rate of {d.target_fpr:g}: "
+                     f"{n_calibration_part} form the calibration part (eval_fraction {cfg.eval_fraction:g} is kept for "
+                     f"`detector evaluate`) and {n_held} of those set the threshold, which needs >= {needed}; give "
+                     f">= {total} clean images of classes with a word vector, or a larger --target-fpr, or "
+                     "--allow-few-images to write a bundle anyway (warned); nothing was written")
+
+
 def calibrate_subject_guard(subject, out_dir: str | Path, config: DetectorEvalConfig = DetectorEvalConfig(),
-                            max_images: int | None = None):
+                            max_images: int | None = None, allow_few_images: bool = False):
     """`semguard detector calibrate`: a guard bundle for the subject's model (detector.calibrate.CalibrationReport).
 
     Calibrated on the calibration part of `split_clean` (the part `evaluate_subject_detector` never
@@ -530,6 +549,8 @@ def calibrate_subject_guard(subject, out_dir: str | Path, config: DetectorEvalCo
     cfg = config
     x, y = subject_clean_images(subject, max_images, cfg.seed, cfg.batch_size)
     split = split_clean(y, cfg.eval_fraction, cfg.seed)  # the same split `evaluate` uses: its held-out part stays unseen
+    if not allow_few_images:
+        check_calibration_size(len(y), len(split.calibration), cfg)
     attack_images = None
     if cfg.detector.method in SUPERVISED:
         predicted = predict(subject.model, x, cfg.batch_size)

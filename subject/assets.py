@@ -18,13 +18,15 @@ Models (the model is always wrapped so that it takes [0, 1] images; eval mode, C
   world's architecture, 32 x 32 images taken as they are.
 
 `input_size` / `resize` / `mean` / `std` override the conventions (`input_size` alone keeps the
-convention's crop ratio). Layers: `layers`, else the architecture's preset (resnet50,
-inception_v3, vgg16, worldnet), else every ReLU of the model.
+convention's crop ratio). Layers: `layers` (--layers), else the architecture's preset (resnet50,
+inception_v3, vgg16, worldnet), else every activation-function output of the model (ReLU, ReLU6,
+LeakyReLU, GELU, SiLU, Hardswish, Mish, ...: modules and functional calls), the count printed.
 """
 from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -333,7 +335,9 @@ def _check_outputs(model: nn.Module, size: int, n_classes: int, spec: SubjectSpe
 
 
 def _layers(spec: SubjectSpec, loaded: _Model) -> list[str]:
-    from semguard.detector.layers import LayerTap, known_presets, preset_layers, relu_nodes
+    """--layers / TOML layers, else the architecture's preset, else every activation-function output
+    (ReLU, ReLU6, GELU, SiLU, Hardswish, ...; detector.layers.activation_nodes); the count is printed."""
+    from semguard.detector.layers import LayerTap, activation_nodes, known_presets, preset_layers
     from semguard.models.normalize import Normalized
 
     if spec.layers is not None:
@@ -344,11 +348,16 @@ def _layers(spec: SubjectSpec, loaded: _Model) -> list[str]:
     if loaded.arch is not None and loaded.arch in known_presets() and not loaded.name.startswith("timm/"):
         return preset_layers(loaded.arch)
     inner = loaded.module.model if isinstance(loaded.module, Normalized) else loaded.module
-    names = relu_nodes(inner)
-    if not names:
-        raise ValueError(f"layers: {loaded.name} has no ReLU nodes to tap by default; list the graph node names to "
-                         "tap as `layers = [...]` in the subject TOML (detector.layers.graph_node_names(model))")
-    return names
+    found = activation_nodes(inner)
+    if not found:
+        raise ValueError(f"layers: {loaded.name} has no activation-function outputs (ReLU, ReLU6, GELU, SiLU, "
+                         "Hardswish, ...) to tap by default; name the graph nodes to tap with --layers a,b,c or "
+                         "`layers = [...]` in the subject TOML (detector.layers.graph_node_names(model))")
+    kinds = ", ".join(f"{k} {n}" for k, n in Counter(found.values()).most_common())
+    # like the vectors report, printed with --quiet too: it says what the run measures
+    print(f"layers: tapping {len(found)} activation outputs of {loaded.name} ({kinds}), {next(iter(found))} .. "
+          f"{list(found)[-1]}; choose others with --layers a,b,c or `layers = [...]` in the subject TOML", file=sys.stderr)
+    return list(found)
 
 
 # --------------------------------------------------------------------------- vectors
@@ -361,7 +370,7 @@ def _class_vectors(spec: SubjectSpec, classes: ClassList, progress: bool) -> tup
 
     kv = load_subject_vectors(spec.vectors, vectors_cache_dir(spec.world_cache),
                               trust_pickled=spec.trust_pickled_vectors, progress=progress)
-    match = match_labels(kv, classes.synonyms)
+    match = match_labels(kv, classes.synonyms, phrase_mean=spec.phrase_mean)
     n = len(classes.synonyms)
     vectors = np.zeros((n, kv.vector_size), np.float32)  # (C, d)
     vectors[match.matched] = match.vectors
@@ -370,7 +379,10 @@ def _class_vectors(spec: SubjectSpec, classes: ClassList, progress: bool) -> tup
     if not match.matched:
         raise ValueError(f"--vectors {spec.vectors}: none of the {n} classes has a word vector (first tried: "
                          f"{classes.synonyms[0]!r}); is it the right vectors file and labels file?")
-    text = f"{len(match.matched)} of {n} classes have a word vector"
+    counts = match.counts()
+    rules = (f"{counts['word']} by a word, {counts['phrase']} by a phrase token, {counts['mean']} by the mean of "
+             f"their words" + ("" if spec.phrase_mean else " (off: --no-phrase-mean)"))
+    text = f"{len(match.matched)} of {n} classes have a word vector ({rules})"
     if match.unmatched:
         listed = ", ".join(classes.names[i] for i in match.unmatched[:MAX_LISTED])
         text += f"; unmatched left out of the semantic analyses: {listed}"

@@ -41,8 +41,10 @@ class SubjectSpec:
     labels: one class per line with comma-separated synonyms, or JSON. vectors: word vectors file or folder.
     input_size / resize: override the architecture's transform (centre crop / short side).
     trust_pickled_vectors: allow gensim's pickled .kv files (never by default).
+    phrase_mean: a multi-word class name without a phrase token takes the mean of its words' unit vectors.
     mean / std: override the architecture's normalisation (per channel, on [0, 1] pixels).
-    layers: override the tapped layers (graph node names; default: the architecture's preset, else its ReLUs).
+    layers: override the tapped layers (graph node names; default: the architecture's preset, else every
+        activation-function output: ReLU, ReLU6, GELU, SiLU, ...).
     """
 
     model: str | None = None
@@ -54,6 +56,7 @@ class SubjectSpec:
     input_size: int | None = None
     resize: int | None = None
     trust_pickled_vectors: bool = False
+    phrase_mean: bool = True
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     layers: tuple[str, ...] | None = None
@@ -74,6 +77,9 @@ class SubjectSpec:
     def to_json(self) -> dict:
         """JSON-able record (what an attack set or report stores about its subject)."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+ADDED_DEFAULTS = {"phrase_mean": True}  # SubjectSpec fields newer than some recorded sets
 
 
 def subject_record(spec: SubjectSpec) -> dict:
@@ -141,6 +147,8 @@ def resumed_subject_record(existing: dict | None | bool, spec: SubjectSpec, wher
     recording none, and another world cache alone is no mismatch: the folder keeps the cache it recorded (the
     model fingerprint in its params still tells whether it is the same world)."""
     record = subject_record(spec)
+    if isinstance(existing, dict):  # keys added since the set was made hold their defaults there
+        existing = {**{k: v for k, v in ADDED_DEFAULTS.items() if k not in existing}, **existing}
     legacy = existing is False or existing is None
     if legacy and spec.is_world():
         return None
@@ -238,7 +246,7 @@ def world_subject(spec: SubjectSpec = SubjectSpec(), progress: bool = True, inpu
         inputs = load_world_inputs(WorldSettings(seed=spec.world_seed), spec.world_cache, progress=progress)
     w = inputs.world
     return Subject(
-        "worldnet", inputs.model, worldnet_spec(inputs.model), preset_layers("worldnet"), list(w.classes),
+        "worldnet", inputs.model, worldnet_spec(inputs.model), list(spec.layers or preset_layers("worldnet")), list(w.classes),
         inputs.word_vectors, np.ones(len(w.classes), bool), ArrayImages(w.test_images, w.test_labels), spec,
         str(w.model_path),
     )

@@ -16,7 +16,8 @@ working directory. A flag given on the command line replaces the file's key.
     labels = "LOC_synset_mapping.txt"
     vectors = "GoogleNews-vectors-negative300.bin.gz"
 
-TOML-only keys (no flag): `mean`, `std` (lists of floats), `layers` (list of graph node names).
+TOML-only keys (no flag): `mean`, `std` (lists of floats). `layers` (list of graph node names) is also
+`--layers a,b,c`.
 """
 from __future__ import annotations
 
@@ -42,12 +43,14 @@ FLAG_KEYS: dict[str, tuple[type, str]] = {
     "images": (Path, "ImageNet-style folder (class sub-folders), cifar-100-binary folder/file, or a CSV of file,label"),
     "labels": (Path, "class names: one class per line with comma-separated synonyms "
                      "(LOC_synset_mapping.txt style allowed), or JSON"),
-    "vectors": (Path, "word vectors: word2vec binary/text, GloVe text, fastText .vec, or a semguard native folder"),
+    "vectors": (Path, "word vectors: word2vec binary/text, GloVe text, fastText .vec, a .npy with its vocabulary "
+                      "(.txt/.json/.parquet beside it, or their folder), or a semguard native folder"),
     "input_size": (int, "centre-crop size (default: the architecture's convention, e.g. 224, 299)"),
     "resize": (int, "short side before the crop (default: the architecture's convention, e.g. 256, 342)"),
 }
 TOML_ONLY = {"mean": float, "std": float, "layers": str}  # lists of these
-KNOWN_KEYS = (*FLAG_KEYS, "trust_pickled_vectors", *TOML_ONLY)
+BOOL_KEYS = ("trust_pickled_vectors", "phrase_mean")
+KNOWN_KEYS = (*FLAG_KEYS, *BOOL_KEYS, *TOML_ONLY)
 
 
 def add_subject_flags(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +62,12 @@ def add_subject_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=help_text)
     group.add_argument("--trust-pickled-vectors", dest="trust_pickled_vectors", action="store_true", default=None,
                        help="allow a gensim pickled .kv vectors file (unpickling runs code: only files you made)")
+    group.add_argument("--no-phrase-mean", dest="phrase_mean", action="store_false", default=None,
+                       help="match a multi-word class name only by its phrase token (tiger_shark), never by the "
+                            "mean of its words' vectors (TOML phrase_mean = false)")
+    group.add_argument("--layers", dest="layers", type=_layer_names, default=None, metavar="NAME,NAME,...",
+                       help="graph node names to tap, comma-separated (TOML: layers = [...]); default: the "
+                            "architecture's preset, else every activation-function output")
 
 
 def subject_spec_from_args(args: argparse.Namespace, world_cache: Path | str | None = None,
@@ -68,12 +77,19 @@ def subject_spec_from_args(args: argparse.Namespace, world_cache: Path | str | N
     toml_path = getattr(args, "subject", None)
     if toml_path is not None:
         values.update(read_subject_toml(toml_path))
-    for key in (*FLAG_KEYS, "trust_pickled_vectors"):
+    for key in (*FLAG_KEYS, *BOOL_KEYS, "layers"):
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value
     cache = Path(world_cache) if world_cache is not None else Path(getattr(args, "world_cache", DEFAULT_WORLD_CACHE))
     return SubjectSpec(**values, world_cache=cache, world_seed=world_seed)
+
+
+def _layer_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated graph node names, got {text!r}")
+    return names
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -107,7 +123,7 @@ def _toml_value(path: Path, key: str, value: Any) -> Any:
     def bad(expected: str) -> ValueError:
         return ValueError(f"--subject {path}: key {key} must be {expected}, got {value!r}")
 
-    if key == "trust_pickled_vectors":
+    if key in BOOL_KEYS:
         if not isinstance(value, bool):
             raise bad("true or false")
         return value

@@ -6,8 +6,8 @@
 Formats (`--images`):
 
 - ImageNet-style folder: one sub-folder per class, named by the class's WordNet id
-  (n01440764, mapped through the labels file), one of its names ("tench", "aquarium_fish" =
-  "aquarium fish"; case ignored) or its index ("0"). Image suffixes in any case (.JPEG, .png).
+  (n01440764, mapped through the labels file), its index ("0") or one of its names ("tench",
+  "aquarium_fish" = "aquarium fish"; case ignored; a name two classes share must be an id or index). Image suffixes in any case (.JPEG, .png).
   Images are ordered by file name across the class folders (ties: folder name), so an ImageNet
   val folder keeps the val order and an exported world (`semguard world export`) its test order.
 - CIFAR-100 binary: `test.bin` / `train.bin`, or the cifar-100-binary folder (test.bin used);
@@ -156,27 +156,40 @@ def _key(name: str) -> str:
 
 def class_lookup(classes: ClassList) -> Callable[[str], int | None]:
     """name -> class index: an id, then any synonym (case and _/space ignored), then a plain index.
-    A name two classes share resolves to neither (ValueError when asked)."""
+    A name two classes share (ImageNet's two "crane") resolves to neither: a ValueError naming the
+    classes' indices and ids, which do resolve."""
     ids = {wnid: i for i, wnid in enumerate(classes.ids) if wnid is not None}
-    names: dict[str, int] = {}
-    shared: set[str] = set()
+    names: dict[str, list[int]] = {}
     for i, synonyms in enumerate(classes.synonyms):
         for key in {_key(s) for s in synonyms}:
-            if key in names and names[key] != i:
-                shared.add(key)
-            names.setdefault(key, i)
+            names.setdefault(key, []).append(i)
+    where = f"the labels file {classes.path}" if classes.path else "the class list"
 
     def lookup(name: str) -> int | None:
         if name in ids:
             return ids[name]
-        key = _key(name)
-        if key in shared:
-            raise ValueError(f"{name!r} names more than one class; use the classes' ids (WordNet ids) instead")
-        if key in names:
-            return names[key]
-        return int(name) if name.isdigit() and int(name) < len(classes.synonyms) else None
+        found = names.get(_key(name), [])
+        if len(found) == 1:
+            return found[0]
+        if name.isdigit() and int(name) < len(classes.synonyms):
+            return int(name)
+        if found:
+            alias = ", ".join(classes.ids[i] or str(i) for i in found)
+            raise ValueError(f"{name!r} names {len(found)} classes of {where} (indices {found}); name the folder or "
+                             f"label by one of their ids or indices instead: {alias}")
+        return None
 
     return lookup
+
+
+def _named_lookup(path: Path, lookup: Callable[[str], int | None]) -> Callable[[str], int | None]:
+    def named(name: str) -> int | None:
+        try:
+            return lookup(name)
+        except ValueError as error:
+            raise ValueError(f"--images {path}: {error}") from None
+
+    return named
 
 
 def _missing_classes(path: Path, names: list[str], classes: ClassList) -> ValueError:
@@ -195,7 +208,7 @@ def _scan_folder(path: Path, folders: list[Path], classes: ClassList | None, pro
             raise ValueError(f"--images {path}: class folders are WordNet ids ({wnids[0]}, ...); give --labels "
                              "(e.g. LOC_synset_mapping.txt) to name them")
         classes = builtin_classes([f.name for f in folders])
-    lookup = class_lookup(classes)
+    lookup = _named_lookup(path, class_lookup(classes))
     index = {f: lookup(f.name) for f in folders}
     missing = [f.name for f, i in index.items() if i is None]
     if missing:
@@ -222,7 +235,7 @@ def _scan_csv(table: Path, classes: ClassList | None, progress: bool) -> ImageSo
         if all(n.isdigit() for n in names):
             raise ValueError(f"--images {table}: labels are class indices; give --labels to name the classes")
         classes = builtin_classes(names)
-    lookup = class_lookup(classes)
+    lookup = _named_lookup(table, class_lookup(classes))
     labels = [lookup(r[1].strip()) for _, r in rows]
     missing = sorted({r[1].strip() for (_, r), i in zip(rows, labels) if i is None})
     if missing:

@@ -8,13 +8,19 @@ Formats (detected from the content):
 - JSON: a list of names ("cougar, puma" splits on commas) or of synonym lists, or an object
   {wnid or folder name: name or synonym list} in class-index order.
 
-Duplicates are refused (file and line named): a repeated id, or, without ids, a repeated class
-(two classes with one name could not be told apart by folder name nor by word vector; ImageNet's
-two "crane" and two "maillot" classes need their WordNet ids).
+A class is its index (its line or item): two classes may share a name (ImageNet's two "crane" and two
+"maillot", as the id-less files PyTorch's tutorials and OpenCV's `classification_classes_ILSVRC2012.txt`
+write them). Such a class keeps its name for the word-vector lookup (`synonyms`), and its display name
+(`names`: reports, attack sets, bundles) is made unique with its id or index: "crane (n03126707)",
+"crane (#517)". A repeated id is refused (file and line named); a folder or CSV label that names a
+shared class must use its id or index (semguard.subject.images.class_lookup says so).
+JSON objects keyed by class index ("0", "1", ...: imagenet1k_label_to_names.json) must list the
+indices in order.
 """
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,8 +34,12 @@ class ClassList(NamedTuple):
 
     @property
     def names(self) -> list[str]:
-        """One display name per class (its first synonym)."""
-        return [s[0] for s in self.synonyms]
+        """One unique display name per class: its first synonym, with " (id)" or " (#index)" added where
+        another class has the same first synonym (case ignored)."""
+        first = [s[0] for s in self.synonyms]
+        counts = Counter(n.lower() for n in first)
+        return [n if counts[n.lower()] == 1 else f"{n} ({self.ids[i] if self.ids[i] is not None else f'#{i}'})"
+                for i, n in enumerate(first)]
 
 
 def read_labels(path: str | Path) -> ClassList:
@@ -74,11 +84,16 @@ def _text_entries(path: Path, text: str) -> list[Entry]:
     return entries
 
 
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, in file order."""
+
+
 def _json_entries(path: Path, text: str) -> list[Entry]:
     from semguard.files import loads_json
 
-    data = loads_json(text, f"--labels {path}")
-    items = list(data.items()) if isinstance(data, dict) else [(None, v) for v in data] if isinstance(data, list) else None
+    loads_json(text, f"--labels {path}")  # size and depth checked before the pairs are read
+    data = json.loads(text, object_pairs_hook=_Pairs)  # every key kept: a repeated id is reported, not dropped
+    items = list(data) if isinstance(data, _Pairs) else [(None, v) for v in data] if isinstance(data, list) else None
     if items is None:
         raise ValueError(f"--labels {path}: JSON must be a list of class names or an object {{id: name}}")
     entries = []
@@ -92,15 +107,21 @@ def _json_entries(path: Path, text: str) -> list[Entry]:
         if not synonyms:
             raise ValueError(f"--labels {path}: item {i} ({value!r}) is not a name or a non-empty list of names")
         entries.append((key, synonyms, f"item {i}"))
+    keys = [k for k, _ in items]
+    if isinstance(data, _Pairs) and all(k.isdigit() for k in keys):  # keyed by class index: the keys' order
+        wrong = next((i for i, k in enumerate(keys) if int(k) != i), None)
+        if wrong is not None:
+            raise ValueError(f"--labels {path}: item {wrong} has key {keys[wrong]!r}; an object keyed by class "
+                             f"index must list 0, 1, 2, ... in order")
     return entries
 
 
 def _check_duplicates(path: Path, entries: list[Entry]) -> None:
+    """A repeated id is an error; a repeated name is not (a class is its index)."""
     seen: dict = {}
-    for wnid, synonyms, where in entries:
-        key = wnid if wnid is not None else tuple(s.lower() for s in synonyms)
-        if key in seen:
-            what = f"id {wnid}" if wnid is not None else f"class {', '.join(synonyms)!r}"
-            hint = "" if wnid is not None else " (classes with one name need ids: 'n02012849 crane')"
-            raise ValueError(f"--labels {path}: {where} repeats {what} of {seen[key]}{hint}")
-        seen[key] = where
+    for wnid, _, where in entries:
+        if wnid is None:
+            continue
+        if wnid in seen:
+            raise ValueError(f"--labels {path}: {where} repeats id {wnid} of {seen[wnid]}")
+        seen[wnid] = where

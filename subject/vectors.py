@@ -4,7 +4,7 @@ The first load of a word2vec / GloVe / fastText file parses it (GoogleNews: minu
 the native folder (detector.words.convert_to_native) into the cache, `<world cache's parent>/vectors/`
 (`.semguard/vectors/` by default), keyed by the file's absolute path, size and modification time;
 every later load maps that folder read-only (seconds, shared by workers through the page cache).
-A native folder given directly is mapped as it is. gensim's pickled `.kv` loads only with
+A native folder, or a `.npy` with its vocabulary (file or folder), is mapped as it is. gensim's pickled `.kv` loads only with
 `--trust-pickled-vectors` and is never cached.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def load_subject_vectors(path: str | Path, cache_dir: str | Path, *, trust_pickl
     path = Path(path)
     if not path.exists():
         raise ValueError(f"--vectors {path}: no such file or folder")
-    if path.is_dir():
+    if path.is_dir() or path.suffix == ".npy":  # native folder or .npy + vocabulary: mapped as they are
         return _named(path, lambda: load_vectors(path))
     if _is_pickle(path):
         if not trust_pickled:

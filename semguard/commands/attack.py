@@ -218,6 +218,8 @@ def _add_analyze_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, default=None, metavar="N",
                    help="read at most N test images for the misclassified study and the references "
                         "(stratified over the classes with a word vector; default: all)")
+    p.add_argument("--memory-budget", type=float, default=4.0, metavar="GIB",
+                   help="GiB of activations one tapped pass holds (images per pass follow from it)")
     p.set_defaults(func=run_attack_analyze)
 
 
@@ -246,7 +248,7 @@ def run_attack_analyze(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.attack_set} was generated against another model than the subject's "
                              f"({subject.name})")
         result = analyze_attacks(subject, attack_set, args.out, args.reference_size, args.permutations, args.seed,
-                                 max_images=args.max_images)
+                                 max_images=args.max_images, memory_budget_gib=args.memory_budget)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"semguard attack analyze: {err}") from None
     adv = result["adversarial_one_vs_two"]
@@ -255,7 +257,8 @@ def run_attack_analyze(args: argparse.Namespace) -> int:
         "layers": adv["layers"],
         "one_vs_two_mean_over_ranks": [round(a, 3) for a in adv["accuracy"]],
         "misclassified_count": result["misclassified"]["count"],
-        "misclassified_mean_cosine": round(result["misclassified"]["mean_cosine"], 3),
+        "misclassified_mean_cosine": (None if result["misclassified"]["mean_cosine"] is None
+                                      else round(result["misclassified"]["mean_cosine"], 3)),
     }, indent=2))
     print(f"figures and analysis.json in {args.out}")
     return 0

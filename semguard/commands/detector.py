@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               help="write a guard bundle (reference bank, Mahalanobis, flagger) for the world CNN "
                                    "or your model (subject flags)")
     cal.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    cal.add_argument("--allow-few-images", action="store_true",
+                     help="write the bundle even when the clean images are too few for --target-fpr (warned)")
     ev = commands.add_parser("evaluate", description=SUBJECT_POLICY,
                              help="AUROC / TPR at 5%% FPR / realised FPR per attack, with baselines and ROC curves")
     ev.add_argument("--out", type=Path, required=True, help="output directory (bundle/, detector_roc.png, detector_eval.json)")
@@ -151,13 +154,19 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from semguard.evaluation.detector_eval import calibrate_subject_guard
 
     cfg = _checked_config(args)
-    report = _on_subject(args, calibrate_subject_guard, _subject(args, cfg.progress), args.out, cfg, args.max_images)
+    report = _on_subject(args, calibrate_subject_guard, _subject(args, cfg.progress), args.out, cfg, args.max_images,
+                         args.allow_few_images)
     return _print_calibration(report)
 
 
 def _print_calibration(report) -> int:
+    """The bundle's figures (held-out AUROC and realised FPR always), its warnings loudly on stderr."""
+    for warning in report.warnings:
+        print(f"WARNING: bundle {report.bundle_dir}: {warning}", file=sys.stderr)
     print(json.dumps({"bundle": str(report.bundle_dir), "threshold": report.threshold, "fpr_calib": report.fpr_calib,
-                      "n_fit": report.n_fit, "n_calib": report.n_calib, "references": report.n_references}, indent=2))
+                      "auroc_heldout": report.auroc_heldout, "n_attack_heldout": report.n_attack_heldout,
+                      "n_fit": report.n_fit, "n_calib": report.n_calib, "references": report.n_references,
+                      "warnings": list(report.warnings)}, indent=2))
     return 0
 
 

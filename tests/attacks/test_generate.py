@@ -99,7 +99,19 @@ def test_bad_input(tmp_path):
             GenerateParams(**{field: value})
     with pytest.raises(ValueError, match="backend must be one of"):
         GenerateParams(backend="torchattacks")
+    with pytest.raises(ValueError, match=r"word_vectors: a mapping looks classes up by name, but label_names repeats \['concept1'\]"):
+        twice = [*names[:2], "concept1", *names[3:]]
+        generate_attack_set(model, images, labels, twice, dict(zip(names, vectors)), tmp_path / "a", SMALL, progress=False)
     assert not (tmp_path / "a").exists()  # nothing was written by any of these
+
+
+def test_classes_sharing_a_name_are_attacked_by_index(tmp_path):  # ImageNet's two "crane" (issue 27)
+    model, images, labels, names, vectors = tiny_world()
+    shared = ["crane" if i in (1, 4) else n for i, n in enumerate(names)]
+    result = generate_attack_set(model, images, labels, shared, vectors, tmp_path / "set", SMALL, progress=False)
+    s = load_attack_set(tmp_path / "set")
+    assert result.n_examples == 30 and s.header["label_names"] == shared
+    assert all(r.source_label == shared[r.source_class] and r.target_label == shared[r.target_class] for r in s)
 
 
 def test_other_sets_manifest_refused_nothing_overwritten(tmp_path):

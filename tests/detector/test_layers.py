@@ -21,6 +21,7 @@ from semguard.detector.layers import (
     preset_info,
     preset_layers,
     register_preset,
+    relu_nodes,
 )
 from semguard.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalized, imagenet_classifier
 
@@ -410,3 +411,37 @@ def test_residual_adds_run_in_place_unless_the_left_operand_is_tapped(layers, in
         torch.testing.assert_close(out.acts["relu"], torch.relu(bn + x).flatten(1), rtol=0, atol=0)
         if "bn" in layers:
             torch.testing.assert_close(out.acts["bn"], bn.flatten(1), rtol=0, atol=0)
+
+
+class _MixedActivations(nn.Module):
+    """Each activation family a real classifier uses, as a module, a functional call and a written-out swish."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.relu6 = nn.ReLU6(inplace=True)  # MobileNet / EfficientNet-Lite
+        self.gelu = nn.GELU()  # ConvNeXt
+        self.silu = nn.SiLU()  # EfficientNet
+        self.hswish = nn.Hardswish()  # MobileNetV3
+        self.gate = nn.Hardsigmoid()  # a squeeze-excitation gate: not a representation
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.relu6(self.stem(x))
+        x = self.silu(self.gelu(x))
+        x = self.hswish(x) * self.gate(x.mean((2, 3), keepdim=True))
+        x = nn.functional.leaky_relu(x, 0.1)
+        x = nn.functional.mish(x)
+        x = x * torch.sigmoid(x)  # Swish written out
+        return self.head(x.mean((2, 3)))
+
+
+def test_activation_nodes_find_every_activation_family_and_no_gate():
+    from semguard.detector.layers import activation_nodes
+
+    model = _MixedActivations().eval()
+    found = activation_nodes(model)
+    assert list(found.values()) == ["ReLU6", "GELU", "SiLU", "Hardswish", "leaky_relu", "mish", "swish"]
+    assert relu_nodes(model) == []  # what the default was before: nothing to tap
+    out = LayerTap(model, list(found))(torch.rand(2, 3, 8, 8))
+    assert [a.shape for a in out.acts.values()] == [(2, 4 * 6 * 6)] * 7

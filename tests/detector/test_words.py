@@ -54,7 +54,7 @@ def test_load_each_format_and_match_all_cifar100(files, reference, name):
     assert match.words[CIFAR100_CLASSES.index("maple_tree")] == "maple_tree"
     assert match.vectors.shape == (100, DIM) and match.vectors.dtype == np.float32
     np.testing.assert_allclose(match.vectors, reference.vectors[:100], rtol=1e-6, atol=1e-6)
-    assert match.summary() == "matched 100/100 labels"
+    assert match.summary() == "matched 100/100 labels (word 91, phrase 9, mean 0)"
 
 
 def test_cifar100_names_with_spaces_match_underscored_phrases(files):
@@ -97,7 +97,7 @@ def test_synonyms_case_variants_and_unmatched(files):
     np.testing.assert_array_equal(match.vectors[2], kv["Granny_Smith"])
     np.testing.assert_array_equal(match.vectors[5], kv["apple"])
     assert match.labels[5] == ["unicorn", "snark"]
-    assert match.summary() == "matched 6/7 labels; unmatched (1): 5 'unicorn, snark'"
+    assert match.summary() == "matched 6/7 labels (word 3, phrase 3, mean 0); unmatched (1): 5 'unicorn, snark'"
 
 
 def test_candidate_keys_order():
@@ -197,3 +197,24 @@ def test_read_synonyms(tmp_path, reference):
         read_synonyms(path)
     with pytest.raises(FileNotFoundError):
         read_synonyms(tmp_path / "missing.txt")
+
+
+def test_multi_word_names_by_phrase_token_else_the_mean_of_unit_word_vectors():
+    from gensim.models import KeyedVectors
+
+    rng = np.random.default_rng(0)
+    vocab = ["tiger_shark", "tiger", "shark", "indigo", "bunting", "bald", "eagle", "three-toed", "sloth", "eater", "man"]
+    kv = KeyedVectors(6)
+    kv.add_vectors(vocab, rng.normal(size=(len(vocab), 6)).astype(np.float32))
+    labels = ["tiger shark", "indigo bunting, indigo finch", "Bald Eagle", "three-toed sloth", "man-eater",
+              "snow leopard", "glacier shark, tiger"]
+    match = match_labels(kv, labels)
+    assert match.words == ["tiger_shark", "indigo+bunting", "bald+eagle", "three-toed+sloth", "man+eater", None,
+                           "tiger"]  # a phrase token first; "glacier shark" lacks a word: the next synonym
+    assert match.rules == ["phrase", "mean", "mean", "mean", "mean", None, "word"]
+    assert match.counts() == {"word": 1, "phrase": 1, "mean": 4}
+    unit = lambda w: kv[w] / np.linalg.norm(kv[w])  # noqa: E731
+    np.testing.assert_allclose(match.vectors[1], (unit("indigo") + unit("bunting")) / 2, rtol=1e-6)
+    np.testing.assert_array_equal(match.vectors[0], kv["tiger_shark"])
+    off = match_labels(kv, labels, phrase_mean=False)
+    assert off.words == ["tiger_shark", None, None, None, None, None, "tiger"] and off.counts()["mean"] == 0

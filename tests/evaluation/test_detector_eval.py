@@ -221,8 +221,17 @@ def test_detector_cli_on_a_subject(tiny_world, tmp_path, monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(core, "load_subject", lambda spec, progress=True: seen.append(spec) or tiny_subject(tiny_world))
     flags = ["--model", "tiny", "--weights", "tiny.pth", "--method", "gaussian", "--references", "6", "--quiet"]
-    assert main(["detector", "calibrate", "--out", str(tmp_path / "b"), *flags, "--max-images", "120"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    with pytest.raises(SystemExit, match=r"120 clean images are too few for a false-positive rate of 0.05: 60 form the "
+                                         r"calibration part .* 30 of those set the threshold, which needs >= 100; give "
+                                         r">= 400 clean images .* nothing was written"):
+        main(["detector", "calibrate", "--out", str(tmp_path / "b"), *flags, "--max-images", "120"])
+    assert not (tmp_path / "b").exists()
+    assert main(["detector", "calibrate", "--out", str(tmp_path / "b"), *flags, "--max-images", "120",
+                 "--allow-few-images"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["warnings"] and "WARNING: bundle" in captured.err and "needs >= 100" in captured.err
+    assert report["auroc_heldout"] is None  # gaussian: no calibration attacks to hold out
     assert report["n_fit"] + report["n_calib"] <= 120 and report["references"] == 6
     assert seen[0].model == "tiny" and seen[0].weights.name == "tiny.pth"
     assert read_bundle(tmp_path / "b").manifest.model_name == "tiny"

@@ -71,7 +71,8 @@ def entry(assets, monkeypatch, tmp_path):
 
 def test_torchvision_model_wrapped_with_its_transform_classes_and_vectors(assets, subject, capsys):
     load_subject(spec_of(assets), progress=False)
-    assert ("5 of 6 classes have a word vector; unmatched left out of the semantic analyses: tiger shark"
+    assert ("5 of 6 classes have a word vector (4 by a word, 1 by a phrase token, 0 by the mean of their words); "
+            "unmatched left out of the semantic analyses: tiger shark"
             in capsys.readouterr().err)
     assert subject.name == "resnet18" and isinstance(subject.model, Normalized) and not subject.model.training
     assert next(subject.model.parameters()).device.type == "cpu"

@@ -150,7 +150,7 @@ def test_every_command_on_real_assets(assets, tmp_path, capsys):
     capsys.readouterr()
     # the gaussian flagger: the default ensemble also trains on MI-FGSM images (~45 s of attacks on 2 CPU cores)
     assert main(["detector", "calibrate", "--out", str(out / "bundle"), "--subject", str(assets.toml),
-                 *cache_flags(assets), "--method", "gaussian", "--quiet"]) == 0
+                 *cache_flags(assets), "--method", "gaussian", "--allow-few-images", "--quiet"]) == 0
     lap("detector calibrate")
     printed = capsys.readouterr().out
     report = json.loads(printed[printed.index("{"):])
@@ -197,7 +197,7 @@ def test_entry_point_bundle_is_served_only_with_trust_model_code(assets, tmp_pat
     entry = ["--model-entry", "usermodels:resnet18_6", "--weights", str(assets.weights), "--images", str(assets.images),
              "--labels", str(assets.labels), "--vectors", str(assets.vectors), "--input-size", str(INPUT_SIZE)]
     assert main(["detector", "calibrate", "--out", "bundle", *entry, "--resize", "72", *cache_flags(assets),
-                 "--method", "gaussian", "--quiet"]) == 0
+                 "--method", "gaussian", "--allow-few-images", "--quiet"]) == 0
     manifest = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     assert manifest["model"]["builder"] == "entry_point" and manifest["model"]["kwargs"]["entry"] == "usermodels:resnet18_6"
     with pytest.raises(UntrustedModelCode, match="--trust-model-code"):

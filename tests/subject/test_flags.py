@@ -31,6 +31,7 @@ def test_toml_paths_resolve_against_its_folder_and_flags_override(tmp_path):
     assert spec.labels == Path("mine.txt")  # a flag's path stays relative to the working directory
     assert spec.input_size == 224 and spec.mean == (0.5, 0.5, 0.5) and spec.layers == ("layer1", "layer2")
     assert spec.trust_pickled_vectors and not spec.is_world()
+    assert parse(["--subject", str(tmp_path / "paper.toml"), "--layers", "conv1, layer4"]).layers == ("conv1", "layer4")
 
 
 def test_unknown_and_dashed_keys_are_refused_naming_the_file(tmp_path):

