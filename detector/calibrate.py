@@ -5,9 +5,11 @@ Gaussians, flagger fit) and a held-out part used only for the threshold and the 
 explanation quantiles, so the realised false-positive rate is measured on images nothing was
 fitted on. Activations are streamed batch by batch; only reduced features are kept.
 
-A calibration that cannot mislead (issue 27): with attack images (the supervised methods), a seeded
-quarter of them (`ATTACK_HOLDOUT`) is kept out of the flagger's fit, and the report carries the
-held-out AUROC (held-out clean vs held-out attack images) beside the realised FPR. A score that is
+A calibration that cannot mislead (issue 27): the report carries the held-out AUROC (the held-out clean
+images, which nothing was fitted on, against the calibration attacks) beside the realised FPR. The
+supervised flagger fits on every attack image, as it always has (holding some out would move every
+shipped figure); for the unsupervised methods the attacks are unseen, for the supervised ones the AUROC
+is in-sample on the attack side, so it is a floor check, not an estimate of deployed performance. A score that is
 the same for every held-out clean image is refused (ValueError, nothing written); too few held-out
 images for the target FPR (fewer than `MIN_TAIL / target_fpr`: the threshold is then the largest
 clean score or close to it, not a quantile) and a held-out AUROC below `AUROC_FLOOR` are warnings
@@ -66,7 +68,6 @@ MIN_TAIL = 5  # held-out clean images above the threshold for it to be a quantil
 # A held-out AUROC below this means the score barely tells the calibration attacks from clean images
 # (0.5 is chance); a guard that weak should not be shipped unread.
 AUROC_FLOOR = 0.6
-ATTACK_HOLDOUT = 0.25  # share of attack images kept out of the flagger fit (held-out AUROC)
 
 
 def held_out_needed(target_fpr: float) -> int:
@@ -83,8 +84,8 @@ class CalibrationReport(NamedTuple):
     threshold: float
     fpr_calib: float  # realised on the held-out clean images
     bank_bytes: dict[str, int]
-    auroc_heldout: float | None = None  # held-out clean vs held-out attack images; None without attack images
-    n_attack_heldout: int = 0
+    auroc_heldout: float | None = None  # held-out clean images vs the calibration attacks; None without attacks
+    n_attack_heldout: int = 0  # calibration attack images the AUROC is measured against
     warnings: tuple[str, ...] = ()  # what makes this bundle untrustworthy (module docstring)
 
 
@@ -252,11 +253,10 @@ def calibrate_guard(
     fit_x, _ = guard_features(args[0], clean_images[fit_idx], *args[1:])
     calib_x, calib_frac = guard_features(args[0], clean_images[calib_idx], *args[1:])
     attack_x = guard_features(args[0], attack_images, *args[1:])[0] if attack_images is not None else None
-    attack_fit, attack_held = _attack_split(attack_x, cfg.method, cfg.seed)
     names = feature_names(kinds, layers)
-    flagger = fit_flagger(fit_x, calib_x, names, cfg.method, attack_fit, cfg.target_fpr, explain=(layers, calib_frac),
+    flagger = fit_flagger(fit_x, calib_x, names, cfg.method, attack_x, cfg.target_fpr, explain=(layers, calib_frac),
                           members=ensemble_members(cfg))
-    held_auroc, warnings = check_calibration(flagger, calib_x, attack_held)
+    held_auroc, warnings = check_calibration(flagger, calib_x, attack_x)
 
     manifest = BundleManifest(
         model_name=model_name or model_spec.builder, model=model_spec, input_shape=input_shape, layers=tuple(layers),
@@ -268,27 +268,11 @@ def calibrate_guard(
     return CalibrationReport(
         out, len(fit_idx), len(calib_idx), len(bank.concepts), float((all_pred == y).mean()),
         flagger.threshold, flagger.calibration["fpr_calib"], bank.bytes_per_layer(), held_auroc,
-        0 if attack_held is None else len(attack_held), warnings,
+        0 if attack_x is None else len(attack_x), warnings,
     )
 
 
-def _attack_split(attack_x: np.ndarray | None, method: str, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(fit, held-out) attack features: a seeded ATTACK_HOLDOUT share held out of a supervised fit (when there
-    are >= 4); an unsupervised method fits on no attack, so all of them are held out."""
-    if attack_x is None or len(attack_x) == 0:
-        return attack_x, None
-    from semguard.detector.flagger import SUPERVISED
-
-    if method not in SUPERVISED:
-        return attack_x, attack_x
-    if len(attack_x) < 4:
-        return attack_x, None
-    perm = np.random.default_rng(seed + 7).permutation(len(attack_x))
-    n_held = max(1, int(round(ATTACK_HOLDOUT * len(attack_x))))
-    return attack_x[np.sort(perm[n_held:])], attack_x[np.sort(perm[:n_held])]
-
-
-def check_calibration(flagger, calib_x: np.ndarray, attack_held: np.ndarray | None) -> tuple[float | None, tuple[str, ...]]:
+def check_calibration(flagger, calib_x: np.ndarray, attacks: np.ndarray | None) -> tuple[float | None, tuple[str, ...]]:
     """(held-out AUROC or None, warnings) of a fitted flagger; ValueError when its score is degenerate
     (the same value for every held-out clean image: it could never rank one image above another)."""
     clean = flagger.score(calib_x)
@@ -304,9 +288,9 @@ def check_calibration(flagger, calib_x: np.ndarray, attack_held: np.ndarray | No
                         f"false-positive rate of {flagger.target_fpr:g} needs >= {needed} ({MIN_TAIL} above it), so "
                         "the realised FPR on new clean images may be far from the target")
     held = None
-    if attack_held is not None and len(attack_held):
-        held = auroc(clean, flagger.score(attack_held))
+    if attacks is not None and len(attacks):
+        held = auroc(clean, flagger.score(attacks))
         if held < AUROC_FLOOR:
-            warnings.append(f"held-out AUROC {held:.3f} against {len(attack_held)} calibration attacks is below "
+            warnings.append(f"held-out AUROC {held:.3f} against {len(attacks)} calibration attacks is below "
                             f"{AUROC_FLOOR} (0.5 is chance): this guard barely tells those attacks from clean images")
     return held, tuple(warnings)

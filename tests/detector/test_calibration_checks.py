@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from semguard.detector.calibrate import AUROC_FLOOR, MIN_TAIL, _attack_split, check_calibration, held_out_needed
+from semguard.detector.calibrate import AUROC_FLOOR, MIN_TAIL, check_calibration, held_out_needed
 from semguard.detector.flagger import fit_flagger
 
 NAMES = ["fraction/a", "mahalanobis/a"]
@@ -33,13 +33,3 @@ def test_separating_score_passes_and_a_chance_score_is_warned():
     small = fit_flagger(clean[:20], clean[20:30], NAMES, "gaussian", target_fpr=0.05)
     _, warnings = check_calibration(small, clean[20:30], far)
     assert len(warnings) == 1 and "10 held-out clean images set the threshold and 0 of them lie above it" in warnings[0] and ">= 100" in warnings[0]
-
-
-def test_supervised_fits_keep_a_quarter_of_the_attacks_out():
-    x = np.arange(40, dtype=float).reshape(20, 2)
-    fit, held = _attack_split(x, "logistic", seed=0)
-    assert len(held) == 5 and len(fit) == 15 and not set(map(tuple, fit)) & set(map(tuple, held))
-    fit, held = _attack_split(x, "gaussian", seed=0)
-    assert fit is x and held is x  # an unsupervised fit sees no attack: all of them are held out
-    assert _attack_split(None, "logistic", 0) == (None, None)
-
