@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from semguard.detector.layers import LayerTap
 from semguard.detector.rsa import _unit_rows, as_float64, correlation_matrix, two_vs_two
 from semguard.detector.significance import bhy, default_device, permutation_test_two_vs_two
+from semguard.too_small import TooSmall
 from semguard.files import atomic_path, sha256_file, write_json_atomic
 
 PIXELS = "pixels"  # the raw input, analysed first as in the paper's Figure 1 baseline
@@ -80,8 +81,8 @@ def choose_image_sets(labels: np.ndarray, matched: np.ndarray, n_sets: int) -> I
         concepts.append(int(c))
         columns.append(where[:n_sets])
     if len(concepts) < 3:
-        raise ValueError(f"2 vs 2 needs at least 3 matched classes with {n_sets} images each, found {len(concepts)} "
-                         f"({int(np.sum(matched))} matched classes, {len(too_few)} with too few images)")
+        raise TooSmall(f"2 vs 2 needs at least 3 matched classes with {n_sets} images each, found {len(concepts)} "
+                       f"({int(np.sum(matched))} matched classes, {len(too_few)} with too few images)", len(concepts))
     return ImageSets(np.asarray(concepts), np.stack(columns, axis=1), too_few)
 
 
@@ -384,6 +385,20 @@ def summarize(subject, sets: ImageSets, records: list[dict], config: TwoVsTwoCon
         "classes": [subject.classes[c] for c in sets.concepts],
         "left_out": {"unmatched": int(np.sum(~np.asarray(subject.matched, bool))),
                      "too_few_images": [subject.classes[c] for c in sets.too_few]},
+    }
+
+
+def skipped_summary(subject, config: TwoVsTwoConfig, error: TooSmall) -> dict:
+    """two_vs_two.json of a 2 vs 2 that could not run (too few classes with enough images): summarize's
+    keys, empty, and "skipped": {"reason", "count": the classes that had enough images}."""
+    labels, matched = np.asarray(subject.images.labels), np.asarray(subject.matched, bool)
+    too_few = [subject.classes[c] for c in np.flatnonzero(matched) if np.sum(labels == c) < config.image_sets]
+    return {
+        "format": FORMAT, "model": subject.name, "subject": subject.spec.to_json(), "layers": list(subject.layers),
+        "accuracy": [], "spread": [], "per_set": [], "p_value": [], "p_bhy": [], "significant": [],
+        "pixels": None, "pixels_p_value": None, "pixels_per_set": [], "image_sets": config.image_sets,
+        "n_permutations": config.n_permutations, "seed": config.seed, "concepts": error.count, "classes": [],
+        "left_out": {"unmatched": int(np.sum(~matched)), "too_few_images": too_few}, "skipped": error.record(),
     }
 
 

@@ -181,13 +181,18 @@ def run_attack_analyze(args: argparse.Namespace) -> int:
                                  max_images=args.max_images)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"semguard attack analyze: {err}") from None
-    adv = result["adversarial_one_vs_two"]
+    from semguard.subject.header import render_subject_header
+
+    adv, mis = result["adversarial_one_vs_two"], result["misclassified"]
+    print("\n".join(render_subject_header(result["subject"]["header"])))
     print(json.dumps({
         "attacks": result["attacks"],
         "layers": adv["layers"],
         "one_vs_two_mean_over_ranks": [round(a, 3) for a in adv["accuracy"]],
-        "misclassified_count": result["misclassified"]["count"],
-        "misclassified_mean_cosine": round(result["misclassified"]["mean_cosine"], 3),
+        "misclassified_count": mis["count"],
+        "misclassified_mean_cosine": None if mis["mean_cosine"] is None else round(mis["mean_cosine"], 3),
+        **{f"{name}_skipped": section["skipped"] for name, section in (("adversarial", adv), ("misclassified", mis))
+           if "skipped" in section},
     }, indent=2))
     print(f"figures and analysis.json in {args.out}")
     return 0

@@ -109,8 +109,15 @@ def test_the_whole_study_on_the_world_with_the_papers_numbers_beside_ours(world,
     assert "## world" in report and "838 of 1000" in report and "596 / 600" in report
     assert f"{h['attacks_succeeded']} / {h['attacks_requested']}" in report
     assert "](world/two_vs_two/two_vs_two_by_layer.png)" in report
-    printed = json.loads(capsys.readouterr().out.split("\nwritten:")[0])
+    console = capsys.readouterr().out
+    printed = json.loads(console[console.index("\n{") + 1:].split("\nwritten:")[0])
     assert printed["world"] == h
+    # the console and the model's section start with the subject: its accuracy on the images analysed
+    accuracy = m["header"]["accuracy"]
+    assert m["header"]["images_analysed"] == N_CLASSES * PER_CLASS and 0 < accuracy < 1
+    assert console.startswith("world: subject: worldnet") and f"top-1 accuracy {accuracy:.3f}" in console
+    section = report.split("## world")[1]
+    assert section.index("top-1 accuracy") < section.index("| | ours | paper |") and "Skipped" not in report
 
 
 def test_a_rerun_computes_and_loads_nothing(world, study_file, tmp_path):
