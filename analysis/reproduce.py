@@ -12,7 +12,9 @@ For each model, in OUT/<name>/, each stage skipped when its finished output is t
     one_vs_two/   1 vs 2 of the successful adversarial images (Figure 6) and of the misclassified
                   images (Figures 4-5, block averaged): analysis.attack_analysis.analyze_attacks
 A stage is finished when its stage.json (written last) records the key it was computed under;
-a stage whose settings or subject changed is computed again. Then OUT/study.json and
+a stage whose settings or subject changed is computed again. A sub-study the sample is too small
+for (semguard.too_small.TooSmall: too few images for the image sets, nothing to attack, no
+misclassified image) is recorded as "skipped": {"reason", "count"} in its section and the rest runs. Then OUT/study.json and
 OUT/report.md, with the paper's numbers (PAPER, from ../shared/PAPER.md) beside ours.
 """
 from __future__ import annotations

@@ -19,9 +19,11 @@ import numpy as np
 ACCURACY_WARNING = 0.6
 
 
-def subject_header(subject, labels: np.ndarray | None = None, predicted: np.ndarray | None = None) -> dict:
+def subject_header(subject, labels: np.ndarray | None = None, predicted: np.ndarray | None = None,
+                   measured: tuple[float, int] | None = None) -> dict:
     """The header record of `subject` (a semguard.subject.Subject); accuracy over `labels` vs
-    `predicted` ((n,) class ids of the images analysed), None when the command predicted nothing."""
+    `predicted` ((n,) class ids of the images analysed), or `measured` = (accuracy, images) when the
+    command has it already; None when the command predicted nothing."""
     how = subject.preprocessing
     record = {
         "model": subject.name,
@@ -35,8 +37,9 @@ def subject_header(subject, labels: np.ndarray | None = None, predicted: np.ndar
         "images_analysed": None,
     }
     if labels is not None and predicted is not None and len(labels):
-        record["accuracy"] = float(np.mean(np.asarray(labels) == np.asarray(predicted)))
-        record["images_analysed"] = int(len(labels))
+        measured = (float(np.mean(np.asarray(labels) == np.asarray(predicted))), len(labels))
+    if measured is not None:
+        record["accuracy"], record["images_analysed"] = float(measured[0]), int(measured[1])
     return record
 
 

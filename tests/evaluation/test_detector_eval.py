@@ -222,7 +222,9 @@ def test_detector_cli_on_a_subject(tiny_world, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(core, "load_subject", lambda spec, progress=True: seen.append(spec) or tiny_subject(tiny_world))
     flags = ["--model", "tiny", "--weights", "tiny.pth", "--method", "gaussian", "--references", "6", "--quiet"]
     assert main(["detector", "calibrate", "--out", str(tmp_path / "b"), *flags, "--max-images", "120"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    console = capsys.readouterr().out  # the subject header, then the report
+    report = json.loads(console[console.index("\n{") + 1:])
+    assert console.startswith("subject: tiny") and f"on the {report['n_fit'] + report['n_calib']} images" in console
     assert report["n_fit"] + report["n_calib"] <= 120 and report["references"] == 6
     assert seen[0].model == "tiny" and seen[0].weights.name == "tiny.pth"
     assert read_bundle(tmp_path / "b").manifest.model_name == "tiny"
