@@ -388,7 +388,7 @@ def render_study_report(summary: dict) -> str:
             ("2 vs 2, best layer", f"{_f(best['accuracy'])} ({best['layer']})" if best else "-", "-"),
             ("2 vs 2, block ends / inside blocks", f"{_f(h['two_vs_two_block_ends'])} / "
              f"{_f(h['two_vs_two_inside_blocks'])}", "block ends higher"),
-            ("2 vs 2 layers significant after BHY", f"{h['two_vs_two_significant_layers']} of {h['layers']}", "-"),
+            ("2 vs 2 layers significant after BHY", f"{_f(h['two_vs_two_significant_layers'])} of {h['layers']}", "-"),
             ("2 vs 2 spread across image sets (mean)", _f(h["two_vs_two_spread_mean"], 4),
              _f(paper["two_vs_two_spread"].get(arch), 4)),
             ("attacks succeeded / requested", f"{h['attacks_succeeded']} / {h['attacks_requested']}",
@@ -400,7 +400,7 @@ def render_study_report(summary: dict) -> str:
             ("misclassified images", h["misclassified_count"], paper["misclassified_count"].get(arch, "-")),
             ("mistake similarity (mean cosine)", _f(h["misclassified_mean_cosine"], 2),
              _f(paper["mistake_cosine"].get(arch), 2)),
-            ("misclassified: layers significant after BHY", h["misclassified_significant_layers"],
+            ("misclassified: layers significant after BHY", _f(h["misclassified_significant_layers"]),
              paper["misclassified_significant_layers"]),
         ]
         stages = ", ".join(f"{k} {v}" for k, v in m["stages"].items())

@@ -83,3 +83,15 @@ def test_too_few_images_for_the_image_sets_skips_the_2_vs_2_only(assets, tmp_pat
     assert m["two_vs_two"]["left_out"]["too_few_images"] and m["headline"]["two_vs_two_first_layer"] is None
     assert m["attacks"]["succeeded"] >= 1 and "- two_vs_two: 2 vs 2 needs at least 3" in report
     assert "two_vs_two_by_layer.png" not in report
+
+
+def test_attack_analyze_reports_the_skipped_study_and_starts_with_the_subject(assets, tmp_path, capsys):
+    study(assets, tmp_path / "out", capsys)
+    args = ["attack", "analyze", "--attack-set", str(tmp_path / "out" / "small" / "attacks"), "--out",
+            str(tmp_path / "analysis"), "--permutations", "10", "--reference-size", "4", "--quiet"]
+    assert main(args) == 0  # the subject: the one the set records
+    console = capsys.readouterr().out
+    assert console.startswith("subject: resnet18 (weights ") and "top-1 accuracy 1.000 on the 15 images" in console
+    printed = json.loads(console[console.index("\n{") + 1:].split("\nfigures and")[0])
+    assert printed["misclassified_count"] == 0 and printed["misclassified_mean_cosine"] is None
+    assert printed["misclassified_skipped"]["count"] == 0 and "adversarial_skipped" not in printed
