@@ -145,7 +145,8 @@ def attack_summary(attack_set: AttackSet | TooSmall, adversarial: OneVsTwoScores
             "by_rank": {str(g): acc.tolist() for g, acc in zip(adversarial.groups, adversarial.group_accuracy)},
         }
     if isinstance(attack_set, TooSmall):
-        return {"attacks": {"path": None, "requested": 0, "succeeded": 0, "skipped": attack_set.record()},
+        none = dict.fromkeys(("path", "eps", "step", "decay", "iterations", "backend"))
+        return {"attacks": {**none, "requested": 0, "succeeded": 0, "skipped": attack_set.record()},
                 "adversarial_one_vs_two": adv}
     params = attack_set.header["generate"]
     return {
@@ -163,7 +164,7 @@ def attack_summary(attack_set: AttackSet | TooSmall, adversarial: OneVsTwoScores
     }
 
 
-def plot_attack_figures(out: Path, adversarial: OneVsTwoScores, misclassified: OneVsTwoScores,
+def plot_attack_figures(out: Path, adversarial: OneVsTwoScores | TooSmall, misclassified: OneVsTwoScores | TooSmall,
                         blocks: list[str]) -> None:
     """Paper Figure 6 (1 vs 2 of adversarial images by target rank) and Figures 4-5 (misclassified); a
     skipped analysis (TooSmall) draws no figure."""

@@ -14,8 +14,9 @@ For each model, in OUT/<name>/, each stage skipped when its finished output is t
 A stage is finished when its stage.json (written last) records the key it was computed under;
 a stage whose settings or subject changed is computed again. A sub-study the sample is too small
 for (semguard.too_small.TooSmall: too few images for the image sets, nothing to attack, no
-misclassified image) is recorded as "skipped": {"reason", "count"} in its section and the rest runs. Then OUT/study.json and
-OUT/report.md, with the paper's numbers (PAPER, from ../shared/PAPER.md) beside ours.
+misclassified image) is recorded as "skipped": {"reason", "count"} in its section and the rest
+runs. Then OUT/study.json and OUT/report.md (each model's section under its subject header), with
+the paper's numbers (PAPER, from ../shared/PAPER.md) beside ours.
 """
 from __future__ import annotations
 
