@@ -7,6 +7,7 @@ from typing import Iterable
 
 import numpy as np
 
+from semguard.too_small import TooSmall
 from semguard.detector.rsa import TIE_TOLERANCE, cross_correlation, one_vs_two_margin
 from semguard.detector.significance import bhy, permutation_test_one_vs_two
 
@@ -28,7 +29,8 @@ def choose_reference_set(
     candidates = [c for c in range(n_concepts) if np.any(correct & (labels == c))]
     chosen = np.sort(rng.permutation(candidates)[: min(size, len(candidates))])
     if len(chosen) < 4:
-        raise ValueError(f"only {len(chosen)} concepts have a correctly predicted image; 1 vs 2 needs at least 4")
+        raise TooSmall(f"only {len(chosen)} concepts have a correctly predicted image; 1 vs 2 needs at least 4",
+                       len(chosen))
     images = np.array([rng.choice(np.flatnonzero(correct & (labels == c))) for c in chosen])
     return ReferenceSet(chosen, images)
 

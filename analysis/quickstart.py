@@ -31,6 +31,9 @@ from semguard.world import WorldSettings
 from semguard.world.inputs import DEFAULT_CACHE_DIR, WorldInputs, load_world_inputs
 
 
+SUBJECT_FILE = "subject.json"  # the subject header (semguard.subject.header): the world's model, preprocessing, accuracy
+
+
 @dataclass(frozen=True)
 class QuickstartConfig:
     out: Path
@@ -147,11 +150,12 @@ def _run_quickstart(config: QuickstartConfig) -> dict:
         analysis = analyze_attacks(subject, load_attack_set(attack_dir), out, config.reference_size,
                                    config.n_permutations, config.seed)
         summary.update({k: v for k, v in analysis.items() if k != "subject"})  # summary.json has "world"
+        write_json_atomic(out / SUBJECT_FILE, analysis["subject"]["header"])  # report.md's and the screen's first lines
     with timer.stage("detector"):
         summary["detector"] = detector_stage(inputs, out, replace(config.detector, progress=config.progress))
     summary["timings_s"] = timer.seconds
     write_json_atomic(out / "summary.json", summary)
-    (out / "report.md").write_text(render_report(summary))
+    (out / "report.md").write_text(render_report(summary, analysis["subject"]["header"]))
     return summary
 
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from semguard.subject.header import render_subject_header
+
 
 def _layer_table(layers, columns: dict[str, list]) -> str:
     head = "| layer | " + " | ".join(columns) + " |"
@@ -24,12 +26,14 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def render_report(summary: dict) -> str:
-    """Markdown report of a quickstart summary (the figures sit beside it)."""
+def render_report(summary: dict, header: dict | None = None) -> str:
+    """Markdown report of a quickstart summary (the figures sit beside it); header: the subject header
+    (semguard.subject.header), shown first."""
     w, t = summary["world"], summary["two_vs_two"]
     lines = [
         "# semguard quickstart report",
         "",
+        *(["```", *render_subject_header(header), "```", ""] if header else []),
         f"Embedded world: {len(w['classes'])} concepts, world CNN test accuracy {w['test_accuracy']:.3f}.",
         "",
         "## 2 vs 2 through the layers (paper section 3, Figure 1)",
@@ -151,8 +155,9 @@ ATTACK_NAMES = {"mifgsm_paper": "MI-FGSM paper eps", "mifgsm_8_255": "MI-FGSM 8/
                 "cw_l2": "C&W L2"}
 
 
-def render_summary(summary: dict, out: Path) -> str:
-    """The quickstart's closing screen: what was measured, where it was written, what to try next."""
+def render_summary(summary: dict, out: Path, header: dict | None = None) -> str:
+    """The quickstart's closing screen: the subject header (when given), what was measured, where it was
+    written, what to try next."""
     world, t, attacks = summary["world"], summary["two_vs_two"], summary["attacks"]
     adv, det = summary["adversarial_one_vs_two"], summary["detector"]
     significant = sum(p < 0.05 for p in t["p_bhy"])
@@ -161,6 +166,7 @@ def render_summary(summary: dict, out: Path) -> str:
     maha = " | ".join(f"{r['baselines']['mahalanobis']['auroc']:.3f}" for r in per_attack.values())
     total = sum(summary["timings_s"].values())
     lines = [
+        *(render_subject_header(header) if header else []),
         f"semguard quickstart: the paper's method on the embedded world ({len(world['classes'])} concepts), "
         f"{int(total // 60)} min {int(total % 60):02d} s",
         f"  world CNN          test accuracy {world['test_accuracy']:.3f}",

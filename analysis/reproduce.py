@@ -12,8 +12,11 @@ For each model, in OUT/<name>/, each stage skipped when its finished output is t
     one_vs_two/   1 vs 2 of the successful adversarial images (Figure 6) and of the misclassified
                   images (Figures 4-5, block averaged): analysis.attack_analysis.analyze_attacks
 A stage is finished when its stage.json (written last) records the key it was computed under;
-a stage whose settings or subject changed is computed again. Then OUT/study.json and
-OUT/report.md, with the paper's numbers (PAPER, from ../shared/PAPER.md) beside ours.
+a stage whose settings or subject changed is computed again. A sub-study the sample is too small
+for (semguard.too_small.TooSmall: too few images for the image sets, nothing to attack, no
+misclassified image) is recorded as "skipped": {"reason", "count"} in its section and the rest
+runs. Then OUT/study.json and OUT/report.md (each model's section under its subject header), with
+the paper's numbers (PAPER, from ../shared/PAPER.md) beside ours.
 """
 from __future__ import annotations
 
@@ -35,10 +38,13 @@ from semguard.analysis.subject_two_vs_two import TwoVsTwoConfig
 from semguard.attacks.generate import GenerateParams
 from semguard.files import write_atomic, write_json_atomic
 from semguard.subject.core import SubjectSpec
+from semguard.subject.header import render_subject_header
+from semguard.too_small import TooSmall
 from semguard.world_cache import DEFAULT_WORLD_CACHE
 
 FORMAT = "semguard.study/1"
 STAGE_FILE = "stage.json"
+SKIPPED_FILE = "skipped.json"  # in attacks/: why no attack set could be made (semguard.too_small.TooSmall)
 
 # The paper's numbers, from ../shared/PAPER.md ("The paper in numbers"), which restates the paper
 # (Dharmaretnam & Fyshe, ICLR 2019 submission). These are the paper's, not ours: the report shows them
@@ -222,7 +228,7 @@ def _stage(folder: Path, key: dict, compute: Callable[[], None], say: Callable[[
 def run_model(model: StudyModel, out: Path, config: StudyConfig) -> dict:
     """The three stages of one model in out; the model's section of study.json."""
     from semguard.analysis.attack_analysis import analyze_attacks
-    from semguard.analysis.subject_two_vs_two import run_two_vs_two
+    from semguard.analysis.subject_two_vs_two import run_two_vs_two, skipped_summary
     from semguard.subject.core import subject_record
     from semguard.attacks.generate import generate_attack_set
     from semguard.attacks.store import load_attack_set
@@ -245,17 +251,32 @@ def run_model(model: StudyModel, out: Path, config: StudyConfig) -> dict:
     base = {"subject": record, "weights": _file_identity(model.spec.weights)}
     how = ("memory_budget_gib", "workspace_gib", "batch_size", "device", "progress")  # how, not what
     stages = {}
+    def two_vs_two() -> None:
+        try:
+            run_two_vs_two(subject(), out / "two_vs_two", figure1)
+        except TooSmall as error:  # the other stages still run; the report says why this one did not
+            say(f"  two_vs_two: skipped: {error.reason}")
+            (out / "two_vs_two" / "two_vs_two_by_layer.png").unlink(missing_ok=True)
+            write_json_atomic(out / "two_vs_two" / "two_vs_two.json", skipped_summary(subject(), figure1, error))
+
     stages["two_vs_two"] = _stage(
-        out / "two_vs_two", {**base, **{k: v for k, v in asdict(figure1).items() if k not in how}},
-        lambda: run_two_vs_two(subject(), out / "two_vs_two", figure1), say)
+        out / "two_vs_two", {**base, **{k: v for k, v in asdict(figure1).items() if k not in how}}, two_vs_two, say)
 
     def attacks() -> None:
         s = subject()  # a killed generation in out/attacks resumes (the store checks it is the same set)
         vectors = np.asarray(s.word_vectors, np.float64).copy()
         vectors[~np.asarray(s.matched, bool)] = np.nan  # no word vector: neither source nor target
-        generate_attack_set(s.model, s.images, s.images.labels, list(s.classes), vectors, out / "attacks", attack,
-                            device=device,
-                            progress=config.progress, subject=record)
+        (out / "attacks" / SKIPPED_FILE).unlink(missing_ok=True)
+        try:
+            generate_attack_set(s.model, s.images, s.images.labels, list(s.classes), vectors, out / "attacks",
+                                attack, device=device, progress=config.progress, subject=record)
+        except TooSmall as error:
+            say(f"  attacks: skipped: {error.reason}")
+            write_json_atomic(out / "attacks" / SKIPPED_FILE, error.record())
+
+    def attack_set():
+        skipped = out / "attacks" / SKIPPED_FILE
+        return TooSmall(**json.loads(skipped.read_text())) if skipped.is_file() else load_attack_set(out / "attacks")
 
     attack_key = {**base, "attack": asdict(attack)}
     _clear_if_changed(out / "attacks", attack_key)
@@ -264,13 +285,14 @@ def run_model(model: StudyModel, out: Path, config: StudyConfig) -> dict:
                     "n_permutations": figure1.n_permutations, "seed": config.seed}
     stages["one_vs_two"] = _stage(
         out / "one_vs_two", analysis_key,
-        lambda: analyze_attacks(subject(), load_attack_set(out / "attacks"), out / "one_vs_two",
+        lambda: analyze_attacks(subject(), attack_set(), out / "one_vs_two",
                                         config.reference_size, figure1.n_permutations, config.seed), say)
     two = json.loads((out / "two_vs_two" / "two_vs_two.json").read_text())
     analysis = json.loads((out / "one_vs_two" / "analysis.json").read_text())
     return {"subject": record, "stages": stages, "headline": headline(two, analysis),
+            "header": (analysis.get("subject") or {}).get("header"),
             "two_vs_two": {k: two[k] for k in ("layers", "accuracy", "spread", "p_value", "p_bhy", "pixels",
-                                                "pixels_p_value", "concepts", "left_out")},
+                                                "pixels_p_value", "concepts", "left_out", "skipped") if k in two},
             "attacks": analysis["attacks"], "subject_counts": analysis.get("subject"),
             "adversarial_one_vs_two": analysis["adversarial_one_vs_two"], "misclassified": analysis["misclassified"]}
 
@@ -287,35 +309,40 @@ def _clear_if_changed(folder: Path, key: dict) -> None:
 
 
 def headline(two: dict, analysis: dict) -> dict:
-    """The numbers the report compares with the paper's, for one model."""
+    """The numbers the report compares with the paper's, for one model; None for a skipped analysis."""
     from semguard.detector.layers import layer_blocks
 
-    acc = np.asarray(two["accuracy"])
-    blocks = layer_blocks(two["model"], two["layers"])
+    acc = np.asarray(two["accuracy"], float)
+    blocks = layer_blocks(two["model"], two["layers"]) if len(acc) else []
     ends = [i for i in range(len(blocks)) if i == len(blocks) - 1 or blocks[i + 1] != blocks[i]]
     inside = [i for i in range(len(blocks)) if i not in ends]
-    adv = np.asarray(analysis["adversarial_one_vs_two"]["accuracy"])
+    adv = np.asarray(analysis["adversarial_one_vs_two"]["accuracy"], float)
     third = max(1, len(adv) // 3)
     mis = analysis["misclassified"]
+
+    def measured(values: np.ndarray, f: Callable[[np.ndarray], Any]) -> Any:
+        return f(values) if len(values) else None
+
     return {
         "classes_analysed": two["concepts"],
         "unmatched_classes": two["left_out"]["unmatched"],
-        "layers": len(acc),
+        "layers": len(two["layers"]),
         "two_vs_two_pixels": two["pixels"],
-        "two_vs_two_first_layer": float(acc[0]),
-        "two_vs_two_last_layer": float(acc[-1]),
-        "two_vs_two_best": {"layer": two["layers"][int(np.argmax(acc))], "accuracy": float(acc.max())},
-        "two_vs_two_significant_layers": int(np.sum(np.asarray(two["p_bhy"]) < 0.05)),
-        "two_vs_two_spread_mean": float(np.mean(two["spread"])),
-        "two_vs_two_block_ends": float(acc[ends].mean()),
+        "two_vs_two_first_layer": measured(acc, lambda a: float(a[0])),
+        "two_vs_two_last_layer": measured(acc, lambda a: float(a[-1])),
+        "two_vs_two_best": measured(acc, lambda a: {"layer": two["layers"][int(np.argmax(a))],
+                                                    "accuracy": float(a.max())}),
+        "two_vs_two_significant_layers": measured(acc, lambda _: int(np.sum(np.asarray(two["p_bhy"]) < 0.05))),
+        "two_vs_two_spread_mean": measured(acc, lambda _: float(np.mean(two["spread"]))),
+        "two_vs_two_block_ends": measured(acc, lambda a: float(a[ends].mean())),
         "two_vs_two_inside_blocks": float(acc[inside].mean()) if inside else None,
         "attacks_requested": analysis["attacks"]["requested"],
         "attacks_succeeded": analysis["attacks"]["succeeded"],
-        "adversarial_one_vs_two_early": float(adv[:third].mean()),
-        "adversarial_one_vs_two_last_layer": float(adv[-1]),
+        "adversarial_one_vs_two_early": measured(adv, lambda a: float(a[:third].mean())),
+        "adversarial_one_vs_two_last_layer": measured(adv, lambda a: float(a[-1])),
         "misclassified_count": mis["count"],
         "misclassified_mean_cosine": mis["mean_cosine"],
-        "misclassified_significant_layers": int(np.sum(np.asarray(mis["p_bhy"]) < 0.05)),
+        "misclassified_significant_layers": None if "skipped" in mis else int(np.sum(np.asarray(mis["p_bhy"]) < 0.05)),
     }
 
 
@@ -348,6 +375,7 @@ def render_study_report(summary: dict) -> str:
              "figures; \"ours\" are this run's. Chance is 0.5 for 2 vs 2 and 1 vs 2.", ""]
     for name, m in summary["models"].items():
         h, arch = m["headline"], _arch(name, m["subject"])
+        best = h["two_vs_two_best"]
         matched = paper["concepts_matched"]["imagenet"]
         adv = paper["adversarial_one_vs_two"]
         rows = [
@@ -357,10 +385,10 @@ def render_study_report(summary: dict) -> str:
             ("2 vs 2, raw pixels", _f(h["two_vs_two_pixels"]), "-"),
             ("2 vs 2, first / last layer", f"{_f(h['two_vs_two_first_layer'])} / {_f(h['two_vs_two_last_layer'])}",
              "rises (noisily) with depth"),
-            ("2 vs 2, best layer", f"{_f(h['two_vs_two_best']['accuracy'])} ({h['two_vs_two_best']['layer']})", "-"),
+            ("2 vs 2, best layer", f"{_f(best['accuracy'])} ({best['layer']})" if best else "-", "-"),
             ("2 vs 2, block ends / inside blocks", f"{_f(h['two_vs_two_block_ends'])} / "
              f"{_f(h['two_vs_two_inside_blocks'])}", "block ends higher"),
-            ("2 vs 2 layers significant after BHY", f"{h['two_vs_two_significant_layers']} of {h['layers']}", "-"),
+            ("2 vs 2 layers significant after BHY", f"{_f(h['two_vs_two_significant_layers'])} of {h['layers']}", "-"),
             ("2 vs 2 spread across image sets (mean)", _f(h["two_vs_two_spread_mean"], 4),
              _f(paper["two_vs_two_spread"].get(arch), 4)),
             ("attacks succeeded / requested", f"{h['attacks_succeeded']} / {h['attacks_requested']}",
@@ -372,16 +400,41 @@ def render_study_report(summary: dict) -> str:
             ("misclassified images", h["misclassified_count"], paper["misclassified_count"].get(arch, "-")),
             ("mistake similarity (mean cosine)", _f(h["misclassified_mean_cosine"], 2),
              _f(paper["mistake_cosine"].get(arch), 2)),
-            ("misclassified: layers significant after BHY", h["misclassified_significant_layers"],
+            ("misclassified: layers significant after BHY", _f(h["misclassified_significant_layers"]),
              paper["misclassified_significant_layers"]),
         ]
         stages = ", ".join(f"{k} {v}" for k, v in m["stages"].items())
-        lines += [f"## {name}", "", f"Stages this run: {stages}.", "", "| | ours | paper |", "|---|---|---|"]
+        lines += [f"## {name}", "", "```", *render_subject_header(m.get("header") or _unrecorded(m)), "```", ""]
+        lines += [f"Stages this run: {stages}.", "", "| | ours | paper |", "|---|---|---|"]
         lines += [f"| {label} | {ours} | {theirs} |" for label, ours, theirs in rows]
-        lines += ["", f"![2 vs 2 by layer]({name}/two_vs_two/two_vs_two_by_layer.png)",
-                  f"![1 vs 2 adversarial]({name}/one_vs_two/adversarial_one_vs_two_by_layer.png)",
-                  f"![1 vs 2 misclassified]({name}/one_vs_two/misclassified_one_vs_two_by_block.png)", ""]
+        skipped = skipped_parts(m)
+        if skipped:
+            lines += ["", "Skipped (too little data; the rest of the study ran):", ""]
+            lines += [f"- {part}: {s['reason']} (count: {s['count']})" for part, s in skipped.items()]
+        figures = (("two_vs_two", "2 vs 2 by layer", "two_vs_two/two_vs_two_by_layer.png"),
+                   ("adversarial_one_vs_two", "1 vs 2 adversarial", "one_vs_two/adversarial_one_vs_two_by_layer.png"),
+                   ("misclassified_one_vs_two", "1 vs 2 misclassified",
+                    "one_vs_two/misclassified_one_vs_two_by_block.png"))
+        lines += [""] + [f"![{title}]({name}/{path})" for part, title, path in figures if part not in skipped] + [""]
     return "\n".join(lines)
+
+
+def skipped_parts(m: dict) -> dict[str, dict]:
+    """part -> {"reason", "count"} for each analysis of a model's section that was skipped."""
+    parts = {"two_vs_two": m["two_vs_two"], "attacks": m["attacks"],
+             "adversarial_one_vs_two": m["adversarial_one_vs_two"], "misclassified_one_vs_two": m["misclassified"]}
+    found = {part: section["skipped"] for part, section in parts.items() if "skipped" in section}
+    if "attacks" in found and found.get("adversarial_one_vs_two") == found["attacks"]:
+        del found["attacks"]  # one reason, said once
+    return found
+
+
+def _unrecorded(m: dict) -> dict:
+    """A header from what an analysis.json written before headers holds."""
+    counts = m.get("subject_counts") or {}
+    return {"model": counts.get("name", "?"), "weights": None, "preprocessing": None,
+            "classes": counts.get("classes", "?"), "classes_matched": counts.get("with_word_vector", "?"),
+            "images_read": counts.get("test_images", "?"), "images_skipped": "?", "accuracy": None}
 
 
 def _sayer(config: StudyConfig) -> Callable[[str], None]:

@@ -36,10 +36,13 @@ from tqdm.auto import tqdm
 from semguard.detector.layers import LayerTap
 from semguard.detector.rsa import _unit_rows, as_float64, correlation_matrix, two_vs_two
 from semguard.detector.significance import bhy, default_device, permutation_test_two_vs_two
+from semguard.subject.header import subject_header
+from semguard.too_small import TooSmall
 from semguard.files import atomic_path, sha256_file, write_json_atomic
 
 PIXELS = "pixels"  # the raw input, analysed first as in the paper's Figure 1 baseline
 FORMAT = "semguard.two_vs_two/1"
+PREDICTIONS_FILE = "predictions.json"
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,8 @@ def choose_image_sets(labels: np.ndarray, matched: np.ndarray, n_sets: int) -> I
         concepts.append(int(c))
         columns.append(where[:n_sets])
     if len(concepts) < 3:
-        raise ValueError(f"2 vs 2 needs at least 3 matched classes with {n_sets} images each, found {len(concepts)} "
-                         f"({int(np.sum(matched))} matched classes, {len(too_few)} with too few images)")
+        raise TooSmall(f"2 vs 2 needs at least 3 matched classes with {n_sets} images each, found {len(concepts)} "
+                       f"({int(np.sum(matched))} matched classes, {len(too_few)} with too few images)", len(concepts))
     return ImageSets(np.asarray(concepts), np.stack(columns, axis=1), too_few)
 
 
@@ -260,9 +263,10 @@ class DecodedSets:
 
 def _pass_correlations(subject, tap: LayerTap | None, p: Pass, sizes: dict[str, int], sets: ImageSets,
                        config: TwoVsTwoConfig, device: torch.device, spill_dir: Path, bar,
-                       decoded: DecodedSets | None = None) -> dict[str, np.ndarray]:
+                       decoded: DecodedSets | None = None, predicted: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """layer -> (S, w, w) C_I for the layers of one pass: one tapped forward over each set (its images
-    from `decoded` when given, else read from the subject)."""
+    from `decoded` when given, else read from the subject). predicted: (S, w), filled with the model's
+    class for each image when given (the tap's logits come with the activations)."""
     w = sets.indices.shape[1]
     c = {name: np.empty((len(sets.indices), w, w)) for name in p.layers}
     for s, indices in enumerate(sets.indices):
@@ -275,9 +279,11 @@ def _pass_correlations(subject, tap: LayerTap | None, p: Pass, sizes: dict[str, 
                 acts[PIXELS][start:stop] = images.reshape(len(images), -1).numpy()
             if tap is not None:
                 with torch.no_grad():
-                    out = tap(images.to(device)).acts
-                for name, a in out.items():
+                    tapped = tap(images.to(device))
+                for name, a in tapped.acts.items():
                     acts[name][start:stop] = a.cpu().numpy()
+                if predicted is not None:
+                    predicted[s, start:stop] = tapped.logits.argmax(1).cpu().numpy()
             bar.update(len(images))
         for name in p.layers:
             c[name][s] = layer_correlation(acts[name], config.workspace_gib * 2**30, device)
@@ -285,6 +291,13 @@ def _pass_correlations(subject, tap: LayerTap | None, p: Pass, sizes: dict[str, 
         if p.spill:
             shutil.rmtree(spill_dir, ignore_errors=True)
     return c
+
+
+def _stored_predictions(path: Path, key: dict) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return np.asarray(record["predicted"], np.int64) if record.get("key") == key else None
 
 
 def _layer_file(out: Path, index: int) -> Path:
@@ -318,6 +331,11 @@ def run_two_vs_two(subject, out: str | Path, config: TwoVsTwoConfig = TwoVsTwoCo
     done = _finished(out, names, key)
     todo = [n for n in names if n not in done]
     computed: list[str] = []
+    predictions = out / PREDICTIONS_FILE  # the model's class for each set image, for the subject header
+    predicted = _stored_predictions(predictions, key)
+    if predicted is None:
+        predictions.unlink(missing_ok=True)
+        predicted = np.full(sets.indices.shape, -1, np.int64)  # (S, w)
     if todo:
         model = subject.model.to(device).eval()
         sample = subject.images.load(sets.indices[0, :1])
@@ -338,7 +356,10 @@ def run_two_vs_two(subject, out: str | Path, config: TwoVsTwoConfig = TwoVsTwoCo
                 bar.set_postfix_str(f"{p.layers[0]}..{p.layers[-1]}" if len(p.layers) > 1 else p.layers[0])
                 tapped = [n for n in p.layers if n != PIXELS]
                 tap = LayerTap(model, tapped) if tapped else None
-                c = _pass_correlations(subject, tap, p, sizes, sets, config, device, out / ".spill", bar, decoded)
+                fill = predicted if tap is not None and not predictions.is_file() else None
+                c = _pass_correlations(subject, tap, p, sizes, sets, config, device, out / ".spill", bar, decoded, fill)
+                if fill is not None:
+                    write_json_atomic(predictions, {"key": key, "predicted": predicted.tolist()})
                 for name in p.layers:
                     record = {"layer": name, **layer_scores(c.pop(name), c_d, config, device), "key": key}
                     write_json_atomic(_layer_file(out, names.index(name)), record)
@@ -353,6 +374,9 @@ def run_two_vs_two(subject, out: str | Path, config: TwoVsTwoConfig = TwoVsTwoCo
                 decoded.remove()
         bar.close()
     summary = summarize(subject, sets, [done[n] for n in names], config)
+    labels = np.asarray(subject.images.labels)[sets.indices]
+    known = predictions.is_file()  # else every layer was reused from a run before headers
+    summary["header"] = subject_header(subject, labels.ravel() if known else None, predicted.ravel() if known else None)
     write_json_atomic(out / "two_vs_two.json", summary)
     plot_two_vs_two(out / "two_vs_two_by_layer.png", summary, subject.name)
     return {**summary, "computed": computed}
@@ -384,6 +408,20 @@ def summarize(subject, sets: ImageSets, records: list[dict], config: TwoVsTwoCon
         "classes": [subject.classes[c] for c in sets.concepts],
         "left_out": {"unmatched": int(np.sum(~np.asarray(subject.matched, bool))),
                      "too_few_images": [subject.classes[c] for c in sets.too_few]},
+    }
+
+
+def skipped_summary(subject, config: TwoVsTwoConfig, error: TooSmall) -> dict:
+    """two_vs_two.json of a 2 vs 2 that could not run (too few classes with enough images): summarize's
+    keys, empty, and "skipped": {"reason", "count": the classes that had enough images}."""
+    labels, matched = np.asarray(subject.images.labels), np.asarray(subject.matched, bool)
+    too_few = [subject.classes[c] for c in np.flatnonzero(matched) if np.sum(labels == c) < config.image_sets]
+    return {
+        "format": FORMAT, "model": subject.name, "subject": subject.spec.to_json(), "layers": list(subject.layers),
+        "accuracy": [], "spread": [], "per_set": [], "p_value": [], "p_bhy": [], "significant": [],
+        "pixels": None, "pixels_p_value": None, "pixels_per_set": [], "image_sets": config.image_sets,
+        "n_permutations": config.n_permutations, "seed": config.seed, "concepts": error.count, "classes": [],
+        "left_out": {"unmatched": int(np.sum(~matched)), "too_few_images": too_few}, "skipped": error.record(),
     }
 
 

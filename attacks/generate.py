@@ -25,6 +25,7 @@ from semguard.attacks.registry import get_attack
 from semguard.attacks.store import AttackSetWriter, open_attack_set, shard_name
 from semguard.attacks.targets import TargetPlan, choose_sources, plan_targets
 from semguard.models.inputs import as_model_input, predict  # noqa: F401 (tests import predict from here)
+from semguard.too_small import TooSmall
 
 # Parameters each stored attack takes from GenerateParams.
 _ATTACK_ARGS = {"mifgsm": ("eps", "step", "decay", "iterations", "backend"), "pgd": ("eps", "step", "iterations")}
@@ -123,7 +124,7 @@ def plan_from_first_correct(first_correct: Mapping[int, int], vectors: np.ndarra
     concepts = np.flatnonzero(np.isfinite(vectors).all(axis=1))  # plan indices -> class ids
     eligible = [j for j, c in enumerate(concepts) if int(c) in first_correct]
     if not eligible:
-        raise ValueError("no concept with a word vector has a correctly classified image to attack")
+        raise TooSmall("no concept with a word vector has a correctly classified image to attack", 0)
     sources = choose_sources(len(concepts), params.n_sources, params.seed, eligible)
     rows = plan_targets(vectors[concepts], sources, params.targets_per_source)
     return [

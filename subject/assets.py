@@ -13,7 +13,8 @@ Models (the model is always wrapped so that it takes [0, 1] images; eval mode, C
 - `timm/<arch>` (or a timm name torchvision lacks; `pip install 'semguard[timm]'`): built offline,
   weights from the file, transform and mean/std from timm's pretrained config (crop_pct, bicubic);
 - `model_entry = "pkg.module:factory"`: the factory's module (or (module, mean, std)), `weights`
-  optional; transform 224 of 256 unless given;
+  optional; without input_size / resize, images that all share one size are taken as they are
+  (32 x 32 CIFAR photos stay 32 x 32), else 224 of 256;
 - `worldnet` + a WorldNet safetensors file (`semguard world export` writes one): the embedded
   world's architecture, 32 x 32 images taken as they are.
 
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from semguard.detector.bundle import ModelSpec
-from semguard.subject.core import Subject, SubjectSpec
+from semguard.subject.core import Preprocessing, Subject, SubjectSpec, model_normalisation
 from semguard.subject.images import ImageSource, Transform, scan_images
 from semguard.subject.labels import ClassList, read_labels
 
@@ -80,8 +81,7 @@ def load_asset_subject(spec: SubjectSpec, progress: bool = True) -> Subject:
     classes = source.classes
     loaded = loaded or _load_model(spec, len(classes.synonyms))
     conv = loaded.convention
-    size = spec.input_size or conv.size
-    resize = spec.resize or (conv.resize if spec.input_size is None else math.floor(size * conv.resize / conv.size))
+    size, resize, decided_by = _input_size(spec, loaded, source.common_size)
     if resize < size:
         raise ValueError(f"--input-size {size}, --resize {resize}: the short side (resize) must be >= the crop "
                          "(input size)")
@@ -90,8 +90,31 @@ def load_asset_subject(spec: SubjectSpec, progress: bool = True) -> Subject:
     _check_outputs(model, size, len(classes.synonyms), spec)
     layers = _layers(spec, loaded)
     word_vectors, matched = _class_vectors(spec, classes, progress)
+    how = Preprocessing(size, resize, conv.interpolation, *model_normalisation(model), decided_by)
     return Subject(loaded.name, model, loaded.spec, layers, classes.names, word_vectors, matched,
-                   source.image_set(transform), spec, str(spec.weights) if spec.weights is not None else None)
+                   source.image_set(transform), spec, str(spec.weights) if spec.weights is not None else None, how)
+
+
+def _input_size(spec: SubjectSpec, loaded: _Model, common: tuple[int, int] | None) -> tuple[int, int, str]:
+    """(input_size, resize, where they came from). An entry-point model has no convention of its own: with
+    neither given it takes images that all share one size as they are, else ImageNet's, said on stderr."""
+    conv = loaded.convention
+    if spec.input_size is not None:
+        resize = spec.resize or math.floor(spec.input_size * conv.resize / conv.size)
+        return spec.input_size, resize, "input_size" + (", resize" if spec.resize else f" (resize keeps "
+                                                         f"{loaded.name}'s ratio {conv.resize}/{conv.size})")
+    if spec.resize is not None:
+        return conv.size, spec.resize, f"resize; input_size {loaded.name}'s"
+    if spec.model_entry is None:
+        return conv.size, conv.resize, f"{loaded.name}'s convention"
+    if common is not None:
+        side = min(common)
+        decided_by = f"the images' common size {common[0]} x {common[1]} (no resize)"
+    else:
+        side, decided_by = None, f"ImageNet's {conv.size} of {conv.resize}: the images differ in size"
+    print(f"--model-entry {spec.model_entry}: no input_size given; taken at {decided_by}"
+          f"{'' if side else ' (set input_size / resize)'}", file=sys.stderr)
+    return (side, side, decided_by) if side else (conv.size, conv.resize, decided_by)
 
 
 class SubjectData(NamedTuple):

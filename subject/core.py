@@ -11,6 +11,7 @@ A command takes a `SubjectSpec` (flags or a TOML file, semguard.subject.flags) a
     subject.word_vectors  (C, d) float32, row c for classes[c]; zero rows where `matched` is False
     subject.matched       (C,) bool: the class has a word vector (semantic analyses use these only)
     subject.images        labelled images, loaded on demand (`ImageSet`)
+    subject.preprocessing input size, resize and normalisation actually used (`Preprocessing`)
 """
 from __future__ import annotations
 
@@ -220,6 +221,26 @@ class ArrayImages(ImageSet):
         return as_model_input(self.images[np.asarray(indices, np.int64)])
 
 
+class Preprocessing(NamedTuple):
+    """How a subject's images reach its model, as every report's header states it (subject.header)."""
+
+    input_size: int  # side of the square image the model is given
+    resize: int | None  # short side before the centre crop; None: the images are taken as stored
+    interpolation: str | None  # the resize's PIL filter (None without a resize)
+    mean: tuple[float, ...] | None  # per-channel normalisation inside the model; None: none semguard knows of
+    std: tuple[float, ...] | None
+    decided_by: str  # where input_size / resize came from, in words ("--input-size", "resnet50's weights", ...)
+
+
+def model_normalisation(model: nn.Module) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """(mean, std) a model normalises its [0, 1] input with (models.normalize.Normalized, WorldNet's
+    buffers), or (None, None) when it holds none."""
+    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+    if not isinstance(mean, torch.Tensor) or not isinstance(std, torch.Tensor):
+        return None, None
+    return tuple(round(float(v), 8) for v in mean.flatten()), tuple(round(float(v), 8) for v in std.flatten())
+
+
 class Subject(NamedTuple):
     name: str  # "worldnet", "resnet50", ... (bundle.json's model_name)
     model: nn.Module
@@ -231,6 +252,7 @@ class Subject(NamedTuple):
     images: ImageSet
     spec: SubjectSpec
     source_weights: str | None = None  # the weights file the model came from (recorded in bundles)
+    preprocessing: Preprocessing | None = None  # None: a subject built by hand (tests), not recorded
 
 
 def world_subject(spec: SubjectSpec = SubjectSpec(), progress: bool = True, inputs=None) -> Subject:
@@ -245,10 +267,12 @@ def world_subject(spec: SubjectSpec = SubjectSpec(), progress: bool = True, inpu
 
         inputs = load_world_inputs(WorldSettings(seed=spec.world_seed), spec.world_cache, progress=progress)
     w = inputs.world
+    how = Preprocessing(int(w.test_images.shape[1]), None, None, *model_normalisation(inputs.model),
+                        "the embedded world's images, as stored")
     return Subject(
         "worldnet", inputs.model, worldnet_spec(inputs.model), list(spec.layers or preset_layers("worldnet")), list(w.classes),
         inputs.word_vectors, np.ones(len(w.classes), bool), ArrayImages(w.test_images, w.test_labels), spec,
-        str(w.model_path),
+        str(w.model_path), how,
     )
 
 

@@ -115,6 +115,7 @@ class ImageSource:
     labels: np.ndarray  # (N,) int64 into classes
     classes: ClassList
     skipped: tuple[str, ...]
+    common_size: tuple[int, int] | None = None  # (width, height) every image has, None when they differ
 
     def image_set(self, transform: Transform) -> FileImages | CifarImages:
         if self.kind == "cifar":
@@ -255,24 +256,25 @@ def _scan_cifar(file: Path, classes: ClassList | None) -> ImageSource:
     if len(classes.synonyms) != len(CIFAR100_CLASSES):
         raise ValueError(f"--images {file}: CIFAR-100 has 100 classes, the labels file {classes.path} lists "
                          f"{len(classes.synonyms)}")
-    return ImageSource(file, "cifar", data.images, data.labels, classes, ())
+    return ImageSource(file, "cifar", data.images, data.labels, classes, (), (32, 32))
 
 
 # --------------------------------------------------------------------------- checking files
 
 
-def check_image(path: Path) -> tuple[str | None, str]:
-    """(problem or None, mode) after decoding `path` once (JPEG at reduced scale: truncation still shows)."""
+def check_image(path: Path) -> tuple[str | None, str, tuple[int, int] | None]:
+    """(problem or None, mode, (width, height)) after decoding `path` once (JPEG at reduced scale:
+    truncation still shows; the size is the file's, read before the reduction)."""
     try:
         if path.stat().st_size == 0:
-            return "0 bytes", ""
+            return "0 bytes", "", None
         with Image.open(path) as img:
-            mode = img.mode
+            mode, size = img.mode, img.size
             img.draft("RGB", (64, 64))
             img.load()
-        return None, mode
+        return None, mode, size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        return str(error).splitlines()[0][:80] or type(error).__name__, ""
+        return str(error).splitlines()[0][:80] or type(error).__name__, "", None
 
 
 def _checked(path: Path, kind: str, files: list[Path], labels: list[int], classes: ClassList,
@@ -280,8 +282,8 @@ def _checked(path: Path, kind: str, files: list[Path], labels: list[int], classe
     with ThreadPoolExecutor(_THREADS) as pool:
         checks = list(tqdm(pool.map(check_image, files), total=len(files), disable=not progress,
                            desc="checking images", leave=False))
-    skipped += tuple(f"{f.name} ({problem})" for f, (problem, _) in zip(files, checks) if problem)
-    keep = [i for i, (problem, _) in enumerate(checks) if not problem]
+    skipped += tuple(f"{f.name} ({problem})" for f, (problem, _, _) in zip(files, checks) if problem)
+    keep = [i for i, (problem, _, _) in enumerate(checks) if not problem]
     if skipped:
         print(f"--images {path}: skipped {len(skipped)} unreadable image file(s): "
               f"{', '.join(skipped[:MAX_LISTED])}{' ...' if len(skipped) > MAX_LISTED else ''}", file=sys.stderr)
@@ -291,5 +293,6 @@ def _checked(path: Path, kind: str, files: list[Path], labels: list[int], classe
               f"({', '.join(f'{m} {n}' for m, n in sorted(modes.items()))}; alpha dropped)", file=sys.stderr)
     if not keep:
         raise ValueError(f"--images {path}: none of its {len(files)} image files could be read")
+    sizes = {checks[i][2] for i in keep}
     return ImageSource(path, kind, [files[i] for i in keep], np.asarray([labels[i] for i in keep], np.int64),
-                       classes, skipped)
+                       classes, skipped, sizes.pop() if len(sizes) == 1 else None)

@@ -139,7 +139,10 @@ def run_two_vs_two_command(args: argparse.Namespace) -> int:
         result = run_two_vs_two(subject, args.out, config)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"semguard analyze two-vs-two: {err}") from None
+    from semguard.subject.header import render_subject_header
+
     significant = sum(result["significant"])
+    print("\n".join(render_subject_header(result["header"])))
     print(f"2 vs 2 on {result['model']} ({result['concepts']} classes, {result['image_sets']} image sets): pixels "
           f"{result['pixels']:.3f} | first layer {result['accuracy'][0]:.3f} | last layer {result['accuracy'][-1]:.3f} "
           f"| significant after BHY: {significant} of {len(result['layers'])} layers (chance 0.5)")

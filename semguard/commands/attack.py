@@ -160,15 +160,16 @@ def checked_subject_record(out_dir: Path, spec: SubjectSpec) -> dict | None:
 
 def subject_inputs(spec: SubjectSpec, progress: bool = True):
     """(model, images (an ImageSet), labels, class names, word vectors (C, d) with NaN rows for classes
-    without one: attacks.generate makes them neither source nor target)."""
+    without one: attacks.generate makes them neither source nor target), and the subject's header."""
     import numpy as np
 
     from semguard.subject.core import load_subject
+    from semguard.subject.header import subject_header
 
     subject = load_subject(spec, progress)
     vectors = np.asarray(subject.word_vectors, np.float64).copy()
     vectors[~subject.matched] = np.nan
-    return subject.model, subject.images, subject.images.labels, list(subject.classes), vectors
+    return subject.model, subject.images, subject.images.labels, list(subject.classes), vectors, subject_header(subject)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -181,7 +182,7 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         spec = subject_spec_from_args(args, world_cache=args.world_cache)
         record = checked_subject_record(args.out, spec)  # a resumed set names the same subject
-        model, images, labels, names, vectors = subject_inputs(spec, not args.quiet)
+        model, images, labels, names, vectors, header = subject_inputs(spec, not args.quiet)
         if args.ray is None:
             result = generate_attack_set(model, images, labels, names, vectors, args.out, params, device=device,
                                          progress=not args.quiet, subject=record)
@@ -193,6 +194,9 @@ def run_generate(args: argparse.Namespace) -> int:
                                              progress=not args.quiet, subject=record)
     except ValueError as err:
         raise SystemExit(f"semguard attack generate: {err}") from None
+    from semguard.subject.header import render_subject_header
+
+    print("\n".join(render_subject_header(header)))  # accuracy: `attack analyze` measures it
     print(f"{result.out_dir}: {result.n_success}/{result.n_examples} attacks succeeded "
           f"({len(result.computed)} shards computed, {len(result.skipped)} already done)")
     return 0
@@ -251,14 +255,18 @@ def run_attack_analyze(args: argparse.Namespace) -> int:
                                  max_images=args.max_images, memory_budget_gib=args.memory_budget)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"semguard attack analyze: {err}") from None
-    adv = result["adversarial_one_vs_two"]
+    from semguard.subject.header import render_subject_header
+
+    adv, mis = result["adversarial_one_vs_two"], result["misclassified"]
+    print("\n".join(render_subject_header(result["subject"]["header"])))
     print(json.dumps({
         "attacks": result["attacks"],
         "layers": adv["layers"],
         "one_vs_two_mean_over_ranks": [round(a, 3) for a in adv["accuracy"]],
-        "misclassified_count": result["misclassified"]["count"],
-        "misclassified_mean_cosine": (None if result["misclassified"]["mean_cosine"] is None
-                                      else round(result["misclassified"]["mean_cosine"], 3)),
+        "misclassified_count": mis["count"],
+        "misclassified_mean_cosine": None if mis["mean_cosine"] is None else round(mis["mean_cosine"], 3),
+        **{f"{name}_skipped": section["skipped"] for name, section in (("adversarial", adv), ("misclassified", mis))
+           if "skipped" in section},
     }, indent=2))
     print(f"figures and analysis.json in {args.out}")
     return 0

@@ -154,9 +154,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from semguard.evaluation.detector_eval import calibrate_subject_guard
 
     cfg = _checked_config(args)
-    report = _on_subject(args, calibrate_subject_guard, _subject(args, cfg.progress), args.out, cfg, args.max_images,
-                         args.allow_few_images)
+    subject = _subject(args, cfg.progress)
+    report = _on_subject(args, calibrate_subject_guard, subject, args.out, cfg, args.max_images, args.allow_few_images)
+    _print_header(subject, (report.clean_accuracy, report.n_fit + report.n_calib))
     return _print_calibration(report)
+
+
+def _print_header(subject, measured: tuple[float, int]) -> None:
+    from semguard.subject.header import render_subject_header, subject_header
+
+    print("\n".join(render_subject_header(subject_header(subject, measured=measured))))
 
 
 def _print_calibration(report) -> int:
@@ -195,7 +202,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from semguard.evaluation.detector_eval import evaluate_subject_detector
 
     cfg = _checked_config(args)
-    ev = _on_subject(args, evaluate_subject_detector, _subject(args, cfg.progress), args.out, cfg, args.max_images)
+    subject = _subject(args, cfg.progress)
+    ev = _on_subject(args, evaluate_subject_detector, subject, args.out, cfg, args.max_images)
+    split = ev.results["split"]
+    _print_header(subject, (ev.results["clean_accuracy"], split["n_calibration"] + split["n_evaluation"]))
     print(format_results(ev.results))
     if "adaptive" in ev.results:
         from semguard.evaluation.adaptive_eval import format_adaptive

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,10 +54,11 @@ def quickstart_config(args: argparse.Namespace) -> QuickstartConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from semguard.analysis.quickstart import run_quickstart
+    from semguard.analysis.quickstart import SUBJECT_FILE, run_quickstart
 
     from semguard.analysis.report import render_summary
 
     summary = run_quickstart(quickstart_config(args))
-    print(render_summary(summary, Path(args.out)))
+    header = json.loads((Path(args.out) / SUBJECT_FILE).read_text())
+    print(render_summary(summary, Path(args.out), header))
     return 0

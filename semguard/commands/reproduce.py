@@ -43,7 +43,7 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run_reproduce_command(args: argparse.Namespace) -> int:
-    from semguard.analysis.reproduce import read_study, reproduce
+    from semguard.analysis.reproduce import read_study, reproduce, skipped_parts
 
     try:
         study = read_study(args.subject, world_cache=args.world_cache)
@@ -51,6 +51,13 @@ def run_reproduce_command(args: argparse.Namespace) -> int:
         summary = reproduce(study, args.out)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"semguard reproduce: {err}") from None
+    from semguard.subject.header import render_subject_header
+
+    for name, m in summary["models"].items():
+        if m.get("header"):
+            print(f"{name}: " + "\n".join(render_subject_header(m["header"])))
+        for part, skipped in skipped_parts(m).items():
+            print(f"  skipped {part}: {skipped['reason']} (count: {skipped['count']})")
     print(json.dumps({name: m["headline"] for name, m in summary["models"].items()}, indent=1))
     print(f"written: {Path(args.out) / 'report.md'}, study.json and one folder per model")
     return 0

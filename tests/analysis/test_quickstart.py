@@ -175,3 +175,21 @@ def test_overall_progress_line_counts_stages_and_scales_what_is_left():
     line = timer.progress_line("test_accuracy")
     assert line.startswith(f"quickstart [2/{len(STAGES)}] test accuracy")
     assert line.endswith(f"about {int(left // 60)}:{int(left % 60):02d} left")
+
+
+def test_report_and_screen_start_with_the_subject_and_summary_json_keeps_its_keys(quickstart):
+    config, summary = quickstart
+    header = json.loads((config.out / "subject.json").read_text())
+    assert header["accuracy"] == pytest.approx(summary["world"]["test_accuracy"])
+    assert header["images_analysed"] == summary["world"]["test_images"] == header["images_read"]
+    side = header["preprocessing"]["input_size"]
+    report = (config.out / "report.md").read_text().splitlines()
+    assert report[3] == "subject: worldnet (weights " + header["weights"] + ")"
+    assert f"{side} x {side}, images as stored; normalised with mean (0.5, 0.5, 0.5)" in report[4]
+    assert f"top-1 accuracy {header['accuracy']:.3f} on the {header['images_analysed']} images analysed" in report[7]
+    screen = render_summary(summary, config.out, header).splitlines()
+    assert screen[0].startswith("subject: worldnet") and len(screen) <= 24
+    on_disk = json.loads((config.out / "summary.json").read_text())  # the header is not in summary.json
+    assert set(on_disk) == {"world", "two_vs_two", "attacks", "adversarial_one_vs_two", "misclassified", "detector",
+                            "timings_s"}
+    assert "skipped" not in on_disk["misclassified"] and "skipped" not in on_disk["adversarial_one_vs_two"]

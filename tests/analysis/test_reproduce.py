@@ -109,8 +109,15 @@ def test_the_whole_study_on_the_world_with_the_papers_numbers_beside_ours(world,
     assert "## world" in report and "838 of 1000" in report and "596 / 600" in report
     assert f"{h['attacks_succeeded']} / {h['attacks_requested']}" in report
     assert "](world/two_vs_two/two_vs_two_by_layer.png)" in report
-    printed = json.loads(capsys.readouterr().out.split("\nwritten:")[0])
+    console = capsys.readouterr().out
+    printed = json.loads(console[console.index("\n{") + 1:].split("\nwritten:")[0])
     assert printed["world"] == h
+    # the console and the model's section start with the subject: its accuracy on the images analysed
+    accuracy = m["header"]["accuracy"]
+    assert m["header"]["images_analysed"] == N_CLASSES * PER_CLASS and 0 < accuracy < 1
+    assert console.startswith("world: subject: worldnet") and f"top-1 accuracy {accuracy:.3f}" in console
+    section = report.split("## world")[1]
+    assert section.index("top-1 accuracy") < section.index("| | ours | paper |") and "Skipped" not in report
 
 
 def test_a_rerun_computes_and_loads_nothing(world, study_file, tmp_path):
@@ -281,3 +288,30 @@ iterations = 3
     assert "## resnet18" in (out / "report.md").read_text()
     assert reproduce(study, out, "--world-cache", str(tmp_path / ".semguard" / "world"))["models"]["resnet18"][
         "stages"] == {k: "reused" for k in ("two_vs_two", "attacks", "one_vs_two")}
+
+
+def test_a_model_right_on_no_class_with_a_vector_still_gets_its_2_vs_2(monkeypatch, study_file, tmp_path):
+    """Nothing to attack and no reference for 1 vs 2: both are skipped with their reasons, 2 vs 2 runs."""
+    def load(spec, progress=True):
+        s = small_world_subject(spec)
+        with torch.no_grad():  # always class 0, which has no word vector
+            s.model.fc.weight.zero_()
+            s.model.fc.bias.copy_(torch.arange(N_CLASSES, 0, -1).float())
+        matched = np.arange(N_CLASSES) != 0
+        return s._replace(matched=matched, word_vectors=np.where(matched[:, None], s.word_vectors, 0))
+
+    monkeypatch.setattr(core, "world_subject", load)
+    out = tmp_path / "out"
+    m = reproduce(study_file, out)["models"]["world"]
+    nothing = {"reason": "no concept with a word vector has a correctly classified image to attack", "count": 0}
+    assert m["attacks"]["skipped"] == m["adversarial_one_vs_two"]["skipped"] == nothing
+    assert m["attacks"]["requested"] == 0 and m["attacks"]["eps"] is None  # the section keeps its keys
+    assert m["misclassified"]["skipped"] == {"reason": "only 0 concepts have a correctly predicted image; 1 vs 2 "
+                                                       "needs at least 4", "count": 0}
+    assert "skipped" not in m["two_vs_two"] and m["headline"]["classes_analysed"] == N_CLASSES - 1
+    assert m["header"]["accuracy"] == 0.0
+    report = (out / "report.md").read_text()
+    assert "WARNING: top-1 accuracy 0.000 is below 0.6" in report and f"- adversarial_one_vs_two: {nothing['reason']}" in report
+    assert "- attacks:" not in report  # one reason, said once
+    again = reproduce(study_file, out)["models"]["world"]  # a rerun reuses the skipped stages
+    assert again["stages"] == {k: "reused" for k in ("two_vs_two", "attacks", "one_vs_two")}

@@ -247,3 +247,18 @@ def test_on_a_world_like_subject_it_equals_the_quickstart_stage(tmp_path):
     assert ours["p_value"] == quick["p_value"] and ours["p_bhy"] == pytest.approx(quick["p_bhy"])
     assert ours["pixels"] == pytest.approx(quick["pixels"], abs=1e-12)
     assert ours["pixels_p_value"] == quick["pixels_p_value"]
+
+
+def test_the_header_gives_the_accuracy_on_the_set_images_and_a_resumed_run_keeps_it(subject, tmp_path):
+    """The tap's logits come with the activations: the accuracy is on the S x w images analysed."""
+    result = run_two_vs_two(subject, tmp_path, CONFIG)
+    sets = choose_image_sets(subject.images.labels, subject.matched, SETS)
+    with torch.no_grad():
+        predicted = subject.model(subject.images.load(sets.indices.ravel())).argmax(1).numpy()
+    truth = np.asarray(subject.images.labels)[sets.indices.ravel()]
+    header = result["header"]
+    assert header["images_analysed"] == SETS * (N_CLASSES - 2) and header["accuracy"] == np.mean(predicted == truth)
+    assert header["classes_matched"] == N_CLASSES - 1 and header["images_read"] == len(subject.images.labels)
+    again = run_two_vs_two(subject, tmp_path, CONFIG)
+    assert again["computed"] == [] and again["header"] == header  # nothing computed, the accuracy kept
+    assert json.loads((tmp_path / "two_vs_two.json").read_text())["header"] == header

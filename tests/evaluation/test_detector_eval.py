@@ -229,9 +229,11 @@ def test_detector_cli_on_a_subject(tiny_world, tmp_path, monkeypatch, capsys):
     assert main(["detector", "calibrate", "--out", str(tmp_path / "b"), *flags, "--max-images", "120",
                  "--allow-few-images"]) == 0
     captured = capsys.readouterr()
-    report = json.loads(captured.out)
+    console = captured.out  # the subject header, then the report
+    report = json.loads(console[console.index("\n{") + 1:])
+    assert console.startswith("subject: tiny") and f"on the {report['n_fit'] + report['n_calib']} images" in console
     assert report["warnings"] and "WARNING: bundle" in captured.err and "needs >= 100" in captured.err
-    assert report["auroc_heldout"] is None  # gaussian: no calibration attacks to hold out
+    assert report["auroc_heldout"] is None  # gaussian: no calibration attacks
     assert report["n_fit"] + report["n_calib"] <= 120 and report["references"] == 6
     assert seen[0].model == "tiny" and seen[0].weights.name == "tiny.pth"
     assert read_bundle(tmp_path / "b").manifest.model_name == "tiny"

@@ -143,7 +143,9 @@ def test_every_command_on_real_assets(assets, tmp_path, capsys):
     assert main(["attack", "analyze", "--attack-set", str(out / "set"), "--out", str(out / "analysis"),
                  "--permutations", "20", "--reference-size", "5", "--max-images", "20"]) == 0  # the subject: the set's
     analysis = json.loads((out / "analysis" / "analysis.json").read_text())
+    header = analysis["subject"].pop("header")  # the subject header (semguard.subject.header), printed first
     assert analysis["subject"] == {"name": "resnet18", "classes": 6, "with_word_vector": 5, "test_images": 20}
+    assert header["images_analysed"] == 20 and capsys.readouterr().out.startswith("subject: resnet18 (weights ")
     assert analysis["misclassified"]["count"] >= 1
     lap("attack analyze")
 
