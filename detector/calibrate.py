@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from semguard.detector.bundle import BundleManifest, ModelSpec, write_bundle
-from semguard.detector.evaluate import auroc
 from semguard.detector.features import FeatureRecipe, eligible_labels, flagger_features
 from semguard.detector.flagger import FEATURE_KINDS, feature_names, fit_flagger
 from semguard.detector.layers import LayerTap, iter_activations
@@ -289,6 +288,8 @@ def check_calibration(flagger, calib_x: np.ndarray, attacks: np.ndarray | None) 
                         "the realised FPR on new clean images may be far from the target")
     held = None
     if attacks is not None and len(attacks):
+        from semguard.detector.evaluate import auroc  # scipy: the batch toolkit (serving imports this module)
+
         held = auroc(clean, flagger.score(attacks))
         if held < AUROC_FLOOR:
             warnings.append(f"held-out AUROC {held:.3f} against {len(attacks)} calibration attacks is below "

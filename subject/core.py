@@ -92,7 +92,7 @@ def subject_record(spec: SubjectSpec) -> dict:
 
 _RECORD_TYPES = {"model": str, "weights": str, "model_entry": str, "images": str, "labels": str, "vectors": str,
                  "input_size": int, "resize": int, "trust_pickled_vectors": bool, "mean": list, "std": list,
-                 "layers": list, "world_cache": str, "world_seed": int}
+                 "layers": list, "world_cache": str, "world_seed": int, "phrase_mean": bool}
 
 
 class UntrustedRecord(ValueError):

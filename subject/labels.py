@@ -19,6 +19,7 @@ indices in order.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path

@@ -22,7 +22,7 @@ def world_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("query")
     cache, bundle = root / "world", root / "bundle"
     assert main(["detector", "calibrate", "--out", str(bundle), "--world-cache", str(cache), "--method", "gaussian",
-                 "--max-images", "300", "--quiet"]) == 0
+                 "--max-images", "300", "--allow-few-images", "--quiet"]) == 0
     return cache, bundle
 
 

@@ -104,7 +104,7 @@ def test_world_bundle_keeps_its_verdicts(tmp_path):
 
     bundle = tmp_path / "bundle"
     assert main(["detector", "calibrate", "--world-cache", str(tmp_path / "world"), "--out", str(bundle),
-                 "--max-images", "300", "--quiet"]) == 0
+                 "--max-images", "300", "--allow-few-images", "--quiet"]) == 0
     world = build_world(WorldSettings(), tmp_path / "world", progress=False)
     test = torch.from_numpy(world.test_images[::100]).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
     noisy = (test + 0.1 * torch.randn(test.shape, generator=torch.Generator().manual_seed(4))).clamp(0, 1)
