@@ -107,7 +107,7 @@ def main() -> int:
         ("attack generate (6 targets)", ["attack", "generate", *subject, "--out", str(work / "set"),
                                          "--sources", "100", "--targets-per-source", "6", "--quiet"]),
         ("attack analyze", ["attack", "analyze", "--attack-set", str(work / "set"), "--out", str(work / "analysis"),
-                            "--permutations", "200", "--reference-size", "100", "--quiet"]),
+                            "--permutations", "200", "--reference-size", "100", "--trust-model-code", "--quiet"]),
         ("detector calibrate", ["detector", "calibrate", *subject, "--out", str(work / "bundle-refused"), "--quiet"]),
         ("detector calibrate --allow-few", ["detector", "calibrate", *subject, "--out", str(work / "bundle"),
                                             "--allow-few-images", "--method", "gaussian", "--target-fpr", "0.25",

@@ -118,7 +118,7 @@ def run_query(args: argparse.Namespace) -> int:
     try:
         params = config_from_flags(args, QueryAttackParams(), query_flags())
         spec = subject_spec_from_args(args, world_cache=args.world_cache)
-        model, images, labels, _, _ = subject_inputs(spec)
+        model, images, labels, _, _, _ = subject_inputs(spec)
         plan = plan_from_model(model, images, labels, params)
         inits = {i: x for i, x in zip(plan.inits, plan_images(images, [i for i in plan.inits if i >= 0]))}
         endpoint = Endpoint(args.address, args.served_model, params.client_header)

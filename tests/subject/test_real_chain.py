@@ -43,13 +43,14 @@ def test_every_command_runs_on_the_standin_without_a_workaround(standin, capsys)
     capsys.readouterr()
 
     assert main(["attack", "analyze", "--attack-set", str(root / "set"), "--out", str(root / "analysis"),
-                 "--permutations", "10", "--reference-size", "4", "--quiet"]) == 0
+                 "--permutations", "10", "--reference-size", "4", "--trust-model-code", "--quiet"]) == 0
     analysis = json.loads((root / "analysis" / "analysis.json").read_text())
     assert analysis["attacks"]["requested"] == 16 and analysis["misclassified"]["count"] == 0  # all photos right
     assert "skipped" in analysis["misclassified"]
     # one image per tapped pass (a budget of ~1 KiB): the same analysis, streamed
     assert main(["attack", "analyze", "--attack-set", str(root / "set"), "--out", str(root / "streamed"),
-                 "--permutations", "10", "--reference-size", "4", "--memory-budget", "1e-6", "--quiet"]) == 0
+                 "--permutations", "10", "--reference-size", "4", "--memory-budget", "1e-6", "--trust-model-code",
+                 "--quiet"]) == 0
     streamed = json.loads((root / "streamed" / "analysis.json").read_text())
     assert streamed["adversarial_one_vs_two"] == analysis["adversarial_one_vs_two"]
 
