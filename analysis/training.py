@@ -269,17 +269,7 @@ def analyze_training_subject(checkpoints: str | Path, out: str | Path, spec: Sub
     """The run(s) analysed on a subject's held-out images and word vectors (module docstring)."""
     own_model = spec.model is not None or spec.model_entry is not None
     runs = _runs(checkpoints, permuted, own_model)  # bad folders fail before anything loads
-    if spec.is_world():
-        from semguard.world.build import WorldSettings
-        from semguard.world.inputs import load_world_inputs
-
-        inputs = load_world_inputs(WorldSettings(seed=spec.world_seed), spec.world_cache, progress=config.progress)
-        world = inputs.world
-        probe = array_probe(world.test_images, world.test_labels, inputs.word_vectors, config)
-    elif own_model:
-        probe = model_probe(runs["true_labels"][1][0], spec, config)
-    else:
-        probe = fractalnet_probe(spec, config)
+    probe = model_probe(runs["true_labels"][1][0], spec, config) if own_model else fractalnet_probe(spec, config)
     return analyze_probe(runs, out, probe, config)
 
 
@@ -331,9 +321,9 @@ def _image_sets(labels: np.ndarray, matched: np.ndarray, config: TrainingAnalysi
 
 
 def fractalnet_probe(spec: SubjectSpec, config: TrainingAnalysisConfig) -> Probe:
-    """`semguard train` checkpoints on the subject's images (32 x 32, as they are) and word vectors."""
+    """`semguard train` checkpoints on the subject's images (32 x 32, as they are) and word vectors (the
+    embedded world's when the spec names no asset)."""
     from semguard.subject.assets import load_subject_data
-    from semguard.subject.images import Transform
 
     given = [f"--{k.replace('_', '-')}" for k in NOT_FOR_FRACTALNET if getattr(spec, k) is not None]
     if given:
@@ -341,26 +331,11 @@ def fractalnet_probe(spec: SubjectSpec, config: TrainingAnalysisConfig) -> Probe
                          f"{FRACTALNET_SIZE} x {FRACTALNET_SIZE} images as they are; leave them out (or give --model "
                          "for your own model's checkpoints)")
     data = load_subject_data(spec, config.progress)
-    sets = _image_sets(data.source.labels, data.matched, config)
-    _check_native_size(data.source, sets.indices)
-    images = data.source.image_set(Transform(FRACTALNET_SIZE, FRACTALNET_SIZE))  # no resampling at 32 x 32
+    sets = _image_sets(data.labels, data.matched, config)
+    images = data.images_as_they_are(FRACTALNET_SIZE, sets.indices, "FractalNet checkpoints")  # as trained on
     vectors = data.word_vectors[sets.concepts]
     return Probe(images, sets.indices, vectors, fractalnet_network, _subject_key(spec, sets, vectors),
                  [data.classes[c] for c in sets.concepts], subject_record(spec))
-
-
-def _check_native_size(source, indices: np.ndarray) -> None:
-    """FractalNet's input is the image itself: every image used must be 32 x 32 (CIFAR's always are)."""
-    if source.kind == "cifar":
-        return
-    from PIL import Image
-
-    for i in np.unique(indices):
-        with Image.open(source.items[i]) as img:  # the header only
-            if img.size != (FRACTALNET_SIZE, FRACTALNET_SIZE):
-                raise ValueError(f"--images {source.path}: FractalNet checkpoints take {FRACTALNET_SIZE} x "
-                                 f"{FRACTALNET_SIZE} images (what `semguard train` trains on), but "
-                                 f"{source.items[i]} is {img.size[0]} x {img.size[1]}")
 
 
 def model_probe(first: Path, spec: SubjectSpec, config: TrainingAnalysisConfig) -> Probe:

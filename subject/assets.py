@@ -30,6 +30,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -37,7 +38,15 @@ import torch
 from torch import nn
 
 from semguard.detector.bundle import ModelSpec
-from semguard.subject.core import Preprocessing, Subject, SubjectSpec, model_normalisation
+from semguard.subject.core import (
+    ArrayImages,
+    ImageSet,
+    Preprocessing,
+    Subject,
+    SubjectSpec,
+    model_normalisation,
+    world_subject,
+)
 from semguard.subject.images import ImageSource, Transform, scan_images
 from semguard.subject.labels import ClassList, read_labels
 
@@ -118,22 +127,52 @@ def _input_size(spec: SubjectSpec, loaded: _Model, common: tuple[int, int] | Non
 
 
 class SubjectData(NamedTuple):
-    """A subject's images and word vectors without its model (for a caller bringing its own network)."""
+    """A subject's labelled images and word vectors without its model (for a caller bringing its own network,
+    e.g. `semguard train` checkpoints): the embedded world's, or those the spec names."""
 
-    source: ImageSource  # scanned images, native sizes (source.image_set(transform) loads them)
+    labels: np.ndarray  # (N,) class ids
     classes: list[str]
     word_vectors: np.ndarray  # (C, d) float32, zero rows where not matched
     matched: np.ndarray  # (C,) bool
+    # (side, indices the caller will read, what reads them) -> an ImageSet of the images as they are, no
+    # resampling; a ValueError naming the file when one of those images is not side x side
+    images_as_they_are: Callable[[int, np.ndarray, str], ImageSet]
 
 
 def load_subject_data(spec: SubjectSpec, progress: bool = True) -> SubjectData:
-    """--images, --labels (optional) and --vectors of `spec`, as load_asset_subject reads them; no model."""
+    """--images, --labels (optional) and --vectors of `spec`, as load_asset_subject reads them; no model.
+    A spec naming no asset is the embedded world (its test split, 32 x 32)."""
+    if spec.is_world():
+        world = world_subject(spec, progress)
+        return SubjectData(world.images.labels, world.classes, world.word_vectors, world.matched,
+                           lambda side, indices, what: _checked_arrays(world.images, side, what))
     for flag, value in (("--images", spec.images), ("--vectors", spec.vectors)):
         if value is None:
             raise ValueError(f"{flag}: needed with the other subject flags (only the embedded world brings its own)")
     source = scan_images(spec.images, read_labels(spec.labels) if spec.labels is not None else None, progress)
     word_vectors, matched = _class_vectors(spec, source.classes, progress)
-    return SubjectData(source, source.classes.names, word_vectors, matched)
+    return SubjectData(source.labels, source.classes.names, word_vectors, matched,
+                       lambda side, indices, what: _native_files(source, side, indices, what))
+
+
+def _checked_arrays(images: ArrayImages, side: int, what: str) -> ArrayImages:
+    if images.images.shape[1:3] != (side, side):
+        raise ValueError(f"{what} take {side} x {side} images, but the embedded world's are "
+                         f"{images.images.shape[1]} x {images.images.shape[2]}")
+    return images
+
+
+def _native_files(source: ImageSource, side: int, indices: np.ndarray, what: str) -> ImageSet:
+    """The scanned images at side x side as they are: every image used must be that size (CIFAR's are 32 x 32)."""
+    if source.kind != "cifar":
+        from PIL import Image
+
+        for i in np.unique(indices):
+            with Image.open(source.items[i]) as img:  # the header only
+                if img.size != (side, side):
+                    raise ValueError(f"--images {source.path}: {what} take {side} x {side} images as they are (no "
+                                     f"resampling), but {source.items[i]} is {img.size[0]} x {img.size[1]}")
+    return source.image_set(Transform(side, side))
 
 
 def load_subject_model(spec: SubjectSpec, n_classes: int) -> nn.Module:
