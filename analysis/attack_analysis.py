@@ -29,7 +29,8 @@ from semguard.analysis.one_vs_two import (
     reference_profiles,
 )
 from semguard.attacks.store import AttackSet
-from semguard.detector.layers import LayerTap, iter_activations, layer_blocks
+from semguard.detector.layers import LayerTap, iter_activations
+from semguard.models.presets import layer_blocks
 from semguard.files import write_json_atomic
 from semguard.models.inputs import as_model_input, predict
 from semguard.subject.header import subject_header

@@ -20,14 +20,12 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
-from semguard.detector.layers import (
-    PRESETS,
-    LayerInfo,
-    build_torchvision_model,
-    relu_nodes,
-    trace_graph,
-)
 from torch import nn
+
+from semguard.models.factory import ModelSpec, create_model, load_state_dict_file
+from semguard.models.graph import relu_nodes, trace_graph
+from semguard.models.normalize import build_torchvision_model
+from semguard.models.presets import PRESETS, LayerInfo
 
 
 CMAP, VMIN, VMAX = "RdYlGn", 0.4, 1.0
@@ -48,14 +46,9 @@ def diagram_model(name: str, weights: str | Path | None = None) -> tuple[nn.Modu
         model = load_fractalnet(weights)
         return model, fractalnet_layers(model.config)
     if name in ("fractalnet", "worldnet"):
-        from semguard.detector.bundle import ModelSpec, build_model
-
-        model = build_model(ModelSpec(name, {}, f"semguard.models.{name}"))
-        if weights is not None:
-            from semguard.detector.layers import load_state_dict_file
-
-            model.load_state_dict({k.removeprefix("model."): v for k, v in load_state_dict_file(weights).items()
-                                   if not k.startswith("optim.")})
+        state = None if weights is None else {k.removeprefix("model."): v for k, v in load_state_dict_file(weights).items()
+                                               if not k.startswith("optim.")}
+        model = create_model(ModelSpec(name, {}, f"semguard.models.{name}"), weights=state, what=f"--weights {weights}")
     elif weights is not None:
         model = build_torchvision_model(name, weights)
     else:

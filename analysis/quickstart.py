@@ -24,7 +24,8 @@ from semguard.files import write_json_atomic
 from semguard.analysis.two_vs_two import activations_by_set, image_set_indices, two_vs_two_by_layer
 from semguard.attacks.generate import GenerateParams, generate_attack_set
 from semguard.attacks.store import load_attack_set
-from semguard.detector.layers import LayerTap, preset_layers
+from semguard.detector.layers import LayerTap
+from semguard.models.presets import preset_layers
 from semguard.models.inputs import as_model_input, predict
 from semguard.subject.core import SubjectSpec, world_subject
 from semguard.world import WorldSettings

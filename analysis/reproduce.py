@@ -310,7 +310,7 @@ def _clear_if_changed(folder: Path, key: dict) -> None:
 
 def headline(two: dict, analysis: dict) -> dict:
     """The numbers the report compares with the paper's, for one model; None for a skipped analysis."""
-    from semguard.detector.layers import layer_blocks
+    from semguard.models.presets import layer_blocks
 
     acc = np.asarray(two["accuracy"], float)
     blocks = layer_blocks(two["model"], two["layers"]) if len(acc) else []

@@ -341,7 +341,7 @@ def fractalnet_probe(spec: SubjectSpec, config: TrainingAnalysisConfig) -> Probe
 def model_probe(first: Path, spec: SubjectSpec, config: TrainingAnalysisConfig) -> Probe:
     """Checkpoints of the subject's model: each weights file loaded into it, tapped at the subject's layers
     (the subject itself is loaded with the `first` checkpoint as its weights)."""
-    from semguard.detector.layers import layer_blocks
+    from semguard.models.presets import layer_blocks
     from semguard.subject.assets import load_subject_model
     from semguard.subject.core import load_subject
 

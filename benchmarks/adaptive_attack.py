@@ -36,7 +36,7 @@ from semguard.attacks.adaptive import GuardSurrogate
 from semguard.attacks.guard_pgd import GuardAttackConfig, GuardAttackResult, guard_pgd
 from semguard.detector.calibrate import CalibrationConfig, calibrate_guard
 from semguard.detector.guard import Guard
-from semguard.detector.layers import preset_layers
+from semguard.models.presets import preset_layers
 from semguard.world.inputs import load_world_inputs
 
 ROWS = {  # name -> (mode, objective)

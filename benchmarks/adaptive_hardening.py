@@ -52,7 +52,7 @@ from semguard.attacks.adaptive import GuardSurrogate, SurrogateOutput, Verdict
 from semguard.detector.calibrate import calibrate_guard
 from semguard.detector.evaluate import detection_metrics
 from semguard.detector.guard import Guard
-from semguard.detector.layers import preset_layers
+from semguard.models.presets import preset_layers
 from semguard.world.inputs import load_world_inputs
 
 

@@ -41,11 +41,13 @@ from scipy.stats import spearmanr
 
 from semguard.evaluation.detector_eval import DetectorEvalConfig
 from semguard.config_flags import add_world_cache_flag
-from semguard.detector.bundle import Bundle, BundleManifest, ModelSpec
+from semguard.detector.bundle import Bundle, BundleManifest
+from semguard.models.factory import ModelSpec
 from semguard.detector.calibrate import CalibrationConfig, bank_reductions, density_reductions, guard_features, layer_shapes
 from semguard.detector.flagger import feature_names, fit_flagger
 from semguard.detector.guard import Guard
-from semguard.detector.layers import LayerTap, preset_layers
+from semguard.detector.layers import LayerTap
+from semguard.models.presets import preset_layers
 from semguard.detector.mahalanobis import MahalanobisDetector, fit_mahalanobis, reduce_features
 from semguard.detector.reference import Reduction, ReferenceBank, word_similarity
 from semguard.detector.signature import reduction_agreement

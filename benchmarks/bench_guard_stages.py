@@ -28,7 +28,8 @@ from semguard.detector import mahalanobis as new_mahalanobis
 from semguard.detector.calibrate import layer_shapes
 from semguard.detector import reference as new_reference
 from semguard.detector import signature as new_signature
-from semguard.detector.layers import LayerTap, preset_layers
+from semguard.detector.layers import LayerTap
+from semguard.models.presets import preset_layers
 from semguard.models.normalize import imagenet_classifier
 
 K, CLASSES, DIM = 100, 1000, 4093

@@ -32,7 +32,7 @@ from semguard.detector.calibrate import calibrate_guard, fit_calib_split, guard_
 from semguard.detector.evaluate import detection_metrics
 from semguard.detector.flagger import fit_flagger
 from semguard.detector.guard import Guard
-from semguard.detector.layers import preset_layers
+from semguard.models.presets import preset_layers
 from semguard.models.inputs import as_model_input, predict
 from semguard.world.build import WorldSettings
 from semguard.world.inputs import load_world_inputs

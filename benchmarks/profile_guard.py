@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from semguard.analysis.detector_eval import DetectorEvalConfig
 from semguard.config_flags import add_world_cache_flag
 from semguard.detector.guard import Guard
-from semguard.detector.layers import preset_layers
+from semguard.models.presets import preset_layers
 from semguard.models.normalize import imagenet_classifier
 
 from bench_guard import FAST_WIDTH, synthetic_bundle, world_model  # noqa: E402 (run from benchmarks/)

@@ -8,30 +8,18 @@
     flagger.json             detector.flagger
     mahalanobis.safetensors  detector.mahalanobis, when the flagger uses its scores
 
-Models are rebuilt by name from a registry (timm-style): `register_model_builder("worldnet",
-fn)`; builders take the JSON kwargs stored in bundle.json and return an nn.Module taking
-[0, 1] images. The direction of imports stays models -> detector: a model package registers
-its builders when imported. So that a fresh process can load a bundle without knowing which
-package to import, a spec may name the registering module (`ModelSpec.module`); it is imported
-on demand only when it lies in the semguard package (`PLUGIN_PACKAGE`), never an arbitrary
-module named by a file. Names written before semguard had one import name ("models.worldnet")
-map to their semguard.* module.
-
-One builder runs code a bundle names: "entry_point" (a user's `pkg.module:factory`,
-models.normalize). `build_model` / `read_bundle` refuse it unless the caller passes
-`trust_model_code=True` (`semguard serve --trust-model-code`), before anything is imported.
+The model is rebuilt through the one model factory (models.factory.create_model) from bundle.json's
+"model" (a ModelSpec: builder, JSON kwargs checked against the builder's allow-list, registering
+module), then model.safetensors is loaded into it. An entry-point model (a user's code) is refused
+unless the caller passes `trust_model_code=True` (`semguard serve --trust-model-code`).
 """
 from __future__ import annotations
 
-import importlib
 import json
-import math
 import os
 import pwd
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +31,7 @@ from semguard.detector.flagger import Flagger
 from semguard.detector.mahalanobis import MahalanobisDetector, load_mahalanobis, save_mahalanobis
 from semguard.detector.reference import ReferenceBank, load_bank, save_bank, word_similarity
 from semguard.files import check_safetensors, chmod_like_open, read_json, sha256_file, write_atomic
-from semguard.registry import Registry
+from semguard.models.factory import ModelSpec, UntrustedModelCode, create_model
 
 BUNDLE_FORMAT = "semguard.bundle/1"
 FILES = {
@@ -53,145 +41,10 @@ FILES = {
     "flagger": "flagger.json",
     "mahalanobis": "mahalanobis.safetensors",
 }
-PLUGIN_PACKAGE = "semguard"  # a bundle may ask to import a module of this package (to register a builder), no other
-# Bundles written before the move under one import name call semguard.models.* "models.*" (and so on).
-LEGACY_PACKAGES = ("detector", "attacks", "service", "world", "models", "analysis")
-ENTRY_POINT_BUILDER = "entry_point"  # imports and runs the user code its kwargs name: trusted callers only
 
 
 class BundleError(ValueError):
     """A bundle that is incomplete, corrupt, or does not belong to its model."""
-
-
-class UntrustedModelCode(BundleError):
-    """The model is built by user code (an entry point) and the caller did not say it trusts it."""
-
-
-# ----------------------------------------------------------------------------- model builders
-
-ModelBuilder = Callable[..., nn.Module]
-MODEL_BUILDERS: Registry[ModelBuilder] = Registry("model builder")
-
-
-@dataclass(frozen=True)
-class Arg:
-    """A keyword argument a builder accepts from bundle.json: its JSON type and its range, choices, keys or items."""
-
-    kind: type | tuple[type, ...]
-    low: float | None = None  # numbers: inclusive bounds
-    high: float | None = None
-    choices: tuple | None = None
-    fields: dict[str, "Arg"] | None = None  # dicts: the allowed keys (others refused)
-    item: "Arg | None" = None  # lists: every item
-    max_len: int = 16
-
-
-BUILDER_ARGS: dict[str, dict[str, Arg]] = {}  # builder -> the kwargs bundle.json may give it (the allow-list)
-
-
-def register_model_builder(name: str, builder: ModelBuilder | None = None, *, overwrite: bool = False,
-                           args: dict[str, Arg] | None = None):
-    """Register `builder(**kwargs) -> nn.Module` under `name`; usable as a decorator. `args`: the only
-    kwargs a bundle.json may pass it, checked before it runs (None: a builder whose kwargs are its own
-    validated config, e.g. a dataclass)."""
-    if args is not None:
-        BUILDER_ARGS[name] = args
-    return MODEL_BUILDERS.register(name, builder, overwrite=overwrite)
-
-
-def check_arg(where: str, value: Any, arg: Arg) -> None:
-    """BundleError naming `where` (e.g. model.kwargs.model_kwargs.drop_rate) when `value` breaks `arg`."""
-    numeric = arg.kind in (int, float, (int, float))
-    kinds = (int, float) if arg.kind is float else arg.kind
-    if not isinstance(value, kinds) or (isinstance(value, bool) and arg.kind is not bool):
-        raise BundleError(f"field {where}: expected {getattr(arg.kind, '__name__', arg.kind)}, got {value!r}")
-    if numeric and not isinstance(value, bool):
-        if not math.isfinite(value) or (arg.low is not None and value < arg.low) or (
-                arg.high is not None and value > arg.high):
-            raise BundleError(f"field {where}: must be in [{arg.low}, {arg.high}], got {value!r}")
-    if arg.choices is not None and value not in arg.choices:
-        raise BundleError(f"field {where}: must be one of {list(arg.choices)}, got {value!r}")
-    if isinstance(value, dict) and arg.fields is not None:
-        for key, inner in value.items():
-            if key not in arg.fields:
-                raise BundleError(f"field {where}.{key}: not an argument a bundle may give (allowed: {sorted(arg.fields)})")
-            check_arg(f"{where}.{key}", inner, arg.fields[key])
-    if isinstance(value, list) and arg.item is not None:
-        if len(value) > arg.max_len:
-            raise BundleError(f"field {where}: at most {arg.max_len} items, got {len(value)}")
-        for i, inner in enumerate(value):
-            check_arg(f"{where}[{i}]", inner, arg.item)
-
-
-NUM_CLASSES = Arg(int, 1, 1_000_000)
-ARCH = Arg(str)  # checked against the library's own list of architectures by the builder
-
-
-def known_model_builders() -> list[str]:
-    return MODEL_BUILDERS.names()
-
-
-@register_model_builder("torchvision", args={"arch": ARCH, "num_classes": NUM_CLASSES})
-def _torchvision(arch: str, num_classes: int = 1000) -> nn.Module:
-    # A bare torchvision classifier (no normalisation inside): models.normalize registers wrapped ones.
-    from semguard.detector.layers import build_torchvision_model
-
-    return build_torchvision_model(arch, None, num_classes)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to rebuild the guarded model: a registered builder, its JSON kwargs, the module registering it."""
-
-    builder: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    module: str | None = None  # e.g. "semguard.models.worldnet"; imported on demand, only from PLUGIN_PACKAGE
-
-
-def plugin_module(module: str) -> str:
-    """The semguard module a bundle's `model.module` names (a pre-namespace name mapped into semguard.);
-    BundleError for any module outside semguard, which a bundle file must never make us import."""
-    if not isinstance(module, str) or not all(part.isidentifier() for part in module.split(".")):
-        raise BundleError(f"model.module must be a dotted module name, got {module!r}")
-    top = module.split(".")[0]
-    if top in LEGACY_PACKAGES:
-        module = f"{PLUGIN_PACKAGE}.{module}"
-    elif top != PLUGIN_PACKAGE:
-        raise BundleError(f"model.module {module!r} is outside the {PLUGIN_PACKAGE!r} package; a bundle may only "
-                          f"name {PLUGIN_PACKAGE}.* modules (register other builders in code before loading)")
-    return module
-
-
-def build_model(spec: ModelSpec, *, trust_model_code: bool = False) -> nn.Module:
-    """The spec's architecture with freshly initialised weights, eval mode.
-
-    trust_model_code: allow the "entry_point" builder, which imports and runs the code the spec
-    names; without it such a spec is an UntrustedModelCode error and nothing is imported.
-    """
-    if spec.builder == ENTRY_POINT_BUILDER and not trust_model_code:
-        raise UntrustedModelCode(
-            f"field model.builder: the model is built by user code (entry point {spec.kwargs.get('entry')!r}); "
-            "pass --trust-model-code (library: trust_model_code=True) to import and run it")
-    if spec.module is not None:
-        module = plugin_module(spec.module)  # checked even when the builder is known: a hostile file is refused
-        if spec.builder not in MODEL_BUILDERS:
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as e:
-                raise BundleError(f"model.module {spec.module!r}: no module {e.name!r} in this semguard") from None
-    if spec.builder not in MODEL_BUILDERS:
-        raise BundleError(
-            f"model.builder {spec.builder!r} is not registered; known model builders: {known_model_builders()} "
-            "(import the module that registers it first)"
-        )
-    if not isinstance(spec.kwargs, dict):
-        raise BundleError(f"field model.kwargs: expected an object, got {spec.kwargs!r}")
-    if spec.builder in BUILDER_ARGS:
-        check_arg("model.kwargs", spec.kwargs, Arg(dict, fields=BUILDER_ARGS[spec.builder]))
-    try:
-        return MODEL_BUILDERS[spec.builder](**spec.kwargs).eval()
-    except TypeError as e:  # a missing or unknown keyword argument
-        raise BundleError(f"field model.kwargs: do not fit builder {spec.builder!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -317,7 +170,7 @@ def _file(root: Path, manifest: BundleManifest, role: str) -> Path:
 
 def read_bundle(bundle_dir: str | Path, *, trust_model_code: bool = False) -> Bundle:
     """Load and cross-check a bundle; every inconsistency is a BundleError (a ValueError).
-    trust_model_code: see build_model (an entry-point model is refused without it)."""
+    trust_model_code: see models.factory.create_model (an entry-point model is refused without it)."""
     root = Path(bundle_dir)
     if root.is_dir():
         check_readable(root, os.R_OK | os.X_OK)
@@ -331,9 +184,11 @@ def read_bundle(bundle_dir: str | Path, *, trust_model_code: bool = False) -> Bu
     except ValueError as e:
         raise BundleError(str(e)) from None
     try:
-        model = build_model(manifest.model, trust_model_code=trust_model_code)
-    except ValueError as e:  # the file named, the error's own class kept (UntrustedModelCode, BundleError)
-        raise (type(e) if isinstance(e, BundleError) else BundleError)(f"{root / 'bundle.json'}: {e}") from None
+        model = create_model(manifest.model, trust_model_code=trust_model_code)
+    except UntrustedModelCode as e:
+        raise UntrustedModelCode(f"{root / 'bundle.json'}: {e}") from None
+    except ValueError as e:  # the file named
+        raise BundleError(f"{root / 'bundle.json'}: {e}") from None
     fits = f"model.safetensors does not fit builder {manifest.model.builder!r} with kwargs {manifest.model.kwargs}"
     try:
         missing, unexpected = load_model(model, str(_file(root, manifest, "model")), strict=False)

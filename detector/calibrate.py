@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from semguard.detector.bundle import BundleManifest, ModelSpec, write_bundle
+from semguard.detector.bundle import BundleManifest, write_bundle
+from semguard.models.factory import ModelSpec
 from semguard.detector.features import FeatureRecipe, eligible_labels, flagger_features
 from semguard.detector.flagger import FEATURE_KINDS, feature_names, fit_flagger
 from semguard.detector.layers import LayerTap, iter_activations

@@ -1,11 +1,7 @@
-"""Layer taps: flattened activations of named graph nodes, and layer presets as data.
+"""Layer taps: a model's logits plus the flattened activations of named graph nodes, batch by batch.
 
-Layer names are the node names of `torchvision.models.feature_extraction`
-(`get_graph_node_names(model)[1]`, the eval-mode graph): "layer1.0.relu_1",
-"Mixed_5b.cat", "features.29". A preset is a validated list of `LayerInfo`
-records (name, block, depth); the built-in presets (the paper's layers) are
-computed from the torchvision graph on first use, so they are exactly the
-names the graph gives.
+Layer names are the node names of `torchvision.models.feature_extraction` (models.graph); presets
+(models.presets) are lists of them:
 
     model = build_torchvision_model("resnet50", "resnet50.pth")
     tap = LayerTap(model, preset_layers("resnet50"))
@@ -17,332 +13,19 @@ tap then accepts the inner model's names (a preset) as well as full names.
 from __future__ import annotations
 
 import difflib
-import inspect
 import itertools
 import math
 import operator
-import pickle
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torchvision
 from torch import fx, nn
-from torch.utils.data import DataLoader, Dataset
-from torchvision.models.feature_extraction import NodePathTracer
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from semguard.registry import Registry
-
-
-# --------------------------------------------------------------------------- presets
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One tapped layer: graph node name, the block/module it belongs to, its index in depth order."""
-
-    name: str
-    block: str
-    depth: int
-
-
-def _validate_preset(name: str, layers: list[LayerInfo]) -> list[LayerInfo]:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name: expected a non-empty string, got {name!r}")
-    layers = list(layers)
-    if not layers:
-        raise ValueError(f"layers: preset {name!r} needs at least one LayerInfo")
-    for i, info in enumerate(layers):
-        if not isinstance(info, LayerInfo):
-            raise ValueError(f"layers[{i}]: expected LayerInfo, got {type(info).__name__}")
-        if not info.name or not info.block:
-            raise ValueError(f"layers[{i}]: name and block must be non-empty, got {info}")
-        if info.depth != i:
-            raise ValueError(f"layers[{i}]: depth must equal the position in depth order ({i}), got {info.depth}")
-    seen: set[str] = set()
-    duplicates = sorted({x.name for x in layers if x.name in seen or seen.add(x.name)})
-    if duplicates:
-        raise ValueError(f"layers: preset {name!r} repeats layer names {duplicates[:5]}")
-    return layers
-
-
-# Built-in presets are computed from the torchvision graph when first asked for (registered lazily).
-PRESETS: Registry[list[LayerInfo]] = Registry("layer preset", validate=_validate_preset)
-
-
-def register_preset(name: str, layers: list[LayerInfo], *, overwrite: bool = False) -> None:
-    """Register a preset: `layers` in depth order (layers[i].depth == i), unique names.
-
-    Registering an existing name with different layers raises unless `overwrite=True`
-    (registering the identical list again, e.g. on a module reload, is a no-op).
-    """
-    PRESETS.register(name, layers, overwrite=overwrite)
-
-
-def known_presets() -> list[str]:
-    """Names of all registered and built-in presets."""
-    return PRESETS.names()
-
-
-def preset_info(name: str) -> list[LayerInfo]:
-    """The preset's `LayerInfo` records in depth order; unknown name -> ValueError listing known presets."""
-    return list(PRESETS.lookup(name))
-
-
-def preset_layers(name: str) -> list[str]:
-    """The preset's node names in depth order."""
-    return [info.name for info in preset_info(name)]
-
-
-# --------------------------------------------------------------------------- graph tracing
-
-
-def layer_blocks(name: str, layers: list[str]) -> list[str]:
-    """Block of each tapped layer: the preset's when the subject's layers are a preset's, else the
-    layer name up to its first dot ("layer3.1.relu" -> "layer3")."""
-    if name in known_presets():
-        info = {i.name: i.block for i in preset_info(name)}
-        if all(n in info for n in layers):
-            return [info[n] for n in layers]
-    return [n.split(".")[0] for n in layers]
-
-
-class Trace(NamedTuple):
-    graph: fx.Graph
-    names: dict[str, fx.Node]  # node name (torchvision convention) -> node, in execution order
-
-
-def _tracer() -> NodePathTracer:
-    # The defaults of torchvision's get_graph_node_names / create_feature_extractor, so names agree with it.
-    ops_modules = [
-        obj for _, obj in inspect.getmembers(torchvision.ops)
-        if inspect.isclass(obj) and issubclass(obj, nn.Module)
-    ]
-    return NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=ops_modules)
-
-
-def trace_graph(model: nn.Module) -> Trace:
-    """Symbolically trace `model` in eval mode (its mode is restored afterwards)."""
-    was_training = model.training
-    tracer = _tracer()
-    try:
-        graph = tracer.trace(model.eval())
-    finally:
-        model.train(was_training)
-    return Trace(graph, {qualname: node for node, qualname in tracer.node_to_qualname.items()})
-
-
-def graph_node_names(model: nn.Module) -> list[str]:
-    """Eval-graph node names in execution order (same as `get_graph_node_names(model)[1]`, one trace)."""
-    return list(trace_graph(model).names)
-
-
-def is_relu(node: fx.Node, model: nn.Module) -> bool:
-    """Whether a traced node applies a ReLU (an nn.ReLU module, torch.relu / F.relu, or .relu())."""
-    if node.op == "call_module":
-        return isinstance(model.get_submodule(node.target), nn.ReLU)
-    if node.op == "call_function":
-        return node.target in (torch.relu, torch.relu_, nn.functional.relu)
-    return node.op == "call_method" and node.target in ("relu", "relu_")
-
-
-def relu_nodes(model: nn.Module) -> list[str]:
-    """Names of the eval graph's ReLU nodes (modules, functions, methods), in execution order."""
-    return [name for name, node in trace_graph(model).names.items() if is_relu(node, model)]
-
-
-# The activation functions whose outputs are a network's feature maps (ReLU's successors in ReLU6/mobile nets,
-# EfficientNet, ConvNeXt, ...). Sigmoid, Hardsigmoid, Tanh and Softmax are left out: in CNNs they gate
-# (squeeze-excitation, attention) rather than produce a representation.
-ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Softplus,
-)
-_F = nn.functional
-ACTIVATION_FUNCTIONS = frozenset({
-    torch.relu, torch.relu_, _F.relu, _F.relu6, _F.leaky_relu, _F.prelu, _F.rrelu, _F.elu, _F.selu, _F.celu,
-    _F.gelu, _F.silu, _F.mish, _F.hardswish, _F.softplus, torch.selu, torch.celu, torch.prelu, torch.rrelu,
-})
-ACTIVATION_METHODS = frozenset({"relu", "relu_"})
-_SIGMOIDS = frozenset({torch.sigmoid, _F.sigmoid})
-_MULS = frozenset({operator.mul, torch.mul})
-
-
-def _is_swish(node: fx.Node) -> bool:
-    """x * sigmoid(x) written out (Swish modules of EfficientNet-style code)."""
-    if not (node.op == "call_function" and node.target in _MULS) and not (node.op == "call_method" and node.target == "mul"):
-        return False
-    a, b = (node.args + (None, None))[:2]
-    gate = lambda g, x: (isinstance(g, fx.Node) and g.args[:1] == (x,) and  # noqa: E731
-                         ((g.op == "call_function" and g.target in _SIGMOIDS) or (g.op == "call_method" and g.target == "sigmoid")))
-    return gate(b, a) or gate(a, b)
-
-
-def activation_kind(node: fx.Node, model: nn.Module) -> str | None:
-    """The activation function a traced node applies ("ReLU6", "gelu", "swish"), or None."""
-    if node.op == "call_module":
-        module = model.get_submodule(node.target)
-        return type(module).__name__ if isinstance(module, ACTIVATION_MODULES) else None
-    if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS:
-        return node.target.__name__
-    if node.op == "call_method" and node.target in ACTIVATION_METHODS:
-        return node.target
-    return "swish" if _is_swish(node) else None
-
-
-def activation_nodes(model: nn.Module) -> dict[str, str]:
-    """{node name: activation kind} of every activation-function output of the eval graph (modules,
-    functional calls, methods, written-out swish), in execution order: the default taps of a model
-    without a preset."""
-    found = {}
-    for name, node in trace_graph(model).names.items():
-        kind = activation_kind(node, model)
-        if kind is not None:
-            found[name] = kind
-    return found
-
-
-# --------------------------------------------------------------------------- model construction
-
-# torchvision builds these with auxiliary heads and input transform when weights are given;
-# we do the same, load the file, then drop the heads so the eval graph has one output.
-_AUX_HEADS = {"inception_v3": ("AuxLogits",), "googlenet": ("aux1", "aux2")}
-
-
-def _construct(arch: str, num_classes: int, pretrained: bool, **model_kwargs) -> nn.Module:
-    known = torchvision.models.list_models(module=torchvision.models)
-    if arch not in known:
-        close = difflib.get_close_matches(arch, known, n=5)
-        raise ValueError(f"arch: unknown torchvision classification model {arch!r}; close names: {close}")
-    kwargs: dict = {"num_classes": num_classes}
-    if arch in _AUX_HEADS:
-        kwargs.update(aux_logits=True, init_weights=not pretrained)
-        if pretrained:
-            kwargs["transform_input"] = True
-    kwargs.update(model_kwargs)
-    return torchvision.models.get_model(arch, weights=None, **kwargs)
-
-
-def _drop_aux_heads(arch: str, model: nn.Module) -> None:
-    for head in _AUX_HEADS.get(arch, ()):
-        setattr(model, head, None)
-    if arch in _AUX_HEADS:
-        model.aux_logits = False
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: .safetensors, or a torch file read with weights_only=True (never unpickled)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights_path: no such file {str(path)!r}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        from semguard.files import check_safetensors
-
-        check_safetensors(path)
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # weights_only refuses anything but tensors and containers
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"weights_path: {str(path)!r} is not a plain tensor state dict (torch.load weights_only "
-                         f"refused it, and semguard never unpickles: {first})") from error
-    # Training checkpoints often nest the weights one level down.
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights_path: {str(path)!r} does not hold a state dict of tensors")
-    return state
-
-
-def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], optional: tuple[str, ...], path) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.startswith(optional)]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items() if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"weights_path: {str(path)!r} does not match the model: {len(missing)} missing keys {missing[:5]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:5]}, shape mismatches {wrong_shape[:5]}"
-        )
-    model.load_state_dict(state, strict=False)
-
-
-def build_torchvision_model(
-    arch: str, weights_path: str | Path | None = None, num_classes: int = 1000, **model_kwargs
-) -> nn.Module:
-    """A torchvision classifier in eval mode, weights from a local file (never downloads).
-
-    `weights_path`: .safetensors or a torch state dict (loaded with weights_only=True); None keeps
-    the random initialisation. Inception-v3 / GoogLeNet are built as torchvision builds them for
-    pretrained weights (aux heads on, transform_input=True), loaded, then the aux heads are dropped;
-    a file without the aux-head keys loads too. `model_kwargs` override constructor arguments.
-    """
-    model = _construct(arch, num_classes, pretrained=weights_path is not None, **model_kwargs)
-    if weights_path is not None:
-        optional = tuple(f"{head}." for head in _AUX_HEADS.get(arch, ()))
-        _load_checked(model, load_state_dict_file(weights_path), optional, weights_path)
-    _drop_aux_heads(arch, model)
-    return model.eval()
-
-
-def _meta_model(arch: str) -> nn.Module:
-    # Parameters on the meta device: tracing needs only the structure, so building is instant.
-    with torch.device("meta"):
-        model = _construct(arch, 1000, pretrained=False)
-    _drop_aux_heads(arch, model)
-    return model.eval()
-
-
-# --------------------------------------------------------------------------- built-in presets
-
-
-def _resnet50_preset() -> list[LayerInfo]:
-    # 49 ReLUs: the stem's, then 3 per bottleneck block layer1.0 .. layer4.2 (16 blocks).
-    names = relu_nodes(_meta_model("resnet50"))
-    block = lambda n: ".".join(n.split(".")[:2]) if n.startswith("layer") else "stem"  # noqa: E731
-    return [LayerInfo(n, block(n), i) for i, n in enumerate(names)]
-
-
-def _inception_v3_preset() -> list[LayerInfo]:
-    # 94 ReLUs plus each Mixed_* module's output (its last node: a cat), grouped by top-level module.
-    model = _meta_model("inception_v3")
-    trace = trace_graph(model)
-    order = list(trace.names)
-    mixed_last: dict[str, str] = {}
-    for name in order:
-        top = name.split(".")[0]
-        if top.startswith("Mixed_") and "." in name:
-            mixed_last[top] = name
-    chosen = set(mixed_last.values()) | {n for n, node in trace.names.items() if is_relu(node, model)}
-    names = [n for n in order if n in chosen]
-    return [LayerInfo(n, n.split(".")[0], i) for i, n in enumerate(names)]
-
-
-def _vgg16_preset() -> list[LayerInfo]:
-    # 13 conv ReLUs grouped into the five stages between max-pools (conv1 .. conv5), then 2 classifier ReLUs.
-    model = _meta_model("vgg16")
-    layers: list[LayerInfo] = []
-    stage = 1
-    for name, node in trace_graph(model).names.items():
-        if node.op == "call_module" and isinstance(model.get_submodule(node.target), nn.MaxPool2d):
-            stage += 1
-        elif is_relu(node, model):
-            block = "classifier" if name.startswith("classifier") else f"conv{stage}"
-            layers.append(LayerInfo(name, block, len(layers)))
-    return layers
-
-
-for _name, _factory in (("resnet50", _resnet50_preset), ("inception_v3", _inception_v3_preset), ("vgg16", _vgg16_preset)):
-    PRESETS.register_lazy(_name, _factory)
+from semguard.models.graph import Trace, trace_graph
+from semguard.models.inputs import image_batches
 
 
 # --------------------------------------------------------------------------- taps
@@ -365,7 +48,7 @@ def _resolve(name: str, names: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(name, bare + names, n=5, cutoff=0.5)
     raise ValueError(
         f"layers: {name!r} is not a node of the model's graph; close node names: {close} "
-        "(all names: detector.layers.graph_node_names(model))"
+        "(all names: models.graph.graph_node_names(model))"
     )
 
 
@@ -477,33 +160,6 @@ class LayerTap:
 
 def _describe(x) -> str:
     return f"tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def _first_item(item):
-    return item[0] if isinstance(item, (tuple, list)) else item
-
-
-def _collate_images(items: list) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(_first_item(item)) for item in items])
-
-
-def image_batches(images_or_dataset: torch.Tensor | Dataset, batch_size: int, num_workers: int = 0
-                  ) -> Iterator[torch.Tensor]:
-    """(b, C, H, W) batches of a tensor (N, C, H, W), or of a Dataset yielding images or (image, label) (a
-    DataLoader, in order; with `num_workers`, decoding runs in worker processes): the one batching loop
-    that tapping and prediction share."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    if isinstance(images_or_dataset, torch.Tensor):
-        source = images_or_dataset
-        return (source[i : i + batch_size] for i in range(0, len(source), batch_size))
-    if isinstance(images_or_dataset, Dataset):
-        return iter(DataLoader(images_or_dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                               collate_fn=_collate_images))
-    raise ValueError(
-        f"images_or_dataset: expected a torch.Tensor (N, C, H, W) or a torch Dataset, "
-        f"got {type(images_or_dataset).__name__}"
-    )
 
 
 def iter_activations(

@@ -46,7 +46,7 @@ from semguard.evaluation.detector_eval import (
 )
 from semguard.attacks.adaptive import ActivationDetectorSurrogate, GuardSurrogate
 from semguard.attacks.guard_pgd import MODES, GuardAttackConfig, GuardAttackResult, guard_pgd
-from semguard.detector.bundle import ModelSpec
+from semguard.models.factory import ModelSpec
 from semguard.detector.evaluate import detection_metrics
 from semguard.files import write_json_atomic
 from semguard.models.inputs import predict

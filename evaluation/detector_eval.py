@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from semguard.models.inputs import as_model_input, predict
 from semguard.attacks.registry import get_attack
 from semguard.attacks.targets import select_targets
-from semguard.detector.bundle import ModelSpec
+from semguard.models.factory import ModelSpec
 from semguard.detector.calibrate import CalibrationConfig, calibrate_guard
 from semguard.detector.evaluate import DetectionMetrics, detection_metrics, roc_curve
 from semguard.detector.flagger import SUPERVISED

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from semguard.detector.bundle import register_model_builder
-from semguard.detector.layers import PRESETS, LayerInfo, is_relu, trace_graph
 from torch import nn
+
+from semguard.models.factory import ModelSpec, create_model, register_model_builder
+from semguard.models.graph import is_relu, trace_graph
+from semguard.models.presets import PRESETS, LayerInfo
 
 PRESET_NAME = "fractalnet"  # the CIFAR configuration (FractalNetConfig()); other configs: fractalnet_layers(config)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # as WorldNet: BatchNorm follows, only the scale matters
@@ -172,6 +174,5 @@ def load_fractalnet(path: str | Path) -> FractalNet:
         if meta.get("format") != "semguard.checkpoint/1":
             raise ValueError(f"path: {path} is not a semguard training checkpoint")
         state = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
-    model = FractalNet(FractalNetConfig.from_json(meta["config"]))
-    model.load_state_dict(state)
-    return model.eval()
+    return create_model(ModelSpec("fractalnet", meta["config"], module="semguard.models.fractalnet"), weights=state,
+                        what=f"path {path}")

@@ -1,10 +1,12 @@
 """The one image convention of the project: float32 (N, 3, H, W) in [0, 1]; models normalise inside."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 
 def as_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -17,14 +19,39 @@ def as_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _first_item(item):
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _collate_images(items: list) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(_first_item(item)) for item in items])
+
+
+def image_batches(images_or_dataset: torch.Tensor | Dataset, batch_size: int, num_workers: int = 0
+                  ) -> Iterator[torch.Tensor]:
+    """(b, C, H, W) batches of a tensor (N, C, H, W), or of a Dataset yielding images or (image, label) (a
+    DataLoader, in order; with `num_workers`, decoding runs in worker processes): the one batching loop
+    that tapping and prediction share."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if isinstance(images_or_dataset, torch.Tensor):
+        source = images_or_dataset
+        return (source[i : i + batch_size] for i in range(0, len(source), batch_size))
+    if isinstance(images_or_dataset, Dataset):
+        return iter(DataLoader(images_or_dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                               collate_fn=_collate_images))
+    raise ValueError(
+        f"images_or_dataset: expected a torch.Tensor (N, C, H, W) or a torch Dataset, "
+        f"got {type(images_or_dataset).__name__}"
+    )
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images: np.ndarray | torch.Tensor | Dataset, batch_size: int = 256,
             device: torch.device | str | None = None, num_workers: int = 0) -> np.ndarray:
     """Predicted class (N,) int64, in batches, on the model's device unless `device` is given. images: an
     array or tensor in either format of `as_model_input`, or a Dataset (an ImageSet, a Subset of one:
     read batch by batch, by `num_workers` DataLoader workers when given)."""
-    from semguard.detector.layers import image_batches
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if isinstance(images, Dataset):
         batches = image_batches(images, batch_size, num_workers)

@@ -1,20 +1,26 @@
-"""Input normalisation inside the model, so every model the project uses takes [0, 1] images.
+"""Models that take [0, 1] images, and the library's model builders (models.factory).
 
-Attacks clip to [0, 1] and the guard receives raw pixels; neither should know a
-model's mean and std. Wrap a torchvision classifier once:
+Attacks clip to [0, 1] and the guard receives raw pixels; neither should know a model's mean and std,
+so every model the project uses normalises inside (`Normalized`). Registered builders: "torchvision"
+(a bare torchvision classifier), "torchvision_normalized", "timm_normalized" and "entry_point" (a
+user's factory: trusted callers only). A weights file is the bare network's:
 
     model = imagenet_classifier("resnet50", "resnet50-0676ba61.pth")   # images (B, 3, H, W) in [0, 1]
     tap = LayerTap(model, preset_layers("resnet50"))                 # preset names work on the wrapper
 """
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
 
-from semguard.detector.layers import build_torchvision_model
+from semguard.models.factory import (
+    ARCH, ENTRY_POINT_BUILDER, NUM_CLASSES, Arg, ModelSpec, create_model, register_model_builder,
+)
 
 # torchvision's ImageNet statistics (the transforms of every IMAGENET1K weight set).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,24 +52,17 @@ class Normalized(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
-def imagenet_classifier(
-    arch: str, weights_path: str | Path | None = None, num_classes: int = 1000, **model_kwargs
-) -> Normalized:
+def imagenet_classifier(arch: str, weights_path: str | Path | None = None, num_classes: int = 1000) -> Normalized:
     """A torchvision ImageNet classifier (eval mode) taking [0, 1] images; weights from a local file."""
-    model = build_torchvision_model(arch, weights_path, num_classes, **model_kwargs)
-    return Normalized(model, IMAGENET_MEAN, IMAGENET_STD).eval()
+    return create_model(torchvision_spec(arch, num_classes, from_weights_file=weights_path is not None),
+                        weights=weights_path, what="weights_path")
 
 
-# ----------------------------------------------------------------------------- bundle builders
-# Guard bundles rebuild a wrapped model from these names and JSON kwargs (bundle.json's "model"),
-# then load model.safetensors into it; ModelSpec.module names this module so a fresh process
-# registers them (detector.bundle imports semguard.* modules only).
-from semguard.detector.bundle import (  # noqa: E402
-    ARCH, ENTRY_POINT_BUILDER, NUM_CLASSES, Arg, ModelSpec, register_model_builder,
-)
-
+# ----------------------------------------------------------------------------- builders
+# Files (bundle.json, a subject record) rebuild a model from these names and JSON kwargs; ModelSpec.module
+# names this module.
 MODULE = "semguard.models.normalize"
-# What bundle.json may pass these builders (detector.bundle.Arg); anything else is refused before the
+# What a file may pass these builders (models.factory.Arg); anything else is refused before the
 # library runs: timm's checkpoint_path / pretrained_cfg_overlay would load a pickle or reach the network.
 STATS = Arg(list, item=Arg(float, -100.0, 100.0), max_len=4)  # per-channel mean or std
 _NORMALIZED = {"arch": ARCH, "num_classes": NUM_CLASSES, "mean": STATS, "std": STATS}
@@ -73,9 +72,43 @@ TIMM_KWARGS = {"drop_rate": Arg(float, 0.0, 1.0), "drop_path_rate": Arg(float, 0
                "global_pool": Arg(str, choices=("", "avg", "max", "avgmax", "catavgmax", "token", "map"))}
 
 
+# torchvision builds these with auxiliary heads when given weights; we build them the same way (so the
+# layout is the weight files'), then drop the heads so the eval graph has one output.
+_AUX_HEADS = {"inception_v3": ("AuxLogits",), "googlenet": ("aux1", "aux2")}
+
+
+@register_model_builder("torchvision", args={"arch": ARCH, "num_classes": NUM_CLASSES,
+                                             "model_kwargs": Arg(dict, fields=TORCHVISION_KWARGS)})
+def build_torchvision(arch: str, num_classes: int = 1000, model_kwargs: dict | None = None) -> nn.Module:
+    """A bare torchvision classifier (no normalisation inside; random weights), aux heads dropped.
+    `model_kwargs` override constructor arguments (pretrained_layout gives those of the weight files)."""
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=5)
+        raise ValueError(f"arch: unknown torchvision classification model {arch!r}; close names: {close}")
+    kwargs: dict = {"num_classes": num_classes}
+    if arch in _AUX_HEADS:
+        kwargs.update(aux_logits=True, init_weights=True)
+    kwargs.update(model_kwargs or {})
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    for head in _AUX_HEADS.get(arch, ()):
+        setattr(model, head, None)
+    if arch in _AUX_HEADS:
+        model.aux_logits = False
+    return model.eval()
+
+
+def build_torchvision_model(arch: str, weights_path: str | Path | None = None, num_classes: int = 1000) -> nn.Module:
+    """A bare torchvision classifier in eval mode, weights from a local file (.safetensors or a state dict
+    read weights_only; never downloads), built in the layout of torchvision's weight files when given one."""
+    spec = ModelSpec("torchvision", {"arch": arch, "num_classes": num_classes,
+                                     "model_kwargs": pretrained_layout(arch) if weights_path is not None else {}})
+    return create_model(spec, weights=weights_path, what="weights_path")
+
+
 def pretrained_layout(arch: str) -> dict:
     """Constructor kwargs that give a torchvision architecture the layout of torchvision's weight
-    files once build_torchvision_model has dropped the aux heads (Inception-v3, GoogLeNet:
+    files once build_torchvision has dropped the aux heads (Inception-v3, GoogLeNet:
     transform_input=True, which their files need), for rebuilding without a weights file."""
     return {"transform_input": True, "init_weights": False} if arch in ("inception_v3", "googlenet") else {}
 
@@ -84,8 +117,8 @@ def pretrained_layout(arch: str) -> dict:
                         args={**_NORMALIZED, "model_kwargs": Arg(dict, fields=TORCHVISION_KWARGS)})
 def build_torchvision_normalized(arch: str, num_classes: int = 1000, mean: Sequence[float] = IMAGENET_MEAN,
                                  std: Sequence[float] = IMAGENET_STD, model_kwargs: dict | None = None) -> Normalized:
-    """Normalized(torchvision arch) with random weights (a bundle loads its own)."""
-    return Normalized(build_torchvision_model(arch, None, num_classes, **(model_kwargs or {})), mean, std).eval()
+    """Normalized(torchvision arch) with random weights."""
+    return Normalized(build_torchvision(arch, num_classes, model_kwargs), mean, std).eval()
 
 
 def torchvision_spec(arch: str, num_classes: int, mean: Sequence[float] = IMAGENET_MEAN,

@@ -20,15 +20,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from semguard.detector.bundle import ModelSpec
-from semguard.detector.layers import LayerInfo, register_preset
 from semguard.files import atomic_path
+from semguard.models.factory import ModelSpec, create_model, register_model_builder
+from semguard.models.presets import LayerInfo, register_preset
 
 # Per-channel statistics of the world's images (mid grey with a wide spread);
 # exact values matter little because BatchNorm follows, only the scale of the input.
 WORLD_MEAN = (0.5, 0.5, 0.5)
 WORLD_STD = (0.25, 0.25, 0.25)
 PRESET_NAME = "worldnet"
+MODULE = "semguard.models.worldnet"
 
 
 @dataclass(frozen=True)
@@ -130,18 +131,11 @@ def load_world_model(path: str | Path) -> WorldNet:
     info = json.loads(meta["worldnet"]) if "worldnet" in meta else {**meta, "config": json.loads(meta.get("config", "{}"))}
     if info.get("format") != "worldnet-v1":
         raise ValueError(f"path: {path} is not a WorldNet safetensors file (metadata format {info.get('format')!r})")
-    raw = info["config"]
-    config = WorldNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-    model = WorldNet(config)
-    model.load_state_dict(state)
-    return model.eval()
+    return create_model(ModelSpec("worldnet", info["config"], module=MODULE), weights=state, what=f"path {path}")
 
 
-# Guard bundles (detector.bundle) rebuild the world CNN by name from WorldNetConfig's fields, stored as
-# JSON kwargs (tuples become lists); worldnet_spec writes them.
-from semguard.detector.bundle import register_model_builder  # noqa: E402  (models -> detector, as the preset above)
-
-
+# Guard bundles and exported subjects rebuild the world CNN by name (MODULE registers it) from
+# WorldNetConfig's fields, stored as JSON kwargs (tuples become lists); worldnet_spec writes them.
 @register_model_builder("worldnet")
 def build_worldnet(**config) -> WorldNet:
     return WorldNet(WorldNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
@@ -150,4 +144,4 @@ def build_worldnet(**config) -> WorldNet:
 def worldnet_spec(model: WorldNet) -> ModelSpec:
     """How a bundle rebuilds the world's CNN: the "worldnet" builder registered above."""
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()}
-    return ModelSpec("worldnet", kwargs, module="semguard.models.worldnet")
+    return ModelSpec("worldnet", kwargs, module=MODULE)

@@ -216,9 +216,10 @@ def load_guard(bundle: str | Path, trust_model_code: bool = False) -> GuardLike:
     so is one whose model is user code (an entry point) unless `trust_model_code`."""
     from semguard.detector.bundle import BundleError, read_bundle
     from semguard.detector.guard import Guard
+    from semguard.models.factory import UntrustedModelCode
     try:
         return Guard(read_bundle(bundle, trust_model_code=trust_model_code))
-    except BundleError as exc:
+    except (BundleError, UntrustedModelCode) as exc:
         raise StartupError(f"--bundle {bundle}: {exc}", exit_code=2) from None
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from semguard.detector.bundle import ModelSpec
+from semguard.models.factory import ModelSpec
 from semguard.subject.core import (
     ArrayImages,
     ImageSet,
@@ -246,89 +246,28 @@ def torchvision_convention(arch: str, weights: Path | None = None) -> Convention
                       tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std))
 
 
-def _torchvision_model(spec: SubjectSpec, arch: str, n_classes: int) -> _Model:
-    from semguard.detector.layers import build_torchvision_model
-    from semguard.models.normalize import Normalized, torchvision_spec
+def _built(spec: SubjectSpec, model_spec: ModelSpec, n_classes: int) -> nn.Module:
+    """The factory's model for `model_spec` with --weights loaded (a wrong class count named with the labels file)."""
+    from semguard.models.factory import OtherClassCount, create_model
 
-    conv = torchvision_convention(arch, spec.weights)
     try:
-        inner = build_torchvision_model(arch, spec.weights, n_classes)
-    except (ValueError, RuntimeError) as error:
-        raise _weights_error(spec, arch, n_classes, error) from None
-    mean, std = spec.mean or conv.mean, spec.std or conv.std
-    return _Model(arch, arch, Normalized(inner, mean, std), torchvision_spec(arch, n_classes, mean, std), conv)
+        return create_model(model_spec, weights=spec.weights, trust_model_code=spec.model_entry is not None,
+                            what="--weights")
+    except OtherClassCount as error:
+        raise ValueError(f"{str(error).rsplit(', but ', 1)[0]}, but {_class_source(spec)} has {n_classes} "
+                         "classes") from None
 
 
 def _class_source(spec: SubjectSpec) -> str:
     return f"the labels file {spec.labels}" if spec.labels is not None else f"the image source {spec.images}"
 
 
-_AUX = ("AuxLogits.", "aux1.", "aux2.")  # torchvision's auxiliary heads: optional in a weights file
+def _torchvision_model(spec: SubjectSpec, arch: str, n_classes: int) -> _Model:
+    from semguard.models.normalize import torchvision_spec
 
-
-def _other_class_count(state: dict, expected: dict) -> tuple[str, int] | None:
-    """(key, K) when `state` is the expected architecture with K outputs instead: every key present,
-    and the only mismatches are tensors whose first dimension is K instead of the model's (the head)."""
-    if any(k not in state for k in expected if not k.startswith(_AUX)):
-        return None
-    wrong = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if not wrong or any(state[k].ndim != expected[k].ndim or state[k].shape[1:] != expected[k].shape[1:]
-                        or expected[k].shape[0] != expected[wrong[0]].shape[0] for k in wrong):
-        return None
-    counts = {state[k].shape[0] for k in wrong}
-    return (wrong[0], counts.pop()) if len(counts) == 1 else None
-
-
-def _class_count_error(spec: SubjectSpec, arch: str, key: str, state: dict, n_classes: int) -> ValueError:
-    return ValueError(f"--weights {spec.weights}: {arch} weights for {state[key].shape[0]} classes ({key} "
-                      f"{tuple(state[key].shape)}), but {_class_source(spec)} has {n_classes} classes")
-
-
-def _weights_error(spec: SubjectSpec, arch: str, n_classes: int, error: Exception) -> ValueError:
-    """A weights file that does not load: another class count (named with the labels file), or another architecture."""
-    from semguard.detector.layers import load_state_dict_file
-
-    try:
-        state = load_state_dict_file(spec.weights)
-    except (ValueError, OSError) as read_error:
-        return ValueError(f"--weights {spec.weights}: cannot be read as weights ({read_error})")
-    model = _meta_model(arch, n_classes)
-    other = _other_class_count(state, model.state_dict()) if model is not None else None
-    if other is not None:
-        return _class_count_error(spec, arch, other[0], state, n_classes)
-    return ValueError(f"--weights {spec.weights}: not a {arch} state dict (is it for another architecture?): {error}")
-
-
-def _meta_model(arch: str, n_classes: int) -> nn.Module | None:
-    import torchvision
-
-    try:
-        with torch.device("meta"):  # structure only: instant, no memory
-            return torchvision.models.get_model(arch, weights=None, num_classes=n_classes)
-    except (ValueError, TypeError):
-        return None
-
-
-def _load_state(model: nn.Module, spec: SubjectSpec, arch: str, n_classes: int) -> None:
-    """Load spec.weights into `model` strictly, with the same errors as the torchvision path."""
-    from semguard.detector.layers import load_state_dict_file
-
-    try:
-        state = load_state_dict_file(spec.weights)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"--weights {spec.weights}: cannot be read as weights ({error})") from None
-    expected = model.state_dict()
-    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    other = _other_class_count(state, expected) if not unexpected else None
-    if other is not None:
-        raise _class_count_error(spec, arch, other[0], state, n_classes)
-    if missing or unexpected or shapes:
-        raise ValueError(f"--weights {spec.weights}: not a {arch} state dict (is it for another architecture?): "
-                         f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
-                         f"{unexpected[:5]}, shape mismatches {shapes[:5]}")
-    model.load_state_dict(state)
+    conv = torchvision_convention(arch, spec.weights)
+    model_spec = torchvision_spec(arch, n_classes, spec.mean or conv.mean, spec.std or conv.std)
+    return _Model(arch, arch, _built(spec, model_spec, n_classes), model_spec, conv)
 
 
 def _timm_model(spec: SubjectSpec, arch: str, n_classes: int) -> _Model:
@@ -337,38 +276,31 @@ def _timm_model(spec: SubjectSpec, arch: str, n_classes: int) -> _Model:
         import timm.data
     except ImportError:
         raise ValueError(f"--model timm/{arch}: timm is not installed; `pip install 'semguard[timm]'`") from None
-    from semguard.models.normalize import Normalized, timm_spec
+    from semguard.models.normalize import timm_spec
 
     if not timm.is_model(arch):
         raise ValueError(f"--model timm/{arch}: timm knows no architecture {arch!r} "
                          f"(close: {timm.list_models(f'*{arch[:6]}*')[:5]})")
-    # offline: pretrained=False, and the pretrained config (transform, mean/std) is in timm's registry
-    inner = timm.create_model(arch, pretrained=False, num_classes=n_classes)
-    _load_state(inner, spec, f"timm/{arch}", n_classes)
-    cfg = timm.data.resolve_data_config({}, model=inner)
+    # offline: the pretrained config (transform, mean/std) is in timm's registry
+    cfg = timm.data.resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(arch).to_dict())
     size = int(cfg["input_size"][-1])
     interpolation = cfg.get("interpolation", "bicubic")
     conv = Convention(size, math.floor(size / cfg.get("crop_pct", 0.875)),
                       interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bicubic",
                       tuple(cfg["mean"]), tuple(cfg["std"]))
-    mean, std = spec.mean or conv.mean, spec.std or conv.std
-    return _Model(f"timm/{arch}", arch, Normalized(inner, mean, std), timm_spec(arch, n_classes, mean, std), conv)
+    model_spec = timm_spec(arch, n_classes, spec.mean or conv.mean, spec.std or conv.std)
+    return _Model(f"timm/{arch}", arch, _built(spec, model_spec, n_classes), model_spec, conv)
 
 
 def _entry_point_model(spec: SubjectSpec, n_classes: int) -> _Model:
-    from semguard.models.normalize import Normalized, build_entry_point, entry_point_spec
+    from semguard.models.normalize import entry_point_spec
 
-    model = build_entry_point(spec.model_entry, spec.mean, spec.std)
-    if spec.weights is not None:
-        target = model.model if isinstance(model, Normalized) else model
-        _load_state(target, spec, spec.model_entry, n_classes)
-    return _Model(spec.model_entry, None, model, entry_point_spec(spec.model_entry, spec.mean, spec.std),
-                  DEFAULT_CONVENTION)
+    model_spec = entry_point_spec(spec.model_entry, spec.mean, spec.std)
+    return _Model(spec.model_entry, None, _built(spec, model_spec, n_classes), model_spec, DEFAULT_CONVENTION)
 
 
 def _worldnet_model(spec: SubjectSpec) -> _Model:
-    from semguard.models.worldnet import worldnet_spec
-    from semguard.models.worldnet import load_world_model, worldnet_layers
+    from semguard.models.worldnet import load_world_model, worldnet_layers, worldnet_spec
 
     try:
         model = load_world_model(spec.weights)
@@ -398,9 +330,11 @@ def _check_outputs(model: nn.Module, size: int, n_classes: int, spec: SubjectSpe
 
 def _layers(spec: SubjectSpec, loaded: _Model) -> list[str]:
     """--layers / TOML layers, else the architecture's preset, else every activation-function output
-    (ReLU, ReLU6, GELU, SiLU, Hardswish, ...; detector.layers.activation_nodes); the count is printed."""
-    from semguard.detector.layers import LayerTap, activation_nodes, known_presets, preset_layers
-    from semguard.models.normalize import Normalized
+    (ReLU, ReLU6, GELU, SiLU, Hardswish, ...; models.graph.activation_nodes); the count is printed."""
+    from semguard.detector.layers import LayerTap
+    from semguard.models.factory import inner_network
+    from semguard.models.graph import activation_nodes
+    from semguard.models.presets import known_presets, preset_layers
 
     if spec.layers is not None:
         LayerTap(loaded.module, list(spec.layers))  # every name a node of the graph, else a ValueError naming it
@@ -409,12 +343,11 @@ def _layers(spec: SubjectSpec, loaded: _Model) -> list[str]:
         return list(loaded.layers)
     if loaded.arch is not None and loaded.arch in known_presets() and not loaded.name.startswith("timm/"):
         return preset_layers(loaded.arch)
-    inner = loaded.module.model if isinstance(loaded.module, Normalized) else loaded.module
-    found = activation_nodes(inner)
+    found = activation_nodes(inner_network(loaded.module))
     if not found:
         raise ValueError(f"layers: {loaded.name} has no activation-function outputs (ReLU, ReLU6, GELU, SiLU, "
                          "Hardswish, ...) to tap by default; name the graph nodes to tap with --layers a,b,c or "
-                         "`layers = [...]` in the subject TOML (detector.layers.graph_node_names(model))")
+                         "`layers = [...]` in the subject TOML (models.graph.graph_node_names(model))")
     kinds = ", ".join(f"{k} {n}" for k, n in Counter(found.values()).most_common())
     # like the vectors report, printed with --quiet too: it says what the run measures
     print(f"layers: tapping {len(found)} activation outputs of {loaded.name} ({kinds}), {next(iter(found))} .. "

@@ -5,7 +5,7 @@ A command takes a `SubjectSpec` (flags or a TOML file, semguard.subject.flags) a
 `Subject`, whatever the assets are:
 
     subject.model         nn.Module in eval mode taking float32 (B, 3, H, W) in [0, 1] (normalises inside)
-    subject.model_spec    how a bundle rebuilds that model (detector.bundle.ModelSpec)
+    subject.model_spec    how a bundle rebuilds that model (models.factory.ModelSpec)
     subject.layers        the tapped layers, in forward order
     subject.classes       one name per model output
     subject.word_vectors  (C, d) float32, row c for classes[c]; zero rows where `matched` is False
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from semguard.detector.bundle import ModelSpec
+from semguard.models.factory import ModelSpec
 from semguard.world_cache import DEFAULT_WORLD_CACHE
 
 SPEC_FIELDS = ("model", "weights", "model_entry", "images", "labels", "vectors")  # the flags and TOML keys
@@ -258,7 +258,7 @@ class Subject(NamedTuple):
 def world_subject(spec: SubjectSpec = SubjectSpec(), progress: bool = True, inputs=None) -> Subject:
     """The embedded world (its test split) through the loaders real assets use. inputs: a
     world.inputs.WorldInputs already loaded (the quickstart's, whose settings a spec cannot name)."""
-    from semguard.detector.layers import preset_layers
+    from semguard.models.presets import preset_layers
     from semguard.models.worldnet import worldnet_spec
 
     if inputs is None:

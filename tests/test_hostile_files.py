@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from semguard.attacks.store import FORMAT
 from semguard.cli import main
 from semguard.detector.bundle import read_bundle
-from semguard.detector.layers import load_state_dict_file
+from semguard.models.factory import load_state_dict_file
 from semguard.subject.labels import read_labels
 from semguard.subject.vectors import load_subject_vectors
 from tests.tiny_worldnet import write_worldnet_bundle

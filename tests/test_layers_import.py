@@ -1,6 +1,6 @@
 """Imports point one way (ARCHITECTURE.md, "Layers"): a package imports only the layers below it.
 
-    shared (semguard/*.py) < detector < models < attacks, service, world < subject < evaluation < analysis
+    shared (semguard/*.py) < models < detector < attacks, service, world < subject < evaluation < analysis
     < commands
 
 Every `import` and `from ... import` of every project file is parsed (function-level imports too), so a
@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Layer of each package; a package may import its own layer's modules only when it is itself.
-LAYERS = {"shared": 0, "detector": 1, "models": 2, "attacks": 3, "service": 3, "world": 3, "subject": 4,
+LAYERS = {"shared": 0, "models": 1, "detector": 2, "attacks": 3, "service": 3, "world": 3, "subject": 4,
           "evaluation": 5, "analysis": 6, "commands": 7}
 FOLDERS = ("semguard", "detector", "models", "attacks", "service", "world", "subject", "evaluation", "analysis")
 

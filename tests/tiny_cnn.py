@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from semguard.detector.bundle import register_model_builder
+from semguard.models.factory import register_model_builder
 
 LAYERS = ["conv1", "relu2", "pool"]
 
@@ -72,7 +72,7 @@ def tiny_task(n_classes: int, n_images: int) -> TinyTask:
 def write_tiny_ensemble_bundle(out, n_classes: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     """A tiny bundle with the shipped flagger (ensemble) written to `out`; (clean images, noisy
     attack-like images) beside it."""
-    from semguard.detector.bundle import ModelSpec
+    from semguard.models.factory import ModelSpec
     from semguard.detector.calibrate import CalibrationConfig
     from semguard.detector.guard import calibrate_guard
 

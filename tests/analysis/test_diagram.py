@@ -3,7 +3,7 @@ import json
 
 import pytest
 from semguard.analysis.diagram import Placed, block_layout, diagram_model, draw_diagram, load_results
-from semguard.detector.layers import preset_layers
+from semguard.models.presets import preset_layers
 
 from semguard.cli import main
 

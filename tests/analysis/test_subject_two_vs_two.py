@@ -12,7 +12,7 @@ import torch
 from semguard.analysis.subject_two_vs_two import (
     PIXELS, TwoVsTwoConfig, choose_image_sets, correlation_blocked, plan_passes, run_two_vs_two,
 )
-from semguard.detector.bundle import ModelSpec
+from semguard.models.factory import ModelSpec
 from semguard.detector.layers import LayerTap
 from semguard.detector.rsa import correlation_matrix
 from semguard.subject.core import ArrayImages, Subject, SubjectSpec

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 from semguard.models.trainer import train_checkpoints
 from semguard.cli import main
-from semguard.detector.layers import LayerTap, relu_nodes
+from semguard.detector.layers import LayerTap
+from semguard.models.graph import relu_nodes
 from semguard.detector.significance import bhy
 from semguard.models.fractalnet import fractalnet_layers, load_fractalnet
 from semguard.models.inputs import as_model_input

@@ -42,7 +42,7 @@ def test_surrogate_forward_is_the_guard(tiny_guard):
 
 
 def test_surrogate_forward_is_the_guard_for_the_gaussian_flagger(tmp_path):
-    from semguard.detector.bundle import ModelSpec
+    from semguard.models.factory import ModelSpec
     from semguard.detector.calibrate import CalibrationConfig
     from semguard.detector.guard import calibrate_guard
     from tests.tiny_cnn import LAYERS, tiny_task

@@ -52,7 +52,7 @@ def tiny_subject(spec, progress=True):
     """A semguard.subject.Subject over the tiny world; the last two classes have no word vector."""
     import numpy as np
 
-    from semguard.detector.bundle import ModelSpec
+    from semguard.models.factory import ModelSpec
     from semguard.subject.core import ArrayImages, Subject
 
     model, images, labels, names, vectors = tiny_world()

@@ -112,7 +112,8 @@ def test_quickstart_activations_on_ray_equal_the_in_process_ones(cluster):
     from semguard.analysis.distributed import activations_by_set_ray
     from semguard.analysis.quickstart import layer_activations
     from semguard.analysis.two_vs_two import activations_by_set
-    from semguard.detector.layers import LayerTap, preset_layers
+    from semguard.detector.layers import LayerTap
+    from semguard.models.presets import preset_layers
     from semguard.models.worldnet import WorldNet, WorldNetConfig
 
     torch.manual_seed(0)

@@ -53,7 +53,7 @@ def tiny_world(n_images: int = 240, n_classes: int = N_CLASSES, dim: int = 8, se
 def as_world_subject(world):
     """A stand-in for semguard.subject.core.world_subject serving `world` (a tiny_world() tuple) as the
     embedded world, so the commands' one subject path runs on it."""
-    from semguard.detector.bundle import ModelSpec
+    from semguard.models.factory import ModelSpec
     from semguard.subject.core import ArrayImages, Subject
 
     model, images, labels, names, vectors = world

@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from semguard.detector.bundle import BundleError, ModelSpec, build_model, plugin_module
+from semguard.detector.bundle import BundleError
+from semguard.models.factory import ModelSpec, ModelSpecError, create_model, plugin_module
 from tests.tiny_worldnet import write_worldnet_bundle
 
 
@@ -63,8 +64,8 @@ def test_bundle_naming_a_module_outside_semguard_is_refused_unimported(worldnet_
     ("", "dotted module name"),
 ])
 def test_plugin_module_refusals_name_the_module(module, message):
-    with pytest.raises(BundleError, match=message):
-        build_model(ModelSpec("no_such_builder_here", {}, module=module))
+    with pytest.raises(ModelSpecError, match=message):
+        create_model(ModelSpec("no_such_builder_here", {}, module=module))
 
 
 def test_plugin_module_maps_every_pre_namespace_package():

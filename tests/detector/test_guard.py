@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from semguard.detector.bundle import BundleError, ModelSpec, read_bundle
+from semguard.detector.bundle import BundleError, read_bundle
+from semguard.models.factory import ModelSpec
 from semguard.detector.calibrate import CalibrationConfig, fit_calib_split, guard_features
 from semguard.detector.features import FeatureRecipe, recipe_of
 from semguard.detector.guard import Guard, Verdict, calibrate_guard

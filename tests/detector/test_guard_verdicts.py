@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from semguard.detector.bundle import ModelSpec
+from semguard.models.factory import ModelSpec
 from semguard.detector.calibrate import CalibrationConfig
 from semguard.detector.guard import Guard, calibrate_guard
 from tests.detector.frozen_guard import frozen_verdicts

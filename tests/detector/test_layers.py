@@ -1,118 +1,17 @@
-"""detector.layers (presets, LayerTap, iter_activations, weight loading) and models.normalize."""
-import re
+"""detector.layers: LayerTap and iter_activations (on tiny models, torchvision presets and Normalized wrappers)."""
 import weakref
 
 import pytest
 import torch
 import torchvision
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision.models.feature_extraction import get_graph_node_names
 
-from semguard.detector import layers
-from semguard.detector.layers import (
-    LayerInfo,
-    LayerTap,
-    TapOutput,
-    build_torchvision_model,
-    graph_node_names,
-    iter_activations,
-    preset_info,
-    preset_layers,
-    register_preset,
-    relu_nodes,
-)
-from semguard.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalized, imagenet_classifier
+from semguard.detector.layers import LayerTap, TapOutput, iter_activations
+from semguard.models.normalize import Normalized, imagenet_classifier
+from semguard.models.presets import preset_layers
 
 
-def eval_nodes(model: nn.Module) -> list[str]:
-    return get_graph_node_names(model)[1]
-
-
-# --------------------------------------------------------------------------- presets on real graphs
-
-
-def test_resnet50_preset_is_the_49_relus_of_16_blocks():
-    model = torchvision.models.resnet50(weights=None)
-    nodes = eval_nodes(model)
-    relus = [n for n in nodes if re.search(r"(^|\.)relu(_\d+)?$", n)]
-    info = preset_info("resnet50")
-    assert [i.name for i in info] == relus
-    assert len(info) == 49
-    blocks = [i.block for i in info]
-    assert blocks[0] == "stem" and info[0].name == "relu"
-    assert len(set(blocks)) == 1 + 16
-    assert all(blocks.count(b) == 3 for b in set(blocks) - {"stem"})
-    assert info[1].name == "layer1.0.relu" and info[-1].name == "layer4.2.relu_2"
-    assert [i.depth for i in info] == list(range(49))
-
-
-def test_inception_v3_preset_is_94_relus_plus_11_mixed_outputs():
-    model = build_torchvision_model("inception_v3")  # random init, aux head dropped, eval graph
-    assert model.AuxLogits is None
-    nodes = eval_nodes(model)
-    relus = [n for n in nodes if n.endswith(".relu")]
-    mixed = sorted({n.split(".")[0] for n in nodes if n.startswith("Mixed_")})
-    mixed_outputs = [[n for n in nodes if n.startswith(m + ".")][-1] for m in mixed]
-    info = preset_info("inception_v3")
-    names = [i.name for i in info]
-    assert len(relus) == 94 and len(mixed_outputs) == 11 and len(info) == 105
-    assert set(names) == set(relus) | set(mixed_outputs)
-    assert names == [n for n in nodes if n in set(names)]  # depth order = graph order
-    assert mixed_outputs[-1] == "Mixed_7c.cat_2" and names[-1] == "Mixed_7c.cat_2"
-    assert {i.block for i in info if i.name in mixed_outputs} == set(mixed)
-    assert all(i.block == i.name.split(".")[0] for i in info)
-
-
-def test_vgg16_preset_is_its_relus():
-    with torch.device("meta"):  # the graph only: 138M parameters need not be initialised
-        model = torchvision.models.vgg16(weights=None)
-    modules = dict(model.named_modules())
-    relus = [n for n in eval_nodes(model) if isinstance(modules.get(n), nn.ReLU)]
-    assert preset_layers("vgg16") == relus and len(relus) == 15
-    blocks = [i.block for i in preset_info("vgg16")]
-    assert blocks == ["conv1"] * 2 + ["conv2"] * 2 + ["conv3"] * 3 + ["conv4"] * 3 + ["conv5"] * 3 + ["classifier"] * 2
-
-
-def test_graph_node_names_equal_torchvisions():
-    model = torchvision.models.resnet18(weights=None)
-    assert graph_node_names(model) == eval_nodes(model)
-
-
-# --------------------------------------------------------------------------- registry
-
-
-@pytest.fixture
-def fresh_registry():
-    saved = dict(layers.PRESETS)
-    yield
-    layers.PRESETS.clear()
-    layers.PRESETS.update(saved)
-
-
-def test_register_preset_validates(fresh_registry):
-    good = [LayerInfo("a", "b1", 0), LayerInfo("b", "b1", 1)]
-    register_preset("tiny", good)
-    register_preset("tiny", list(good))  # identical again: fine (module reload)
-    assert preset_layers("tiny") == ["a", "b"]
-    with pytest.raises(ValueError, match="already registered"):
-        register_preset("tiny", good[:1])
-    register_preset("tiny", good[:1], overwrite=True)
-    assert preset_layers("tiny") == ["a"]
-    with pytest.raises(ValueError, match="repeats layer names"):
-        register_preset("dup", [LayerInfo("a", "b", 0), LayerInfo("a", "b", 1)])
-    with pytest.raises(ValueError, match="depth must equal"):
-        register_preset("order", [LayerInfo("a", "b", 1)])
-    with pytest.raises(ValueError, match="at least one"):
-        register_preset("empty", [])
-    with pytest.raises(ValueError, match="expected LayerInfo"):
-        register_preset("bad", ["a"])
-
-
-def test_unknown_preset_lists_known_ones():
-    with pytest.raises(ValueError, match=r"known layer presets: .*resnet50"):
-        preset_layers("resnet51")
 
 
 # --------------------------------------------------------------------------- taps
@@ -281,12 +180,6 @@ def test_normalized_normalises_then_calls_the_model():
         Normalized(inner, mean, (0.5, 0.0, 1.0))
 
 
-def test_imagenet_classifier_uses_imagenet_statistics():
-    model = imagenet_classifier("resnet18", num_classes=7)
-    assert isinstance(model, Normalized) and not model.training
-    torch.testing.assert_close(model.mean.flatten(), torch.tensor(IMAGENET_MEAN))
-    torch.testing.assert_close(model.std.flatten(), torch.tensor(IMAGENET_STD))
-    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 7)
 
 
 # --------------------------------------------------------------------------- iter_activations
@@ -330,53 +223,6 @@ def test_iter_activations_rejects_bad_input():
         next(iter_activations(tap, [torch.zeros(3, 8, 8)], 2))
 
 
-# --------------------------------------------------------------------------- weights
-
-
-def test_weights_round_trip_torch_and_safetensors(tmp_path):
-    torch.manual_seed(7)
-    source = torchvision.models.squeezenet1_1(weights=None, num_classes=10).eval()  # small: 0.7M parameters
-    state = source.state_dict()
-    torch.save(state, tmp_path / "w.pth")
-    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "checkpoint.pth")
-    save_file(state, str(tmp_path / "w.safetensors"))
-    x = torch.rand(2, 3, 32, 32)
-    for name in ["w.pth", "checkpoint.pth", "w.safetensors"]:
-        model = build_torchvision_model("squeezenet1_1", tmp_path / name, num_classes=10)
-        assert not model.training
-        torch.testing.assert_close(model(x), source(x))
-
-
-def test_weights_errors(tmp_path):
-    torch.save(torchvision.models.squeezenet1_1(weights=None, num_classes=10).state_dict(), tmp_path / "w.pth")
-    with pytest.raises(FileNotFoundError, match="weights_path"):
-        build_torchvision_model("squeezenet1_1", tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match=r"classifier.1.weight: file \(10, 512, 1, 1\) vs model \(1000, 512, 1, 1\)"):
-        build_torchvision_model("squeezenet1_1", tmp_path / "w.pth")
-    torch.save({"features.0.weight": torch.zeros(1), "extra": torch.zeros(1)}, tmp_path / "partial.pth")
-    with pytest.raises(ValueError, match=r"missing keys .*1 unexpected keys \['extra'\]"):
-        build_torchvision_model("squeezenet1_1", tmp_path / "partial.pth")
-    torch.save({"weights": Tiny}, tmp_path / "pickled.pth")  # a class: refused by weights_only
-    with pytest.raises(ValueError, match="not a plain tensor state dict"):
-        build_torchvision_model("squeezenet1_1", tmp_path / "pickled.pth")
-    with pytest.raises(ValueError, match=r"arch: .*resnet50"):
-        build_torchvision_model("resnet5O")
-
-
-def test_inception_weights_with_or_without_aux_head(tmp_path):
-    torch.manual_seed(8)
-    with_aux = torchvision.models.inception_v3(weights=None, aux_logits=True, num_classes=10, init_weights=False)
-    state = with_aux.state_dict()
-    save_file(state, str(tmp_path / "aux.safetensors"))
-    save_file({k: v for k, v in state.items() if not k.startswith("AuxLogits.")}, str(tmp_path / "noaux.safetensors"))
-    x = torch.rand(1, 3, 75, 75)
-    outputs = []
-    for name in ["aux.safetensors", "noaux.safetensors"]:
-        model = build_torchvision_model("inception_v3", tmp_path / name, num_classes=10)
-        assert model.AuxLogits is None and not model.aux_logits and model.transform_input
-        assert set(preset_layers("inception_v3")) <= set(graph_node_names(model))
-        outputs.append(model(x))
-    torch.testing.assert_close(outputs[0], outputs[1])
 
 
 class _Residual(nn.Module):
@@ -413,35 +259,3 @@ def test_residual_adds_run_in_place_unless_the_left_operand_is_tapped(layers, in
             torch.testing.assert_close(out.acts["bn"], bn.flatten(1), rtol=0, atol=0)
 
 
-class _MixedActivations(nn.Module):
-    """Each activation family a real classifier uses, as a module, a functional call and a written-out swish."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3)
-        self.relu6 = nn.ReLU6(inplace=True)  # MobileNet / EfficientNet-Lite
-        self.gelu = nn.GELU()  # ConvNeXt
-        self.silu = nn.SiLU()  # EfficientNet
-        self.hswish = nn.Hardswish()  # MobileNetV3
-        self.gate = nn.Hardsigmoid()  # a squeeze-excitation gate: not a representation
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        x = self.relu6(self.stem(x))
-        x = self.silu(self.gelu(x))
-        x = self.hswish(x) * self.gate(x.mean((2, 3), keepdim=True))
-        x = nn.functional.leaky_relu(x, 0.1)
-        x = nn.functional.mish(x)
-        x = x * torch.sigmoid(x)  # Swish written out
-        return self.head(x.mean((2, 3)))
-
-
-def test_activation_nodes_find_every_activation_family_and_no_gate():
-    from semguard.detector.layers import activation_nodes
-
-    model = _MixedActivations().eval()
-    found = activation_nodes(model)
-    assert list(found.values()) == ["ReLU6", "GELU", "SiLU", "Hardswish", "leaky_relu", "mish", "swish"]
-    assert relu_nodes(model) == []  # what the default was before: nothing to tap
-    out = LayerTap(model, list(found))(torch.rand(2, 3, 8, 8))
-    assert [a.shape for a in out.acts.values()] == [(2, 4 * 6 * 6)] * 7

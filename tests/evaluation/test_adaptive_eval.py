@@ -13,7 +13,7 @@ from semguard.evaluation.adaptive_eval import (
     THREAT_MODELS, AdaptiveConfig, AttackerView, attack_plan, attacker_detectors, eps_label, wilson_interval,
 )
 from semguard.evaluation.detector_eval import AttackSpec, DetectorEvalConfig, evaluate_detector, split_clean
-from semguard.detector.bundle import ModelSpec
+from semguard.models.factory import ModelSpec
 from semguard.detector.calibrate import CalibrationConfig
 from tests.evaluation.test_detector_eval import N_CLASSES, tiny_world  # noqa: F401 (fixture)
 from tests.tiny_cnn import LAYERS

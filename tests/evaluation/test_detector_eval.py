@@ -8,7 +8,7 @@ import torch
 from semguard.evaluation.detector_eval import (
     AttackSpec, DetectorEvalConfig, evaluate_detector, plan_attack, split_clean,
 )
-from semguard.detector.bundle import ModelSpec
+from semguard.models.factory import ModelSpec
 from semguard.detector.calibrate import CalibrationConfig
 from semguard.detector.guard import Guard
 from tests.tiny_cnn import LAYERS, TinyCNN, fit_head

@@ -1,8 +1,9 @@
 """FractalNet against its definition (Larsson et al. 2016): columns, depth, joins, drop-path, size."""
 import pytest
 import torch
-from semguard.detector.bundle import ModelSpec, build_model
-from semguard.detector.layers import LayerTap, preset_info
+from semguard.models.factory import ModelSpec, create_model
+from semguard.detector.layers import LayerTap
+from semguard.models.presets import preset_info
 from semguard.models.fractalnet import FractalNet, FractalNetConfig, fractalnet_layers
 from torch import nn
 
@@ -86,7 +87,7 @@ def test_preset_taps_every_relu_and_block_output_and_builder():
     infos = preset_info("fractalnet")
     assert len(infos) == 5 * (7 + 1) and [i.block for i in infos if i.name.endswith(".out")] == [f"block{b}" for b in range(1, 6)]
     config = FractalNetConfig(num_classes=4, widths=(4, 8), columns=2, dropout=(0.0, 0.0))
-    model = build_model(ModelSpec("fractalnet", {"num_classes": 4, "widths": [4, 8], "columns": 2, "dropout": [0, 0]},
+    model = create_model(ModelSpec("fractalnet", {"num_classes": 4, "widths": [4, 8], "columns": 2, "dropout": [0, 0]},
                                   "semguard.models.fractalnet"))
     layers = [i.name for i in fractalnet_layers(config)]
     out = LayerTap(model, layers)(torch.rand(2, 3, 8, 8))

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torchvision.models.feature_extraction import get_graph_node_names
 
-from semguard.detector.layers import LayerTap, preset_info, preset_layers
+from semguard.detector.layers import LayerTap
+from semguard.models.presets import preset_info, preset_layers
 from semguard.models.worldnet import WorldNet, WorldNetConfig, load_world_model, save_worldnet, worldnet_layers
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 
-from semguard.detector.bundle import ModelSpec
+from semguard.models.factory import ModelSpec
 from semguard.detector.calibrate import CalibrationConfig
 from semguard.detector.guard import Guard, calibrate_guard
 from semguard.service.generated import guard_pb2, guard_pb2_grpc

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torchvision
 
-from semguard.detector.bundle import UntrustedModelCode, build_model, read_bundle
+from semguard.detector.bundle import read_bundle
+from semguard.models.factory import UntrustedModelCode, create_model
 from semguard.detector.calibrate import CalibrationConfig
 from semguard.detector.guard import calibrate_guard
-from semguard.detector.layers import relu_nodes
+from semguard.models.graph import relu_nodes
 from semguard.models.normalize import Normalized
 from semguard.subject.assets import torchvision_convention
 from semguard.subject.core import SubjectSpec, load_subject
@@ -214,7 +215,7 @@ def test_timm_architecture(assets, tmp_path):
     subject = load_subject(spec_of(assets, model="timm/resnet10t", weights=weights), progress=False)
     assert subject.name == "timm/resnet10t" and subject.model_spec.builder == "timm_normalized"
     assert subject.images.transform.interpolation == "bicubic"  # timm's pretrained config, not torchvision's
-    rebuilt = build_model(subject.model_spec)  # what a bundle does before loading model.safetensors
+    rebuilt = create_model(subject.model_spec)  # what a bundle does before loading model.safetensors
     rebuilt.load_state_dict(subject.model.state_dict())
     images = subject.images.load(np.arange(2))
     with torch.no_grad():

@@ -191,7 +191,8 @@ def serve_exit(bundle: Path, *flags: str, cwd: Path) -> tuple[int, str]:
 def test_entry_point_bundle_is_served_only_with_trust_model_code(assets, tmp_path, monkeypatch, capsys):
     """--model-entry pkg.module:factory (+ --weights into it): `detector calibrate` writes a bundle naming the entry
     point; serve refuses it (exit 2, one line naming --trust-model-code) unless --trust-model-code is given."""
-    from semguard.detector.bundle import UntrustedModelCode, read_bundle
+    from semguard.detector.bundle import read_bundle
+    from semguard.models.factory import UntrustedModelCode
 
     (tmp_path / "usermodels.py").write_text(USER_MODELS)
     monkeypatch.chdir(tmp_path)  # the entry point is found from the working directory, as uvicorn finds an app
