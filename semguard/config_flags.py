@@ -10,6 +10,7 @@ Only argparse and the standard library are imported here: `semguard --help` must
 from __future__ import annotations
 
 import argparse
+import importlib
 import dataclasses
 import types
 import typing
@@ -205,3 +206,14 @@ def defer_arguments(parser: argparse.ArgumentParser, add: Callable[[argparse.Arg
         parser._deferred.append(add)
     else:
         add(parser)
+
+
+def defer_config_flags(parser: argparse.ArgumentParser, config: str,
+                       flags: Sequence[Flag] | Callable[[], Sequence[Flag]]) -> None:
+    """The flags of the config dataclass `config` ("package.module:Class", imported on the parser's first
+    use: it may import torch), from `flags` (or a function returning them, for tables built on import)."""
+    def add(p: argparse.ArgumentParser) -> None:
+        module, _, name = config.partition(":")
+        add_config_flags(p, getattr(importlib.import_module(module), name), flags() if callable(flags) else flags)
+
+    defer_arguments(parser, add)

@@ -53,12 +53,15 @@ BOOL_KEYS = ("trust_pickled_vectors", "phrase_mean")
 KNOWN_KEYS = (*FLAG_KEYS, *BOOL_KEYS, *TOML_ONLY)
 
 
-def add_subject_flags(parser: argparse.ArgumentParser) -> None:
-    """--subject FILE and one flag per subject key; none given = the embedded world."""
+def add_subject_flags(parser: argparse.ArgumentParser, without: tuple[str, ...] = ()) -> None:
+    """--subject FILE and one flag per subject key; none given = the embedded world. `without`: keys whose flag
+    the command spends on something else (attack query's --model names the served model); a TOML still sets them."""
     group = parser.add_argument_group("subject (default: the embedded world)")
     group.add_argument("--subject", type=Path, default=None, metavar="FILE",
                        help="TOML file with the keys below (underscores: model_entry, input_size); flags override it")
     for key, (kind, help_text) in FLAG_KEYS.items():
+        if key in without:
+            continue
         group.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=help_text)
     group.add_argument("--trust-pickled-vectors", dest="trust_pickled_vectors", action="store_true", default=None,
                        help="allow a gensim pickled .kv vectors file (unpickling runs code: only files you made)")

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
+from semguard.config_flags import Flag, add_world_cache_flag, config_from_flags, defer_config_flags
 
 
 
@@ -118,14 +118,8 @@ def add_two_vs_two_command(analyze_commands: argparse._SubParsersAction) -> None
     p.add_argument("--out", type=Path, required=True, help="output directory")
     add_subject_flags(p)
     add_world_cache_flag(p, "the embedded world's cache (when no subject asset is given)")
-    defer_arguments(p, _add_two_vs_two_flags)
+    defer_config_flags(p, "semguard.analysis.subject_two_vs_two:TwoVsTwoConfig", TWO_VS_TWO_FLAGS)
     p.set_defaults(func=run_two_vs_two_command)
-
-
-def _add_two_vs_two_flags(p: argparse.ArgumentParser) -> None:
-    from semguard.analysis.subject_two_vs_two import TwoVsTwoConfig
-
-    add_config_flags(p, TwoVsTwoConfig, TWO_VS_TWO_FLAGS)
 
 
 def run_two_vs_two_command(args: argparse.Namespace) -> int:

@@ -13,12 +13,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
+from semguard.config_flags import Flag, add_world_cache_flag, config_from_flags, defer_config_flags
 from semguard.subject.flags import add_subject_flags, subject_spec_from_args
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from semguard.attacks.generate import GenerateParams
-    from semguard.subject.core import SubjectSpec
+    from semguard.subject.core import Subject, SubjectSpec
 
 
 def generate_flags() -> tuple[Flag, ...]:
@@ -41,12 +43,6 @@ def generate_flags() -> tuple[Flag, ...]:
     )
 
 
-def _add_generate_flags(p: argparse.ArgumentParser) -> None:
-    from semguard.attacks.generate import GenerateParams
-
-    add_config_flags(p, GenerateParams, generate_flags())
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """`semguard attack generate|analyze|query`."""
     attack = subparsers.add_parser("attack", help="build and analyse adversarial attack sets")
@@ -61,7 +57,7 @@ def _add_generate_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="attack-set directory (resumed when it exists)")
     add_world_cache_flag(p, "embedded world cache: its model, test images and word vectors are attacked")
     add_subject_flags(p)
-    defer_arguments(p, _add_generate_flags)
+    defer_config_flags(p, "semguard.attacks.generate:GenerateParams", generate_flags)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
@@ -93,32 +89,27 @@ def query_flags() -> tuple[Flag, ...]:
 
 def _add_query_command(commands: argparse._SubParsersAction) -> None:
     """`attack query`: a black-box attack through a live endpoint (attacks/query.py)."""
-    # conflict_handler: --model names the served model here; a subject's own model comes from --subject FILE
     p = commands.add_parser("query", help="black-box query attack (HopSkipJump, Square, ...) through a live OIP "
-                            "endpoint, e.g. `semguard serve`", conflict_handler="resolve")
+                            "endpoint, e.g. `semguard serve`")
     add_world_cache_flag(p, "embedded world cache: its test images are attacked")
-    add_subject_flags(p)
+    add_subject_flags(p, without=("model",))  # --model names the served model; a subject's own: --subject FILE
     p.add_argument("--address", required=True, help="HOST:PORT of the OIP v2 gRPC endpoint")
     p.add_argument("--model", dest="served_model", required=True, help="model name on the endpoint")
     p.add_argument("--out", type=Path, required=True, help="results directory (resumed when it exists)")
-    defer_arguments(p, _add_query_flags)
+    defer_config_flags(p, "semguard.attacks.query:QueryAttackParams", query_flags)
     p.set_defaults(func=run_query)
-
-
-def _add_query_flags(p: argparse.ArgumentParser) -> None:
-    from semguard.attacks.query import QueryAttackParams
-
-    add_config_flags(p, QueryAttackParams, query_flags())
 
 
 def run_query(args: argparse.Namespace) -> int:
     from semguard.attacks.query import (Endpoint, QueryAttackParams, plan_from_model, plan_images,
                                         run_query_attacks, summary_line)
+    from semguard.subject.core import load_subject
 
     try:
         params = config_from_flags(args, QueryAttackParams(), query_flags())
         spec = subject_spec_from_args(args, world_cache=args.world_cache)
-        model, images, labels, _, _, _ = subject_inputs(spec)
+        subject = load_subject(spec)
+        model, images, labels = subject.model, subject.images, subject.images.labels
         plan = plan_from_model(model, images, labels, params)
         inits = {i: x for i, x in zip(plan.inits, plan_images(images, [i for i in plan.inits if i >= 0]))}
         endpoint = Endpoint(args.address, args.served_model, params.client_header)
@@ -158,45 +149,42 @@ def checked_subject_record(out_dir: Path, spec: SubjectSpec) -> dict | None:
     return resumed_subject_record(existing, spec, f"out_dir {out_dir}")
 
 
-def subject_inputs(spec: SubjectSpec, progress: bool = True):
-    """(model, images (an ImageSet), labels, class names, word vectors (C, d) with NaN rows for classes
-    without one: attacks.generate makes them neither source nor target), and the subject's header."""
+def attack_vectors(subject: Subject) -> np.ndarray:
+    """The subject's word vectors (C, d) float64 with NaN rows for classes without one: attacks.generate makes
+    those neither source nor target."""
     import numpy as np
 
-    from semguard.subject.core import load_subject
-    from semguard.subject.header import subject_header
-
-    subject = load_subject(spec, progress)
     vectors = np.asarray(subject.word_vectors, np.float64).copy()
     vectors[~subject.matched] = np.nan
-    return subject.model, subject.images, subject.images.labels, list(subject.classes), vectors, subject_header(subject)
+    return vectors
 
 
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from semguard.attacks.generate import generate_attack_set
+    from semguard.subject.core import load_subject
+    from semguard.subject.header import render_subject_header, subject_header
 
     params = params_from_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         spec = subject_spec_from_args(args, world_cache=args.world_cache)
         record = checked_subject_record(args.out, spec)  # a resumed set names the same subject
-        model, images, labels, names, vectors, header = subject_inputs(spec, not args.quiet)
+        subject = load_subject(spec, not args.quiet)
+        inputs = (subject.model, subject.images, subject.images.labels, list(subject.classes), attack_vectors(subject))
         if args.ray is None:
-            result = generate_attack_set(model, images, labels, names, vectors, args.out, params, device=device,
-                                         progress=not args.quiet, subject=record)
+            result = generate_attack_set(*inputs, args.out, params, device=device, progress=not args.quiet,
+                                         subject=record)
         else:  # the only place that imports ray
             from semguard.attacks.distributed import RayParams, generate_attack_set_ray
 
-            result = generate_attack_set_ray(model, images, labels, names, vectors, args.out, params,
+            result = generate_attack_set_ray(*inputs, args.out, params,
                                              RayParams(address=args.ray, actors=args.ray_actors), device=device,
                                              progress=not args.quiet, subject=record)
     except ValueError as err:
         raise SystemExit(f"semguard attack generate: {err}") from None
-    from semguard.subject.header import render_subject_header
-
-    print("\n".join(render_subject_header(header)))  # accuracy: `attack analyze` measures it
+    print("\n".join(render_subject_header(subject_header(subject))))  # accuracy: `attack analyze` measures it
     print(f"{result.out_dir}: {result.n_success}/{result.n_examples} attacks succeeded "
           f"({len(result.computed)} shards computed, {len(result.skipped)} already done)")
     return 0

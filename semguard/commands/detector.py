@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
+from semguard.config_flags import Flag, add_world_cache_flag, config_from_flags, defer_config_flags
 from semguard.subject.flags import add_subject_flags, subject_spec_from_args
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--world-seed", type=int, default=0,
                        help="embedded world to use: 0 is the default world; the shipped design was chosen on 1 and 2 "
                             "(default: %(default)s)")
-        defer_arguments(p, _add_detector_flags)
+        defer_config_flags(p, "semguard.evaluation.detector_eval:DetectorEvalConfig", detector_flags)
         add_subject_flags(p)
         p.add_argument("--max-images", type=int, default=None, metavar="N",
                        help="at most N clean images (stratified over the classes with a word vector; default: what "
@@ -97,12 +97,6 @@ def detector_flags() -> tuple[Flag, ...]:
         Flag("--seed", "seed", "seed of the clean split and of the calibration"),
         Flag("--quiet", "progress", "no progress bars"),
     )
-
-
-def _add_detector_flags(p: argparse.ArgumentParser) -> None:
-    from semguard.evaluation.detector_eval import DetectorEvalConfig
-
-    add_config_flags(p, DetectorEvalConfig, detector_flags())
 
 
 def _config(args: argparse.Namespace) -> DetectorEvalConfig:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
+from semguard.config_flags import Flag, add_world_cache_flag, config_from_flags, defer_config_flags
 
 # Types and defaults come from QuickstartConfig (imported on first use: it imports the whole method).
 QUICKSTART_FLAGS: tuple[Flag, ...] = (
@@ -32,17 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     add_world_cache_flag(p, "where built worlds (images, vectors, CNN, attack sets) are kept and reused")
-    defer_arguments(p, _add_quickstart_flags)
+    defer_config_flags(p, "semguard.analysis.quickstart:QuickstartConfig", QUICKSTART_FLAGS)
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="extract the 2 vs 2 activations on Ray actors (needs semguard[ray]); ADDRESS: auto, "
                         "ray://HOST:10001, or none to start Ray on this machine")
     p.set_defaults(func=run)
-
-
-def _add_quickstart_flags(p: argparse.ArgumentParser) -> None:
-    from semguard.analysis.quickstart import QuickstartConfig
-
-    add_config_flags(p, QuickstartConfig, QUICKSTART_FLAGS)
 
 
 def quickstart_config(args: argparse.Namespace) -> QuickstartConfig:

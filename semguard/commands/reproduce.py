@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from semguard.commands.analyze import two_vs_two_flags
-from semguard.config_flags import Flag, add_config_flags, add_world_cache_flag, config_from_flags, defer_arguments
+from semguard.config_flags import Flag, add_world_cache_flag, config_from_flags, defer_config_flags
 
 # analysis.reproduce.StudyConfig; a flag given here overrides the file's [study] table.
 STUDY_FLAGS: tuple[Flag, ...] = (
@@ -32,14 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="study TOML: shared subject keys, one [[models]] table per architecture, optional [study]")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     add_world_cache_flag(p, "the embedded world's cache (for a [[models]] table naming no asset)")
-    defer_arguments(p, _add_study_flags)
+    defer_config_flags(p, "semguard.analysis.reproduce:StudyConfig", STUDY_FLAGS)
     p.set_defaults(func=run_reproduce_command)
-
-
-def _add_study_flags(p: argparse.ArgumentParser) -> None:
-    from semguard.analysis.reproduce import StudyConfig
-
-    add_config_flags(p, StudyConfig, STUDY_FLAGS)
 
 
 def run_reproduce_command(args: argparse.Namespace) -> int:

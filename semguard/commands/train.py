@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from semguard.config_flags import (
-    Flag,
-    add_config_flags,
-    add_world_cache_flag,
-    config_from_flags,
-    defer_arguments,
-)
+from semguard.config_flags import Flag, add_world_cache_flag, config_from_flags, defer_config_flags
 
 # Types and defaults come from models.trainer.TrainConfig (imported on first use).
 TRAIN_FLAGS: tuple[Flag, ...] = (
@@ -46,14 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=Path, help="CIFAR-100 binary: train.bin, or the folder holding it (default: the world)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     add_world_cache_flag(p, "the embedded world's cache (its training images are used)")
-    defer_arguments(p, _add_train_flags)
+    defer_config_flags(p, "semguard.models.trainer:TrainConfig", TRAIN_FLAGS)
     p.set_defaults(func=run_train)
-
-
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from semguard.models.trainer import TrainConfig
-
-    add_config_flags(p, TrainConfig, TRAIN_FLAGS)
 
 
 def train_config(args: argparse.Namespace):

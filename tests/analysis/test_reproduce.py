@@ -253,7 +253,7 @@ def fit_head(assets, world_cache) -> None:
 def test_the_study_on_real_format_assets(tmp_path):
     """A [[models]] table naming a torchvision model, weights file, ImageNet-style folder, labels file and
     word2vec binary (tests/subject/fixtures.py): the same stages through the real-asset loaders."""
-    from tests.subject.fixtures import write_subject_assets
+    from tests.subject.fixtures import SMALL_STUDY, write_subject_assets
 
     assets = write_subject_assets(tmp_path / "assets", per_class=6)
     fit_head(assets, tmp_path / ".semguard" / "world")
@@ -268,17 +268,7 @@ resize = 72
 [[models]]
 model = "resnet18"
 weights = "weights/{assets.weights.name}"
-
-[study]
-reference_size = 4
-[study.two_vs_two]
-n_permutations = 10
-device = "cpu"
-[study.attack]
-n_sources = 2
-targets_per_source = 2
-iterations = 3
-""")
+""" + SMALL_STUDY.format(image_sets=5))
     out = tmp_path / "out"
     summary = reproduce(study, out, "--world-cache", str(tmp_path / ".semguard" / "world"))
     m = summary["models"]["resnet18"]

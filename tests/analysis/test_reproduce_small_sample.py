@@ -6,7 +6,7 @@ import json
 import pytest
 
 from semguard.cli import main
-from tests.subject.fixtures import INPUT_SIZE, RESIZE, write_subject_assets
+from tests.subject.fixtures import INPUT_SIZE, RESIZE, SMALL_STUDY, write_subject_assets
 
 STUDY = """
 images = "val"
@@ -19,20 +19,7 @@ model = "resnet18"
 weights = "weights/resnet18-6cls.pth"
 input_size = {input_size}
 resize = {resize}
-
-[study]
-reference_size = 4
-
-[study.two_vs_two]
-image_sets = {image_sets}
-n_permutations = 10
-device = "cpu"
-
-[study.attack]
-n_sources = 2
-targets_per_source = 2
-iterations = 3
-"""
+""" + SMALL_STUDY
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,19 @@ UNMATCHED = "tiger shark"
 SUFFIXES = (".JPEG", ".png", ".jpg", ".PNG")  # ImageNet's upper-case JPEG among the usual ones
 INPUT_SIZE, RESIZE = 64, 72
 DIM = 16
+# The [study] tables of a study small enough for a test (`semguard reproduce`): format with image_sets.
+SMALL_STUDY = """
+[study]
+reference_size = 4
+[study.two_vs_two]
+image_sets = {image_sets}
+n_permutations = 10
+device = "cpu"
+[study.attack]
+n_sources = 2
+targets_per_source = 2
+iterations = 3
+"""
 
 
 class SubjectAssets(NamedTuple):
