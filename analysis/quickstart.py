@@ -15,18 +15,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from semguard.evaluation.adaptive_eval import QUICKSTART_ADAPTIVE
 from semguard.analysis.attack_analysis import analyze_attacks
-from semguard.evaluation.detector_eval import DetectorEvalConfig, evaluate_subject_detector
-from semguard.analysis.figures import plot_by_layer
 from semguard.analysis.report import render_report
-from semguard.files import write_json_atomic
-from semguard.analysis.two_vs_two import activations_by_set, image_set_indices, two_vs_two_by_layer
+from semguard.analysis.subject_two_vs_two import TwoVsTwoConfig, run_two_vs_two
 from semguard.attacks.generate import GenerateParams, generate_attack_set
 from semguard.attacks.store import load_attack_set
-from semguard.detector.layers import LayerTap
-from semguard.models.presets import preset_layers
-from semguard.models.inputs import as_model_input, predict
+from semguard.evaluation.adaptive_eval import QUICKSTART_ADAPTIVE
+from semguard.evaluation.detector_eval import DetectorEvalConfig, evaluate_subject_detector
+from semguard.files import write_json_atomic
+from semguard.models.inputs import predict
 from semguard.subject.core import SubjectSpec, world_subject
 from semguard.world import WorldSettings
 from semguard.world.inputs import DEFAULT_CACHE_DIR, WorldInputs, load_world_inputs
@@ -54,7 +51,7 @@ class QuickstartConfig:
     # OpenMP threads stalled the permutation tests 45x (2 threads vs 1, measured here).
     torch_threads: int = 1
     progress: bool = True
-    ray: str | None = None  # Ray address for the 2 vs 2 activations ("local" starts Ray here); None: in process
+    ray: str | None = None  # Ray address for the attack set's shards ("local" starts Ray here); None: in process
 
 
 # Each stage's seconds in a first run on a 2-core machine (BENCHMARKS.md, Quickstart): the overall
@@ -98,15 +95,6 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def layer_activations(tap: LayerTap, images: np.ndarray) -> dict[str, np.ndarray]:
-    """layer -> (n, k) float32 for a small batch of uint8 images, pixels first."""
-    with torch.no_grad():
-        result = tap(as_model_input(images))
-    acts = {"pixels": images.reshape(len(images), -1).astype(np.float32)}
-    acts.update({name: a.numpy() for name, a in result.acts.items()})
-    return acts
-
-
 def run_quickstart(config: QuickstartConfig) -> dict:
     """Build or reuse the world, run every analysis, write summary.json, figures and report.md."""
     threads = torch.get_num_threads()
@@ -124,13 +112,14 @@ def _run_quickstart(config: QuickstartConfig) -> dict:
     torch.manual_seed(config.seed)
     with timer.stage("world"):
         inputs = load_world_inputs(config.world, config.cache_dir, progress=config.progress)
-    world, model, vectors = inputs.world, inputs.model, inputs.word_vectors
-    tap = LayerTap(model, preset_layers("worldnet"))
+    world, model = inputs.world, inputs.model
+    subject = world_subject(SubjectSpec(world_cache=Path(config.cache_dir), world_seed=config.world.seed),
+                            inputs=inputs)
     with timer.stage("test_accuracy"):
         test_pred = predict(model, world.test_images, config.batch_size)
         test_accuracy = float(np.mean(test_pred == world.test_labels))
     with timer.stage("two_vs_two"):
-        two_vs_two = two_vs_two_stage(tap, world, vectors, out, config)
+        two_vs_two = two_vs_two_stage(subject, out, config)
     summary = {
         "world": {
             "classes": list(world.classes),
@@ -143,11 +132,8 @@ def _run_quickstart(config: QuickstartConfig) -> dict:
     # Attack sets live beside the world they attack, keyed by their parameters, so reruns reuse them.
     attack_dir = world.root / f"attacks-{settings_key(asdict(config.attack))}"
     with timer.stage("attacks"):
-        generate_attack_set(model, world.test_images, world.test_labels, list(world.classes), vectors,
-                            attack_dir, config.attack, progress=config.progress)
+        attack_stage(inputs, attack_dir, config)
     with timer.stage("one_vs_two"):
-        subject = world_subject(SubjectSpec(world_cache=Path(config.cache_dir), world_seed=config.world.seed),
-                                inputs=inputs)
         analysis = analyze_attacks(subject, load_attack_set(attack_dir), out, config.reference_size,
                                    config.n_permutations, config.seed)
         summary.update({k: v for k, v in analysis.items() if k != "subject"})  # summary.json has "world"
@@ -160,37 +146,32 @@ def _run_quickstart(config: QuickstartConfig) -> dict:
     return summary
 
 
-def two_vs_two_stage(tap: LayerTap, world, vectors: np.ndarray, out: Path, config: QuickstartConfig) -> dict:
-    """2 vs 2 of raw pixels and of every tapped layer (paper Figure 1): summary section and figure."""
-    sets = image_set_indices(world.test_labels, len(world.classes), config.image_sets)
-    if config.ray is None:
-        set_acts = activations_by_set(world.test_images, sets, lambda imgs: layer_activations(tap, imgs))
-    else:
-        from semguard.analysis.distributed import activations_by_set_ray
-        from semguard.attacks.distributed import RayParams
+# The quickstart's summary.json "two_vs_two" keys (two_vs_two.json, beside it, holds the whole record).
+TWO_VS_TWO_KEYS = ("layers", "accuracy", "spread", "p_value", "p_bhy", "pixels", "pixels_p_value", "image_sets",
+                   "n_permutations")
 
-        # the world's tensors are small: CPU actors (a GPU each would only be reserved, not used)
-        set_acts = activations_by_set_ray(tap.model, tap.layers, world.test_images, sets,
-                                          RayParams(config.ray, gpus_per_actor=0))
-    pixel_acts = [{"pixels": acts.pop("pixels")} for acts in set_acts]
-    run = dict(word_vectors=vectors, n_permutations=config.n_permutations, seed=config.seed)
-    pixels = two_vs_two_by_layer(pixel_acts, progress=False, **run)
-    scores = two_vs_two_by_layer(set_acts, progress=config.progress, **run)
-    plot_by_layer(
-        out / "two_vs_two_by_layer.png",
-        ["pixels", *scores.layers],
-        {"world CNN": np.concatenate([pixels.accuracy, scores.accuracy])},
-        significant={"world CNN": np.concatenate([pixels.p_value < 0.05, scores.significant()])},
-        errors={"world CNN": np.concatenate([pixels.spread, scores.spread])},
-        title=f"2 vs 2 by layer, embedded world ({len(world.classes)} concepts, {config.image_sets} image sets)",
-    )
-    return {
-        **scores.as_json(),
-        "pixels": float(pixels.accuracy[0]),
-        "pixels_p_value": float(pixels.p_value[0]),
-        "image_sets": config.image_sets,
-        "n_permutations": config.n_permutations,
-    }
+
+def two_vs_two_stage(subject, out: Path, config: QuickstartConfig) -> dict:
+    """2 vs 2 of raw pixels and every tapped layer (paper Figure 1) through the pipeline every subject takes
+    (two_vs_two.json, layers/ to resume from, two_vs_two_by_layer.png in `out`): summary.json's section."""
+    figure1 = TwoVsTwoConfig(image_sets=config.image_sets, n_permutations=config.n_permutations, seed=config.seed,
+                             progress=config.progress, device="cpu")  # the world's tensors are small
+    result = run_two_vs_two(subject, out, figure1)
+    return {key: result[key] for key in TWO_VS_TWO_KEYS}
+
+
+def attack_stage(inputs: WorldInputs, attack_dir: Path, config: QuickstartConfig) -> None:
+    """The targeted MI-FGSM set of the world's test images, in process or on Ray actors (config.ray)."""
+    world = inputs.world
+    args = (inputs.model, world.test_images, world.test_labels, list(world.classes), inputs.word_vectors, attack_dir,
+            config.attack)
+    if config.ray is None:
+        generate_attack_set(*args, progress=config.progress)
+    else:  # the only place the quickstart imports ray
+        from semguard.attacks.distributed import RayParams, generate_attack_set_ray
+
+        # CPU actors: the world's tensors are small (a GPU each would only be reserved, not used)
+        generate_attack_set_ray(*args, RayParams(config.ray, gpus_per_actor=0), progress=config.progress)
 
 
 # The code the detector stage's results depend on: a cached evaluation is reused only while it is unchanged.

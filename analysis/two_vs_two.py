@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -74,10 +74,3 @@ def two_vs_two_by_layer(
         p_value.append(result.p_value)
     p = np.asarray(p_value)
     return LayerScores(layers, np.asarray(accuracy), np.asarray(spread), p, bhy(p))
-
-
-def activations_by_set(
-    images: np.ndarray, sets: np.ndarray, extract: Callable[[np.ndarray], dict[str, np.ndarray]]
-) -> list[dict[str, np.ndarray]]:
-    """Run `extract` on each image set: images (N, ...), sets (S, w) -> S dicts layer -> (w, k)."""
-    return [extract(images[idx]) for idx in sets]

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_world_cache_flag(p, "where built worlds (images, vectors, CNN, attack sets) are kept and reused")
     defer_config_flags(p, "semguard.analysis.quickstart:QuickstartConfig", QUICKSTART_FLAGS)
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="extract the 2 vs 2 activations on Ray actors (needs semguard[ray]); ADDRESS: auto, "
+                   help="generate the attack set on Ray actors (needs semguard[ray]); ADDRESS: auto, "
                         "ray://HOST:10001, or none to start Ray on this machine")
     p.set_defaults(func=run)
 

@@ -3,7 +3,6 @@ paper's definition, under memory budgets that force several passes, blocked corr
 disk spill; a killed run resumes; on a world-like subject it equals the quickstart's 2 vs 2 stage."""
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -221,10 +220,13 @@ def test_choose_image_sets_takes_the_first_images_and_needs_three_classes():
         choose_image_sets(labels, np.ones(3, bool), 0)
 
 
-def test_on_a_world_like_subject_it_equals_the_quickstart_stage(tmp_path):
-    from semguard.models.worldnet import worldnet_spec
-    from semguard.analysis.quickstart import QuickstartConfig, two_vs_two_stage
-    from semguard.models.worldnet import WorldNet, WorldNetConfig, worldnet_layers
+def test_the_quickstart_stage_is_this_pipeline_and_equals_the_in_memory_statistics(tmp_path):
+    """The quickstart's 2 vs 2 is run_two_vs_two on the world subject (its summary section a projection of
+    two_vs_two.json), and equals analysis.two_vs_two's statistics on every set's activations held at once."""
+    from semguard.analysis.quickstart import TWO_VS_TWO_KEYS, QuickstartConfig, two_vs_two_stage
+    from semguard.analysis.two_vs_two import image_set_indices, two_vs_two_by_layer
+    from semguard.models.inputs import as_model_input
+    from semguard.models.worldnet import WorldNet, WorldNetConfig, worldnet_layers, worldnet_spec
 
     torch.manual_seed(0)
     model = WorldNet(WorldNetConfig(num_classes=6, widths=(8, 8, 16), blocks=(1, 1, 1))).eval()
@@ -233,20 +235,25 @@ def test_on_a_world_like_subject_it_equals_the_quickstart_stage(tmp_path):
     images = rng.integers(0, 256, (len(labels), 16, 16, 3), dtype=np.uint8)
     vectors = rng.normal(size=(6, 8)).astype(np.float32)
     layers = [i.name for i in worldnet_layers(model.config)]
-    world = SimpleNamespace(test_images=images, test_labels=labels, classes=[f"c{i}" for i in range(6)])
-    quick = two_vs_two_stage(LayerTap(model, layers), world, vectors, tmp_path / "quick",
-                             QuickstartConfig(out=tmp_path / "quick", image_sets=3, n_permutations=30, seed=1,
-                                              progress=False))
-    subject = Subject("worldnet", model, worldnet_spec(model), layers, world.classes, vectors, np.ones(6, bool),
-                      ArrayImages(images, labels), SubjectSpec())
-    ours = run_two_vs_two(subject, tmp_path / "ours", TwoVsTwoConfig(image_sets=3, n_permutations=30, seed=1,
-                                                                     device="cpu", progress=False))
-    assert ours["layers"] == quick["layers"]
-    np.testing.assert_allclose(ours["accuracy"], quick["accuracy"], atol=1e-12)
-    np.testing.assert_allclose(ours["spread"], quick["spread"], atol=1e-12)
-    assert ours["p_value"] == quick["p_value"] and ours["p_bhy"] == pytest.approx(quick["p_bhy"])
-    assert ours["pixels"] == pytest.approx(quick["pixels"], abs=1e-12)
-    assert ours["pixels_p_value"] == quick["pixels_p_value"]
+    subject = Subject("worldnet", model, worldnet_spec(model), layers, [f"c{i}" for i in range(6)], vectors,
+                      np.ones(6, bool), ArrayImages(images, labels), SubjectSpec())
+    quick = two_vs_two_stage(subject, tmp_path / "quick", QuickstartConfig(out=tmp_path / "quick", image_sets=3,
+                                                                           n_permutations=30, seed=1, progress=False))
+    record = json.loads((tmp_path / "quick" / "two_vs_two.json").read_text())
+    assert list(quick) == list(TWO_VS_TWO_KEYS) and all(quick[k] == record[k] for k in quick)
+
+    sets = image_set_indices(labels, 6, 3)  # (S, w): set s holds the s-th image of each class
+    tap = LayerTap(model, layers)
+    with torch.no_grad():
+        acts = [{k: v.numpy() for k, v in tap(as_model_input(images[idx])).acts.items()} for idx in sets]
+    pixels = [{"pixels": images[idx].reshape(len(idx), -1).astype(np.float32)} for idx in sets]
+    ref, ref_pixels = (two_vs_two_by_layer(a, vectors, 30, 1, progress=False) for a in (acts, pixels))
+    assert quick["layers"] == ref.layers
+    np.testing.assert_allclose(quick["accuracy"], ref.accuracy, atol=1e-12)
+    np.testing.assert_allclose(quick["spread"], ref.spread, atol=1e-12)
+    assert quick["p_value"] == ref.p_value.tolist() and quick["p_bhy"] == pytest.approx(ref.p_bhy.tolist())
+    assert quick["pixels"] == pytest.approx(ref_pixels.accuracy[0], abs=1e-12)
+    assert quick["pixels_p_value"] == ref_pixels.p_value[0]
 
 
 def test_the_header_gives_the_accuracy_on_the_set_images_and_a_resumed_run_keeps_it(subject, tmp_path):
