@@ -255,7 +255,8 @@ def bench_bundles(dirs: list[Path], repeats: int, trust_model_code: bool) -> lis
         bank = guard.bundle.bank
         mode = "fast" if any(bank.reduction(n).kind != "exact" for n in bank.layers) else "exact"
         k = len(bank.concepts)
-        title = f"{guard.info.model_name} (trained bundle {d.name}, K = {k})"
+        name = d.parent.name if d.name == "bundle" else d.name  # evaluate writes <run>/bundle
+        title = f"{guard.info.model_name} (trained bundle {name}, K = {k})"
         print(f"  {title}: {mode}, {len(bank.layers)} layers, flagger {guard.info.flagger_method}")
         rows += bench_guard(title, mode, guard, repeats)
         by_model.setdefault(guard.info.model_name, {})[mode] = guard

@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("fast", "exact"), default="fast")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rows", type=int, default=12, help="operators listed per stage")
+    parser.add_argument("--calls", type=int, default=1, help="profiled calls; times are per call (sum / calls)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--bundle", default=None, help="profile this bundle instead (--model, --mode ignored)")
     parser.add_argument("--trust-model-code", action="store_true", help="allow --bundle's entry-point model code")
@@ -57,17 +58,18 @@ def profile_guard(guard: Guard, args: argparse.Namespace) -> None:
     x = torch.rand(args.batch, *guard.info.input_shape, generator=torch.Generator().manual_seed(1))
     guard.inspect_arrays(x)  # warm-up: lazy caches
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        out = guard.inspect_arrays(x)
+        for _ in range(args.calls):  # more than one call: a shared machine's preemptions average out
+            out = guard.inspect_arrays(x)
     what = args.bundle or f"{args.model} {args.mode}"
     print(f"{what} batch {args.batch}, torch threads {torch.get_num_threads()}; stage seconds "
           f"forward {out.timings.forward_s:.3f} signature {out.timings.signature_s:.3f} flagger {out.timings.flagger_s:.3f}")
     for stage in ("guard.forward", "guard.signature", "guard.density", "guard.flagger"):
         events = [e for e in prof.events() if _inside(e, stage)]
-        total = sum(e.self_cpu_time_total for e in events)
+        total = sum(e.self_cpu_time_total for e in events) / args.calls
         by_name: dict[str, float] = {}
         for e in events:
-            by_name[e.name] = by_name.get(e.name, 0.0) + e.self_cpu_time_total
-        print(f"\n{stage}: {total / 1e3:.1f} ms self time")
+            by_name[e.name] = by_name.get(e.name, 0.0) + e.self_cpu_time_total / args.calls
+        print(f"\n{stage}: {total / 1e3:.1f} ms self time per call ({args.calls} calls)")
         for name, t in sorted(by_name.items(), key=lambda kv: -kv[1])[: args.rows]:
             print(f"  {t / 1e3:9.2f} ms  {100 * t / max(total, 1e-9):5.1f}%  {name}")
 
