@@ -49,7 +49,7 @@ from scipy.stats import spearmanr
 
 from semguard.evaluation.detector_eval import DetectorEvalConfig
 from semguard.config_flags import add_world_cache_flag
-from semguard.detector.bundle import Bundle, BundleManifest, ModelSpec, read_bundle
+from semguard.detector.bundle import Bundle, BundleManifest, ModelSpec
 from semguard.detector.calibrate import CalibrationConfig, bank_reductions, density_reductions, guard_features, layer_shapes
 from semguard.detector.flagger import feature_names, fit_flagger
 from semguard.detector.guard import Guard
@@ -249,6 +249,8 @@ def agreement_row(title: str, guards: dict[str, Guard], what: str) -> str:
 
 def bench_bundles(dirs: list[Path], repeats: int, trust_model_code: bool) -> list[str]:
     """Trained bundles as written: each timed on random images; an exact and a fast one of one model compared."""
+    from semguard.detector.bundle import read_bundle
+
     rows, by_model = [], {}
     for d in dirs:
         guard = Guard(read_bundle(d, trust_model_code=trust_model_code))
