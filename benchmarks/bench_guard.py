@@ -85,7 +85,7 @@ def lite0_classifier(weights: Path) -> tuple[torch.nn.Module, list[str]]:
     activation outputs (33 ReLU6) as layers."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    from semguard.detector.layers import activation_nodes
+    from semguard.models.graph import activation_nodes
     from semguard.models.normalize import Normalized
 
     inner = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
