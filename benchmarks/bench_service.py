@@ -228,16 +228,24 @@ def upstream_comparison(args: argparse.Namespace) -> None:
     print(f"machine: {machine()}; upstream: {'KServe model server' if args.kserve_python else 'semguard'}; "
           f"1 image 3x32x32 FP32 per request, loopback, annotate policy (overlapped passes), "
           f"batching delay {args.delay_ms:g} ms")
-    print(f"{'clients':>7s} {'mode':20s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s} {'errors':>7s}")
-    for clients, results in rows.items():
-        for name, r in results.items():
-            print(f"{clients:7d} {name:20s} {r.percentile(50):8.2f} {r.percentile(99):8.2f} {r.throughput:8.1f} "
-                  f"{r.errors:7d}")
+    for clients, results in load_table(rows):
         both, up, guard = results["guard + upstream"], results["upstream alone"], results["guard alone"]
         print(f"{clients:7d} p50 ratios: guard+upstream / upstream {both.percentile(50) / up.percentile(50):.2f}x, "
               f"/ guard {both.percentile(50) / guard.percentile(50):.2f}x, "
               f"/ (upstream + guard) {both.percentile(50) / (up.percentile(50) + guard.percentile(50)):.2f}x, "
               f"/ itself at delay 0 {both.percentile(50) / results['guard + up, delay 0'].percentile(50):.2f}x")
+
+
+def load_table(rows: dict[int, dict[str, LoadResult]]):
+    """Print one line per (clients, mode) under a header; yields (clients, results) after each clients' lines
+    so the caller can print its ratios there."""
+    width = max(len(name) for results in rows.values() for name in results)
+    print(f"{'clients':>7s} {'mode':{width}s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}")
+    for clients, results in rows.items():
+        for name, r in results.items():
+            print(f"{clients:7d} {name:{width}s} {r.throughput:8.1f} {r.percentile(50):8.2f} {r.percentile(99):8.2f} "
+                  f"{r.errors:7d}")
+        yield clients, results
 
 
 def bare_comparison(args: argparse.Namespace) -> None:
@@ -254,11 +262,7 @@ def bare_comparison(args: argparse.Namespace) -> None:
     print(f"machine: {machine()}; bundle {args.bundle}, 1 image {'x'.join(map(str, shape))} FP32 per request, "
           f"loopback, max_batch_size {args.max_batch_size}, batching delay {args.delay_ms:g} ms, "
           f"server torch threads {args.torch_threads or 'default'}")
-    print(f"{'clients':>7s} {'mode':14s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}")
-    for clients, results in rows.items():
-        for name, r in results.items():
-            print(f"{clients:7d} {name:14s} {r.throughput:8.1f} {r.percentile(50):8.2f} {r.percentile(99):8.2f} "
-                  f"{r.errors:7d}")
+    for clients, results in load_table(rows):
         g, b = results["guard + model"], results["bare model"]
         print(f"{clients:7d} guard / bare: p50 {g.percentile(50) / b.percentile(50):.2f}x, "
               f"p99 {g.percentile(99) / b.percentile(99):.2f}x, throughput {g.throughput / b.throughput:.2f}x")
