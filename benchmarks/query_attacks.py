@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from semguard.analysis.adaptive_eval import wilson_interval
+from semguard.evaluation.adaptive_eval import wilson_interval
 from semguard.attacks.query import (QUERY_ATTACKS, Endpoint, QueryAttackParams, plan_from_model, plan_images,
                                     run_query_attacks)
 from semguard.config_flags import add_world_cache_flag
@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", default=",".join(f"{a}{'+t' if t else ''}" for a, t in RUNS),
                    help="comma list; NAME+t = targeted")
     p.add_argument("--benign-clients", type=int, default=100, help="clients per benign stream (20 queries each)")
-    p.add_argument("--memory-queries", type=int, default=50_000, help="queries remembered for the cost figures")
+    p.add_argument("--cost-queries", default="100000,1000000", help="comma list: queries remembered for the cost "
+                   "figures (time per check, memory per query)")
     p.add_argument("--sections", default="benign,cost,latency,attacks,adaptive", help="comma list of what to run")
     p.add_argument("--out", default="runs/query_attacks/query_attacks.json")
     return p
@@ -178,31 +179,30 @@ def benign_rates(images: np.ndarray, clients: int, config: QueryDefenceConfig) -
     return out
 
 
-def cost(images: np.ndarray, n: int) -> dict:
-    """Per-image check time (p50/p99 over n distinct queries, 1000 clients) and, in a second pass with
-    tracemalloc on, memory per remembered query (index, ring arrays and client states)."""
-    def stream(defence: QueryDefence, timed: list[float] | None) -> None:
-        rng = np.random.default_rng(0)
-        for i in range(n):
-            x = np.clip(images[i % len(images)] + rng.uniform(-0.2, 0.2, images.shape[1:]), 0, 1).astype(np.float32)
-            t0 = time.perf_counter()
-            defence.check(x[None], f"c{i % 1000}")
-            if timed is not None:
-                timed.append(time.perf_counter() - t0)
-
-    config = QueryDefenceConfig(mode="annotate", history=n)
-    times: list[float] = []
-    stream(QueryDefence(config, salt=1), times)
+def cost(images: np.ndarray, remembered: int, timed: int = 2000) -> dict:
+    """A defence remembering `remembered` queries (history = remembered, filled with random fingerprints
+    under tracemalloc: its memory per remembered query), then the check time per image (p50/p99) of
+    `timed` distinct noisy images from 1000 clients."""
+    config = QueryDefenceConfig(mode="annotate", history=remembered)
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     defence = QueryDefence(config, salt=1)
-    stream(defence, None)
+    rng = np.random.default_rng(0)
+    for i in range(remembered):
+        defence.index.add(rng.integers(0, 2**64, config.n_hashes, dtype=np.uint64), i % 1000, i)
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
+    times = []
+    for i in range(timed):
+        x = np.clip(images[i % len(images)] + rng.uniform(-0.2, 0.2, images.shape[1:]), 0, 1).astype(np.float32)
+        t0 = time.perf_counter()
+        defence.check(x[None], f"c{i % 1000}")
+        times.append(time.perf_counter() - t0)
     t = np.array(times) * 1e3
-    return {"queries": n, "check_ms_p50": float(np.percentile(t, 50)), "check_ms_p99": float(np.percentile(t, 99)),
-            "bytes_per_query": used / n, "gib_per_10m_queries": used / n * 1e7 / 2**30,
-            "index_keys": len(defence._postings)}
+    return {"remembered": defence.remembered(), "check_ms_p50": float(np.percentile(t, 50)),
+            "check_ms_p99": float(np.percentile(t, 99)), "index_nbytes": defence.index.nbytes,
+            "bytes_per_query": defence.index.nbytes / remembered, "traced_bytes_per_query": used / remembered,
+            "gib_per_10m_queries": used / remembered * 1e7 / 2**30}
 
 
 def latency(ports: dict, images: np.ndarray, n: int = 400) -> dict:
@@ -264,9 +264,12 @@ def main() -> None:
         print("benign streams (defence defaults):", flush=True)
         report["benign"] = benign_rates(clean, args.benign_clients, QueryDefenceConfig(mode="block"))
     if "cost" in sections:
-        report["cost"] = c = cost(clean, args.memory_queries)
-        print(f"  cost: check p50 {c['check_ms_p50']:.3f} ms p99 {c['check_ms_p99']:.3f} ms; "
-              f"{c['bytes_per_query']:.0f} B/query = {c['gib_per_10m_queries']:.2f} GiB per 10M", flush=True)
+        report["cost"] = []
+        for n in map(int, args.cost_queries.split(",")):
+            report["cost"].append(c := cost(clean, n))
+            print(f"  cost at {n} remembered: check p50 {c['check_ms_p50']:.3f} ms p99 {c['check_ms_p99']:.3f} ms; "
+                  f"arrays {c['bytes_per_query']:.1f} B/query, traced {c['traced_bytes_per_query']:.1f} B/query = "
+                  f"{c['gib_per_10m_queries']:.3f} GiB per 10M", flush=True)
     guard = load_guard(args.bundle)
     servers = {name: create_server(config, guard) for name, config in SERVERS.items()}
     for created in servers.values():
