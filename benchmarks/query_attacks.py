@@ -21,6 +21,7 @@ Writes runs/query_attacks/query_attacks.json and prints the tables (BENCHMARKS.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -37,11 +38,11 @@ import torch
 from PIL import Image
 
 from semguard.evaluation.adaptive_eval import wilson_interval
-from semguard.attacks.query import (QUERY_ATTACKS, Endpoint, QueryAttackParams, plan_from_model, plan_images,
-                                    run_query_attacks)
+from semguard.attacks.query import (QUERY_ATTACKS, Answer, Endpoint, QueryAttackParams, _Oracle, attack_one,
+                                    plan_from_model, plan_images, run_query_attacks)
 from semguard.config_flags import add_world_cache_flag
 from semguard.service.config import QueryDefenceConfig, ServiceConfig
-from semguard.service.query_defence import QueryDefence
+from semguard.service.query_defence import QueryDefence, fingerprints
 from semguard.service.server import create_server, load_guard
 from semguard.world.inputs import load_world_inputs
 
@@ -67,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", default=",".join(f"{a}{'+t' if t else ''}" for a, t in RUNS),
                    help="comma list; NAME+t = targeted")
     p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma list of the attack table's conditions")
+    p.add_argument("--adaptive", default=",".join(ADAPTIVE), help=f"comma list of adaptive attackers: {list(ADAPTIVE)}")
     p.add_argument("--benign-clients", type=int, default=100, help="clients per benign stream (20 queries each)")
     p.add_argument("--cost-queries", default="100000,1000000", help="comma list: queries remembered for the cost "
                    "figures (time per check, memory per query)")
-    p.add_argument("--sections", default="benign,cost,latency,attacks,adaptive", help="comma list of what to run")
+    p.add_argument("--sections", default="benign,progression,cost,latency,attacks,adaptive", help="comma list of what to run")
     p.add_argument("--out", default="runs/query_attacks/query_attacks.json")
     return p
 
@@ -182,6 +184,82 @@ def benign_rates(images: np.ndarray, clients: int, config: QueryDefenceConfig) -
     return out
 
 
+class _LocalEndpoint:
+    """The model in this process as an Endpoint (no guard, no defence): records every query, for replay."""
+
+    def __init__(self, model, n_classes: int):
+        self.model, self.n_classes, self.log = model, n_classes, []
+
+    def ask(self, image: np.ndarray, client_id: str | None = None, scores: bool = False) -> Answer:
+        self.log.append(image.copy())
+        with torch.no_grad():
+            p = torch.softmax(self.model(torch.from_numpy(image[None])), 1)[0].numpy()
+        return Answer(int(p.argmax()), p if scores else None, False, False, False)
+
+
+def _match_pattern(frames: list[np.ndarray], config: QueryDefenceConfig) -> tuple[list[int], list[int]]:
+    """Per frame after the first: how many earlier frames it matches (exact, by fingerprints), and the
+    own overlap with its closest earlier frame."""
+    fps = fingerprints(np.stack(frames), config, salt=1)
+    n, best = [], []
+    for t in range(1, len(fps)):
+        shared = [np.intersect1d(fps[j][-config.n_hashes:], fps[t]).size for j in range(t)]
+        n.append(sum(k >= config.match_threshold for k in shared))
+        best.append(max(shared))
+    return n, best
+
+
+def progression(model, world, clean: np.ndarray, config: QueryDefenceConfig, n: int = 20) -> dict:
+    """How matches progress over a client's first n queries: benign video-like streams (100 clients) vs
+    the attacks (3 images each, recorded through the model in this process, the same queries they send
+    through the service until the defence first answers). Can a rule on the pattern tell them apart?"""
+    out = {}
+    rng = np.random.default_rng(0)
+    video = [_match_pattern(benign_stream("video", clean[rng.choice(len(clean), 20, replace=False)], rng, n), config)
+             for _ in range(100)]
+    out["video"] = video
+    for attack, targeted in RUNS:
+        params = QueryAttackParams(attack=attack, targeted=targeted, max_queries=n, n_images=3, evade_guard=False,
+                                   answers="scores" if attack in SCORES else "label")
+        plan = plan_from_model(model, world.test_images, world.test_labels, params)
+        images = plan_images(world.test_images, plan.indices)
+        runs = []
+        for j in range(3):
+            endpoint = _LocalEndpoint(model, int(model(torch.from_numpy(images[:1])).shape[1]))
+            init = plan_images(world.test_images, [plan.inits[j]])[0] if targeted else None
+            with _never_succeeds():
+                attack_one(endpoint, params, images[j], plan.labels[j], plan.targets[j], init,
+                           np.random.default_rng(j))
+            runs.append(_match_pattern(endpoint.log[:n], config))
+        out[f"{attack}{' targeted' if targeted else ''}"] = runs
+    summary = {}
+    for name, runs in out.items():
+        counts = np.array([c for r in runs for c in r[0]])
+        summary[name] = {"mean_earlier_matched": float(counts.mean()),
+                         "share_matching_2plus_earlier": float((counts >= 2).mean()),
+                         "clients_with_3_frames_matching_2plus": sum(sum(c >= 2 for c in r[0]) >= 3 for r in runs),
+                         "clients": len(runs),
+                         "median_best_overlap_by_query": [float(np.median([r[1][t] for r in runs]))
+                                                          for t in range(n - 1)]}
+        s = summary[name]
+        print(f"  {name:<22} mean earlier queries matched {s['mean_earlier_matched']:.2f}, queries matching >= 2 "
+              f"earlier {s['share_matching_2plus_earlier']:.2f}, clients with >= 3 such "
+              f"{s['clients_with_3_frames_matching_2plus']}/{s['clients']}; median best overlap per query "
+              f"{[int(v) for v in s['median_best_overlap_by_query'][:14]]}", flush=True)
+    return summary
+
+
+@contextlib.contextmanager
+def _never_succeeds():
+    """The oracle never counts an answer adversarial: the attack runs its whole budget (for recording)."""
+    saved = _Oracle._adversarial
+    _Oracle._adversarial = lambda self, a: False
+    try:
+        yield
+    finally:
+        _Oracle._adversarial = saved
+
+
 def cost(images: np.ndarray, remembered: int, timed: int = 2000) -> dict:
     """A defence remembering `remembered` queries (history = remembered, filled with random fingerprints),
     then the check time per image (p50/p99) of `timed` distinct noisy images from 1000 clients. Memory:
@@ -236,15 +314,26 @@ def latency(ports: dict, images: np.ndarray, n: int = 400) -> dict:
     return out
 
 
+ADAPTIVE = {  # name -> (row label, attack, QueryAttackParams fields)
+    "blinding4": ("blinding 4/255", "hopskipjump", {"blinding": 4 / 255}),
+    "blinding16": ("blinding 16/255", "hopskipjump", {"blinding": 16 / 255}),
+    "sybil100": ("sybil 100 ids", "hopskipjump", {"identities": 100}),
+    "sybil1000": ("sybil 1000 ids", "hopskipjump", {"identities": 1000}),
+    "oars": ("oars 10 tries", "hopskipjump", {"oars": 10}),
+    "oars-square": ("oars 10 tries", "square", {"oars": 10}),
+}
+
+
 def adaptive(port: int, server, model, world, args, tmp: Path) -> list[dict]:
-    """HopSkipJump (untargeted, labels) against the query defence alone (it ignores the guard's FLAG, as in the
-    "defence" condition), knowing the defence: blinding, then Sybil identities."""
+    """Attackers that know the defence, against it alone (they ignore the guard's FLAG, as in the "defence"
+    condition): blinding, Sybil identities, OARS-style rejection sampling (attacks/query.py)."""
     rows = []
-    for label, extra in (("blinding 4/255", {"blinding": 4 / 255}), ("blinding 16/255", {"blinding": 16 / 255}),
-                         ("sybil 100 ids", {"identities": 100}), ("sybil 1000 ids", {"identities": 1000})):
+    for name in args.adaptive.split(","):
+        label, attack, extra = ADAPTIVE[name]
         before = server.metrics.query_matches.labels("cross_client")._value.get()
-        params = QueryAttackParams(attack="hopskipjump", max_queries=args.max_queries, n_images=args.images,
-                                   evade_guard=False, client_header=KEY, client_id=f"adaptive-{label}", **extra)
+        params = QueryAttackParams(attack=attack, max_queries=args.max_queries, n_images=args.images,
+                                   answers="scores" if attack in SCORES else "label", evade_guard=False,
+                                   client_header=KEY, client_id=f"adaptive-{name}", **extra)
         row = run_condition(port, model, world, params, "defence", tmp, label)
         row["cross_client_matches"] = server.metrics.query_matches.labels("cross_client")._value.get() - before
         rows.append(row)
@@ -265,6 +354,8 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, shared 2-core machine, torch threads 1; "
           f"{args.images} images per cell, budget {args.max_queries} queries", flush=True)
     sections = set(args.sections.split(","))
+    if unknown := set(args.adaptive.split(",")) - set(ADAPTIVE):
+        raise SystemExit(f"--adaptive: unknown {sorted(unknown)}; known: {list(ADAPTIVE)}")
     if unknown := set(args.conditions.split(",")) - set(CONDITIONS):
         raise SystemExit(f"--conditions: unknown {sorted(unknown)}; known: {list(CONDITIONS)}")
     clean = plan_images(world.test_images, np.arange(min(4000, len(world.test_labels))))
@@ -273,6 +364,9 @@ def main() -> None:
     if "benign" in sections:
         print("benign streams (defence defaults):", flush=True)
         report["benign"] = benign_rates(clean, args.benign_clients, QueryDefenceConfig(mode="block"))
+    if "progression" in sections:
+        print("how matches progress over a client's first 20 queries (defence defaults):", flush=True)
+        report["progression"] = progression(model, world, clean, QueryDefenceConfig(mode="block"))
     if "cost" in sections:
         report["cost"] = []
         for n in map(int, args.cost_queries.split(",")):
