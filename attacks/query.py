@@ -100,7 +100,7 @@ class QueryAttackParams:
     blinding: float = 0.0           # query blinding (Chen et al. 2020): each query + uniform noise in +-blinding
                                     # and a random shift of up to 2 pixels, so no two queries are near-copies
     oars: int = 0                   # OARS-style rejection sampling (Feng et al. 2023): a query the query defence
-                                    # refuses is resampled, up to this many times, with blinding it adapts
+                                    # refuses is resampled, up to this many times, with noise it adapts
 
     def __post_init__(self) -> None:
         if self.attack not in QUERY_ATTACKS:
@@ -205,14 +205,17 @@ class _Oracle:
         self.best: np.ndarray | None = None
         self.best_distortion = np.inf
         self.queries_to_success: int | None = None
-        self.strength = params.blinding  # the blinding OARS adapts: up after a refusal, down after an answer
+        self.strength = 0.0  # the noise OARS adapts: up after a refusal, down after an answer
 
     def _client(self) -> str:
         p = self.params
         return p.client_id if p.identities == 1 else f"{p.client_id}-{self.queries % p.identities}"
 
-    def _send(self, image: np.ndarray) -> tuple[np.ndarray, Answer]:
-        sent = blind(image, self.strength, self.rng) if self.strength else image
+    def _send(self, image: np.ndarray, resampled: bool = False) -> tuple[np.ndarray, Answer]:
+        if resampled:
+            sent = self._resample(image)
+        else:
+            sent = blind(image, self.params.blinding, self.rng) if self.params.blinding else image
         a = self.endpoint.ask(sent, self._client(), scores=self.params.answers == "scores")
         self.queries += 1
         self.refused += a.refused
@@ -223,19 +226,32 @@ class _Oracle:
 
     def _ask(self, image: np.ndarray) -> tuple[np.ndarray, Answer]:
         """One query of the attack; with oars, a query the defence refuses (or QUERY_FLAGs) is resampled with
-        stronger blinding until it passes, oars tries are spent, or the budget is: the attacker learns from the
-        oracle's refusals which transforms slip by, and keeps the weakest that does (Feng et al. 2023)."""
-        sent, a = self._send(image)
+        stronger noise until it passes, oars tries are spent, or the budget is: the attacker learns from the
+        oracle's refusals how much noise slips by, and keeps the least that does (Feng et al. 2023)."""
+        sent, a = self._send(image, resampled=self.strength > 0)
         for _ in range(self.params.oars):
             caught = a.query_flagged or (a.refused and not a.flagged)
             if not caught:
-                self.strength *= 0.9  # answered: try a little less noise next time (it spends the budget)
+                self.strength *= 0.9  # answered: try a little less noise next time
                 break
             if self.queries >= self.params.max_queries:
                 break
             self.strength = min(0.5, max(2 / 255, self.strength * 1.5))
-            sent, a = self._send(image)
+            sent, a = self._send(image, resampled=True)
         return sent, a
+
+    def _resample(self, image: np.ndarray) -> np.ndarray:
+        """OARS's sample: image + uniform noise of the adapted strength, kept within the success radius of the
+        source (or within the image's own distance, when the attack is still farther): the noise never
+        spends the attacker's distortion budget, so a success is still one."""
+        sent = np.clip(image + self.rng.uniform(-self.strength, self.strength, image.shape), 0, 1)
+        radius = max(self.params.radius, distortion(image, self.source, self.params.norm))
+        d = sent.astype(np.float64) - self.source
+        if self.params.norm == "linf":
+            d = np.clip(d, -radius, radius)
+        elif (n := np.linalg.norm(d)) > radius:
+            d *= radius / n
+        return np.clip(self.source + d, 0, 1).astype(np.float32)
 
     def _adversarial(self, a: Answer) -> bool:
         if a.refused or (self.params.evade_guard and a.flagged):

@@ -42,7 +42,7 @@ from semguard.attacks.query import (QUERY_ATTACKS, Answer, Endpoint, QueryAttack
                                     plan_from_model, plan_images, run_query_attacks)
 from semguard.config_flags import add_world_cache_flag
 from semguard.service.config import QueryDefenceConfig, ServiceConfig
-from semguard.service.query_defence import QueryDefence, fingerprints
+from semguard.service.query_defence import QueryDefence, digests, fingerprints
 from semguard.service.server import create_server, load_guard
 from semguard.world.inputs import load_world_inputs
 
@@ -69,12 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list; NAME+t = targeted")
     p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma list of the attack table's conditions")
     p.add_argument("--adaptive", default=",".join(ADAPTIVE), help=f"comma list of adaptive attackers: {list(ADAPTIVE)}")
+    p.add_argument("--defence", default="", help="k=v,... QueryDefenceConfig fields for the offline sections "
+                   "(benign, progression), e.g. n_hashes=50,probe_hashes=50,match_threshold=25 (Blacklight's)")
     p.add_argument("--benign-clients", type=int, default=100, help="clients per benign stream (20 queries each)")
     p.add_argument("--cost-queries", default="100000,1000000", help="comma list: queries remembered for the cost "
                    "figures (time per check, memory per query)")
     p.add_argument("--sections", default="benign,progression,cost,latency,attacks,adaptive", help="comma list of what to run")
     p.add_argument("--out", default="runs/query_attacks/query_attacks.json")
     return p
+
+
+def defence_overrides(text: str) -> dict:
+    """--defence "n_hashes=50,match_threshold=25" -> {"n_hashes": 50, "match_threshold": 25}."""
+    fields = {f.name: f.type for f in dataclasses.fields(QueryDefenceConfig)}
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields or key == "mode":
+            raise SystemExit(f"--defence: unknown field {key!r}; known: {sorted(set(fields) - {'mode'})}")
+        out[key] = float(value) if key == "ban_seconds" else int(value)
+    return out
 
 
 def rate(k: int, n: int) -> dict:
@@ -198,28 +212,36 @@ class _LocalEndpoint:
 
 
 def _match_pattern(frames: list[np.ndarray], config: QueryDefenceConfig) -> tuple[list[int], list[int]]:
-    """Per frame after the first: how many earlier frames it matches (exact, by fingerprints), and the
-    own overlap with its closest earlier frame."""
-    fps = fingerprints(np.stack(frames), config, salt=1)
+    """Per frame after the first: how many earlier frames it matches (exact, by fingerprints; an exact
+    repeat of a frame is no match, as in the defence), and the overlap with its closest earlier frame."""
+    fps, dig = fingerprints(np.stack(frames), config, salt=1), digests(np.stack(frames))
     n, best = [], []
     for t in range(1, len(fps)):
-        shared = [np.intersect1d(fps[j][-config.n_hashes:], fps[t]).size for j in range(t)]
+        shared = [np.intersect1d(fps[j][-config.n_hashes:], fps[t]).size if dig[j] != dig[t] else 0
+                  for j in range(t)]
         n.append(sum(k >= config.match_threshold for k in shared))
         best.append(max(shared))
     return n, best
 
 
-def progression(model, world, clean: np.ndarray, config: QueryDefenceConfig, n: int = 20) -> dict:
+def _queries_to_detection(frames: list[np.ndarray], config: QueryDefenceConfig) -> int | None:
+    defence = QueryDefence(replace(config, mode="annotate"), salt=1)
+    return next((t + 1 for t, x in enumerate(frames) if defence.check(x[None], "a").verdicts[0].flagged), None)
+
+
+def progression(model, world, clean: np.ndarray, config: QueryDefenceConfig, n: int = 20, record: int = 40) -> dict:
     """How matches progress over a client's first n queries: benign video-like streams (100 clients) vs
     the attacks (3 images each, recorded through the model in this process, the same queries they send
-    through the service until the defence first answers). Can a rule on the pattern tell them apart?"""
-    out = {}
+    through the service until the defence first answers). Can a rule on the pattern tell them apart?
+    Also each recorded attack's queries to detection (its first `record` queries replayed through the
+    defence), so fingerprint settings can be compared without the service."""
+    out, detection = {}, {}
     rng = np.random.default_rng(0)
     video = [_match_pattern(benign_stream("video", clean[rng.choice(len(clean), 20, replace=False)], rng, n), config)
              for _ in range(100)]
     out["video"] = video
     for attack, targeted in RUNS:
-        params = QueryAttackParams(attack=attack, targeted=targeted, max_queries=n, n_images=3, evade_guard=False,
+        params = QueryAttackParams(attack=attack, targeted=targeted, max_queries=record, n_images=3, evade_guard=False,
                                    answers="scores" if attack in SCORES else "label")
         plan = plan_from_model(model, world.test_images, world.test_labels, params)
         images = plan_images(world.test_images, plan.indices)
@@ -231,6 +253,8 @@ def progression(model, world, clean: np.ndarray, config: QueryDefenceConfig, n: 
                 attack_one(endpoint, params, images[j], plan.labels[j], plan.targets[j], init,
                            np.random.default_rng(j))
             runs.append(_match_pattern(endpoint.log[:n], config))
+            detection.setdefault(f"{attack}{' targeted' if targeted else ''}", []).append(
+                _queries_to_detection(endpoint.log, config))
         out[f"{attack}{' targeted' if targeted else ''}"] = runs
     summary = {}
     for name, runs in out.items():
@@ -242,10 +266,12 @@ def progression(model, world, clean: np.ndarray, config: QueryDefenceConfig, n: 
                          "median_best_overlap_by_query": [float(np.median([r[1][t] for r in runs]))
                                                           for t in range(n - 1)]}
         s = summary[name]
+        s["queries_to_detection"] = detection.get(name)
         print(f"  {name:<22} mean earlier queries matched {s['mean_earlier_matched']:.2f}, queries matching >= 2 "
               f"earlier {s['share_matching_2plus_earlier']:.2f}, clients with >= 3 such "
               f"{s['clients_with_3_frames_matching_2plus']}/{s['clients']}; median best overlap per query "
-              f"{[int(v) for v in s['median_best_overlap_by_query'][:14]]}", flush=True)
+              f"{[int(v) for v in s['median_best_overlap_by_query'][:14]]}"
+              + (f"; queries to detection {s['queries_to_detection']}" if name in detection else ""), flush=True)
     return summary
 
 
@@ -361,12 +387,15 @@ def main() -> None:
     clean = plan_images(world.test_images, np.arange(min(4000, len(world.test_labels))))
     report = {"machine": platform.processor() or platform.machine(), "args": vars(args),
               "defence": dataclasses.asdict(QueryDefenceConfig(mode="block"))}
+    offline = QueryDefenceConfig(mode="block", **defence_overrides(args.defence))
+    report["offline_defence"] = dataclasses.asdict(offline)
     if "benign" in sections:
-        print("benign streams (defence defaults):", flush=True)
-        report["benign"] = benign_rates(clean, args.benign_clients, QueryDefenceConfig(mode="block"))
+        print(f"benign streams (defence {args.defence or 'defaults'}):", flush=True)
+        report["benign"] = benign_rates(clean, args.benign_clients, offline)
     if "progression" in sections:
-        print("how matches progress over a client's first 20 queries (defence defaults):", flush=True)
-        report["progression"] = progression(model, world, clean, QueryDefenceConfig(mode="block"))
+        print(f"how matches progress over a client's first 20 queries (defence {args.defence or 'defaults'}):",
+              flush=True)
+        report["progression"] = progression(model, world, clean, offline)
     if "cost" in sections:
         report["cost"] = []
         for n in map(int, args.cost_queries.split(",")):
