@@ -15,7 +15,7 @@ QUERY_DEFENCE_MODES = ("off", "annotate", "block", "ban")
 
 @dataclass(frozen=True)
 class QueryDefenceConfig:
-    """The stateful query defence (service/query_defence.py); defaults are Blacklight's for 32x32 images."""
+    """The stateful query defence (service/query_defence.py); window and step are Blacklight's for 32x32 images."""
 
     mode: str = "off"             # off | annotate (verdict in answers) | block (refuse matches of suspected
                                   # clients) | ban (refuse every query of a suspected client for ban_seconds)
