@@ -99,6 +99,8 @@ class QueryAttackParams:
     identities: int = 1             # Sybil: queries spread round-robin over this many client ids
     blinding: float = 0.0           # query blinding (Chen et al. 2020): each query + uniform noise in +-blinding
                                     # and a random shift of up to 2 pixels, so no two queries are near-copies
+    oars: int = 0                   # OARS-style rejection sampling (Feng et al. 2023): a query the query defence
+                                    # refuses is resampled, up to this many times, with noise it adapts
 
     def __post_init__(self) -> None:
         if self.attack not in QUERY_ATTACKS:
@@ -108,13 +110,15 @@ class QueryAttackParams:
                              f"{sorted(n for n, s in QUERY_ATTACKS.items() if s.targeted)})")
         if self.answers not in ANSWERS:
             raise ValueError(f"answers must be one of {ANSWERS}, got {self.answers!r}")
-        for name in ("max_queries", "n_images", "identities"):
+        for name in ("max_queries", "n_images", "identities"):  # oars: 0 = off
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eps is not None and not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if not 0 <= self.blinding < 1:
             raise ValueError(f"blinding must be in [0, 1), got {self.blinding}")
+        if self.oars < 0:
+            raise ValueError(f"oars must be >= 0, got {self.oars}")
         if self.identities > 1 and not self.client_header:
             raise ValueError("identities > 1 needs client_header (the metadata key the server tells clients by)")
 
@@ -201,10 +205,53 @@ class _Oracle:
         self.best: np.ndarray | None = None
         self.best_distortion = np.inf
         self.queries_to_success: int | None = None
+        self.strength = 0.0  # the noise OARS adapts: up after a refusal, down after an answer
 
     def _client(self) -> str:
         p = self.params
         return p.client_id if p.identities == 1 else f"{p.client_id}-{self.queries % p.identities}"
+
+    def _send(self, image: np.ndarray, resampled: bool = False) -> tuple[np.ndarray, Answer]:
+        if resampled:
+            sent = self._resample(image)
+        else:
+            sent = blind(image, self.params.blinding, self.rng) if self.params.blinding else image
+        a = self.endpoint.ask(sent, self._client(), scores=self.params.answers == "scores")
+        self.queries += 1
+        self.refused += a.refused
+        self.query_flagged += a.query_flagged
+        if self.first_query_flag is None and (a.query_flagged or (a.refused and not a.flagged)):
+            self.first_query_flag = self.queries
+        return sent, a
+
+    def _ask(self, image: np.ndarray) -> tuple[np.ndarray, Answer]:
+        """One query of the attack; with oars, a query the defence refuses (or QUERY_FLAGs) is resampled with
+        stronger noise until it passes, oars tries are spent, or the budget is: the attacker learns from the
+        oracle's refusals how much noise slips by, and keeps the least that does (Feng et al. 2023)."""
+        sent, a = self._send(image, resampled=self.strength > 0)
+        for _ in range(self.params.oars):
+            caught = a.query_flagged or (a.refused and not a.flagged)
+            if not caught:
+                self.strength *= 0.9  # answered: try a little less noise next time
+                break
+            if self.queries >= self.params.max_queries:
+                break
+            self.strength = min(0.5, max(2 / 255, self.strength * 1.5))
+            sent, a = self._send(image, resampled=True)
+        return sent, a
+
+    def _resample(self, image: np.ndarray) -> np.ndarray:
+        """OARS's sample: image + uniform noise of the adapted strength, kept within the success radius of the
+        source (or within the image's own distance, when the attack is still farther): the noise never
+        spends the attacker's distortion budget, so a success is still one."""
+        sent = np.clip(image + self.rng.uniform(-self.strength, self.strength, image.shape), 0, 1)
+        radius = max(self.params.radius, distortion(image, self.source, self.params.norm))
+        d = sent.astype(np.float64) - self.source
+        if self.params.norm == "linf":
+            d = np.clip(d, -radius, radius)
+        elif (n := np.linalg.norm(d)) > radius:
+            d *= radius / n
+        return np.clip(self.source + d, 0, 1).astype(np.float32)
 
     def _adversarial(self, a: Answer) -> bool:
         if a.refused or (self.params.evade_guard and a.flagged):
@@ -218,13 +265,7 @@ class _Oracle:
         for i, image in enumerate(np.asarray(x, np.float32)):
             if self.queries >= self.params.max_queries or self.queries_to_success is not None:
                 raise _Stop
-            sent = blind(image, self.params.blinding, self.rng) if self.params.blinding else image
-            a = self.endpoint.ask(sent, self._client(), scores=self.params.answers == "scores")
-            self.queries += 1
-            self.refused += a.refused
-            self.query_flagged += a.query_flagged
-            if self.first_query_flag is None and (a.query_flagged or (a.refused and not a.flagged)):
-                self.first_query_flag = self.queries
+            sent, a = self._ask(image)
             if self._adversarial(a):
                 d = distortion(sent, self.source, self.params.norm)
                 if d < self.best_distortion:

@@ -21,6 +21,7 @@ Writes runs/query_attacks/query_attacks.json and prints the tables (BENCHMARKS.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -36,12 +37,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from semguard.analysis.adaptive_eval import wilson_interval
-from semguard.attacks.query import (QUERY_ATTACKS, Endpoint, QueryAttackParams, plan_from_model, plan_images,
-                                    run_query_attacks)
+from semguard.evaluation.adaptive_eval import wilson_interval
+from semguard.attacks.query import (QUERY_ATTACKS, Answer, Endpoint, QueryAttackParams, _Oracle, attack_one,
+                                    plan_from_model, plan_images, run_query_attacks)
 from semguard.config_flags import add_world_cache_flag
 from semguard.service.config import QueryDefenceConfig, ServiceConfig
-from semguard.service.query_defence import QueryDefence
+from semguard.service.query_defence import QueryDefence, digests, fingerprints
 from semguard.service.server import create_server, load_guard
 from semguard.world.inputs import load_world_inputs
 
@@ -66,11 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queries", type=int, default=600, help="query budget per attacked image (issue: 10k)")
     p.add_argument("--attacks", default=",".join(f"{a}{'+t' if t else ''}" for a, t in RUNS),
                    help="comma list; NAME+t = targeted")
+    p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma list of the attack table's conditions")
+    p.add_argument("--adaptive", default=",".join(ADAPTIVE), help=f"comma list of adaptive attackers: {list(ADAPTIVE)}")
+    p.add_argument("--defence", default="", help="k=v,... QueryDefenceConfig fields for the offline sections "
+                   "(benign, progression), e.g. n_hashes=50,probe_hashes=50,match_threshold=25 (Blacklight's)")
     p.add_argument("--benign-clients", type=int, default=100, help="clients per benign stream (20 queries each)")
-    p.add_argument("--memory-queries", type=int, default=50_000, help="queries remembered for the cost figures")
-    p.add_argument("--sections", default="benign,cost,latency,attacks,adaptive", help="comma list of what to run")
+    p.add_argument("--cost-queries", default="100000,1000000", help="comma list: queries remembered for the cost "
+                   "figures (time per check, memory per query)")
+    p.add_argument("--sections", default="benign,progression,cost,latency,attacks,adaptive", help="comma list of what to run")
     p.add_argument("--out", default="runs/query_attacks/query_attacks.json")
     return p
+
+
+def defence_overrides(text: str) -> dict:
+    """--defence "n_hashes=50,match_threshold=25" -> {"n_hashes": 50, "match_threshold": 25}."""
+    fields = {f.name: f.type for f in dataclasses.fields(QueryDefenceConfig)}
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields or key == "mode":
+            raise SystemExit(f"--defence: unknown field {key!r}; known: {sorted(set(fields) - {'mode'})}")
+        out[key] = float(value) if key == "ban_seconds" else int(value)
+    return out
 
 
 def rate(k: int, n: int) -> dict:
@@ -86,6 +104,8 @@ def attack_table(servers: dict, model, world, runs, args, tmp: Path) -> list[dic
     rows = []
     for attack, targeted in runs:
         for condition, (server, evade) in CONDITIONS.items():
+            if condition not in args.conditions.split(","):
+                continue
             params = QueryAttackParams(attack=attack, targeted=targeted, max_queries=args.max_queries,
                                        answers="scores" if attack in SCORES else "label", evade_guard=evade,
                                        n_images=args.images, client_header=KEY,
@@ -178,31 +198,123 @@ def benign_rates(images: np.ndarray, clients: int, config: QueryDefenceConfig) -
     return out
 
 
-def cost(images: np.ndarray, n: int) -> dict:
-    """Per-image check time (p50/p99 over n distinct queries, 1000 clients) and, in a second pass with
-    tracemalloc on, memory per remembered query (index, ring arrays and client states)."""
-    def stream(defence: QueryDefence, timed: list[float] | None) -> None:
-        rng = np.random.default_rng(0)
-        for i in range(n):
-            x = np.clip(images[i % len(images)] + rng.uniform(-0.2, 0.2, images.shape[1:]), 0, 1).astype(np.float32)
-            t0 = time.perf_counter()
-            defence.check(x[None], f"c{i % 1000}")
-            if timed is not None:
-                timed.append(time.perf_counter() - t0)
+class _LocalEndpoint:
+    """The model in this process as an Endpoint (no guard, no defence): records every query, for replay."""
 
-    config = QueryDefenceConfig(mode="annotate", history=n)
-    times: list[float] = []
-    stream(QueryDefence(config, salt=1), times)
+    def __init__(self, model, n_classes: int):
+        self.model, self.n_classes, self.log = model, n_classes, []
+
+    def ask(self, image: np.ndarray, client_id: str | None = None, scores: bool = False) -> Answer:
+        self.log.append(image.copy())
+        with torch.no_grad():
+            p = torch.softmax(self.model(torch.from_numpy(image[None])), 1)[0].numpy()
+        return Answer(int(p.argmax()), p if scores else None, False, False, False)
+
+
+def _match_pattern(frames: list[np.ndarray], config: QueryDefenceConfig) -> tuple[list[int], list[int]]:
+    """Per frame after the first: how many earlier frames it matches (exact, by fingerprints; an exact
+    repeat of a frame is no match, as in the defence), and the overlap with its closest earlier frame."""
+    fps, dig = fingerprints(np.stack(frames), config, salt=1), digests(np.stack(frames))
+    n, best = [], []
+    for t in range(1, len(fps)):
+        shared = [np.intersect1d(fps[j][-config.n_hashes:], fps[t]).size if dig[j] != dig[t] else 0
+                  for j in range(t)]
+        n.append(sum(k >= config.match_threshold for k in shared))
+        best.append(max(shared))
+    return n, best
+
+
+def _queries_to_detection(frames: list[np.ndarray], config: QueryDefenceConfig) -> int | None:
+    defence = QueryDefence(replace(config, mode="annotate"), salt=1)
+    return next((t + 1 for t, x in enumerate(frames) if defence.check(x[None], "a").verdicts[0].flagged), None)
+
+
+def progression(model, world, clean: np.ndarray, config: QueryDefenceConfig, n: int = 20, record: int = 40) -> dict:
+    """How matches progress over a client's first n queries: benign video-like streams (100 clients) vs
+    the attacks (3 images each, recorded through the model in this process, the same queries they send
+    through the service until the defence first answers). Can a rule on the pattern tell them apart?
+    Also each recorded attack's queries to detection (its first `record` queries replayed through the
+    defence), so fingerprint settings can be compared without the service."""
+    out, detection = {}, {}
+    rng = np.random.default_rng(0)
+    video = [_match_pattern(benign_stream("video", clean[rng.choice(len(clean), 20, replace=False)], rng, n), config)
+             for _ in range(100)]
+    out["video"] = video
+    for attack, targeted in RUNS:
+        params = QueryAttackParams(attack=attack, targeted=targeted, max_queries=record, n_images=3, evade_guard=False,
+                                   answers="scores" if attack in SCORES else "label")
+        plan = plan_from_model(model, world.test_images, world.test_labels, params)
+        images = plan_images(world.test_images, plan.indices)
+        runs = []
+        for j in range(3):
+            endpoint = _LocalEndpoint(model, int(model(torch.from_numpy(images[:1])).shape[1]))
+            init = plan_images(world.test_images, [plan.inits[j]])[0] if targeted else None
+            with _never_succeeds():
+                attack_one(endpoint, params, images[j], plan.labels[j], plan.targets[j], init,
+                           np.random.default_rng(j))
+            runs.append(_match_pattern(endpoint.log[:n], config))
+            detection.setdefault(f"{attack}{' targeted' if targeted else ''}", []).append(
+                _queries_to_detection(endpoint.log, config))
+        out[f"{attack}{' targeted' if targeted else ''}"] = runs
+    summary = {}
+    for name, runs in out.items():
+        counts = np.array([c for r in runs for c in r[0]])
+        summary[name] = {"mean_earlier_matched": float(counts.mean()),
+                         "share_matching_2plus_earlier": float((counts >= 2).mean()),
+                         "clients_with_3_frames_matching_2plus": sum(sum(c >= 2 for c in r[0]) >= 3 for r in runs),
+                         "clients": len(runs),
+                         "median_best_overlap_by_query": [float(np.median([r[1][t] for r in runs]))
+                                                          for t in range(n - 1)]}
+        s = summary[name]
+        s["queries_to_detection"] = detection.get(name)
+        print(f"  {name:<22} mean earlier queries matched {s['mean_earlier_matched']:.2f}, queries matching >= 2 "
+              f"earlier {s['share_matching_2plus_earlier']:.2f}, clients with >= 3 such "
+              f"{s['clients_with_3_frames_matching_2plus']}/{s['clients']}; median best overlap per query "
+              f"{[int(v) for v in s['median_best_overlap_by_query'][:14]]}"
+              + (f"; queries to detection {s['queries_to_detection']}" if name in detection else ""), flush=True)
+    return summary
+
+
+@contextlib.contextmanager
+def _never_succeeds():
+    """The oracle never counts an answer adversarial: the attack runs its whole budget (for recording)."""
+    saved = _Oracle._adversarial
+    _Oracle._adversarial = lambda self, a: False
+    try:
+        yield
+    finally:
+        _Oracle._adversarial = saved
+
+
+def cost(images: np.ndarray, remembered: int, timed: int = 2000) -> dict:
+    """A defence remembering `remembered` queries (history = remembered, filled with random fingerprints),
+    then the check time per image (p50/p99) of `timed` distinct noisy images from 1000 clients. Memory:
+    the index's arrays (fixed at start), and tracemalloc over building the defence and its first 10 k
+    queries (the arrays, allocated at once, and nothing that grows)."""
+    config = QueryDefenceConfig(mode="annotate", history=remembered)
+    rng = np.random.default_rng(0)
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     defence = QueryDefence(config, salt=1)
-    stream(defence, None)
-    used = tracemalloc.get_traced_memory()[0] - base
-    tracemalloc.stop()
+    for i in range(remembered):
+        if i == 10_000:
+            traced = tracemalloc.get_traced_memory()[0] - base
+            tracemalloc.stop()
+        defence.index.add(rng.integers(0, 2**64, config.n_hashes, dtype=np.uint64), i % 1000, i)
+    if tracemalloc.is_tracing():
+        traced = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+    times = []
+    for i in range(timed):
+        x = np.clip(images[i % len(images)] + rng.uniform(-0.2, 0.2, images.shape[1:]), 0, 1).astype(np.float32)
+        t0 = time.perf_counter()
+        defence.check(x[None], f"c{i % 1000}")
+        times.append(time.perf_counter() - t0)
     t = np.array(times) * 1e3
-    return {"queries": n, "check_ms_p50": float(np.percentile(t, 50)), "check_ms_p99": float(np.percentile(t, 99)),
-            "bytes_per_query": used / n, "gib_per_10m_queries": used / n * 1e7 / 2**30,
-            "index_keys": len(defence._postings)}
+    return {"remembered": defence.remembered(), "check_ms_p50": float(np.percentile(t, 50)),
+            "check_ms_p99": float(np.percentile(t, 99)), "index_nbytes": defence.index.nbytes,
+            "bytes_per_query": defence.index.nbytes / remembered, "traced_bytes_per_query": traced / remembered,
+            "gib_per_10m_queries": max(traced, defence.index.nbytes) / remembered * 1e7 / 2**30}
 
 
 def latency(ports: dict, images: np.ndarray, n: int = 400) -> dict:
@@ -228,15 +340,26 @@ def latency(ports: dict, images: np.ndarray, n: int = 400) -> dict:
     return out
 
 
+ADAPTIVE = {  # name -> (row label, attack, QueryAttackParams fields)
+    "blinding4": ("blinding 4/255", "hopskipjump", {"blinding": 4 / 255}),
+    "blinding16": ("blinding 16/255", "hopskipjump", {"blinding": 16 / 255}),
+    "sybil100": ("sybil 100 ids", "hopskipjump", {"identities": 100}),
+    "sybil1000": ("sybil 1000 ids", "hopskipjump", {"identities": 1000}),
+    "oars": ("oars 10 tries", "hopskipjump", {"oars": 10}),
+    "oars-square": ("oars 10 tries", "square", {"oars": 10}),
+}
+
+
 def adaptive(port: int, server, model, world, args, tmp: Path) -> list[dict]:
-    """HopSkipJump (untargeted, labels) against the query defence alone (it ignores the guard's FLAG, as in the
-    "defence" condition), knowing the defence: blinding, then Sybil identities."""
+    """Attackers that know the defence, against it alone (they ignore the guard's FLAG, as in the "defence"
+    condition): blinding, Sybil identities, OARS-style rejection sampling (attacks/query.py)."""
     rows = []
-    for label, extra in (("blinding 4/255", {"blinding": 4 / 255}), ("blinding 16/255", {"blinding": 16 / 255}),
-                         ("sybil 100 ids", {"identities": 100}), ("sybil 1000 ids", {"identities": 1000})):
+    for name in args.adaptive.split(","):
+        label, attack, extra = ADAPTIVE[name]
         before = server.metrics.query_matches.labels("cross_client")._value.get()
-        params = QueryAttackParams(attack="hopskipjump", max_queries=args.max_queries, n_images=args.images,
-                                   evade_guard=False, client_header=KEY, client_id=f"adaptive-{label}", **extra)
+        params = QueryAttackParams(attack=attack, max_queries=args.max_queries, n_images=args.images,
+                                   answers="scores" if attack in SCORES else "label", evade_guard=False,
+                                   client_header=KEY, client_id=f"adaptive-{name}", **extra)
         row = run_condition(port, model, world, params, "defence", tmp, label)
         row["cross_client_matches"] = server.metrics.query_matches.labels("cross_client")._value.get() - before
         rows.append(row)
@@ -257,16 +380,29 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, shared 2-core machine, torch threads 1; "
           f"{args.images} images per cell, budget {args.max_queries} queries", flush=True)
     sections = set(args.sections.split(","))
+    if unknown := set(args.adaptive.split(",")) - set(ADAPTIVE):
+        raise SystemExit(f"--adaptive: unknown {sorted(unknown)}; known: {list(ADAPTIVE)}")
+    if unknown := set(args.conditions.split(",")) - set(CONDITIONS):
+        raise SystemExit(f"--conditions: unknown {sorted(unknown)}; known: {list(CONDITIONS)}")
     clean = plan_images(world.test_images, np.arange(min(4000, len(world.test_labels))))
     report = {"machine": platform.processor() or platform.machine(), "args": vars(args),
               "defence": dataclasses.asdict(QueryDefenceConfig(mode="block"))}
+    offline = QueryDefenceConfig(mode="block", **defence_overrides(args.defence))
+    report["offline_defence"] = dataclasses.asdict(offline)
     if "benign" in sections:
-        print("benign streams (defence defaults):", flush=True)
-        report["benign"] = benign_rates(clean, args.benign_clients, QueryDefenceConfig(mode="block"))
+        print(f"benign streams (defence {args.defence or 'defaults'}):", flush=True)
+        report["benign"] = benign_rates(clean, args.benign_clients, offline)
+    if "progression" in sections:
+        print(f"how matches progress over a client's first 20 queries (defence {args.defence or 'defaults'}):",
+              flush=True)
+        report["progression"] = progression(model, world, clean, offline)
     if "cost" in sections:
-        report["cost"] = c = cost(clean, args.memory_queries)
-        print(f"  cost: check p50 {c['check_ms_p50']:.3f} ms p99 {c['check_ms_p99']:.3f} ms; "
-              f"{c['bytes_per_query']:.0f} B/query = {c['gib_per_10m_queries']:.2f} GiB per 10M", flush=True)
+        report["cost"] = []
+        for n in map(int, args.cost_queries.split(",")):
+            report["cost"].append(c := cost(clean, n))
+            print(f"  cost at {n} remembered: check p50 {c['check_ms_p50']:.3f} ms p99 {c['check_ms_p99']:.3f} ms; "
+                  f"arrays {c['bytes_per_query']:.1f} B/query, traced {c['traced_bytes_per_query']:.1f} B/query = "
+                  f"{c['gib_per_10m_queries']:.3f} GiB per 10M", flush=True)
     guard = load_guard(args.bundle)
     servers = {name: create_server(config, guard) for name, config in SERVERS.items()}
     for created in servers.values():

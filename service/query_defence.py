@@ -6,11 +6,13 @@ al., USENIX Security 2022) catches them by fingerprinting every query and matchi
 recent queries; this module follows it:
 
   fingerprint: pixels quantised to steps of `quant_step` of 255, flattened in (C, H, W) order, every
-      run of `window` consecutive values hashed (salted, 64-bit), the `n_hashes` largest distinct
-      hashes kept. The top hashes of a set are a bottom-k MinHash sketch of its windows, so two
-      fingerprints share about n_hashes x Jaccard(windows) hashes: small perturbations leave most
-      quantised windows unchanged and the fingerprints share most hashes; distinct images share none.
-  match: a query matches when it shares >= `match_threshold` hashes with an earlier query.
+      run of `window` consecutive values hashed (salted, 64-bit); the `probe_hashes` largest distinct
+      hashes are the query's probe, and the `n_hashes` largest of those its remembered fingerprint. The
+      top hashes of a set are a bottom-k MinHash sketch of its windows: small perturbations leave most
+      quantised windows unchanged, so an earlier near-copy's fingerprint lies mostly inside the probe (the
+      longer probe keeps a hash that a few new windows push out of the top n_hashes); distinct images
+      share none.
+  match: a query matches when its probe holds >= `match_threshold` of an earlier query's fingerprint.
 
 Why this design rather than a perceptual hash or an encoder's embedding (Chen, Carlini & Wagner 2020):
 no model forward pass (a few numpy passes over the pixels: ~0.1 ms for 32x32), exact hash lookups in
@@ -18,10 +20,11 @@ an inverted index whose cost does not grow with the history (an embedding needs 
 search), nothing differentiable to attack, and a per-server secret salt, so an attacker cannot compute
 which windows decide the fingerprint (a public pHash can be steered).
 
-Bounds (each query, each server): time O(n_hashes x max_posting) index work plus O(pixels) hashing;
-memory O(history x n_hashes): the index keeps the last `history` queries (a ring, oldest evicted) and
-at most `max_posting` recent queries per hash, and at most `max_clients` clients (least recently seen
-evicted). BENCHMARKS.md ("Query attacks") has the measured figures.
+Bounds (each query, each server): time O(probe_hashes) index work plus O(pixels) hashing; memory fixed
+at start, about 104 bytes per remembered query with n_hashes 12 (service/query_index.py: fixed numpy arrays,
+the last `history` queries, oldest forgotten), plus at most `max_clients` client states (least recently
+seen evicted). Blacklight keeps 50 hashes per query; 12 keep 10 M queries within 1 GiB, and detect the
+benchmark's attacks within the same number of queries (BENCHMARKS.md, "Query attacks", has the figures).
 
 Answers never carry another client's state: a client's verdict counts only matches with its own
 earlier queries. The index is shared, so matches across clients (the same attack spread over many
@@ -36,13 +39,14 @@ import functools
 import hashlib
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from semguard.service.config import QueryDefenceConfig
+from semguard.service.query_index import QueryIndex
 
 
 
@@ -50,7 +54,7 @@ class QueryVerdict(NamedTuple):
     """What one image's answer may say: about this client's own queries only."""
 
     matched: bool        # shares >= match_threshold hashes with an earlier query of this client (not a repeat)
-    overlap: int         # most hashes shared with one of this client's earlier queries (0..n_hashes)
+    overlap: int         # most of one own earlier query's fingerprint found in this probe (0..n_hashes)
     client_matches: int  # matches among this client's last suspect_window queries
     suspected: bool      # client_matches >= suspect_matches, or banned
 
@@ -111,9 +115,10 @@ def window_hashes(images: np.ndarray, window: int, quant_step: int, salt: int) -
 
 
 def fingerprints(images: np.ndarray, config: QueryDefenceConfig, salt: int) -> list[np.ndarray]:
-    """Per image, its fingerprint: the n_hashes largest distinct window hashes (fewer for flat images)."""
+    """Per image, its probe: the probe_hashes largest distinct window hashes, ascending (fewer for flat
+    images); its last n_hashes are the fingerprint that is remembered."""
     hashes = window_hashes(images, config.window, config.quant_step, salt)
-    n, out = config.n_hashes, []
+    n, out = config.probe_hashes, []
     for row in hashes:
         # a partial sort to 4n candidates is enough unless windows repeat a lot (flat images): then sort all
         top = np.unique(np.partition(row, len(row) - 4 * n)[-4 * n:]) if len(row) > 4 * n else np.unique(row)
@@ -142,13 +147,7 @@ class QueryDefence:
     def __init__(self, config: QueryDefenceConfig, salt: int | None = None, clock=time.monotonic):
         self.config, self.clock = config, clock
         self.salt = int.from_bytes(np.random.default_rng().bytes(8), "little") if salt is None else salt
-        self._fps = np.zeros((config.history, config.n_hashes), dtype=np.uint64)
-        self._sizes = np.zeros(config.history, dtype=np.int32)  # hashes in slot (0 = empty)
-        self._owner = np.zeros(config.history, dtype=np.uint64)
-        self._digest = np.zeros(config.history, dtype=np.uint64)
-        self._next = 0
-        # hash -> the recent slots holding it: a bare int while there is one (most hashes: ~3x less memory)
-        self._postings: dict[int, int | list[int]] = {}
+        self.index = QueryIndex(config.history, config.n_hashes)
         self._clients: OrderedDict[int, _Client] = OrderedDict()
         self._lock = threading.Lock()
         self.n_suspected = 0  # clients whose recent queries make them suspected (the metrics gauge)
@@ -171,7 +170,7 @@ class QueryDefence:
             was_suspected, was_banned = state.suspected, state.banned_until > now
             verdicts, cross = [], 0
             for fp, d in zip(fps, dig):
-                own, other, repeat = self._best(fp, owner, d)
+                own, other, repeat = self.index.lookup(fp, owner, d)
                 matched = own >= self.config.match_threshold
                 cross += other >= self.config.match_threshold
                 state.recent.append(matched)
@@ -180,7 +179,7 @@ class QueryDefence:
                 if state.suspected and self.config.mode == "ban" and not state.banned_until > now:
                     state.banned_until = now + self.config.ban_seconds
                 if not repeat:
-                    self._add(fp, owner, d)
+                    self.index.add(fp[-self.config.n_hashes:], owner, d)
                 verdicts.append(QueryVerdict(matched, own, n, state.suspected or state.banned_until > now))
             banned = state.banned_until > now
             self.n_suspected += int(state.suspected) - int(was_suspected)
@@ -199,55 +198,8 @@ class QueryDefence:
             self._clients.move_to_end(owner)
         return state
 
-    def _best(self, fp: np.ndarray, owner: int, digest: int) -> tuple[int, int, bool]:
-        """(most hashes shared with an own earlier query that is not this image, the same with another
-        client's query, whether this client sent exactly this image before)."""
-        counts: Counter[int] = Counter()
-        for h in fp.tolist():
-            posting = self._postings.get(h)
-            if posting is not None:
-                counts.update((posting,) if isinstance(posting, int) else posting)
-        own = other = 0
-        repeat = False
-        for slot, c in counts.items():
-            if self._owner[slot] != owner:
-                other = max(other, c)
-            elif self._digest[slot] == digest:
-                repeat = True
-            else:
-                own = max(own, c)
-        return own, other, repeat
-
-    def _add(self, fp: np.ndarray, owner: int, digest: int) -> None:
-        slot = self._next
-        self._next = (slot + 1) % self.config.history
-        self._evict(slot)
-        self._fps[slot, :len(fp)], self._sizes[slot] = fp, len(fp)
-        self._owner[slot], self._digest[slot] = owner, digest
-        for h in fp.tolist():
-            posting = self._postings.get(h)
-            if posting is None:
-                self._postings[h] = slot
-            elif isinstance(posting, int):
-                self._postings[h] = [posting, slot]
-            else:
-                posting.append(slot)
-                if len(posting) > self.config.max_posting:
-                    del posting[0]
-
-    def _evict(self, slot: int) -> None:
-        for h in self._fps[slot, :self._sizes[slot]].tolist():
-            posting = self._postings.get(h)
-            if posting == slot:
-                del self._postings[h]
-            elif isinstance(posting, list) and slot in posting:  # else pushed out by max_posting already
-                posting.remove(slot)
-                if len(posting) == 1:
-                    self._postings[h] = posting[0]
-        self._sizes[slot] = 0
-
     def remembered(self) -> int:
-        return int(np.count_nonzero(self._sizes))
+        return self.index.remembered()
 
 
 def client_key(client: str) -> int:

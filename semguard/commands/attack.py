@@ -84,6 +84,8 @@ def query_flags() -> tuple[Flag, ...]:
         Flag("--client-id", "client_id", "the attacker's identity in that header"),
         Flag("--identities", "identities", "spread the queries over this many identities (Sybil)"),
         Flag("--blinding", "blinding", "query blinding: uniform noise of this amplitude and a random 2-pixel shift"),
+        Flag("--oars", "oars", "OARS-style adaptive attacker: resample a refused query up to this many times with "
+             "stronger blinding (0: off)"),
     )
 
 

@@ -67,6 +67,28 @@ def test_sybil_queries_rotate_over_identities():
     assert endpoint.sent == ["attacker-0", "attacker-1", "attacker-2", "attacker-0"]
 
 
+def test_oars_resamples_refused_queries_with_stronger_noise_until_one_passes():
+    """The fake defence refuses queries whose pixels all equal the source's value (no noise)."""
+    endpoint = FakeEndpoint(refuse=lambda x: np.ptp(x) == 0)
+    o = oracle(endpoint, oars=5, max_queries=20, eps=0.01)
+    assert o(np.full((1, 3, 4, 4), 0.4, np.float32)).tolist() == [[1, 0, 0]]
+    assert o.queries == 2 and o.refused == 1 and o.strength == pytest.approx(0.9 * 2 / 255)
+    o(np.full((1, 3, 4, 4), 0.4, np.float32))  # still noisy (strength > 0): passes at once
+    assert o.queries == 3 and o.strength == pytest.approx(0.81 * 2 / 255)
+    far = np.full((3, 4, 4), 0.6, np.float32)
+    for norm_attack in ("hopskipjump", "square"):  # the noise stays within eps, or the image's own distance
+        o = oracle(endpoint, oars=5, attack=norm_attack, answers="scores", eps=0.01)
+        o.strength = 0.3
+        assert distortion(o._resample(o.source), o.source, o.params.norm) <= 0.01 + 1e-6
+        assert distortion(o._resample(far), o.source, o.params.norm) <= distortion(far, o.source, o.params.norm) + 1e-6
+    never = oracle(FakeEndpoint(refuse=lambda x: True), oars=3, max_queries=20)
+    never(np.zeros((1, 3, 4, 4), np.float32))
+    assert never.queries == 4 and never.strength == pytest.approx(2 / 255 * 1.5**2)
+    plain = oracle(FakeEndpoint(refuse=lambda x: True), max_queries=20)
+    plain(np.zeros((1, 3, 4, 4), np.float32))
+    assert plain.queries == 1
+
+
 def test_blinding_stays_in_range_and_near_the_image():
     x = np.random.default_rng(0).uniform(0, 1, (3, 8, 8)).astype(np.float32)
     y = blind(x, 4 / 255, np.random.default_rng(1))
@@ -89,6 +111,7 @@ def test_plan_picks_correct_images_and_targets_of_other_classes():
     ({"max_queries": 0}, "max_queries must be >= 1"),
     ({"identities": 5}, "needs client_header"),
     ({"blinding": 1.5}, "blinding must be in"),
+    ({"oars": -1}, "oars must be >= 0"),
 ])
 def test_bad_params_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -128,7 +128,7 @@ def test_the_guard_api_carries_the_query_verdict(make_server):
             verdicts.append(stub.Inspect(pb.InspectRequest(tensor=tensor)).verdicts[0].query)
     assert [v.matched for v in verdicts] == [False, True, True, True]
     assert [v.flagged for v in verdicts] == [False, False, True, True]
-    assert verdicts[-1].client_matches == 3 and verdicts[-1].overlap >= 25
+    assert verdicts[-1].client_matches == 3 and verdicts[-1].overlap >= QueryDefenceConfig().match_threshold
 
 
 def test_mtls_clients_are_told_apart_by_certificate(make_server, tmp_path):
@@ -170,10 +170,10 @@ def test_serve_flags_and_environment_fill_the_query_defence(capsys):
     from semguard.commands.serve import config_from_args, run_serve
 
     args = build_parser().parse_args(["serve", "--query-defence", "ban", "--query-client-key", KEY,
-                                      "--query-match-threshold", "20", "--query-ban-seconds", "30"])
+                                      "--query-match-threshold", "8", "--query-ban-seconds", "30"])
     config = config_from_args(args, environ={"SEMGUARD_QUERY_HISTORY": "500"})
-    assert config.query == QueryDefenceConfig(mode="ban", match_threshold=20, ban_seconds=30.0, history=500)
+    assert config.query == QueryDefenceConfig(mode="ban", match_threshold=8, ban_seconds=30.0, history=500)
     assert config.query_client_key == KEY
-    bad = build_parser().parse_args(["serve", "--query-match-threshold", "80"])
+    bad = build_parser().parse_args(["serve", "--query-match-threshold", "13"])
     assert run_serve(bad) == 2
     assert "(--query-match-threshold)" in capsys.readouterr().err
