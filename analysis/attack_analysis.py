@@ -42,14 +42,14 @@ PREDICT_BATCH = 256  # images per prediction pass
 HELD_PER_ACTIVATION = 12
 
 
-def tap_batch_size(tap: LayerTap, image: torch.Tensor, memory_budget_gib: float) -> int:
-    """Images per tapped pass so that one pass holds about `memory_budget_gib` (1 .. TAP_BATCH);
+def tap_batch_size(tap: LayerTap, image: torch.Tensor, memory_budget_gib: float, at_most: int = TAP_BATCH) -> int:
+    """Images per tapped pass so that one pass holds about `memory_budget_gib` (1 .. at_most);
     image: (1, 3, H, W), tapped once to measure the activations per image."""
     if memory_budget_gib <= 0:
         raise ValueError(f"--memory-budget must be > 0 GiB, got {memory_budget_gib}")
     with torch.no_grad():
         width = sum(a.shape[1] for a in tap(image.to(tap.device)).acts.values())  # floats per image, all layers
-    return int(max(1, min(TAP_BATCH, memory_budget_gib * 2**30 // (HELD_PER_ACTIVATION * width))))
+    return int(max(1, min(at_most, memory_budget_gib * 2**30 // (HELD_PER_ACTIVATION * width))))
 
 
 def tapped(tap: LayerTap, images: torch.Tensor | Dataset, batch_size: int = TAP_BATCH
