@@ -41,7 +41,8 @@ from semguard.detector.calibrate import CalibrationConfig, calibrate_guard, take
 from semguard.detector.evaluate import DetectionMetrics, detection_metrics, roc_curve
 from semguard.detector.flagger import SUPERVISED
 from semguard.detector.guard import Guard
-from semguard.detector.layers import image_batches
+from semguard.detector.budget import tap_batch_size
+from semguard.detector.layers import LayerTap, image_batches
 
 
 @dataclass(frozen=True)
@@ -521,10 +522,7 @@ def subject_clean_set(subject, max_images: int | None = None, seed: int = 0) -> 
 
 def budget_batch_size(subject, images: Dataset, memory_budget_gib: float, at_most: int) -> int:
     """Images per tapped pass of the subject's layers within `memory_budget_gib` (attack analyze's rule,
-    analysis.attack_analysis.tap_batch_size), at most `at_most`."""
-    from semguard.analysis.attack_analysis import tap_batch_size
-    from semguard.detector.layers import LayerTap
-
+    detector.budget.tap_batch_size), at most `at_most`."""
     first = next(image_batches(images, 1))
     return tap_batch_size(LayerTap(subject.model.eval(), subject.layers), first, memory_budget_gib, at_most)
 
