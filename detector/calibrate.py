@@ -3,7 +3,10 @@
 Clean images are split (seeded) into a fitting part (reference prototypes, Mahalanobis
 Gaussians, flagger fit) and a held-out part used only for the threshold and the per-layer
 explanation quantiles, so the realised false-positive rate is measured on images nothing was
-fitted on. Activations are streamed batch by batch; only reduced features are kept.
+fitted on. Images (a tensor, or a Dataset such as a Subset of a subject's ImageSet, read batch by batch)
+and activations are streamed batch by batch; only reduced features are kept: per fit image its
+Mahalanobis features (channel means of conv maps, flat layers up to `mahalanobis_max_dim`), per image
+a few flagger features, and the prototypes' activations (at most k * per_concept images).
 
 A calibration that cannot mislead (issue 27): the report carries the held-out AUROC (the held-out clean
 images, which nothing was fitted on, against the calibration attacks) beside the realised FPR. The
@@ -26,12 +29,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from semguard.detector.bundle import BundleManifest, write_bundle
 from semguard.models.factory import ModelSpec
 from semguard.detector.features import FeatureRecipe, eligible_labels, flagger_features
 from semguard.detector.flagger import FEATURE_KINDS, feature_names, fit_flagger
-from semguard.detector.layers import LayerTap, iter_activations
+from semguard.detector.layers import LayerTap, image_batches, iter_activations
 from semguard.detector.mahalanobis import MahalanobisDetector, fit_mahalanobis
 from semguard.detector.reference import (
     SPACES, Reduction, ReferenceBank, build_reference_bank, class_similarity, select_references,
@@ -153,6 +157,18 @@ def bank_reductions(shapes: dict[str, tuple[int, ...]], cfg: CalibrationConfig) 
     return out
 
 
+Images = torch.Tensor | Dataset  # (N, C, H, W) float32 in [0, 1], or a Dataset of such images (or (image, label))
+
+
+def take(images: Images, indices: np.ndarray) -> Images:
+    """images[indices]: a tensor's rows, or a Subset (of a Subset's own dataset: never nested) read on demand."""
+    if isinstance(images, torch.Tensor):
+        return images[indices]
+    if isinstance(images, Subset):
+        return Subset(images.dataset, np.asarray(images.indices)[np.asarray(indices, np.int64)].tolist())
+    return Subset(images, np.asarray(indices, np.int64).tolist())
+
+
 def _reduced_pass(tap, images, reductions, batch_size, progress=False):
     """Predictions (N,) and {layer: (N, d)} reduced activations of every tapped layer."""
     preds, feats = [], {n: [] for n in tap.layers}
@@ -203,7 +219,7 @@ def calibrate_guard(
     layers: list[str],
     label_names: list[str],
     word_vectors: np.ndarray,
-    clean_images: torch.Tensor,
+    clean_images: Images,
     clean_labels: np.ndarray,
     out_dir: str | Path,
     *,
@@ -218,30 +234,33 @@ def calibrate_guard(
     model: takes (B, C, H, W) [0, 1] images (normalises inside); model_spec rebuilds it from the
     bundle. word_vectors: (C, d), row c for label_names[c]; an all-zero row is a label without a word
     vector (semguard.subject: unmatched classes), never a reference concept nor an alternative, and an
-    image predicted as one is judged as the top label that has a vector. clean_images: (N, C, H, W) float32;
-    clean_labels: (N,). attack_images: adversarial images, required for the supervised methods
+    image predicted as one is judged as the top label that has a vector. clean_images: (N, C, H, W) float32,
+    or a Dataset of N such images read batch by batch (`config.batch_size` per tapped pass: what bounds
+    memory); clean_labels: (N,). attack_images: adversarial images, required for the supervised methods
     ("logistic", "ensemble").
     """
     cfg = config
     y = np.asarray(clean_labels).astype(np.int64)
     c = len(label_names)
-    if clean_images.ndim != 4 or len(clean_images) != len(y) or len(y) < 4:
-        raise ValueError(f"clean_images must be (N >= 4, C, H, W) matching clean_labels, got {tuple(clean_images.shape)} and {y.shape}")
+    first = next(image_batches(clean_images, 1), None) if len(clean_images) else None  # (1, C, H, W)
+    if first is None or first.ndim != 4 or len(clean_images) != len(y) or len(y) < 4:
+        got = tuple(clean_images.shape) if isinstance(clean_images, torch.Tensor) else f"{len(clean_images)} images"
+        raise ValueError(f"clean_images must be (N >= 4, C, H, W) matching clean_labels, got {got} and {y.shape}")
     if np.asarray(word_vectors).shape[0] != c or y.min() < 0 or y.max() >= c:
         raise ValueError(f"word_vectors must have one row per label ({c}) and clean_labels lie in [0, {c})")
     tap = LayerTap(model, layers)
-    input_shape = tuple(int(v) for v in clean_images.shape[1:])
+    input_shape = tuple(int(v) for v in first.shape[1:])
     shapes = layer_shapes(tap, input_shape)
     fit_idx, calib_idx = fit_calib_split(len(y), cfg.calib_fraction, cfg.seed)
 
     dens_red = density_reductions(shapes, cfg.mahalanobis_max_dim, cfg.seed)
-    fit_pred, fit_feats = _reduced_pass(tap, clean_images[fit_idx], dens_red, cfg.batch_size, progress)
+    fit_pred, fit_feats = _reduced_pass(tap, take(clean_images, fit_idx), dens_red, cfg.batch_size, progress)
     similarity = _similarity(cfg, word_vectors, fit_feats, y[fit_idx], layers, c)
     eligible = eligible_labels(word_vectors)  # labels without a word vector: never references nor judged against
     selection = select_references(y[fit_idx], fit_pred, cfg.k, cfg.per_concept, cfg.seed, eligible)
     chosen = fit_idx[np.concatenate(selection.images)]
     red = bank_reductions(shapes, cfg)
-    _, proto_acts = _reduced_pass(tap, clean_images[chosen], red, cfg.batch_size)
+    _, proto_acts = _reduced_pass(tap, take(clean_images, chosen), red, cfg.batch_size)
     bank = build_reference_bank(proto_acts, selection, similarity, cfg.space)
     # prototypes were reduced batch by batch above; label profiles in C order as a loaded bundle holds them
     # (a column selection is Fortran-ordered, and the signature's float64 sums then round differently)
@@ -250,8 +269,8 @@ def calibrate_guard(
 
     kinds = tuple(cfg.features)
     args = (tap, bank, maha, kinds, cfg.n_alternatives, cfg.seed, cfg.batch_size, eligible)
-    fit_x, _ = guard_features(args[0], clean_images[fit_idx], *args[1:])
-    calib_x, calib_frac = guard_features(args[0], clean_images[calib_idx], *args[1:])
+    fit_x, _ = guard_features(args[0], take(clean_images, fit_idx), *args[1:])
+    calib_x, calib_frac = guard_features(args[0], take(clean_images, calib_idx), *args[1:])
     attack_x = guard_features(args[0], attack_images, *args[1:])[0] if attack_images is not None else None
     names = feature_names(kinds, layers)
     flagger = fit_flagger(fit_x, calib_x, names, cfg.method, attack_x, cfg.target_fpr, explain=(layers, calib_frac),

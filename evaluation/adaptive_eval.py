@@ -39,10 +39,12 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from semguard.evaluation.detector_eval import (
-    VARIANTS, AttackSpec, CleanSplit, Detector, DetectorEvalConfig, build_detectors, run_attack, training_attacks,
+    VARIANTS, AttackSpec, CleanSplit, Detector, DetectorEvalConfig, build_detectors, load_images, run_attack, take,
+    training_attacks,
 )
 from semguard.attacks.adaptive import ActivationDetectorSurrogate, GuardSurrogate
 from semguard.attacks.guard_pgd import MODES, GuardAttackConfig, GuardAttackResult, guard_pgd
@@ -127,7 +129,7 @@ def surrogate_of(model: nn.Module, d: Detector):
     return GuardSurrogate(d.attack_view)
 
 
-def attacker_detectors(view: AttackerView, x: torch.Tensor, y: np.ndarray, predicted: np.ndarray, pool: np.ndarray,
+def attacker_detectors(view: AttackerView, x: torch.Tensor | Dataset, y: np.ndarray, predicted: np.ndarray, pool: np.ndarray,
                        names: tuple[str, ...], cfg: DetectorEvalConfig, seed: int, sources: int | None,
                        out_dir: Path) -> dict[str, Detector]:
     """The gray-box attacker's own detectors `names`: the evaluation's recipe with `seed`, calibrated and
@@ -139,7 +141,7 @@ def attacker_detectors(view: AttackerView, x: torch.Tensor, y: np.ndarray, predi
                               art_layer=cfg.art_layer if "art_binary_activation" in names else None)
     train_adv, _ = training_attacks(view.model, x, y, predicted, pool, view.word_vectors, own)
     dets, _ = build_detectors(view.model, view.model_spec, view.layers, view.label_names, view.word_vectors,
-                              (x[pool], y[pool]), train_adv, out_dir, out_dir, own, view.model_name)
+                              (take(x, pool), y[pool]), train_adv, out_dir, out_dir, own, view.model_name)
     return {d.name: d for d in dets if d.name in names}
 
 
@@ -193,7 +195,7 @@ def cell(d: Detector, clean_scores: np.ndarray, model: nn.Module, x_clean: torch
             "attack_seconds": round(seconds, 2)}
 
 
-def adaptive_evaluation(view: AttackerView, detectors: list[Detector], x: torch.Tensor, y: np.ndarray,
+def adaptive_evaluation(view: AttackerView, detectors: list[Detector], x: torch.Tensor | Dataset, y: np.ndarray,
                         predicted: np.ndarray, split: CleanSplit, out: Path, cfg: DetectorEvalConfig) -> AdaptiveEvaluation:
     """Every configured cell (threat model x eps x detector); figures to out/adaptive_*.png."""
     acfg: AdaptiveConfig = cfg.adaptive
@@ -203,8 +205,8 @@ def adaptive_evaluation(view: AttackerView, detectors: list[Detector], x: torch.
     skipped = {n: "not among the evaluation's detectors (not configured, or no training attacks)"
                for n in acfg.detectors if n not in real}
     sources, targets = attack_plan(y, predicted, split.evaluation, acfg.n_images, acfg.seed)
-    x_src, t_src = x[sources], torch.as_tensor(targets)
-    clean = {n: real[n].score(x[split.evaluation]) for n in names}
+    x_src, t_src = load_images(x, sources), torch.as_tensor(targets)
+    clean = {n: real[n].score(take(x, split.evaluation)) for n in names}
     results: dict = {tm: {eps_label(e): {} for e in acfg.eps} for tm in acfg.threat_models}
     curves: dict = {}
     total = len(acfg.eps) * (("naive" in acfg.threat_models) + len(names) * (len(acfg.threat_models) - ("naive" in acfg.threat_models)))

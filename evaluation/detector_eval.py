@@ -30,16 +30,19 @@ from typing import Mapping, NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from semguard.models.inputs import as_model_input, predict
 from semguard.attacks.registry import get_attack
 from semguard.attacks.targets import select_targets
 from semguard.models.factory import ModelSpec
-from semguard.detector.calibrate import CalibrationConfig, calibrate_guard
+from semguard.detector.calibrate import CalibrationConfig, calibrate_guard, take
 from semguard.detector.evaluate import DetectionMetrics, detection_metrics, roc_curve
 from semguard.detector.flagger import SUPERVISED
 from semguard.detector.guard import Guard
+from semguard.detector.budget import tap_batch_size
+from semguard.detector.layers import LayerTap, image_batches
 
 
 @dataclass(frozen=True)
@@ -186,15 +189,25 @@ def plan_attack(labels: np.ndarray, predicted: np.ndarray, pool: np.ndarray, wor
     return sources, targets
 
 
-def run_attack(model: nn.Module, images: torch.Tensor, sources: np.ndarray, targets: np.ndarray,
+def load_images(images: torch.Tensor | Dataset, indices: np.ndarray) -> torch.Tensor:
+    """images[indices] as one (n, C, H, W) tensor: a tensor's rows, or read from an ImageSet or a Subset of one."""
+    if isinstance(images, torch.Tensor):
+        return images[indices]
+    if isinstance(images, Subset):
+        return images.dataset.load(np.asarray(images.indices)[np.asarray(indices, np.int64)])
+    return images.load(np.asarray(indices, np.int64))
+
+
+def run_attack(model: nn.Module, images: torch.Tensor | Dataset, sources: np.ndarray, targets: np.ndarray,
                spec: AttackSpec, progress: bool = False) -> AttackRun:
-    """Attack images[sources] towards targets in batches; success = the model now predicts the target."""
+    """Attack images[sources] towards targets in batches (images: a tensor, or an ImageSet / Subset of one read
+    batch by batch); success = the model now predicts the target."""
     attack = get_attack(spec.attack)
     start = time.perf_counter()
     out, hits = [], []
     bar = tqdm(total=len(sources), desc=spec.name, unit="img", disable=not progress)
     for i in range(0, len(sources), spec.batch_size):
-        x = images[sources[i : i + spec.batch_size]]
+        x = load_images(images, sources[i : i + spec.batch_size])
         t = torch.as_tensor(targets[i : i + spec.batch_size], dtype=torch.long)
         adv = attack(model, x, t, **spec.params).detach().float()
         with torch.no_grad():
@@ -202,7 +215,7 @@ def run_attack(model: nn.Module, images: torch.Tensor, sources: np.ndarray, targ
         out.append(adv)
         bar.update(len(x))
     bar.close()
-    adversarial = torch.cat(out) if out else images[:0]
+    adversarial = torch.cat(out) if out else load_images(images, np.zeros(0, np.int64))
     success = np.concatenate(hits) if hits else np.zeros(0, bool)
     return AttackRun(sources, targets, adversarial, success, time.perf_counter() - start)
 
@@ -224,8 +237,8 @@ class Detector(NamedTuple):
 def guard_detector(name: str, role: str, bundle_dir: Path, batch_size: int) -> Detector:
     guard = Guard.load(bundle_dir)
 
-    def score(images: torch.Tensor) -> np.ndarray:
-        parts = [guard.inspect_arrays(images[i : i + batch_size]).score for i in range(0, len(images), batch_size)]
+    def score(images: torch.Tensor | Dataset) -> np.ndarray:
+        parts = [guard.inspect_arrays(batch).score for batch in image_batches(images, batch_size)]
         return np.concatenate(parts) if parts else np.zeros(0)
 
     return Detector(name, role, score, guard.info.threshold, guard)
@@ -267,9 +280,9 @@ def art_binary_detector(model: nn.Module, clean: torch.Tensor, adversarial: torc
         finally:
             np.random.set_state(state)
 
-    def score(images: torch.Tensor) -> np.ndarray:
-        logits = detector.detect(images.numpy(), batch_size=256)[0]["predictions"]
-        return (logits[:, 1] - logits[:, 0]).astype(np.float64)
+    def score(images: torch.Tensor | Dataset) -> np.ndarray:
+        logits = [detector.detect(b.numpy(), batch_size=256)[0]["predictions"] for b in image_batches(images, 256)]
+        return np.concatenate([l[:, 1] - l[:, 0] for l in logits]).astype(np.float64)
 
     # ART flags argmax = adversarial: logit diff > 0
     return Detector("art_binary_activation", "baseline", score, 0.0, (layer, head, score))
@@ -323,12 +336,13 @@ def build_detectors(model, model_spec, layers, label_names, word_vectors, clean,
                       "fpr_calib": report.fpr_calib, "n_fit": report.n_fit, "n_calib": report.n_calib,
                       "auroc_heldout": report.auroc_heldout, "warnings": list(report.warnings)}
     if cfg.art_layer is not None and train_adv is not None and len(train_adv):
-        detectors.append(art_binary_detector(model, clean[0], train_adv, cfg.art_layer, cfg.art_epochs, cfg.seed))
+        held = load_images(clean[0], np.arange(len(clean[1])))  # ART's fit takes every image as one array
+        detectors.append(art_binary_detector(model, held, train_adv, cfg.art_layer, cfg.art_epochs, cfg.seed))
         info["art_binary_activation"] = {"layer": cfg.art_layer, "epochs": cfg.art_epochs, "n_adversarial_train": len(train_adv)}
     return detectors, info
 
 
-def training_attacks(model: nn.Module, x: torch.Tensor, y: np.ndarray, predicted: np.ndarray, pool: np.ndarray,
+def training_attacks(model: nn.Module, x: torch.Tensor | Dataset, y: np.ndarray, predicted: np.ndarray, pool: np.ndarray,
                      word_vectors: np.ndarray, cfg: DetectorEvalConfig) -> tuple[torch.Tensor | None, dict]:
     """Successful adversarial images of cfg.train_attacks on `pool` images (the calibration part), and their figures."""
     if not cfg.train_attacks:
@@ -357,14 +371,17 @@ def evaluate_detector(
 ) -> DetectorEvaluation:
     """Split, attack, calibrate every detector, score held-out images; write the bundle, ROC PNG and JSON.
 
-    images: the clean test set, uint8 (N, H, W, 3) or float32 (N, 3, H, W) in [0, 1]; labels (N,);
+    images: the clean test set, uint8 (N, H, W, 3) or float32 (N, 3, H, W) in [0, 1], or a Dataset of such
+    images read batch by batch (an ImageSet or a Subset of one: only ART's detector holds its calibration part);
+    labels (N,);
     word_vectors (C, d), row c for label_names[c]. Writes out_dir/bundle (the shipped guard),
     out_dir/detector_roc.png and out_dir/detector_eval.json.
     """
     cfg, out = config, Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    x, y = as_model_input(images), np.asarray(labels).astype(np.int64)
+    x = images if isinstance(images, Dataset) else as_model_input(images)
+    y = np.asarray(labels).astype(np.int64)
     predicted = predict(model.eval(), x, cfg.batch_size)
     split = split_clean(y, cfg.eval_fraction, cfg.seed)
     train_adv, train_info = training_attacks(model, x, y, predicted, split.calibration, word_vectors, cfg)
@@ -375,9 +392,9 @@ def evaluate_detector(
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="semguard-variants-") as tmp:
         detectors, info = build_detectors(model, model_spec, layers, label_names, word_vectors,
-                                          (x[split.calibration], y[split.calibration]), train_adv, out, tmp, cfg, model_name)
+                                          (take(x, split.calibration), y[split.calibration]), train_adv, out, tmp, cfg, model_name)
         t2 = time.perf_counter()
-        metrics, curves = score_all(detectors, x[split.evaluation], runs)
+        metrics, curves = score_all(detectors, take(x, split.evaluation), runs)
         t3 = time.perf_counter()
         if cfg.adaptive is not None:
             from semguard.evaluation.adaptive_eval import AttackerView, adaptive_evaluation
@@ -413,7 +430,7 @@ def _attack_json(spec: AttackSpec, run: AttackRun) -> dict:
             "attack_seconds": round(run.seconds, 2)}
 
 
-def score_all(detectors: list[Detector], clean: torch.Tensor, runs: Mapping[str, AttackRun]):
+def score_all(detectors: list[Detector], clean: torch.Tensor | Dataset, runs: Mapping[str, AttackRun]):
     """metrics[detector][attack] and ROC curves[detector][attack] on the held-out images."""
     metrics, curves = {}, {}
     for d in detectors:
@@ -475,15 +492,6 @@ def quick_config(config: DetectorEvalConfig = DetectorEvalConfig(), n_sources: i
 
 # ----------------------------------------------------------------------------- any subject (semguard.subject)
 
-# Clean images calibrate/evaluate hold in memory (float32) unless --max-images says otherwise: all of the
-# embedded world's 5000 (32x32), ~3500 at 224x224, ~2000 at 299x299.
-CLEAN_IMAGE_BUDGET = 2 << 30
-
-
-def default_max_images(input_shape: tuple[int, ...]) -> int:
-    return max(4, CLEAN_IMAGE_BUDGET // (4 * int(np.prod(input_shape))))
-
-
 def clean_image_indices(labels: np.ndarray, matched: np.ndarray, max_images: int, seed: int) -> np.ndarray:
     """Sorted indices of the clean images a subject's guard is calibrated and evaluated on: images of the
     classes with a word vector (`matched`), at most `max_images`, stratified: every class gives its
@@ -501,18 +509,22 @@ def clean_image_indices(labels: np.ndarray, matched: np.ndarray, max_images: int
     return np.sort(order[np.lexsort((rng.random(len(order)), within))][:max_images])
 
 
-def subject_clean_images(subject, max_images: int | None = None, seed: int = 0,
-                         batch_size: int = 256) -> tuple[torch.Tensor, np.ndarray]:
-    """(images (n, 3, H, W) float32, labels (n,)): `clean_image_indices` over the images of every class (the
-    guard serves them all, so its threshold is set on them all), read from the subject's ImageSet."""
+def subject_clean_set(subject, max_images: int | None = None, seed: int = 0) -> tuple[Subset, np.ndarray]:
+    """(images: a Subset of the subject's ImageSet, read on demand; labels (n,)): `clean_image_indices` over the
+    images of every class (the guard serves them all, so its threshold is set on them all); all of them when
+    max_images is None."""
     labels = np.asarray(subject.images.labels)
     if not np.asarray(subject.matched)[labels].any():
         raise ValueError(f"subject {subject.name}: no image of a class with a word vector")
-    first = int(np.flatnonzero(np.asarray(subject.matched)[labels])[0])
-    cap = max_images if max_images is not None else default_max_images(tuple(subject.images.load(np.array([first])).shape[1:]))
-    idx = clean_image_indices(labels, np.ones(len(subject.classes), bool), cap, seed)
-    x = torch.cat([subject.images.load(idx[i : i + batch_size]) for i in range(0, len(idx), batch_size)])
-    return x, labels[idx]
+    idx = clean_image_indices(labels, np.ones(len(subject.classes), bool), max_images or len(labels), seed)
+    return Subset(subject.images, idx.tolist()), labels[idx]
+
+
+def budget_batch_size(subject, images: Dataset, memory_budget_gib: float, at_most: int) -> int:
+    """Images per tapped pass of the subject's layers within `memory_budget_gib` (attack analyze's rule,
+    detector.budget.tap_batch_size), at most `at_most`."""
+    first = next(image_batches(images, 1))
+    return tap_batch_size(LayerTap(subject.model.eval(), subject.layers), first, memory_budget_gib, at_most)
 
 
 def _top_level_layer(model: nn.Module, name: str | None) -> str | None:
@@ -539,34 +551,44 @@ def check_calibration_size(n_images: int, n_calibration_part: int, cfg: Detector
 
 
 def calibrate_subject_guard(subject, out_dir: str | Path, config: DetectorEvalConfig = DetectorEvalConfig(),
-                            max_images: int | None = None, allow_few_images: bool = False):
+                            max_images: int | None = None, allow_few_images: bool = False,
+                            memory_budget_gib: float = 4.0):
     """`semguard detector calibrate`: a guard bundle for the subject's model (detector.calibrate.CalibrationReport).
 
     Calibrated on the calibration part of `split_clean` (the part `evaluate_subject_detector` never
-    evaluates on) of the subject's clean images of classes with a word vector; the bundle's labels are
-    all the model's classes, their word vectors zero rows where there is none (see README, a subject).
+    evaluates on) of the subject's clean images of classes with a word vector (all of them unless
+    max_images); the bundle's labels are all the model's classes, their word vectors zero rows where there
+    is none (see README, a subject). The images are read batch by batch, never all at once: peak memory is
+    one tapped pass (`memory_budget_gib`, which caps config.detector.batch_size), the training attacks'
+    images, and a few reduced features per image (detector.calibrate).
     """
     cfg = config
-    x, y = subject_clean_images(subject, max_images, cfg.seed, cfg.batch_size)
+    images, y = subject_clean_set(subject, max_images, cfg.seed)
     split = split_clean(y, cfg.eval_fraction, cfg.seed)  # the same split `evaluate` uses: its held-out part stays unseen
     if not allow_few_images:
         check_calibration_size(len(y), len(split.calibration), cfg)
+    batch = budget_batch_size(subject, images, memory_budget_gib, cfg.detector.batch_size)
     attack_images = None
     if cfg.detector.method in SUPERVISED:
-        predicted = predict(subject.model, x, cfg.batch_size)
-        attack_images, _ = training_attacks(subject.model, x, y, predicted, split.calibration, subject.word_vectors, cfg)
+        predicted = predict(subject.model, images, batch)
+        attack_images, _ = training_attacks(subject.model, images, y, predicted, split.calibration, subject.word_vectors, cfg)
     return calibrate_guard(
         subject.model, subject.model_spec, subject.layers, list(subject.classes), subject.word_vectors,
-        x[split.calibration], y[split.calibration], out_dir, model_name=subject.name, attack_images=attack_images,
-        config=cfg.detector, source_weights=subject.source_weights, progress=cfg.progress,
+        take(images, split.calibration), y[split.calibration], out_dir, model_name=subject.name,
+        attack_images=attack_images, config=dataclasses.replace(cfg.detector, batch_size=batch),
+        source_weights=subject.source_weights, progress=cfg.progress,
     )
 
 
 def evaluate_subject_detector(subject, out_dir: str | Path, config: DetectorEvalConfig = DetectorEvalConfig(),
-                              max_images: int | None = None) -> DetectorEvaluation:
-    """`semguard detector evaluate` on a subject: evaluate_detector on its clean images of classes with a word
-    vector (at most max_images, stratified); ART's detector only when the model has its layer."""
-    x, y = subject_clean_images(subject, max_images, config.seed, config.batch_size)
-    config = dataclasses.replace(config, art_layer=_top_level_layer(subject.model, config.art_layer))
+                              max_images: int | None = None, memory_budget_gib: float = 4.0) -> DetectorEvaluation:
+    """`semguard detector evaluate` on a subject: evaluate_detector on its clean images (all of them unless
+    max_images, stratified), read batch by batch; `memory_budget_gib` caps the images per tapped pass (the
+    calibrations' and the scoring's batch sizes). ART's detector only when the model has its layer."""
+    images, y = subject_clean_set(subject, max_images, config.seed)
+    batch = budget_batch_size(subject, images, memory_budget_gib, max(config.batch_size, config.detector.batch_size))
+    config = dataclasses.replace(config, art_layer=_top_level_layer(subject.model, config.art_layer),
+                                 batch_size=min(config.batch_size, batch),
+                                 detector=dataclasses.replace(config.detector, batch_size=min(config.detector.batch_size, batch)))
     return evaluate_detector(subject.model, subject.model_spec, subject.layers, list(subject.classes),
-                             np.asarray(subject.word_vectors), x, y, out_dir, config, model_name=subject.name)
+                             np.asarray(subject.word_vectors), images, y, out_dir, config, model_name=subject.name)

@@ -332,10 +332,13 @@ def _layers(spec: SubjectSpec, loaded: _Model) -> list[str]:
     """--layers / TOML layers, else the architecture's preset, else every activation-function output
     (ReLU, ReLU6, GELU, SiLU, Hardswish, ...; models.graph.activation_nodes); the count is printed."""
     from semguard.detector.layers import LayerTap
+    from semguard.models.blocks import BLOCKS
     from semguard.models.factory import inner_network
     from semguard.models.graph import activation_nodes
     from semguard.models.presets import known_presets, preset_layers
 
+    if spec.layers is not None and list(spec.layers) == [BLOCKS]:
+        return _block_layers(loaded)
     if spec.layers is not None:
         LayerTap(loaded.module, list(spec.layers))  # every name a node of the graph, else a ValueError naming it
         return list(spec.layers)
@@ -353,6 +356,17 @@ def _layers(spec: SubjectSpec, loaded: _Model) -> list[str]:
     print(f"layers: tapping {len(found)} activation outputs of {loaded.name} ({kinds}), {next(iter(found))} .. "
           f"{list(found)[-1]}; choose others with --layers a,b,c or `layers = [...]` in the subject TOML", file=sys.stderr)
     return list(found)
+
+
+def _block_layers(loaded: _Model) -> list[str]:
+    """`--layers blocks`: each block's output (models.blocks), the count printed as the default taps' is."""
+    from semguard.models.blocks import block_modules
+    from semguard.models.factory import inner_network
+
+    found = block_modules(inner_network(loaded.module))
+    print(f"layers: tapping the outputs of {len(found)} blocks of {loaded.name}, {found[0]} .. {found[-1]}",
+          file=sys.stderr)
+    return found
 
 
 # --------------------------------------------------------------------------- vectors

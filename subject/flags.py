@@ -69,8 +69,9 @@ def add_subject_flags(parser: argparse.ArgumentParser, without: tuple[str, ...] 
                        help="match a multi-word class name only by its phrase token (tiger_shark), never by the "
                             "mean of its words' vectors (TOML phrase_mean = false)")
     group.add_argument("--layers", dest="layers", type=_layer_names, default=None, metavar="NAME,NAME,...",
-                       help="graph node names to tap, comma-separated (TOML: layers = [...]); default: the "
-                            "architecture's preset, else every activation-function output")
+                       help="graph node names to tap, comma-separated (TOML: layers = [...]), or `blocks`: each "
+                            "block's output (ResNet's bottlenecks, EfficientNet's MBConv blocks, a ViT's encoder "
+                            "blocks); default: the architecture's preset, else every activation-function output")
 
 
 def subject_spec_from_args(args: argparse.Namespace, world_cache: Path | str | None = None,

@@ -116,6 +116,10 @@ def add_two_vs_two_command(analyze_commands: argparse._SubParsersAction) -> None
         "Writes two_vs_two.json and two_vs_two_by_layer.png.",
     )
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--prototypes", action="store_true",
+                   help="also 2 vs 2 on the classifier's class prototypes (its final layer's weight rows: every class "
+                        "with a word vector, no image needed; one figure, not per layer) -> OUT/prototypes.json; the "
+                        "image sets' 2 vs 2 then runs where the images allow it and says why not where they do not")
     add_subject_flags(p)
     add_world_cache_flag(p, "the embedded world's cache (when no subject asset is given)")
     defer_config_flags(p, "semguard.analysis.subject_two_vs_two:TwoVsTwoConfig", TWO_VS_TWO_FLAGS)
@@ -127,10 +131,19 @@ def run_two_vs_two_command(args: argparse.Namespace) -> int:
     from semguard.subject.core import load_subject
     from semguard.subject.flags import subject_spec_from_args
 
+    from semguard.too_small import TooSmall
+
     config = config_from_flags(args, TwoVsTwoConfig(), TWO_VS_TWO_FLAGS)
     try:
         subject = load_subject(subject_spec_from_args(args, world_cache=args.world_cache), progress=config.progress)
+        if args.prototypes:
+            _print_prototypes(subject, args.out, config)
         result = run_two_vs_two(subject, args.out, config)
+    except TooSmall as err:
+        if not args.prototypes:
+            raise SystemExit(f"semguard analyze two-vs-two: {err}") from None
+        print(f"2 vs 2 on image sets skipped: {err}")
+        return 0
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"semguard analyze two-vs-two: {err}") from None
     from semguard.subject.header import render_subject_header
@@ -143,3 +156,17 @@ def run_two_vs_two_command(args: argparse.Namespace) -> int:
     print(f"written: {Path(args.out) / 'two_vs_two.json'}, two_vs_two_by_layer.png "
           f"({len(result['computed'])} layers computed, {len(result['layers']) + 1 - len(result['computed'])} reused)")
     return 0
+
+
+def _print_prototypes(subject, out: Path, config) -> None:
+    from semguard.analysis.prototype_two_vs_two import PROTOTYPES_FILE, write_prototype_two_vs_two
+    from semguard.too_small import TooSmall
+
+    try:
+        r = write_prototype_two_vs_two(subject, out, config.n_permutations, config.seed, config.device)
+    except TooSmall as err:
+        print(f"2 vs 2 on class prototypes skipped: {err}")
+        return
+    print(f"2 vs 2 on {r['model']}'s class prototypes ({r['layer']} weight rows, {r['concepts']} classes): "
+          f"{r['accuracy']:.3f} (p {r['p_value']:.4f}, {r['n_permutations']} permutations; chance 0.5) -> "
+          f"{Path(out) / PROTOTYPES_FILE}", flush=True)

@@ -35,8 +35,8 @@ SUBJECT_POLICY = (
     "without one); an image the model predicts as such a class is served with that prediction, and its 1 vs 2 "
     "signature judges the top class that has a vector (its meaning cannot be checked against the class itself: "
     "a blind spot of the signature, not of the Mahalanobis member). The guard is calibrated and evaluated on clean "
-    "images of every class, so --target-fpr holds for all clean traffic. --max-images caps the clean images held in memory (stratified "
-    "over classes; default: what fits in 2 GiB of float32)."
+    "images of every class, so --target-fpr holds for all clean traffic. The clean images are read batch by batch (--memory-budget: "
+    "activations per tapped pass); --max-images caps their number (stratified over classes)."
 )
 
 
@@ -69,9 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "(default: %(default)s)")
         defer_config_flags(p, "semguard.evaluation.detector_eval:DetectorEvalConfig", detector_flags)
         add_subject_flags(p)
+        p.add_argument("--memory-budget", type=float, default=4.0, metavar="GIB",
+                       help="GiB of activations one tapped pass holds (images per pass follow from it); the clean "
+                            "images are read batch by batch, so peak memory does not grow with their number")
         p.add_argument("--max-images", type=int, default=None, metavar="N",
-                       help="at most N clean images (stratified over the classes with a word vector; default: what "
-                            "fits in 2 GiB as float32, all of the embedded world's)")
+                       help="at most N clean images (stratified over the classes with a word vector; default: all)")
     cal.set_defaults(func=run_calibrate)
     ev.set_defaults(func=run_evaluate)
 
@@ -149,7 +151,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     cfg = _checked_config(args)
     subject = _subject(args, cfg.progress)
-    report = _on_subject(args, calibrate_subject_guard, subject, args.out, cfg, args.max_images, args.allow_few_images)
+    report = _on_subject(args, calibrate_subject_guard, subject, args.out, cfg, args.max_images, args.allow_few_images,
+                         args.memory_budget)
     _print_header(subject, (report.clean_accuracy, report.n_fit + report.n_calib))
     return _print_calibration(report)
 
@@ -197,7 +200,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _checked_config(args)
     subject = _subject(args, cfg.progress)
-    ev = _on_subject(args, evaluate_subject_detector, subject, args.out, cfg, args.max_images)
+    ev = _on_subject(args, evaluate_subject_detector, subject, args.out, cfg, args.max_images, args.memory_budget)
     split = ev.results["split"]
     _print_header(subject, (ev.results["clean_accuracy"], split["n_calibration"] + split["n_evaluation"]))
     print(format_results(ev.results))

@@ -11,6 +11,7 @@ from semguard.evaluation.detector_eval import (
 from semguard.models.factory import ModelSpec
 from semguard.detector.calibrate import CalibrationConfig
 from semguard.detector.guard import Guard
+from semguard.subject.core import ImageSet
 from tests.tiny_cnn import LAYERS, TinyCNN, fit_head
 
 N_CLASSES = 10
@@ -133,17 +134,15 @@ def test_cli_registers_detector_commands_and_formats(tiny_world):
 UNMATCHED = (7, 8, 9)  # classes of the tiny subject without a word vector
 
 
-class TensorImages:
-    """An ImageSet (semguard.subject.core) over float images already in memory; counts the images loaded."""
+class TensorImages(ImageSet):
+    """An ImageSet over float images already in memory; counts the images loaded and the largest load."""
 
     def __init__(self, images: torch.Tensor, labels: np.ndarray):
-        self.images, self.labels, self.skipped, self.loaded = images, np.asarray(labels, np.int64), (), 0
-
-    def __len__(self) -> int:
-        return len(self.labels)
+        self.images, self.labels, self.skipped, self.loaded, self.largest = images, np.asarray(labels, np.int64), (), 0, 0
 
     def load(self, indices: np.ndarray) -> torch.Tensor:
         self.loaded += len(indices)
+        self.largest = max(self.largest, len(indices))
         return self.images[torch.as_tensor(np.asarray(indices, np.int64))]
 
 
@@ -169,7 +168,7 @@ def test_plan_attack_skips_classes_without_a_vector():
 
 
 def test_clean_image_indices_are_stratified_over_matched_classes():
-    from semguard.evaluation.detector_eval import clean_image_indices, default_max_images
+    from semguard.evaluation.detector_eval import clean_image_indices
 
     labels = np.repeat(np.arange(5), [10, 2, 6, 8, 4])
     matched = np.array([True, True, False, True, True])
@@ -179,7 +178,6 @@ def test_clean_image_indices_are_stratified_over_matched_classes():
     assert len(some) == 9 and np.all(np.diff(some) > 0) and not np.any(labels[some] == 2)
     assert sorted(np.bincount(labels[some], minlength=5)[[0, 1, 3, 4]]) == [2, 2, 2, 3]  # round robin over classes
     np.testing.assert_array_equal(some, clean_image_indices(labels, matched, 9, seed=0))
-    assert default_max_images((3, 224, 224)) == (2 << 30) // (4 * 3 * 224 * 224)
 
 
 def test_subject_bundle_serves_classes_without_a_vector(tiny_world, tmp_path):
