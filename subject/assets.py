@@ -281,8 +281,10 @@ def _timm_model(spec: SubjectSpec, arch: str, n_classes: int) -> _Model:
     if not timm.is_model(arch):
         raise ValueError(f"--model timm/{arch}: timm knows no architecture {arch!r} "
                          f"(close: {timm.list_models(f'*{arch[:6]}*')[:5]})")
-    # offline: the pretrained config (transform, mean/std) is in timm's registry
-    cfg = timm.data.resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(arch).to_dict())
+    # offline: the pretrained config (transform, mean/std) is in timm's registry (timm's defaults without one)
+    pretrained = timm.models.get_pretrained_cfg(arch)
+    cfg = timm.data.resolve_data_config(pretrained_cfg=pretrained.to_dict() if pretrained is not None
+                                        else {"input_size": (3, 224, 224)})
     size = int(cfg["input_size"][-1])
     interpolation = cfg.get("interpolation", "bicubic")
     conv = Convention(size, math.floor(size / cfg.get("crop_pct", 0.875)),
