@@ -35,7 +35,7 @@ if __name__ == "__main__":
 
 
 def start_and_kill(out, log, *extra: str) -> tuple[set[str], dict[str, int]]:
-    """Run this worker in a subprocess and kill -9 it once a shard is in place; returns the finished
+    """Run this worker in a subprocess and kill -9 it once a shard is in place and logged; returns the finished
     shards' file names and their modification times (a resumed run must not touch them)."""
     import os
     import signal
@@ -49,7 +49,9 @@ def start_and_kill(out, log, *extra: str) -> tuple[set[str], dict[str, int]]:
     proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     try:
         deadline = time.monotonic() + 120
-        while not (out / MANIFEST_FILE).exists() or not (out / MANIFEST_FILE).read_text().count("\n"):
+        # a shard's manifest row is written before its number reaches the log: wait for both
+        while not (out / MANIFEST_FILE).exists() or not (out / MANIFEST_FILE).read_text().count("\n") \
+                or not Path(log).exists() or not Path(log).read_text().strip():
             assert proc.poll() is None, "worker exited before its first shard"
             assert time.monotonic() < deadline, "no shard within 120 s"
             time.sleep(0.05)
