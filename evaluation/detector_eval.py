@@ -190,12 +190,10 @@ def plan_attack(labels: np.ndarray, predicted: np.ndarray, pool: np.ndarray, wor
 
 
 def load_images(images: torch.Tensor | Dataset, indices: np.ndarray) -> torch.Tensor:
-    """images[indices] as one (n, C, H, W) tensor: a tensor's rows, or read from an ImageSet or a Subset of one."""
-    if isinstance(images, torch.Tensor):
-        return images[indices]
-    if isinstance(images, Subset):
-        return images.dataset.load(np.asarray(images.indices)[np.asarray(indices, np.int64)])
-    return images.load(np.asarray(indices, np.int64))
+    """images[indices] as one (n, C, H, W) tensor: a tensor's rows, or read from an ImageSet or a Subset of one
+    (`take`'s rows, loaded in one call)."""
+    picked = take(images, indices)
+    return picked if isinstance(picked, torch.Tensor) else picked.dataset.load(np.asarray(picked.indices, np.int64))
 
 
 def run_attack(model: nn.Module, images: torch.Tensor | Dataset, sources: np.ndarray, targets: np.ndarray,

@@ -57,9 +57,9 @@ class UntrustedModelCode(ModelSpecError):
 class OtherClassCount(ValueError):
     """A weights file for the same architecture with another number of classes (`key` is its head tensor)."""
 
-    def __init__(self, message: str, key: str, classes: int):
-        super().__init__(message)
-        self.key, self.classes = key, classes
+    def __init__(self, found: str, key: str, classes: int, expected: int):
+        super().__init__(f"{found}, but the model is built for {expected}")
+        self.found, self.key, self.classes = found, key, classes  # found: "<file>: <name> weights for K classes (...)"
 
 
 # ----------------------------------------------------------------------------- builders and their arguments
@@ -274,8 +274,8 @@ def load_weights(model: nn.Module, weights: str | Path | dict[str, torch.Tensor]
     other = _other_class_count(state, expected) if not unexpected else None
     if other is not None:
         key, classes = other
-        raise OtherClassCount(f"{where}: {name} weights for {classes} classes ({key} {tuple(state[key].shape)}), "
-                              f"but the model is built for {expected[key].shape[0]}", key, classes)
+        raise OtherClassCount(f"{where}: {name} weights for {classes} classes ({key} {tuple(state[key].shape)})", key,
+                              classes, expected[key].shape[0])
     if missing or unexpected or shapes:
         raise ValueError(f"{where}: not a {name} state dict (is it for another architecture?): "
                          f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "

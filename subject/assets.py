@@ -254,8 +254,7 @@ def _built(spec: SubjectSpec, model_spec: ModelSpec, n_classes: int) -> nn.Modul
         return create_model(model_spec, weights=spec.weights, trust_model_code=spec.model_entry is not None,
                             what="--weights")
     except OtherClassCount as error:
-        raise ValueError(f"{str(error).rsplit(', but ', 1)[0]}, but {_class_source(spec)} has {n_classes} "
-                         "classes") from None
+        raise ValueError(f"{error.found}, but {_class_source(spec)} has {n_classes} classes") from None
 
 
 def _class_source(spec: SubjectSpec) -> str:
