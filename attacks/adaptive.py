@@ -93,8 +93,7 @@ class GuardSurrogate:
         self.recipe, self.flagger = guard.recipe, guard.bundle.flagger
         fl, bank = self.flagger, self.recipe.bank
         self.threshold = float(fl.threshold)
-        self._label_profiles = torch.as_tensor(bank.label_profiles, dtype=torch.float64)
-        self._concepts = torch.as_tensor(np.asarray(bank.concepts), dtype=torch.long)
+        self._label_terms = bank.label_terms()
         self._alternatives = torch.as_tensor(alternative_table(bank.num_labels, self.recipe.n_alternatives, self.recipe.seed,
                                                                self.recipe.eligible))
         self._center = torch.as_tensor(fl.center)
@@ -127,26 +126,15 @@ class GuardSurrogate:
         smooth = torch.sigmoid(margins / self.temperature).mean(-1)
         return straight_through(exact, smooth).T
 
-    def _density(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, L') squared Mahalanobis distance to the closest class mean, as `MahalanobisDetector.layer_scores`."""
-        maha = self.recipe.mahalanobis
-        out = []
-        for name, f in maha.features(acts).items():
-            mu, prec, mpm = maha._scoring[name]
-            fp = f @ prec
-            dist = (fp * f).sum(1, keepdim=True) - 2 * fp @ mu.T + mpm  # (B, C)
-            out.append(dist.min(1).values)
-        return torch.stack(out, 1)
-
     def __call__(self, images: torch.Tensor) -> SurrogateOutput:
         tap_out = self.guard.tap(images)
         predicted = self.recipe.signature_labels(tap_out.logits).detach()  # the label the exact signature judges
         profiles = self.recipe.bank.layer_profiles(tap_out.acts, dtype=torch.float32).double()  # (L, B, K)
-        margins = one_vs_two_margins(profiles, predicted, self._label_profiles, self._concepts, self._alternatives[predicted])
+        margins = one_vs_two_margins(profiles, predicted, self._label_terms, self._alternatives[predicted])
         fraction, margin = self._fraction(margins), margins.mean(-1).T  # (B, L)
         blocks = {"fraction": fraction, "margin": margin}
         if "mahalanobis" in self.recipe.kinds:
-            blocks["mahalanobis"] = self._density(tap_out.acts)
+            blocks["mahalanobis"] = self.recipe.mahalanobis.distances(self.recipe.mahalanobis.features(tap_out.acts))
         features = torch.cat([blocks[k] for k in self.recipe.kinds], 1)  # (B, F), the bundle's column order
         z = (features - self._center) / self._scale
         if self.flagger.method == "gaussian":

@@ -175,7 +175,7 @@ def floors(guard: Guard, x: torch.Tensor, repeats: int) -> tuple[float, float]:
         wide = [acts[n] for n in bank.layers if bank.reduction(n).kind != "exact"]
         protos = [torch.from_numpy(bank.prototypes[n]) for n in bank.layers]
         feats = maha.features(acts) if maha is not None else {}
-        consts = [maha._scoring[n] for n in maha.layers] if maha is not None else []
+        consts = [(torch.from_numpy(maha.means[n]), torch.from_numpy(maha.precisions[n])) for n in maha.layers] if maha is not None else []
 
     def signature() -> None:
         for a in wide:
@@ -184,7 +184,7 @@ def floors(guard: Guard, x: torch.Tensor, repeats: int) -> tuple[float, float]:
             reduced[n] @ p.T
 
     def density() -> None:
-        for (mu, prec, _), f in zip(consts, feats.values()):
+        for (mu, prec), f in zip(consts, feats.values()):
             (f @ prec) @ mu.T
 
     out = []

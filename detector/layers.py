@@ -125,7 +125,11 @@ class LayerTap:
         self.nodes: list[str] = [_resolve(n, list(trace.names), prefix) for n in layers]
         self.model = model.eval()
         self._copied: frozenset[str] = frozenset()  # nodes a later in-place op changes (see _extractor)
-        self.module = _extractor(model, trace, self.nodes)
+        self._set_module(_extractor(model, trace, self.nodes))
+
+    def _set_module(self, module: fx.GraphModule) -> None:
+        self.module = module
+        self._submodules = list(module.modules())  # walked once: modules() recurses (~0.2 ms a call on the world CNN)
 
     @property
     def device(self) -> torch.device:
@@ -141,13 +145,13 @@ class LayerTap:
         """images: (B, ...) model inputs -> TapOutput(logits (B, C), {layer: (B, k) float32})."""
         if not isinstance(images, torch.Tensor) or images.ndim < 2 or len(images) == 0:
             raise ValueError(f"images: expected a non-empty (B, ...) tensor, got {_describe(images)}")
-        if any(m.training for m in self.module.modules()):  # a model put back in train mode must not change what is
+        if any(m.training for m in self._submodules):  # a model put back in train mode must not change what is
             self.module.eval()  # tapped; eval() itself sets every submodule's flag (~1.5 ms a call on the world CNN)
         logits, taps = self.module(images)
         stale = frozenset(n for n, (value, version) in zip(self.nodes, taps) if version is not None and value._version != version)
         if stale:  # changed in place after the node ran: copy those from now on, and run this batch again
             self._copied |= stale
-            self.module = _extractor(self.model, trace_graph(self.model), self.nodes, self._copied)
+            self._set_module(_extractor(self.model, trace_graph(self.model), self.nodes, self._copied))
             logits, taps = self.module(images)
         acts = [value for value, _ in taps]
         flat = {}

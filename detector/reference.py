@@ -219,6 +219,26 @@ def select_references(
 # ----------------------------------------------------------------------------- the bank
 
 
+class LabelTerms(NamedTuple):
+    """What the 1 vs 2 algebra reads of the label profiles D (C, K), computed once (`label_terms`)."""
+
+    profiles: torch.Tensor  # (C, K) float64 D
+    padded: torch.Tensor  # (C, K+1) D with a zero column appended ("not a reference")
+    sums: torch.Tensor  # (C,) sum_j D[c, j]
+    squares: torch.Tensor  # (C,) sum_j D[c, j]^2
+    position: torch.Tensor  # (C,) long: each label's column among the references, K when it is not one
+
+
+def label_terms(label_profiles: ArrayLike, concepts: ArrayLike, device: torch.device | str | None = None) -> LabelTerms:
+    """label_profiles (C, K), concepts (K,) the label of each reference -> LabelTerms (unchecked: see `_check`)."""
+    d = as_float64(label_profiles, device)
+    ref = torch.as_tensor(np.asarray(concepts), dtype=torch.long, device=d.device)
+    c, k = d.shape
+    pos = torch.full((c,), k, dtype=torch.long, device=d.device)
+    pos[ref] = torch.arange(k, device=d.device)
+    return LabelTerms(d, torch.cat([d, d.new_zeros(c, 1)], -1), d.sum(1), (d * d).sum(1), pos)
+
+
 class _RowStats(NamedTuple):
     mean: torch.Tensor  # (K,) float64 mean of each prototype row
     inv_norm: torch.Tensor  # (K,) float64 1 / |row - mean|, 0 for a constant row
@@ -282,6 +302,31 @@ class ReferenceBank:
             out[name] = _RowStats(mean, torch.where(constant, 0.0, 1.0 / norm.clamp_min(1e-300)))
         return out
 
+    def _serving_constants(self, device: torch.device) -> _ServingConstants:
+        """The prototypes as tensors on `device` (CPU: views of the stored arrays, no copy) and the row
+        statistics stacked over layers; made once per device."""
+        cache = self.__dict__.setdefault("_serving_cache", {})
+        if device not in cache:
+            stats = self._row_stats
+            cache[device] = _ServingConstants(
+                [torch.as_tensor(self.prototypes[n]).to(device=device, dtype=torch.float32) for n in self.layers],
+                torch.stack([stats[n].mean for n in self.layers])[:, None].to(device),  # (L, 1, K)
+                torch.stack([stats[n].inv_norm for n in self.layers])[:, None].to(device),
+            )
+        return cache[device]
+
+    def label_terms(self, device: torch.device | str = "cpu") -> LabelTerms:
+        """The signature's per-label constants on `device`, made (and checked) once per device."""
+        device = torch.device(device)
+        cache = self.__dict__.setdefault("_label_terms", {})
+        if device not in cache:
+            if len(self.concepts) < 4:
+                raise ValueError(f"need K >= 4 reference concepts (two may be left out), got K={len(self.concepts)}")
+            if not np.isfinite(self.label_profiles).all():
+                raise ValueError("profiles and label_profiles must be finite")
+            cache[device] = label_terms(self.label_profiles, self.concepts, device)
+        return cache[device]
+
     def bytes_per_layer(self) -> dict[str, int]:
         """Bytes of the stored prototypes per layer (the shared (C, K) profiles not included)."""
         return {n: int(self.prototypes[n].nbytes) for n in self.layers}
@@ -289,7 +334,7 @@ class ReferenceBank:
     def layer_profiles(self, acts: Mapping[str, torch.Tensor] | list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """acts: {layer: (B, k_l)} (or a list in bank layer order) -> (L, B, K) Pearson profiles."""
         acts = _acts_by_layer(acts, self.layers)
-        out = []
+        reduced = []
         for name in self.layers:
             x = self.reduction(name).apply(torch.as_tensor(acts[name]).to(dtype))
             if x.ndim != 2 or x.shape[1] != self.prototypes[name].shape[1]:
@@ -297,31 +342,44 @@ class ReferenceBank:
                     f"acts[{name!r}] must be (B, {self.prototypes[name].shape[1]}) after {self.reduction(name).kind}, "
                     f"got {tuple(x.shape)}"
                 )
-            if dtype == torch.float64:  # on request (tests, exact comparisons): both sides normalised in float64
-                out.append(_unit_rows(x.double()) @ _unit_rows(as_float64(self.prototypes[name], x.device)).T)  # (B, K)
-                continue
-            out.append(self._serving_profiles(name, x.to(dtype)))
-        return torch.stack(out).clamp(-1.0, 1.0)  # (L, B, K)
+            reduced.append(x)
+        if dtype == torch.float64:  # on request (tests, exact comparisons): both sides normalised in float64
+            return torch.stack([_unit_rows(x.double()) @ _unit_rows(as_float64(self.prototypes[n], x.device)).T
+                                for n, x in zip(self.layers, reduced)]).clamp(-1.0, 1.0)
+        return self._serving_profiles(reduced).clamp(-1.0, 1.0)  # (L, B, K)
 
-    def _serving_profiles(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """x (B, k) float32 -> (B, K) Pearson profiles against the stored prototypes, as they are.
+    def _serving_profiles(self, reduced: list[torch.Tensor]) -> torch.Tensor:
+        """Per layer x (B, k_l) float32 -> (L, B, K) Pearson profiles against the stored prototypes, as they are.
 
-        An exact resnet50 batch of 32 is 1.2 GB of activations: one float32 centred copy, no
-        float64 ones (a float64 row sum would convert its whole input first). unit(p) = (p - mean_p) / |p - mean_p|, and (x - mean_x) sums to zero, so
+        An exact resnet50 batch of 32 is 1.2 GB of activations: one float32 centred copy per layer,
+        no float64 ones (a float64 row sum would convert its whole input first). unit(p) = (p - mean_p) / |p - mean_p|, and (x - mean_x) sums to zero, so
         (x - mean_x) . unit(p) = ((x - mean_x) . p - sum(x - mean_x) mean_p) / |p - mean_p|; the
         sum term removes what float32 rounding leaves of it. Error vs the float64 path: 3.6e-5 at
-        k = 800 000 with a large common offset, from the float32 matmul's accumulation.
+        k = 800 000 with a large common offset, from the float32 matmul's accumulation. Only what needs
+        the layer's width runs per layer (centring, the GEMM, three row reductions); the float64
+        algebra after it runs once over the stacked (L, B, K) results, element for element the same.
         """
-        centred = x - x.mean(1, keepdim=True)
-        norm = torch.linalg.vector_norm(centred, dim=1, keepdim=True).double()  # (B, 1)
+        const = self._serving_constants(reduced[0].device)
+        dots, sums, norms, scales = [], [], [], []
+        for x, proto in zip(reduced, const.prototypes):
+            centred = x - x.mean(1, keepdim=True)
+            dots.append(centred @ proto.T)  # (B, K)
+            sums.append(centred.sum(1))
+            norms.append(torch.linalg.vector_norm(centred, dim=1))
+            scales.append(torch.linalg.vector_norm(x, dim=1))
+        norm = torch.stack(norms)[..., None].double()  # (L, B, 1)
         # _unit_rows' rule, a constant row has a zero profile, at float32's resolution: centring a
         # constant row in float32 leaves rounding noise of ~1e-7 of its norm, not exact zeros
-        constant = norm <= FLOAT32_CONSTANT_ROW * torch.linalg.vector_norm(x, dim=1, keepdim=True).double().clamp_min(1e-300)
+        constant = norm <= FLOAT32_CONSTANT_ROW * torch.stack(scales)[..., None].double().clamp_min(1e-300)
         inv_x = torch.where(constant, 0.0, 1.0 / norm.clamp_min(1e-300))
-        proto = torch.as_tensor(self.prototypes[name]).to(device=x.device, dtype=x.dtype)  # no copy for float32 on CPU
-        mean_p, inv_p = (t.to(x.device) for t in self._row_stats[name])
-        dots = (centred @ proto.T).double() - centred.sum(1, keepdim=True).double() * mean_p  # (B, K)
-        return (dots * inv_x * inv_p).to(x.dtype)
+        dots = torch.stack(dots).double() - torch.stack(sums)[..., None].double() * const.mean  # (L, B, K)
+        return (dots * inv_x * const.inv_norm).to(reduced[0].dtype)
+
+
+class _ServingConstants(NamedTuple):
+    prototypes: list[torch.Tensor]  # per layer (K, k'_l) float32
+    mean: torch.Tensor  # (L, 1, K) float64 row means
+    inv_norm: torch.Tensor  # (L, 1, K) float64 1 / centred row norms
 
 
 FLOAT32_CONSTANT_ROW = 1e-6  # centred norm / norm below this: a constant row in float32

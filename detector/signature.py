@@ -27,7 +27,7 @@ from typing import Mapping, NamedTuple
 import numpy as np
 import torch
 
-from semguard.detector.reference import ReferenceBank
+from semguard.detector.reference import LabelTerms, ReferenceBank, label_terms
 from semguard.detector.rsa import TIE_TOLERANCE, ArrayLike, _pearson_from_moments, as_float64
 
 
@@ -95,37 +95,35 @@ def _gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, index.expand(*x.shape[:-2], *index.shape))
 
 
-def one_vs_two_margins(profiles: torch.Tensor, predicted: torch.Tensor, label_profiles: torch.Tensor,
-                       concepts: torch.Tensor, alternatives: torch.Tensor) -> torch.Tensor:
+def one_vs_two_margins(profiles: torch.Tensor, predicted: torch.Tensor, terms: LabelTerms,
+                       alternatives: torch.Tensor) -> torch.Tensor:
     """(L, B, M) margins corr(i[S], D[p, S]) - corr(i[S], D[a, S]), S = the references other than p
     and a; differentiable in `profiles` (attacks.adaptive backpropagates through it).
 
-    profiles (L, B, K) float64, predicted (B,), label_profiles (C, K) float64, concepts (K,) long,
+    profiles (L, B, K) float64, predicted (B,), terms of the label profiles D (C, K) (`label_terms`),
     alternatives (B, M) long; checked by the callers.
     """
-    i, d, p, a = profiles, label_profiles, predicted, alternatives
-    c, k = d.shape
-    pos = torch.full((c,), k, dtype=torch.long, device=i.device)  # column of each label among the references
-    pos[concepts] = torch.arange(k, device=i.device)  # k = the appended zero column: "not a reference"
+    i, p, a = profiles, predicted, alternatives
+    k = terms.profiles.shape[1]
+    pos, dpad = terms.position, terms.padded
     ipad = torch.cat([i, i.new_zeros(*i.shape[:-1], 1)], -1)  # (L, B, K+1)
-    dpad = torch.cat([d, d.new_zeros(c, 1)], -1)  # (C, K+1)
     pp, pa = pos[p][:, None], pos[a]  # (B, 1), (B, M)
     n = k - (pp < k).double() - (pa < k).double()  # (B, M) columns left
 
     i_pp, i_pa = _gather_last(ipad, pp), _gather_last(ipad, pa)  # (L, B, 1), (L, B, M)
     si = i.sum(-1, keepdim=True) - i_pp - i_pa  # (L, B, M)
     sii = (i * i).sum(-1, keepdim=True) - i_pp**2 - i_pa**2
-    g = i @ d.T  # (L, B, C): i . D[c] over all K columns
+    g = i @ terms.profiles.T  # (L, B, C): i . D[c] over all K columns
 
     dp_pp, dp_pa = dpad[p[:, None], pp], dpad[p[:, None], pa]  # D[p, pos p] (B, 1), D[p, pos a] (B, M)
-    sy = d.sum(1)[p][:, None] - dp_pp - dp_pa
-    syy = (d * d).sum(1)[p][:, None] - dp_pp**2 - dp_pa**2
+    sy = terms.sums[p][:, None] - dp_pp - dp_pa
+    syy = terms.squares[p][:, None] - dp_pp**2 - dp_pa**2
     siy = _gather_last(g, p[:, None]) - i_pp * dp_pp - i_pa * dp_pa
     r_pred = _pearson_from_moments(n, si, sii, sy, syy, siy)
 
     da_pp, da_pa = dpad[a, pp], dpad[a, pa]  # D[a, pos p], D[a, pos a]: (B, M)
-    sz = d.sum(1)[a] - da_pp - da_pa
-    szz = (d * d).sum(1)[a] - da_pp**2 - da_pa**2
+    sz = terms.sums[a] - da_pp - da_pa
+    szz = terms.squares[a] - da_pp**2 - da_pa**2
     siz = _gather_last(g, a) - i_pp * da_pp - i_pa * da_pa
     return r_pred - _pearson_from_moments(n, si, sii, sz, szz, siz)
 
@@ -156,8 +154,11 @@ def signature_from_profiles(
     bad_shape = a.ndim != 2 or a.shape[0] != p.shape[0] or a.shape[1] < 1
     if bad_shape or (a.numel() and ((a == p[:, None]).any() or a.min() < 0 or a.max() >= c)):
         raise ValueError(f"alternatives must be (B, M>=1) labels in [0, {c}) other than each prediction, got shape {tuple(a.shape)}")
+    return _signature(one_vs_two_margins(i, p, label_terms(d, ref), a))
 
-    margin = one_vs_two_margins(i, p, d, ref, a)  # (L, B, M)
+
+def _signature(margin: torch.Tensor) -> Signature:
+    """(L, B, M) margins -> Signature of (B, L) arrays."""
     fraction = (margin > TIE_TOLERANCE).double().mean(-1)  # rsa.one_vs_two's convention: a tie fails
     return Signature(fraction.T.cpu().numpy(), margin.mean(-1).T.cpu().numpy())
 
@@ -199,8 +200,12 @@ def signature_parts(
         raise ValueError(f"predicted must be (B={profiles.shape[1]},), got shape {p.shape}")
     if p.size and (p.min() < 0 or p.max() >= bank.num_labels):
         raise ValueError(f"predicted labels must lie in [0, {bank.num_labels})")
+    if not bool(torch.isfinite(profiles).all()):
+        raise ValueError("profiles and label_profiles must be finite")
+    terms = bank.label_terms(profiles.device)  # the bank's D, checked when the bank was made
     alts = _alternatives(bank.num_labels, n_alternatives, seed, _key(eligible))[p]  # (B, M), a copy: fancy indexing
-    return signature_from_profiles(profiles, p, bank.label_profiles, bank.concepts, alts)
+    p_t, a = (torch.from_numpy(t).to(profiles.device) for t in (p, alts))
+    return _signature(one_vs_two_margins(profiles.double(), p_t, terms, a))
 
 
 
