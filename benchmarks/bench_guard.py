@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from semguard.allocator import keep_freed_memory
 from semguard.evaluation.detector_eval import DetectorEvalConfig
 from semguard.config_flags import add_world_cache_flag
 from semguard.detector.bundle import Bundle, BundleManifest
@@ -296,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time plain, guard and floors by wall clock or by this thread's CPU time (needs --threads 1; "
                              "the stage columns stay the guard's own wall-clock timings)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="keep freed memory for reuse, as `semguard serve` does by default (semguard.allocator): "
+                             "no page faults on fresh activations, for the plain forward and the guard alike")
     return parser
 
 
@@ -305,12 +309,14 @@ def main() -> None:
         if args.threads != 1:
             raise SystemExit("--clock cpu needs --threads 1 (other threads' CPU time would not be counted)")
         CLOCK[0] = time.thread_time
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory: this C library has no mallopt that takes the settings (glibc only)")
     torch.manual_seed(0)
     model, title, layers = world_model(args.world_cache)  # before set_num_threads: build_world sets its own
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = DetectorEvalConfig().detector
-    print(f"machine: {machine()}, clock {args.clock}")
+    print(f"machine: {machine()}, clock {args.clock}, freed memory {'kept' if args.keep_freed_memory else 'returned (libc default)'}")
     print(f"flagger features {list(cfg.features)}, K = {cfg.k} references, all other labels as alternatives")
     header = ["| model | mode | batch | plain ms/img | guard ms/img | plain img/s | guard img/s | guard / plain | "
               "stages fwd / sig / flag ms | floors fwd / sig / flag ms | floor / plain | bank MiB |",

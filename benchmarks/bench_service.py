@@ -257,11 +257,12 @@ def bare_comparison(args: argparse.Namespace) -> None:
         n = max(args.requests // 2, 20) if clients == 1 else args.requests
         rows[clients] = {}
         for name, bare in (("bare model", True), ("guard + model", False)):
-            with served(args.max_batch_size, args, bare=bare) as (port, model, shape):
+            with served(args.max_batch_size, args, bare=bare, return_freed_memory=args.return_freed_memory) as (port, model, shape):
                 rows[clients][name] = _load(port, model, shape, clients, n)
     print(f"machine: {machine()}; bundle {args.bundle}, 1 image {'x'.join(map(str, shape))} FP32 per request, "
           f"loopback, max_batch_size {args.max_batch_size}, batching delay {args.delay_ms:g} ms, "
-          f"server torch threads {args.torch_threads or 'default'}")
+          f"server torch threads {args.torch_threads or 'default'}, freed memory "
+          f"{'returned (--return-freed-memory)' if args.return_freed_memory else 'kept (the server default)'}")
     for clients, results in load_table(rows):
         g, b = results["guard + model"], results["bare model"]
         print(f"{clients:7d} guard / bare: p50 {g.percentile(50) / b.percentile(50):.2f}x, "
@@ -295,6 +296,8 @@ def main() -> None:
     p.add_argument("--bare-comparison", action="store_true",
                    help="--bundle's guard vs its bare model through the same server, at 1 and --clients clients")
     p.add_argument("--trust-model-code", action="store_true", help="allow --bundle's entry-point model code")
+    p.add_argument("--return-freed-memory", action="store_true",
+                   help="with --bare-comparison: servers give freed memory back at once (the C library's default)")
     p.add_argument("--kserve-python", default=None,
                    help="with --upstream-comparison: the upstream is KServe's model server, run by this Python "
                    "(scripts/test.sh makes .venv-kserve/bin/python); default: a second semguard process")

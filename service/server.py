@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
+from semguard.allocator import keep_freed_memory
 from semguard.service.config import ServiceConfig
 from semguard.service.engine import GuardEngine, GuardLike
 from semguard.service.errors import StartupError
@@ -73,6 +74,9 @@ class GuardServer:
         if threads is not None:
             import torch
             torch.set_num_threads(threads)  # process-wide, hence at start, not in create
+        if not self.config.return_freed_memory:
+            kept = keep_freed_memory()  # process-wide too
+            log.info("freed memory kept for reuse" if kept else "freed memory: the C library's default (no glibc mallopt)")
         self.grpc_server.start()
         if self.config.metrics_port is not None:
             host = self.config.metrics_host or self.config.host

@@ -53,6 +53,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--max-workers", "max_workers", "gRPC handler threads"),
     Flag("--torch-threads", "torch_threads", "guard intra-op threads (default: the CPUs the process may use: "
          "affinity, cgroup quota)"),
+    Flag("--return-freed-memory", "return_freed_memory", "give freed memory back to the kernel at once (the C "
+         "library's default); by default the server keeps it for reuse, so large activations are not faulted in "
+         "afresh on every forward pass (its memory stays at its peak)"),
     Flag("--query-defence", "query.mode", "stateful query-attack defence: annotate answers with the query verdict, "
          "block refuses near-duplicate queries of suspected clients, ban refuses all their queries for a while",
          QUERY_DEFENCE_MODES),
