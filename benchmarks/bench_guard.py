@@ -176,7 +176,8 @@ def floors(guard: Guard, x: torch.Tensor, repeats: int) -> tuple[float, float]:
         wide = [acts[n] for n in bank.layers if bank.reduction(n).kind != "exact"]
         protos = [torch.from_numpy(bank.prototypes[n]) for n in bank.layers]
         feats = maha.features(acts) if maha is not None else {}
-        consts = [(torch.from_numpy(maha.means[n]), torch.from_numpy(maha.precisions[n])) for n in maha.layers] if maha is not None else []
+        seen = {n: torch.from_numpy(maha.means[n])[np.isfinite(maha.means[n]).all(1)] for n in maha.layers} if maha else {}
+        consts = [(seen[n], torch.from_numpy(maha.precisions[n])) for n in seen]  # the classes seen in fitting
 
     def signature() -> None:
         for a in wide:

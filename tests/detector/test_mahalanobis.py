@@ -102,3 +102,25 @@ def test_cached_class_constants_give_the_direct_scores():
         np.testing.assert_allclose(det.layer_scores(acts), want, rtol=1e-9)
         np.testing.assert_array_equal(det.layer_scores(acts), det.layer_scores(acts))  # second call: cached constants
     assert det.layer_scores({n: torch.zeros(0, v.shape[1], dtype=torch.float64) for n, v in feats.items()}).shape == (0, 2)
+
+
+def test_layers_of_one_width_are_scored_together_and_large_ones_alone():
+    # small layers of one width share one batched product (a, c); a layer above _STACKED_BYTES keeps its own
+    # group, a view of the stored arrays (no stacked copy); scores come back in the detector's layer order
+    from semguard.detector.mahalanobis import _STACKED_BYTES
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 5, size=90)  # class 5 never seen
+    feats = {"a": rng.normal(size=(90, 4)) + labels[:, None], "big": rng.normal(size=(90, 600)),
+             "c": rng.normal(size=(90, 4)) * 2, "b": rng.normal(size=(90, 7)) + 3.0}
+    det = fit_mahalanobis(feats, labels, num_classes=6)
+    assert det.means["big"].nbytes + det.precisions["big"].nbytes > _STACKED_BYTES
+    groups = {tuple(det.layers[j] for j in g.columns): g for g in det._groups}
+    assert set(groups) == {("a", "c"), ("big",), ("b",)}
+    assert groups[("big",)].precisions.data_ptr() == torch.from_numpy(det.precisions["big"]).data_ptr()
+    for batch in (1, 6):
+        test = {n: rng.normal(size=(batch, v.shape[1])) * 2 for n, v in feats.items()}
+        got = det.layer_scores({n: torch.from_numpy(v) for n, v in test.items()})
+        np.testing.assert_allclose(got, direct_scores(det, test), rtol=1e-9)
+    with pytest.raises(ValueError, match="acts\\['c'\\] gives 5 features, the detector was fitted on 4"):
+        det.layer_scores({**{n: torch.from_numpy(v[:1]) for n, v in feats.items()}, "c": torch.zeros(1, 5, dtype=torch.float64)})

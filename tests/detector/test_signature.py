@@ -1,4 +1,6 @@
 """detector.signature against a loop-by-definition reference."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -176,6 +178,23 @@ def test_too_few_references_raises():
     profiles, predicted, d, concepts = random_case(12, n_labels=6, k=3)
     with pytest.raises(ValueError, match="K >= 4"):
         signature_from_profiles(profiles, predicted, d, concepts)
+
+
+def test_a_bank_the_signature_cannot_use_raises_from_the_serving_path():
+    # signature_parts reads the bank's label terms, checked once per bank: the same errors as signature_from_profiles
+    bank, _ = make_bank(np.random.default_rng(14))
+    acts = {n: torch.rand(2, bank.prototypes[n].shape[1]) for n in bank.layers}
+    few = dataclasses.replace(bank, concepts=bank.concepts[:3], label_profiles=bank.label_profiles[:, :3],
+                              prototypes={n: p[:3] for n, p in bank.prototypes.items()})
+    with pytest.raises(ValueError, match="K >= 4"):
+        signature_parts(acts, np.zeros(2, dtype=int), few)
+    broken = bank.label_profiles.copy()
+    broken[3, 1] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        signature_parts(acts, np.zeros(2, dtype=int), dataclasses.replace(bank, label_profiles=broken))
+    terms = bank.label_terms()
+    assert bank.label_terms() is terms  # made once
+    np.testing.assert_allclose(terms.sums.numpy(), bank.label_profiles.sum(1), rtol=1e-12)
 
 
 def test_missing_layer_raises():
