@@ -62,12 +62,13 @@ def ledoit_wolf(centred: ArrayLike) -> ShrunkCovariance:
 
 
 class _LayerGroup(NamedTuple):
-    """Layers of one width scored together: the constants of G layers stacked (a view when G = 1)."""
+    """Layers of one width scored together: the constants of G > 1 layers stacked, or one layer's as they are
+    (2-D views of the stored arrays: no copy, and a plain GEMM reads the transposed means in place)."""
 
     columns: list[int]  # the layers' positions in MahalanobisDetector.layers
-    means: torch.Tensor  # (G, C', d) float64 means of the classes seen in fitting
-    precisions: torch.Tensor  # (G, d, d) float64
-    mean_norms: torch.Tensor  # (G, 1, C') mu_c^T P mu_c
+    means_t: torch.Tensor  # (G, d, C') or (d, C') float64 means of the classes seen in fitting, transposed
+    precisions: torch.Tensor  # (G, d, d) or (d, d) float64
+    mean_norms: torch.Tensor  # (G, 1, C') or (1, C') mu_c^T P mu_c
 
 
 _STACKED_BYTES = 1 << 21  # a layer's means and precision up to this size are stacked with the others of its width
@@ -121,8 +122,13 @@ class MahalanobisDetector:
         groups = []
         for members in by_key.values():
             columns, mus, precs = zip(*members)
-            mu, prec = (torch.stack(t) if len(t) > 1 else t[0][None] for t in (mus, precs))  # (G, C', d), (G, d, d)
-            groups.append(_LayerGroup(list(columns), mu, prec, ((mu @ prec) * mu).sum(-1)[:, None]))
+            if len(members) == 1:
+                mu, prec = mus[0], precs[0]
+                groups.append(_LayerGroup(list(columns), mu.T, prec, ((mu @ prec) * mu).sum(-1)[None]))
+                continue
+            mu, prec = torch.stack(mus), torch.stack(precs)  # (G, C', d), (G, d, d)
+            groups.append(_LayerGroup(list(columns), mu.transpose(1, 2).contiguous(), prec,
+                                      ((mu @ prec) * mu).sum(-1)[:, None]))  # batched GEMMs read operands in place
         return groups
 
     def distances(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -131,15 +137,16 @@ class MahalanobisDetector:
         f = [features[n] for n in self.layers]
         out = [None] * len(self.layers)
         for g in self._groups:
-            mu, prec, mpm = (t.to(f[0].device) for t in (g.means, g.precisions, g.mean_norms))
+            mu_t, prec, mpm = (t.to(f[0].device) for t in (g.means_t, g.precisions, g.mean_norms))
             for j in g.columns:
-                if f[j].shape[1] != mu.shape[2]:
-                    raise ValueError(f"acts[{self.layers[j]!r}] gives {f[j].shape[1]} features, the detector was fitted on {mu.shape[2]}")
-            x = torch.stack([f[j] for j in g.columns]) if len(g.columns) > 1 else f[g.columns[0]][None]  # (G, B, d)
+                if f[j].shape[1] != mu_t.shape[-2]:
+                    raise ValueError(f"acts[{self.layers[j]!r}] gives {f[j].shape[1]} features, the detector was fitted on {mu_t.shape[-2]}")
+            x = torch.stack([f[j] for j in g.columns]) if len(g.columns) > 1 else f[g.columns[0]]  # (G, B, d) or (B, d)
             # (x - mu)^T P (x - mu) = x P x - 2 x P mu + mu P mu, for all classes at once
-            xp = x @ prec  # (G, B, d)
-            dist = (xp * x).sum(-1, keepdim=True) - 2 * xp @ mu.transpose(1, 2) + mpm  # (G, B, C')
-            for j, column in zip(g.columns, dist.min(-1).values):
+            xp = x @ prec
+            dist = (xp * x).sum(-1, keepdim=True) - 2 * xp @ mu_t + mpm  # (G, B, C') or (B, C')
+            closest = dist.min(-1).values
+            for j, column in zip(g.columns, closest if len(g.columns) > 1 else closest[None]):
                 out[j] = column
         return torch.stack(out, 1)
 

@@ -110,7 +110,7 @@ def test_layers_of_one_width_are_scored_together_and_large_ones_alone():
     from semguard.detector.mahalanobis import _STACKED_BYTES
 
     rng = np.random.default_rng(4)
-    labels = rng.integers(0, 5, size=90)  # class 5 never seen
+    labels = rng.permutation(np.arange(90) % 6)  # every class seen: a single layer's means are used as stored
     feats = {"a": rng.normal(size=(90, 4)) + labels[:, None], "big": rng.normal(size=(90, 600)),
              "c": rng.normal(size=(90, 4)) * 2, "b": rng.normal(size=(90, 7)) + 3.0}
     det = fit_mahalanobis(feats, labels, num_classes=6)
@@ -118,6 +118,7 @@ def test_layers_of_one_width_are_scored_together_and_large_ones_alone():
     groups = {tuple(det.layers[j] for j in g.columns): g for g in det._groups}
     assert set(groups) == {("a", "c"), ("big",), ("b",)}
     assert groups[("big",)].precisions.data_ptr() == torch.from_numpy(det.precisions["big"]).data_ptr()
+    assert groups[("big",)].means_t.data_ptr() == torch.from_numpy(det.means["big"]).data_ptr()
     for batch in (1, 6):
         test = {n: rng.normal(size=(batch, v.shape[1])) * 2 for n, v in feats.items()}
         got = det.layer_scores({n: torch.from_numpy(v) for n, v in test.items()})
