@@ -66,6 +66,7 @@ FAST_WIDTH = 4096  # layers wider than this are count-sketched in fast mode
 # what plain, guard and floor timings read: wall time, or with --clock cpu the calling thread's CPU time (with
 # --threads 1 all the work runs on it, so other jobs on a shared machine delay the wall clock, not this one)
 CLOCK = [time.perf_counter]
+CHANNELS_LAST = [False]  # --channels-last
 
 
 def world_model(cache_dir: Path) -> tuple[torch.nn.Module, str, list[str]]:
@@ -214,9 +215,12 @@ def agreement(exact: Guard, fast: Guard, x: torch.Tensor) -> str:
 def bench_guard(title: str, mode: str, guard: Guard, repeats: int) -> list[str]:
     """One table row per batch (1, 32) for this guard: plain vs guard, stages, floors."""
     rows, model = [], guard.bundle.model
+    fmt = torch.channels_last if CHANNELS_LAST[0] else torch.contiguous_format
+    model.to(memory_format=fmt)  # in place: the guard's tap shares these parameters
     mib = sum(guard.bundle.bank.bytes_per_layer().values()) / 2**20
     for batch in (1, 32):
         x = torch.rand(batch, *guard.info.input_shape, generator=torch.Generator().manual_seed(batch))
+        x = x.contiguous(memory_format=fmt)
         reps = repeats if batch == 32 else 3 * repeats
         plain, guarded, st = time_pair(model, guard, x, reps)
         sig_floor, flag_floor = floors(guard, x, reps)
@@ -298,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time plain, guard and floors by wall clock or by this thread's CPU time (needs --threads 1; "
                              "the stage columns stay the guard's own wall-clock timings)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="models and images in channels-last memory format, for the plain forward and the guard alike "
+                             "(the guard then flattens each tapped activation with a copy)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="keep freed memory for reuse, as `semguard serve` does by default (semguard.allocator): "
                              "no page faults on fresh activations, for the plain forward and the guard alike")
@@ -310,6 +317,7 @@ def main() -> None:
         if args.threads != 1:
             raise SystemExit("--clock cpu needs --threads 1 (other threads' CPU time would not be counted)")
         CLOCK[0] = time.thread_time
+    CHANNELS_LAST[0] = args.channels_last
     if args.keep_freed_memory and not keep_freed_memory():
         raise SystemExit("--keep-freed-memory: this C library has no mallopt that takes the settings (glibc only)")
     torch.manual_seed(0)
@@ -317,7 +325,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = DetectorEvalConfig().detector
-    print(f"machine: {machine()}, clock {args.clock}, freed memory {'kept' if args.keep_freed_memory else 'returned (libc default)'}")
+    print(f"machine: {machine()}, clock {args.clock}, freed memory {'kept' if args.keep_freed_memory else 'returned (libc default)'}, "
+          f"memory format {'channels-last' if args.channels_last else 'contiguous (NCHW)'}")
     print(f"flagger features {list(cfg.features)}, K = {cfg.k} references, all other labels as alternatives")
     header = ["| model | mode | batch | plain ms/img | guard ms/img | plain img/s | guard img/s | guard / plain | "
               "stages fwd / sig / flag ms | floors fwd / sig / flag ms | floor / plain | bank MiB |",
