@@ -230,7 +230,8 @@ class LabelTerms(NamedTuple):
 
 
 def label_terms(label_profiles: ArrayLike, concepts: ArrayLike, device: torch.device | str | None = None) -> LabelTerms:
-    """label_profiles (C, K), concepts (K,) the label of each reference -> LabelTerms (unchecked: see `_check`)."""
+    """label_profiles (C, K), concepts (K,) the label of each reference -> LabelTerms, unchecked (`ReferenceBank.label_terms` and
+    `signature.signature_from_profiles` check what they pass)."""
     d = as_float64(label_profiles, device)
     ref = torch.as_tensor(np.asarray(concepts), dtype=torch.long, device=d.device)
     c, k = d.shape

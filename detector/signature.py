@@ -201,8 +201,8 @@ def signature_parts(
     if p.size and (p.min() < 0 or p.max() >= bank.num_labels):
         raise ValueError(f"predicted labels must lie in [0, {bank.num_labels})")
     if not bool(torch.isfinite(profiles).all()):
-        raise ValueError("profiles and label_profiles must be finite")
-    terms = bank.label_terms(profiles.device)  # the bank's D, checked when the bank was made
+        raise ValueError("profiles must be finite: some tapped activation is NaN or infinite")
+    terms = bank.label_terms(profiles.device)  # the bank's D, checked once, when first made
     alts = _alternatives(bank.num_labels, n_alternatives, seed, _key(eligible))[p]  # (B, M), a copy: fancy indexing
     p_t, a = (torch.from_numpy(t).to(profiles.device) for t in (p, alts))
     return _signature(one_vs_two_margins(profiles.double(), p_t, terms, a))
