@@ -33,9 +33,10 @@ from torch.utils.data import Dataset, Subset
 
 from semguard.detector.bundle import BundleManifest, write_bundle
 from semguard.models.factory import ModelSpec
+from semguard.models.inputs import image_batches
 from semguard.detector.features import FeatureRecipe, eligible_labels, flagger_features
 from semguard.detector.flagger import FEATURE_KINDS, feature_names, fit_flagger
-from semguard.detector.layers import LayerTap, image_batches, iter_activations
+from semguard.detector.layers import LayerTap, iter_activations
 from semguard.detector.mahalanobis import MahalanobisDetector, fit_mahalanobis
 from semguard.detector.reference import (
     SPACES, Reduction, ReferenceBank, build_reference_bank, class_similarity, select_references,

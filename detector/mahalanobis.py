@@ -141,6 +141,8 @@ class MahalanobisDetector:
             for j in g.columns:
                 if f[j].shape[1] != mu_t.shape[-2]:
                     raise ValueError(f"acts[{self.layers[j]!r}] gives {f[j].shape[1]} features, the detector was fitted on {mu_t.shape[-2]}")
+            # one layer: plain GEMMs on (B, d) (a batched GEMM would copy its transposed means, and mu @ (xP)^T
+            # measured 4% slower at batch 1 on resnet50)
             x = torch.stack([f[j] for j in g.columns]) if len(g.columns) > 1 else f[g.columns[0]]  # (G, B, d) or (B, d)
             # (x - mu)^T P (x - mu) = x P x - 2 x P mu + mu P mu, for all classes at once
             xp = x @ prec

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from semguard.models.inputs import as_model_input, predict
+from semguard.models.inputs import as_model_input, image_batches, predict
 from semguard.attacks.registry import get_attack
 from semguard.attacks.targets import select_targets
 from semguard.models.factory import ModelSpec
@@ -42,7 +42,7 @@ from semguard.detector.evaluate import DetectionMetrics, detection_metrics, roc_
 from semguard.detector.flagger import SUPERVISED
 from semguard.detector.guard import Guard
 from semguard.detector.budget import tap_batch_size
-from semguard.detector.layers import LayerTap, image_batches
+from semguard.detector.layers import LayerTap
 
 
 @dataclass(frozen=True)

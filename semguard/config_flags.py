@@ -10,8 +10,8 @@ Only argparse and the standard library are imported here: `semguard --help` must
 from __future__ import annotations
 
 import argparse
-import importlib
 import dataclasses
+import importlib
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from semguard.config_flags import Flag, add_world_cache_flag, config_from_flags, defer_config_flags
-
+from semguard.too_small import TooSmall
 
 
 def two_vs_two_flags(field_prefix: str = "") -> tuple[Flag, ...]:
@@ -131,8 +131,6 @@ def run_two_vs_two_command(args: argparse.Namespace) -> int:
     from semguard.subject.core import load_subject
     from semguard.subject.flags import subject_spec_from_args
 
-    from semguard.too_small import TooSmall
-
     config = config_from_flags(args, TwoVsTwoConfig(), TWO_VS_TWO_FLAGS)
     try:
         subject = load_subject(subject_spec_from_args(args, world_cache=args.world_cache), progress=config.progress)
@@ -160,7 +158,6 @@ def run_two_vs_two_command(args: argparse.Namespace) -> int:
 
 def _print_prototypes(subject, out: Path, config) -> None:
     from semguard.analysis.prototype_two_vs_two import PROTOTYPES_FILE, write_prototype_two_vs_two
-    from semguard.too_small import TooSmall
 
     try:
         r = write_prototype_two_vs_two(subject, out, config.n_permutations, config.seed, config.device)
