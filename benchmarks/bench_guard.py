@@ -87,11 +87,12 @@ def lite0_classifier(weights: Path) -> tuple[torch.nn.Module, list[str]]:
     activation outputs (33 ReLU6) as layers."""
     from efficientnet_lite_pytorch import EfficientNet
 
+    from semguard.models.factory import load_weights
     from semguard.models.graph import activation_nodes
     from semguard.models.normalize import Normalized
 
     inner = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
-    inner.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    load_weights(inner, weights, name="EfficientNet-Lite0", what="--lite0-weights")  # weights_only, strict
     return Normalized(inner, (127 / 255,) * 3, (128 / 255,) * 3).eval(), list(activation_nodes(inner))
 
 
