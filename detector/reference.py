@@ -119,7 +119,7 @@ def _fold(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=256)
-def _sketch_signs(k: int, dim: int, seed: int, dtype: torch.dtype,
+def sketch_signs(k: int, dim: int, seed: int, dtype: torch.dtype,
                   device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
     """(k,) seeded +-1 signs and (1, dim) their fold (the sketch of the all-ones vector), on `device`."""
     g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same signs on every device
@@ -137,7 +137,7 @@ def count_sketch(acts: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     result is the same, bit for bit, however the rows are chunked.
     """
     b, k = acts.shape
-    signs, folded = _sketch_signs(k, dim, seed, acts.dtype, acts.device)
+    signs, folded = sketch_signs(k, dim, seed, acts.dtype, acts.device)
     out, means = acts.new_empty(b, dim), acts.new_empty(b, 1)
     rows = max(1, _SKETCH_BUFFER_ELEMENTS // max(k, 1))
     signed = acts.new_empty(min(rows, b), k)
@@ -332,12 +332,18 @@ class ReferenceBank:
         """Bytes of the stored prototypes per layer (the shared (C, K) profiles not included)."""
         return {n: int(self.prototypes[n].nbytes) for n in self.layers}
 
-    def layer_profiles(self, acts: Mapping[str, torch.Tensor] | list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """acts: {layer: (B, k_l)} (or a list in bank layer order) -> (L, B, K) Pearson profiles."""
+    def layer_profiles(self, acts: Mapping[str, torch.Tensor] | list, dtype: torch.dtype = torch.float32,
+                       reduced: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """acts: {layer: (B, k_l)} (or a list in bank layer order) -> (L, B, K) Pearson profiles.
+
+        reduced: {layer: (B, k'_l)} layers already through their reduction (the guard's native pass),
+        taken as given; the other layers are reduced here.
+        """
+        reduced_in = reduced or {}
         acts = _acts_by_layer(acts, self.layers)
         reduced = []
         for name in self.layers:
-            x = self.reduction(name).apply(torch.as_tensor(acts[name]).to(dtype))
+            x = reduced_in[name].to(dtype) if name in reduced_in else self.reduction(name).apply(torch.as_tensor(acts[name]).to(dtype))
             if x.ndim != 2 or x.shape[1] != self.prototypes[name].shape[1]:
                 raise ValueError(
                     f"acts[{name!r}] must be (B, {self.prototypes[name].shape[1]}) after {self.reduction(name).kind}, "

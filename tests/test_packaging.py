@@ -83,6 +83,7 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
     for name in PACKAGES:
         assert f"semguard/{name}/__init__.py" in names
     assert "semguard/detector/data/cifar100.txt" in names and "semguard/service/generated/guard_pb2.py" in names
+    assert "semguard/detector/native/reductions.c" in names  # built at start-up by --native-kernels
 
 
 def test_a_batch_command_without_the_batch_toolkit_says_what_to_install(tmp_path):

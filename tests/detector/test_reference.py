@@ -87,11 +87,11 @@ def count_sketch_loop(x, dim, signs):
 
 @pytest.mark.parametrize("k, dim", [(24, 6), (23, 5), (7, 16), (40, 40)])
 def test_count_sketch_matches_definition(k, dim):
-    from semguard.detector.reference import _sketch_signs
+    from semguard.detector.reference import sketch_signs
 
     x = np.random.default_rng(k).normal(size=(9, k)) + 3.0
     got = Reduction("sketch", dim=dim, seed=5).apply(torch.from_numpy(x))
-    signs = _sketch_signs(k, dim, 5, torch.float64)[0].numpy()
+    signs = sketch_signs(k, dim, 5, torch.float64)[0].numpy()
     assert set(np.unique(signs)) == {-1.0, 1.0}
     np.testing.assert_allclose(got.numpy(), count_sketch_loop(x, dim, signs), atol=1e-10)
     assert Reduction("sketch", dim=dim).output_dim(k) == dim
@@ -118,15 +118,15 @@ def _check_count_sketch():
     # E = <ca, cb>; one sketch's sd is about sqrt((|ca|^2 |cb|^2 + <ca, cb>^2) / 64) = 0.2 <ca, cb>
     assert abs(np.mean(dots) - ca @ cb) < 0.05 * abs(ca @ cb)
     # rows are signed in chunks (one row of 1.5 M at a time here, 2 of 100 000): the same, bit for bit, as the whole batch at once
-    from semguard.detector.reference import _fold, _sketch_signs
+    from semguard.detector.reference import _fold, sketch_signs
 
     narrow = torch.from_numpy(rng.normal(size=(5, 100_000)).astype(np.float32))
-    signs, folded = _sketch_signs(100_000, 4093, 1, torch.float32)
+    signs, folded = sketch_signs(100_000, 4093, 1, torch.float32)
     assert torch.equal(Reduction("sketch", dim=4093, seed=1).apply(narrow),
                        _fold(narrow * signs, 4093) - narrow.mean(1, keepdim=True) * folded)
 
     wide = torch.from_numpy(rng.normal(size=(5, 1_500_000)).astype(np.float32))
-    signs, folded = _sketch_signs(1_500_000, 4096, 1, torch.float32)
+    signs, folded = sketch_signs(1_500_000, 4096, 1, torch.float32)
     whole = _fold(wide * signs, 4096) - wide.mean(1, keepdim=True) * folded
     assert torch.equal(Reduction("sketch", dim=4096, seed=1).apply(wide), whole)
 
