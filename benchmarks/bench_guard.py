@@ -67,6 +67,7 @@ FAST_WIDTH = 4096  # layers wider than this are count-sketched in fast mode
 # --threads 1 all the work runs on it, so other jobs on a shared machine delay the wall clock, not this one)
 CLOCK = [time.perf_counter]
 CHANNELS_LAST = [False]  # --channels-last
+NATIVE_KERNELS = [False]  # --native-kernels
 
 
 def world_model(cache_dir: Path) -> tuple[torch.nn.Module, str, list[str]]:
@@ -214,7 +215,15 @@ def agreement(exact: Guard, fast: Guard, x: torch.Tensor) -> str:
 
 
 def bench_guard(title: str, mode: str, guard: Guard, repeats: int) -> list[str]:
-    """One table row per batch (1, 32) for this guard: plain vs guard, stages, floors."""
+    """One table row per batch (1, 32) for this guard: plain vs guard, stages, floors; with --native-kernels
+    the same bundle's guard with the one-pass kernel after it (mode "<mode>, native")."""
+    rows = bench_one_guard(title, mode, guard, repeats)
+    if NATIVE_KERNELS[0]:
+        rows += bench_one_guard(title, f"{mode}, native", Guard(guard.bundle, guard.device, native_kernels=True), repeats)
+    return rows
+
+
+def bench_one_guard(title: str, mode: str, guard: Guard, repeats: int) -> list[str]:
     rows, model = [], guard.bundle.model
     fmt = torch.channels_last if CHANNELS_LAST[0] else torch.contiguous_format
     model.to(memory_format=fmt)  # in place: the guard's tap shares these parameters
@@ -306,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", action="store_true",
                         help="models and images in channels-last memory format, for the plain forward and the guard alike "
                              "(the guard then flattens each tapped activation with a copy)")
+    parser.add_argument("--native-kernels", action="store_true",
+                        help="also time each guard with the one-pass C kernel for sketches and channel means "
+                             "(semguard serve --native-kernels; needs a C compiler)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="keep freed memory for reuse, as `semguard serve` does by default (semguard.allocator): "
                              "no page faults on fresh activations, for the plain forward and the guard alike")
@@ -319,6 +331,7 @@ def main() -> None:
             raise SystemExit("--clock cpu needs --threads 1 (other threads' CPU time would not be counted)")
         CLOCK[0] = time.thread_time
     CHANNELS_LAST[0] = args.channels_last
+    NATIVE_KERNELS[0] = args.native_kernels
     if args.keep_freed_memory and not keep_freed_memory():
         raise SystemExit("--keep-freed-memory: this C library has no mallopt that takes the settings (glibc only)")
     torch.manual_seed(0)

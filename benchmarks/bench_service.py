@@ -103,11 +103,11 @@ def _serve(max_batch_size: int, delay_ms: float, bundle: str | None, torch_threa
     from semguard.service.config import ServiceConfig
     from semguard.service.server import create_server, load_guard
 
-    guard = load_guard(bundle, trust_model_code) if bundle else BenchGuard()
-    guard = BareModel(guard) if bare else guard
     config = ServiceConfig(**{"grpc_port": 0, "metrics_port": None, "max_batch_size": max_batch_size,
                               "max_queue_delay_ms": delay_ms, "max_workers": 64, "torch_threads": torch_threads,
                               **(extra or {})})
+    guard = load_guard(bundle, trust_model_code, config.native_kernels) if bundle else BenchGuard()
+    guard = BareModel(guard) if bare else guard
     created = create_server(config, guard)
     created.server.start()
     served_as = config.upstream_model or config.model_name or guard.info.model_name  # upstream mode: its model's name
@@ -256,17 +256,22 @@ def bare_comparison(args: argparse.Namespace) -> None:
     for clients in (1, args.clients):
         n = max(args.requests // 2, 20) if clients == 1 else args.requests
         rows[clients] = {}
-        for name, bare in (("bare model", True), ("guard + model", False)):
-            with served(args.max_batch_size, args, bare=bare, return_freed_memory=args.return_freed_memory) as (port, model, shape):
+        modes = [("bare model", True, False), ("guard + model", False, False)]
+        modes += [("guard (native) + model", False, True)] if args.native_kernels else []
+        for name, bare, native in modes:
+            with served(args.max_batch_size, args, bare=bare, return_freed_memory=args.return_freed_memory,
+                        native_kernels=native) as (port, model, shape):
                 rows[clients][name] = _load(port, model, shape, clients, n)
     print(f"machine: {machine()}; bundle {args.bundle}, 1 image {'x'.join(map(str, shape))} FP32 per request, "
           f"loopback, max_batch_size {args.max_batch_size}, batching delay {args.delay_ms:g} ms, "
           f"server torch threads {args.torch_threads or 'default'}, freed memory "
           f"{'returned (--return-freed-memory)' if args.return_freed_memory else 'kept (the server default)'}")
     for clients, results in load_table(rows):
-        g, b = results["guard + model"], results["bare model"]
-        print(f"{clients:7d} guard / bare: p50 {g.percentile(50) / b.percentile(50):.2f}x, "
-              f"p99 {g.percentile(99) / b.percentile(99):.2f}x, throughput {g.throughput / b.throughput:.2f}x")
+        b = results["bare model"]
+        for name in (n for n in results if n.startswith("guard")):
+            g = results[name]
+            print(f"{clients:7d} {name.removesuffix(' + model')} / bare: p50 {g.percentile(50) / b.percentile(50):.2f}x, "
+                  f"p99 {g.percentile(99) / b.percentile(99):.2f}x, throughput {g.throughput / b.throughput:.2f}x")
     if any(r.errors for results in rows.values() for r in results.values()):
         raise SystemExit("errors during the load test")
 
@@ -296,6 +301,8 @@ def main() -> None:
     p.add_argument("--bare-comparison", action="store_true",
                    help="--bundle's guard vs its bare model through the same server, at 1 and --clients clients")
     p.add_argument("--trust-model-code", action="store_true", help="allow --bundle's entry-point model code")
+    p.add_argument("--native-kernels", action="store_true",
+                   help="with --bare-comparison: also the guard with --native-kernels (needs a C compiler)")
     p.add_argument("--return-freed-memory", action="store_true",
                    help="with --bare-comparison: servers give freed memory back at once (the C library's default)")
     p.add_argument("--kserve-python", default=None,

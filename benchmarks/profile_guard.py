@@ -36,12 +36,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--bundle", default=None, help="profile this bundle instead (--model, --mode ignored)")
     parser.add_argument("--trust-model-code", action="store_true", help="allow --bundle's entry-point model code")
+    parser.add_argument("--native-kernels", action="store_true", help="the guard with the one-pass C kernel (semguard serve --native-kernels)")
     add_world_cache_flag(parser, "where a built world is read")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.bundle:
-        return profile_guard(Guard(read_bundle(args.bundle, trust_model_code=args.trust_model_code)), args)
+        return profile_guard(Guard(read_bundle(args.bundle, trust_model_code=args.trust_model_code),
+                                   native_kernels=args.native_kernels), args)
     if args.model == "worldnet":
         model, _, layers = world_model(args.world_cache)
         shape, classes = (3, 32, 32), 100
@@ -50,7 +52,7 @@ def main() -> None:
     cfg = DetectorEvalConfig().detector
     if args.mode == "fast":
         cfg = dataclasses.replace(cfg, bank_max_width=FAST_WIDTH, bank_reduction="sketch")
-    profile_guard(Guard(synthetic_bundle(model.eval(), layers, shape, classes, cfg)), args)
+    profile_guard(Guard(synthetic_bundle(model.eval(), layers, shape, classes, cfg), native_kernels=args.native_kernels), args)
 
 
 def profile_guard(guard: Guard, args: argparse.Namespace) -> None:

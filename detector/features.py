@@ -20,7 +20,8 @@ from torch.profiler import record_function
 from semguard.detector.bundle import Bundle, BundleError
 from semguard.detector.flagger import assemble_features, feature_names
 from semguard.detector.mahalanobis import MahalanobisDetector
-from semguard.detector.reference import ReferenceBank
+from semguard.detector.native import NativeKernels
+from semguard.detector.reference import ReferenceBank, sketch_signs
 from semguard.detector.signature import Signature, labels_with_vector, semantic_prediction, signature_parts
 
 
@@ -36,6 +37,8 @@ class FeatureRecipe:
     # (C,) bool: labels with a word vector, the only ones the signature judges against (semantic_prediction,
     # alternative_table); None: every label (the bundle's word vectors have no zero row)
     eligible: np.ndarray | None = None
+    # the one-pass C kernel (`detector.native`, `Guard(native_kernels=True)`); None: eager torch, as calibration runs
+    kernels: NativeKernels | None = None
 
     def signature_labels(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, C) logits -> (B,) the label each image's signature is computed for (`semantic_prediction`)."""
@@ -67,16 +70,54 @@ def flagger_features(acts: Mapping[str, torch.Tensor], predicted: torch.Tensor, 
     predicted: (B,) the labels the signature judges (`FeatureRecipe.signature_labels`: the model's argmax
     among the labels with a word vector). The profiles are float32 matmuls against the
     stored prototypes (`ReferenceBank._serving_profiles`: no float64 copy of the activations) and
-    the Mahalanobis reduction goes a few rows at a time, so serving keeps its memory bound.
+    the Mahalanobis reduction goes a few rows at a time, so serving keeps its memory bound. With
+    `recipe.kernels` the sketches and channel means come from one read of each activation
+    (`one_pass_reductions`, timed with the signature).
     """
     start = time.perf_counter()
+    maha = recipe.mahalanobis if "mahalanobis" in recipe.kinds else None
     with record_function("guard.signature"):  # stage names for benchmarks/profile_guard.py
-        sig = signature_parts(acts, predicted, recipe.bank, recipe.n_alternatives, recipe.seed, eligible=recipe.eligible)
+        bank_in, maha_in = one_pass_reductions(acts, recipe.bank, maha, recipe.kernels) if recipe.kernels else ({}, {})
+        sig = signature_parts(acts, predicted, recipe.bank, recipe.n_alternatives, recipe.seed, eligible=recipe.eligible,
+                              reduced=bank_in)
     signed = time.perf_counter()  # signature_parts returns numpy: the device has finished
     with record_function("guard.density"):
-        density = recipe.mahalanobis.layer_scores(acts) if "mahalanobis" in recipe.kinds else None
+        density = maha.layer_scores(acts, reduced=maha_in) if maha is not None else None
         features = assemble_features(recipe.kinds, sig, density)
     return FlaggerFeatures(features, sig, signed - start, time.perf_counter() - signed)
+
+
+def one_pass_reductions(acts: Mapping[str, torch.Tensor], bank: ReferenceBank, mahalanobis: MahalanobisDetector | None,
+                        kernels: NativeKernels) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({layer: (B, dim) float32 count sketch}, {layer: (B, C) float64 channel means}) of the layers the bank
+    sketches and the Mahalanobis member channel-pools, each activation read once by the native kernel.
+
+    The same values as `count_sketch` and the eager channel means up to float32 rounding: the row mean
+    behind the sketch's centring is summed in float64 here. Layers with other reductions (exact,
+    projection), non-float32 or non-CPU activations, and calls that need gradients are left out: the
+    eager path reduces them.
+    """
+    if torch.is_grad_enabled():
+        return {}, {}
+    sketched, pooled = {}, {}
+    bank_layers = set(bank.layers)
+    maha_layers = set(mahalanobis.layers) if mahalanobis is not None else set()
+    for name in dict.fromkeys([*bank.layers, *(mahalanobis.layers if mahalanobis is not None else ())]):
+        x = acts[name]
+        sketch = bank.reduction(name) if name in bank_layers else None
+        sketch = sketch if sketch is not None and sketch.kind == "sketch" else None
+        pool = mahalanobis.reduction(name) if name in maha_layers else None
+        pool = pool if pool is not None and pool.kind == "channel_pool" else None
+        if (sketch is None and pool is None) or x.dtype != torch.float32 or x.device.type != "cpu" or x.ndim != 2:
+            continue
+        signs, folded = sketch_signs(x.shape[1], sketch.dim, sketch.seed, x.dtype) if sketch else (None, None)
+        fold, mean, channels = kernels.sketch_and_channel_means(x, signs, sketch.dim if sketch else 0,
+                                                                pool.channels if pool else 0)
+        if sketch is not None:
+            sketched[name] = fold - mean.float()[:, None] * folded  # count_sketch's centring
+        if pool is not None:
+            pooled[name] = channels
+    return sketched, pooled
 
 
 def eligible_labels(word_vectors: np.ndarray) -> np.ndarray | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -26,6 +27,7 @@ from semguard.detector.errors import InputError
 from semguard.detector.features import flagger_features, recipe_of
 from semguard.detector.flagger import Flagger
 from semguard.detector.layers import LayerTap
+from semguard.detector.native import load_kernels
 
 PIXEL_TOLERANCE = 1e-4  # images a resize or colour conversion pushed just past [0, 1] are still accepted
 
@@ -82,7 +84,7 @@ def _sync(device: torch.device) -> None:
 class Guard:
     """Model + taps + reference bank + flagger, from a bundle (`Guard.load`) or parts."""
 
-    def __init__(self, bundle: Bundle, device: torch.device | str | None = None) -> None:
+    def __init__(self, bundle: Bundle, device: torch.device | str | None = None, native_kernels: bool = False) -> None:
         self.bundle = bundle
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         m = bundle.manifest
@@ -92,13 +94,15 @@ class Guard:
                               bundle.flagger.threshold, bundle.flagger.method,
                               tuple(float(v) for v in bundle.flagger.calibration_scores()))
         self.recipe = recipe_of(bundle)  # the features calibration computed, and in its column order
+        if native_kernels:  # one read of each activation for its sketch and channel means (detector/native.py)
+            self.recipe = dataclasses.replace(self.recipe, kernels=load_kernels())
         self.stage_timings: StageTimings | None = None
         self._check_model()
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, device: torch.device | str | None = None) -> "Guard":
+    def load(cls, bundle_dir: str | Path, device: torch.device | str | None = None, native_kernels: bool = False) -> "Guard":
         """Read, hash-check and cross-check a bundle (BundleError, a ValueError, on any mismatch)."""
-        return cls(read_bundle(bundle_dir), device)
+        return cls(read_bundle(bundle_dir), device, native_kernels)
 
     def _check_model(self) -> None:
         """One dummy pass: the model's output and layer widths must be the ones the bundle was built on."""

@@ -93,12 +93,18 @@ class MahalanobisDetector:
     def reduction(self, layer: str) -> Reduction:
         return self.reductions.get(layer, Reduction())
 
-    def features(self, acts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{layer: (B, k_l)} tapped activations -> {layer: (B, d_l)} the features the Gaussians model."""
-        missing = [n for n in self.layers if n not in acts]
+    def features(self, acts: Mapping[str, torch.Tensor],
+                 reduced: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """{layer: (B, k_l)} tapped activations -> {layer: (B, d_l)} the features the Gaussians model.
+
+        reduced: {layer: (B, d_l)} float64 features already made (the guard's native pass), taken as given.
+        """
+        reduced = reduced or {}
+        missing = [n for n in self.layers if n not in acts and n not in reduced]
         if missing:
             raise ValueError(f"acts lacks layers {missing}; the detector uses {list(self.layers)}")
-        return {n: _reduce_rows_float64(self.reduction(n), torch.as_tensor(acts[n])) for n in self.layers}
+        return {n: reduced[n] if n in reduced else _reduce_rows_float64(self.reduction(n), torch.as_tensor(acts[n]))
+                for n in self.layers}
 
     @cached_property
     def _groups(self) -> list[_LayerGroup]:
@@ -152,9 +158,9 @@ class MahalanobisDetector:
                 out[j] = column
         return torch.stack(out, 1)
 
-    def layer_scores(self, acts: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """(B, L) float64: per layer, squared Mahalanobis distance to the closest class mean."""
-        return self.distances(self.features(acts)).cpu().numpy() if self.layers else np.zeros((0, 0))
+    def layer_scores(self, acts: Mapping[str, torch.Tensor], reduced: Mapping[str, torch.Tensor] | None = None) -> np.ndarray:
+        """(B, L) float64: per layer, squared Mahalanobis distance to the closest class mean (reduced: `features`)."""
+        return self.distances(self.features(acts, reduced)).cpu().numpy() if self.layers else np.zeros((0, 0))
 
     def bytes_per_layer(self) -> dict[str, int]:
         return {n: int(self.means[n].nbytes + self.precisions[n].nbytes) for n in self.layers}

@@ -186,15 +186,17 @@ def signature_parts(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     eligible: ArrayLike | None = None,
+    reduced: Mapping[str, torch.Tensor] | None = None,
 ) -> Signature:
     """Fraction and mean-margin signatures (B, L) of tapped activations against a bank.
 
     acts: {layer: (B, k_l)} (or a list in bank.layers order). predicted: (B,). n_alternatives:
     None for every other label, else a seeded fixed subset per label. dtype: of the profile
     matmul (float32 for serving; the moment algebra is float64 either way). eligible: (C,) bool
-    labels with a word vector, the only alternatives (`alternative_table`); None: all.
+    labels with a word vector, the only alternatives (`alternative_table`); None: all. reduced: layers
+    already through the bank's reduction (`ReferenceBank.layer_profiles`).
     """
-    profiles = bank.layer_profiles(acts, dtype=dtype)  # (L, B, K)
+    profiles = bank.layer_profiles(acts, dtype=dtype, reduced=reduced)  # (L, B, K)
     p = np.asarray(predicted.cpu() if isinstance(predicted, torch.Tensor) else predicted).astype(np.int64)
     if p.ndim != 1 or p.shape[0] != profiles.shape[1]:
         raise ValueError(f"predicted must be (B={profiles.shape[1]},), got shape {p.shape}")

@@ -214,17 +214,21 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
         raise StartupError(f"{flag} {port}: cannot bind {host}:{port}: {exc.strerror or exc}") from None
 
 
-def load_guard(bundle: str | Path, trust_model_code: bool = False) -> GuardLike:
+def load_guard(bundle: str | Path, trust_model_code: bool = False, native_kernels: bool = False) -> GuardLike:
     """The real Guard, imported lazily so `semguard --help` does not pay for torch and the detector.
     A bundle that cannot be loaded (unreadable, incomplete, inconsistent) is a StartupError naming the file;
-    so is one whose model is user code (an entry point) unless `trust_model_code`."""
+    so is one whose model is user code (an entry point) unless `trust_model_code`, and a native kernel
+    that cannot be built (`native_kernels`: no C compiler)."""
     from semguard.detector.bundle import BundleError, read_bundle
     from semguard.detector.guard import Guard
+    from semguard.detector.native import NativeUnavailable
     from semguard.models.factory import UntrustedModelCode
     try:
-        return Guard(read_bundle(bundle, trust_model_code=trust_model_code))
+        return Guard(read_bundle(bundle, trust_model_code=trust_model_code), native_kernels=native_kernels)
     except (BundleError, UntrustedModelCode) as exc:
         raise StartupError(f"--bundle {bundle}: {exc}", exit_code=2) from None
+    except NativeUnavailable as exc:
+        raise StartupError(f"--native-kernels: {exc}", exit_code=2) from None
 
 
 def serve(config: ServiceConfig, bundle: str | Path, trust_model_code: bool = False) -> int:
@@ -232,7 +236,7 @@ def serve(config: ServiceConfig, bundle: str | Path, trust_model_code: bool = Fa
     _check_port_free(config.host, config.grpc_port, "--grpc-port")  # before the bundle: fail fast
     if config.tls_cert:
         _credentials(config)
-    guard = load_guard(bundle, trust_model_code)
+    guard = load_guard(bundle, trust_model_code, config.native_kernels)
     created = create_server(config, guard)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before the log line that tells callers the port

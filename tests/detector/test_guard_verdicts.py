@@ -12,6 +12,7 @@ from semguard.models.factory import ModelSpec
 from semguard.detector.calibrate import CalibrationConfig
 from semguard.detector.guard import Guard, calibrate_guard
 from tests.detector.frozen_guard import frozen_verdicts
+from tests.detector.test_native import kernels_or_skip
 from tests.tiny_cnn import LAYERS, tiny_task
 from tests.tiny_worldnet import IMAGE_SIZE, write_worldnet_bundle
 
@@ -19,18 +20,29 @@ N_CLASSES = 8
 SCORE_RTOL = 1e-6  # the issue's bound; features get the same
 
 
+FLOAT32_ATOL = 1e-6  # the native pass's sketch sums in another order: margins (correlations) move by float32 rounding
+
+
 def assert_same_verdicts(guard: Guard, images: torch.Tensor, batches=(1, 7, 32)) -> None:
-    """Guard.inspect_arrays vs the frozen computation, batch by batch (the same batches on both sides)."""
+    """Guard.inspect_arrays vs the frozen computation, batch by batch (the same batches on both sides).
+
+    The default path must give the frozen features and scores to 1e-6 relative. The native pass
+    (`recipe.kernels`) sums its float32 sketch in another order and its row means in float64, so its
+    margins, features and scores also get float32's absolute resolution (1e-6, scores times their
+    scale: a score near 0 moves by the rounding of the margins it is made of); fractions and flags
+    must be identical on both.
+    """
     flagged = 0
+    atol = FLOAT32_ATOL if guard.recipe.kernels is not None else 0.0
     for size in batches:
         for start in range(0, len(images), size):
             x = images[start : start + size]
             new, old = guard.inspect_arrays(x), frozen_verdicts(guard, x)
             scale = max(1.0, float(np.abs(old.score).max()))
-            np.testing.assert_allclose(new.features, old.features, rtol=SCORE_RTOL, atol=1e-9 * scale)
-            np.testing.assert_allclose(new.score, old.score, rtol=SCORE_RTOL, atol=1e-9 * scale)
+            np.testing.assert_allclose(new.features, old.features, rtol=SCORE_RTOL, atol=max(1e-9 * scale, atol))
+            np.testing.assert_allclose(new.score, old.score, rtol=SCORE_RTOL, atol=max(1e-9, atol) * scale)
             np.testing.assert_array_equal(new.signature, old.fraction)
-            np.testing.assert_allclose(new.margin, old.margin, rtol=SCORE_RTOL, atol=1e-12)
+            np.testing.assert_allclose(new.margin, old.margin, rtol=SCORE_RTOL, atol=max(1e-12, atol))
             np.testing.assert_array_equal(new.flagged, old.flagged)
             flagged += int(old.flagged.sum())
     assert 0 < flagged < len(batches) * len(images), "the images must give both verdicts, or flags test nothing"
@@ -72,6 +84,21 @@ def test_tiny_cnn_bundles_keep_their_verdicts(task, tmp_path, name):
     assert_same_verdicts(guard, probe_images(task))
 
 
+@pytest.mark.parametrize("name", ["ensemble-sketch", "gaussian-exact"])
+def test_the_native_pass_keeps_the_verdicts(task, tmp_path, name):
+    """`Guard(native_kernels=True)`: the sketch (ensemble-sketch) and the channel means from the C kernel."""
+    kernels_or_skip()
+    cfg = CONFIGS[name]
+    attack = None
+    if cfg.method != "gaussian":
+        attack = (task.images[:40] + 0.3 * torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(7))).clamp(0, 1)
+    calibrate_guard(task.model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
+                    task.words, task.images, task.labels, tmp_path, attack_images=attack, config=cfg)
+    guard = Guard.load(tmp_path, native_kernels=True)
+    assert guard.recipe.kernels is not None
+    assert_same_verdicts(guard, probe_images(task))
+
+
 def test_a_changed_computation_is_caught(task, tmp_path):
     """The comparison can fail: a guard whose flagger threshold moved by one clean score's gap disagrees."""
     cfg = CONFIGS["gaussian-exact"]
@@ -110,3 +137,5 @@ def test_world_bundle_keeps_its_verdicts(tmp_path):
     test = torch.from_numpy(world.test_images[::100]).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
     noisy = (test + 0.1 * torch.randn(test.shape, generator=torch.Generator().manual_seed(4))).clamp(0, 1)
     assert_same_verdicts(Guard.load(bundle), torch.cat([test, noisy]), batches=(5, 32))
+    kernels_or_skip()  # and with the native pass (its channel means; the world's bank is exact)
+    assert_same_verdicts(Guard.load(bundle, native_kernels=True), torch.cat([test, noisy]), batches=(5, 32))
