@@ -79,7 +79,7 @@ def flagger_features(acts: Mapping[str, torch.Tensor], predicted: torch.Tensor, 
     with record_function("guard.signature"):  # stage names for benchmarks/profile_guard.py
         bank_in, maha_in = one_pass_reductions(acts, recipe.bank, maha, recipe.kernels) if recipe.kernels else ({}, {})
         sig = signature_parts(acts, predicted, recipe.bank, recipe.n_alternatives, recipe.seed, eligible=recipe.eligible,
-                              reduced=bank_in)
+                              reduced=bank_in, kernels=recipe.kernels)
     signed = time.perf_counter()  # signature_parts returns numpy: the device has finished
     with record_function("guard.density"):
         density = maha.layer_scores(acts, reduced=maha_in) if maha is not None else None

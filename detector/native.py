@@ -1,10 +1,12 @@
-"""The guard's one pass over each tapped activation, as a small C kernel built at start-up (opt-in).
+"""The guard's native serving kernels: a small C file built at start-up (opt-in, `--native-kernels`).
 
 Eager torch reads a tapped activation four to five times for the fast mode's count sketch (sign
 multiply, fold, row mean) and the Mahalanobis member's float64 channel means (a float64 copy, then
-the mean): on resnet50 at batch 32 that is most of the guard's cost beyond its GEMMs. The kernel in
-`native/reductions.c` reads each row once, in memory order, and gives the sketch's fold (float32,
-each column summed in the eager fold's order), the row sum and the channel sums (float64).
+the mean), and makes some 35 passes over the (L, B, M) float64 margins of the 1 vs 2 signature: on
+resnet50 at batch 32 that is most of the guard's cost beyond its GEMMs. `native/reductions.c` reads
+each activation row once, in memory order, for the sketch's fold (float32), the row sum and the
+channel sums (float64), and computes the margins in one pass with the eager algebra's float64
+operations in the eager order.
 
 `load_kernels()` compiles that source, which ships inside the package, with the machine's C
 compiler (`$CC`, else `cc`; `-O3 -march=native`) into a fresh private temporary folder and loads
@@ -23,8 +25,12 @@ from importlib import resources
 
 import torch
 
+from semguard.detector.reference import LabelTerms
+from semguard.detector.rsa import _ZERO_VARIANCE
+
 SOURCE = "native/reductions.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC")
+# -ffp-contract=off: no fused multiply-adds, so the margins round as torch's float64 ops do
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-shared", "-fPIC")
 
 
 class NativeUnavailable(RuntimeError):
@@ -32,14 +38,38 @@ class NativeUnavailable(RuntimeError):
 
 
 class NativeKernels:
-    """The loaded kernel; `sketch_and_channel_means` is its one entry point."""
+    """The loaded kernels: `sketch_and_channel_means` (per activation) and `one_vs_two_margins` (per batch)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        fn = library.semguard_sketch_channel_sums
-        p, i = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, i, i, p, i, i, p, p, p]
-        fn.restype = None
-        self._fn = fn
+        p, i, d = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+        self._fn = library.semguard_sketch_channel_sums
+        self._fn.argtypes = [p, i, i, p, i, i, p, p, p]
+        self._fn.restype = None
+        self._margins = library.semguard_one_vs_two_margins
+        self._margins.argtypes = [p, p, p, p, i, i, i, i, i, p, p, p, p, p, p, d, p]
+        self._margins.restype = None
+
+    def one_vs_two_margins(self, profiles: torch.Tensor, predicted: torch.Tensor, terms: LabelTerms,
+                           alternatives: torch.Tensor) -> torch.Tensor:
+        """`signature.one_vs_two_margins` in one pass over the (L, B, M) margins: the same float64 operations
+        in the same order, so the same bits except where torch's vectorised sqrt is not correctly rounded
+        (1 ulp, rarely); no gradient. Arguments as there, on the CPU."""
+        i = profiles.double().contiguous()
+        layers, b, k = i.shape
+        c, m = terms.profiles.shape[0], alternatives.shape[1]
+        if predicted.shape != (b,) or alternatives.shape[0] != b or terms.profiles.shape[1] != k:
+            raise ValueError(f"profiles {tuple(i.shape)}, predicted {tuple(predicted.shape)}, alternatives "
+                             f"{tuple(alternatives.shape)} and label profiles {tuple(terms.profiles.shape)} do not match")
+        g = (i @ terms.profiles.T).contiguous()  # (L, B, C), as the eager algebra makes it
+        sums, squares = i.sum(-1).contiguous(), (i * i).sum(-1).contiguous()
+        p, a = predicted.long().contiguous(), alternatives.long().contiguous()
+        pos, dpad = terms.position.contiguous(), terms.padded.contiguous()
+        dsum, dsq = terms.sums.contiguous(), terms.squares.contiguous()
+        out = torch.empty(layers, b, m, dtype=torch.float64)
+        self._margins(i.data_ptr(), sums.data_ptr(), squares.data_ptr(), g.data_ptr(), layers, b, k, c, m,
+                      p.data_ptr(), a.data_ptr(), pos.data_ptr(), dpad.data_ptr(), dsum.data_ptr(), dsq.data_ptr(),
+                      _ZERO_VARIANCE, out.data_ptr())
+        return out
 
     def sketch_and_channel_means(self, acts: torch.Tensor, signs: torch.Tensor | None, dim: int,
                                  channels: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
@@ -83,7 +113,7 @@ def load_kernels() -> NativeKernels:
         c_file, library = os.path.join(folder, "reductions.c"), os.path.join(folder, "reductions.so")
         with open(c_file, "wb") as f:
             f.write(source.read_bytes())
-        done = subprocess.run([cc, *FLAGS, c_file, "-o", library], capture_output=True, text=True)
+        done = subprocess.run([cc, *FLAGS, c_file, "-o", library, "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
             raise NativeUnavailable(f"{cc} could not build {SOURCE}: {done.stderr.strip()[-500:]}")
         return NativeKernels(ctypes.CDLL(library))  # the mapping outlives the deleted file

@@ -22,13 +22,16 @@ where a missing position (label not a reference) points at an appended zero colu
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Mapping, NamedTuple
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 import numpy as np
 import torch
 
 from semguard.detector.reference import LabelTerms, ReferenceBank, label_terms
 from semguard.detector.rsa import TIE_TOLERANCE, ArrayLike, _pearson_from_moments, as_float64
+
+if TYPE_CHECKING:
+    from semguard.detector.native import NativeKernels
 
 
 class Signature(NamedTuple):
@@ -187,6 +190,7 @@ def signature_parts(
     dtype: torch.dtype = torch.float32,
     eligible: ArrayLike | None = None,
     reduced: Mapping[str, torch.Tensor] | None = None,
+    kernels: NativeKernels | None = None,
 ) -> Signature:
     """Fraction and mean-margin signatures (B, L) of tapped activations against a bank.
 
@@ -194,7 +198,8 @@ def signature_parts(
     None for every other label, else a seeded fixed subset per label. dtype: of the profile
     matmul (float32 for serving; the moment algebra is float64 either way). eligible: (C,) bool
     labels with a word vector, the only alternatives (`alternative_table`); None: all. reduced: layers
-    already through the bank's reduction (`ReferenceBank.layer_profiles`).
+    already through the bank's reduction (`ReferenceBank.layer_profiles`). kernels: the native margins
+    (`detector.native`, bit for bit the eager ones) where no gradient is wanted and the profiles are on the CPU.
     """
     profiles = bank.layer_profiles(acts, dtype=dtype, reduced=reduced)  # (L, B, K)
     p = np.asarray(predicted.cpu() if isinstance(predicted, torch.Tensor) else predicted).astype(np.int64)
@@ -207,7 +212,8 @@ def signature_parts(
     terms = bank.label_terms(profiles.device)  # the bank's D, checked once, when first made
     alts = _alternatives(bank.num_labels, n_alternatives, seed, _key(eligible))[p]  # (B, M), a copy: fancy indexing
     p_t, a = (torch.from_numpy(t).to(profiles.device) for t in (p, alts))
-    return _signature(one_vs_two_margins(profiles.double(), p_t, terms, a))
+    native = kernels is not None and not torch.is_grad_enabled() and profiles.device.type == "cpu"
+    return _signature((kernels.one_vs_two_margins if native else one_vs_two_margins)(profiles.double(), p_t, terms, a))
 
 
 

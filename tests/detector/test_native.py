@@ -101,3 +101,39 @@ def test_a_failed_build_is_named(monkeypatch, tmp_path):
             native.load_kernels()
     finally:
         native.load_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("layers,batch,k,classes,m", [(3, 5, 9, 12, 4), (2, 1, 30, 30, 29), (4, 7, 5, 6, 2), (5, 32, 40, 300, 299)])
+def test_margins_are_the_eager_margins(layers, batch, k, classes, m):
+    """One pass over the (L, B, M) margins with the float64 operations of signature.one_vs_two_margins in
+    the same order: equal to the last bit but where torch's vectorised sqrt is not correctly rounded
+    (seen: 1 ulp on 1 of 56 margins); with labels that are references and labels that are not
+    (position K), and a constant profile row (zero variance: its margins exactly 0)."""
+    from semguard.detector.reference import label_terms
+    from semguard.detector.signature import one_vs_two_margins
+
+    kernels = kernels_or_skip()
+    gen = torch.Generator().manual_seed(layers * 100 + k)
+    d = torch.rand(classes, k, generator=gen, dtype=torch.float64) * 2 - 1
+    terms = label_terms(d, torch.randperm(classes, generator=gen)[:k].numpy())  # each reference a distinct label
+    profiles = torch.rand(layers, batch, k, generator=gen, dtype=torch.float64) * 2 - 1
+    profiles[0, 0] = 0.25  # a constant row
+    predicted = torch.randint(0, classes, (batch,), generator=gen)
+    alternatives = torch.stack([torch.tensor([c for c in torch.randperm(classes, generator=gen).tolist() if c != int(p)][:m])
+                                for p in predicted])
+    want = one_vs_two_margins(profiles, predicted, terms, alternatives)
+    got = kernels.one_vs_two_margins(profiles, predicted, terms, alternatives)
+    assert got.shape == want.shape == (layers, batch, m)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=4 * np.finfo(np.float64).eps)
+    assert float((got != want).double().mean()) < 0.05  # nearly all bit for bit
+    assert bool((got[0, 0] == 0).all()) and bool((want[0, 0] == 0).all())
+
+
+def test_margins_check_their_shapes():
+    from semguard.detector.reference import label_terms
+
+    kernels = kernels_or_skip()
+    terms = label_terms(torch.rand(6, 4, dtype=torch.float64), [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.one_vs_two_margins(torch.rand(2, 3, 5, dtype=torch.float64), torch.zeros(3, dtype=torch.long), terms,
+                                   torch.ones(3, 2, dtype=torch.long))
