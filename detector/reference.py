@@ -120,7 +120,7 @@ def _fold(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 @lru_cache(maxsize=256)
 def sketch_signs(k: int, dim: int, seed: int, dtype: torch.dtype,
-                  device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
+                 device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
     """(k,) seeded +-1 signs and (1, dim) their fold (the sketch of the all-ones vector), on `device`."""
     g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same signs on every device
     signs = (torch.randint(0, 2, (k,), generator=g) * 2 - 1).to(dtype=dtype, device=device)
@@ -339,11 +339,12 @@ class ReferenceBank:
         reduced: {layer: (B, k'_l)} layers already through their reduction (the guard's native pass),
         taken as given; the other layers are reduced here.
         """
-        reduced_in = reduced or {}
+        given = reduced or {}
         acts = _acts_by_layer(acts, self.layers)
         reduced = []
         for name in self.layers:
-            x = reduced_in[name].to(dtype) if name in reduced_in else self.reduction(name).apply(torch.as_tensor(acts[name]).to(dtype))
+            x = given.get(name)
+            x = self.reduction(name).apply(torch.as_tensor(acts[name]).to(dtype)) if x is None else x.to(dtype)
             if x.ndim != 2 or x.shape[1] != self.prototypes[name].shape[1]:
                 raise ValueError(
                     f"acts[{name!r}] must be (B, {self.prototypes[name].shape[1]}) after {self.reduction(name).kind}, "

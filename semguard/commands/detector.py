@@ -95,6 +95,8 @@ def detector_flags() -> tuple[Flag, ...]:
         Flag("--bank-max-width", "detector.bank_max_width",
              "store layers wider than this reduced in the reference bank (fast mode); unset: exact"),
         Flag("--bank-reduction", "detector.bank_reduction", "how --bank-max-width reduces a wide layer", bank_reductions),
+        Flag("--bank-dim", "detector.bank_projection_dim", "coordinates a layer reduced by --bank-max-width keeps "
+             "(sketch, projection); more follow the exact bank more closely and cost a larger bank"),
         Flag("--eval-fraction", "eval_fraction", "share of test images held out"),
         Flag("--seed", "seed", "seed of the clean split and of the calibration"),
         Flag("--quiet", "progress", "no progress bars"),

@@ -113,9 +113,10 @@ def test_cli_registers_detector_commands_and_formats(tiny_world):
     assert all(a.n_sources == 7 for a in cfg.attacks)
     assert args.world_seed == 0 and cfg.detector.bank_max_width is None  # the default world, exact bank
     args = build_parser().parse_args(["detector", "evaluate", "--out", "x", "--world-seed", "2",
-                                      "--bank-max-width", "1024", "--bank-reduction", "channel_pool"])
+                                      "--bank-max-width", "1024", "--bank-reduction", "channel_pool", "--bank-dim", "509"])
     cfg = _config(args)
     assert args.world_seed == 2 and (cfg.detector.bank_max_width, cfg.detector.bank_reduction) == (1024, "channel_pool")
+    assert cfg.detector.bank_projection_dim == 509
     from semguard.commands.detector import _checked_config
 
     bad = build_parser().parse_args(["detector", "calibrate", "--out", "b", "--features", "fraction,words"])
