@@ -10,9 +10,9 @@ bundle from a model and clean images (see detector.bundle for the files).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -94,7 +94,7 @@ class Guard:
                               bundle.flagger.threshold, bundle.flagger.method,
                               tuple(float(v) for v in bundle.flagger.calibration_scores()))
         self.recipe = recipe_of(bundle)  # the features calibration computed, and in its column order
-        if native_kernels:  # one read of each activation for its sketch and channel means (detector/native.py)
+        if native_kernels:  # sketches, channel means and margins by the C kernels (detector/native.py)
             self.recipe = dataclasses.replace(self.recipe, kernels=load_kernels())
         self.stage_timings: StageTimings | None = None
         self._check_model()

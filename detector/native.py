@@ -42,9 +42,9 @@ class NativeKernels:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         p, i, d = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-        self._fn = library.semguard_sketch_channel_sums
-        self._fn.argtypes = [p, i, i, p, i, i, p, p, p]
-        self._fn.restype = None
+        self._sketch = library.semguard_sketch_channel_sums
+        self._sketch.argtypes = [p, i, i, p, i, i, p, p, p]
+        self._sketch.restype = None
         self._margins = library.semguard_one_vs_two_margins
         self._margins.argtypes = [p, p, p, p, i, i, i, i, i, p, p, p, p, p, p, d, p]
         self._margins.restype = None
@@ -59,7 +59,11 @@ class NativeKernels:
         c, m = terms.profiles.shape[0], alternatives.shape[1]
         if predicted.shape != (b,) or alternatives.shape[0] != b or terms.profiles.shape[1] != k:
             raise ValueError(f"profiles {tuple(i.shape)}, predicted {tuple(predicted.shape)}, alternatives "
-                             f"{tuple(alternatives.shape)} and label profiles {tuple(terms.profiles.shape)} do not match")
+                             f"{tuple(alternatives.shape)} and label profiles {tuple(terms.profiles.shape)} "
+                             "do not match")
+        labels = torch.cat([predicted.reshape(-1), alternatives.reshape(-1)])
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):  # the C code indexes with them
+            raise ValueError(f"predicted and alternative labels must lie in [0, {c})")
         g = (i @ terms.profiles.T).contiguous()  # (L, B, C), as the eager algebra makes it
         sums, squares = i.sum(-1).contiguous(), (i * i).sum(-1).contiguous()
         p, a = predicted.long().contiguous(), alternatives.long().contiguous()
@@ -80,7 +84,8 @@ class NativeKernels:
         else a divisor of k.
         """
         if acts.device.type != "cpu" or acts.dtype != torch.float32 or acts.ndim != 2:
-            raise ValueError(f"the native pass takes (B, k) float32 CPU activations, got {acts.dtype} {tuple(acts.shape)} on {acts.device}")
+            raise ValueError(f"the native pass takes (B, k) float32 CPU activations, "
+                             f"got {acts.dtype} {tuple(acts.shape)} on {acts.device}")
         b, k = acts.shape
         if channels and k % channels:
             raise ValueError(f"channel_pool: {k} features do not split into {channels} channels")
@@ -91,7 +96,7 @@ class NativeKernels:
         sums = torch.empty(b, dtype=torch.float64)
         channel_sums = torch.empty(b, channels, dtype=torch.float64) if channels else None
         s = signs.contiguous() if signs is not None else None
-        self._fn(x.data_ptr(), b, k, s.data_ptr() if s is not None else None, dim, channels,
+        self._sketch(x.data_ptr(), b, k, s.data_ptr() if s is not None else None, dim, channels,
                  fold.data_ptr() if fold is not None else None, sums.data_ptr(),
                  channel_sums.data_ptr() if channel_sums is not None else None)
         return fold, sums / k, channel_sums / (k // channels) if channels else None
@@ -107,7 +112,8 @@ def load_kernels() -> NativeKernels:
     """Build and load the kernel once per process (NativeUnavailable when it cannot be built)."""
     cc = compiler()
     if cc is None:
-        raise NativeUnavailable(f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH (set CC, or serve without --native-kernels)")
+        raise NativeUnavailable(f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH "
+                                "(set CC, or serve without --native-kernels)")
     source = resources.files("semguard.detector").joinpath(SOURCE)
     with tempfile.TemporaryDirectory(prefix="semguard-native-") as folder:  # mode 0700: this process's alone
         c_file, library = os.path.join(folder, "reductions.c"), os.path.join(folder, "reductions.so")

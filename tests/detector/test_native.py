@@ -137,3 +137,6 @@ def test_margins_check_their_shapes():
     with pytest.raises(ValueError, match="do not match"):
         kernels.one_vs_two_margins(torch.rand(2, 3, 5, dtype=torch.float64), torch.zeros(3, dtype=torch.long), terms,
                                    torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\)"):  # read by index in C: checked first
+        kernels.one_vs_two_margins(torch.rand(2, 3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long), terms,
+                                   torch.full((3, 2), 6, dtype=torch.long))
