@@ -68,6 +68,10 @@ class CalibrationConfig:
     batch_size: int = 64
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.bank_projection_dim < 2:  # before any work: Reduction would refuse it only once layers are reduced
+            raise ValueError(f"bank_projection_dim (--bank-dim) must be >= 2, got {self.bank_projection_dim}")
+
 
 MIN_TAIL = 5  # held-out clean images above the threshold for it to be a quantile estimate, not the maximum
 # A held-out AUROC below this means the score barely tells the calibration attacks from clean images

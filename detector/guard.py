@@ -95,6 +95,8 @@ class Guard:
                               tuple(float(v) for v in bundle.flagger.calibration_scores()))
         self.recipe = recipe_of(bundle)  # the features calibration computed, and in its column order
         if native_kernels:  # sketches, channel means and margins by the C kernels (detector/native.py)
+            if self.device.type != "cpu":
+                raise ValueError(f"native_kernels: the C kernels run on the CPU, this guard on {self.device}")
             self.recipe = dataclasses.replace(self.recipe, kernels=load_kernels())
         self.stage_timings: StageTimings | None = None
         self._check_model()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -30,7 +31,8 @@ from semguard.detector.rsa import _ZERO_VARIANCE
 
 SOURCE = "native/reductions.c"
 # -ffp-contract=off: no fused multiply-adds, so the margins round as torch's float64 ops do
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fno-fast-math", "-fopenmp-simd", "-ffp-contract=off", "-shared", "-fPIC")
+BUILD_TIMEOUT_S = 120
 
 
 class NativeUnavailable(RuntimeError):
@@ -54,6 +56,9 @@ class NativeKernels:
         """`signature.one_vs_two_margins` in one pass over the (L, B, M) margins: the same float64 operations
         in the same order, so the same bits except where torch's vectorised sqrt is not correctly rounded
         (1 ulp, rarely); no gradient. Arguments as there, on the CPU."""
+        tensors = (profiles, predicted, alternatives, *terms)
+        if any(t.device.type != "cpu" for t in tensors):
+            raise ValueError("the native margins take CPU tensors")
         i = profiles.double().contiguous()
         layers, b, k = i.shape
         c, m = terms.profiles.shape[0], alternatives.shape[1]
@@ -61,14 +66,19 @@ class NativeKernels:
             raise ValueError(f"profiles {tuple(i.shape)}, predicted {tuple(predicted.shape)}, alternatives "
                              f"{tuple(alternatives.shape)} and label profiles {tuple(terms.profiles.shape)} "
                              "do not match")
+        if terms.padded.shape != (c, k + 1) or any(t.shape != (c,) for t in (terms.sums, terms.squares, terms.position)):
+            raise ValueError(f"label terms must be D ({c}, {k}) padded to ({c}, {k + 1}) with ({c},) sums, squares and "
+                             "positions (`reference.label_terms`)")
+        if terms.position.numel() and (int(terms.position.min()) < 0 or int(terms.position.max()) > k):
+            raise ValueError(f"label positions must lie in [0, {k}]")
         labels = torch.cat([predicted.reshape(-1), alternatives.reshape(-1)])
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):  # the C code indexes with them
             raise ValueError(f"predicted and alternative labels must lie in [0, {c})")
         g = (i @ terms.profiles.T).contiguous()  # (L, B, C), as the eager algebra makes it
         sums, squares = i.sum(-1).contiguous(), (i * i).sum(-1).contiguous()
         p, a = predicted.long().contiguous(), alternatives.long().contiguous()
-        pos, dpad = terms.position.contiguous(), terms.padded.contiguous()
-        dsum, dsq = terms.sums.contiguous(), terms.squares.contiguous()
+        pos, dpad = terms.position.long().contiguous(), terms.padded.double().contiguous()
+        dsum, dsq = terms.sums.double().contiguous(), terms.squares.double().contiguous()
         out = torch.empty(layers, b, m, dtype=torch.float64)
         self._margins(i.data_ptr(), sums.data_ptr(), squares.data_ptr(), g.data_ptr(), layers, b, k, c, m,
                       p.data_ptr(), a.data_ptr(), pos.data_ptr(), dpad.data_ptr(), dsum.data_ptr(), dsq.data_ptr(),
@@ -89,37 +99,45 @@ class NativeKernels:
         b, k = acts.shape
         if channels and k % channels:
             raise ValueError(f"channel_pool: {k} features do not split into {channels} channels")
-        if signs is not None and (signs.dtype != torch.float32 or signs.shape != (k,) or dim < 1):
-            raise ValueError(f"sketch signs must be ({k},) float32 with dim >= 1")
+        if signs is not None and (signs.dtype != torch.float32 or signs.shape != (k,) or signs.device.type != "cpu"
+                                  or dim < 1):
+            raise ValueError(f"sketch signs must be ({k},) float32 on the CPU with dim >= 1")
         x = acts.contiguous()
-        fold = torch.empty(b, dim) if signs is not None else None
+        fold = torch.empty(b, dim, dtype=torch.float32) if signs is not None else None  # what the C code writes
         sums = torch.empty(b, dtype=torch.float64)
         channel_sums = torch.empty(b, channels, dtype=torch.float64) if channels else None
         s = signs.contiguous() if signs is not None else None
         self._sketch(x.data_ptr(), b, k, s.data_ptr() if s is not None else None, dim, channels,
-                 fold.data_ptr() if fold is not None else None, sums.data_ptr(),
-                 channel_sums.data_ptr() if channel_sums is not None else None)
+                     fold.data_ptr() if fold is not None else None, sums.data_ptr(),
+                     channel_sums.data_ptr() if channel_sums is not None else None)
         return fold, sums / k, channel_sums / (k // channels) if channels else None
 
 
-def compiler() -> str | None:
-    """The C compiler `load_kernels` uses: $CC, else `cc` on PATH; None if neither is found."""
-    return shutil.which(os.environ.get("CC", "cc"))
+def compiler() -> list[str] | None:
+    """The C compiler command `load_kernels` runs: $CC (which may carry arguments, e.g. "ccache gcc"), else
+    `cc`; None if its program is not on PATH."""
+    argv = shlex.split(os.environ.get("CC") or "cc")
+    program = shutil.which(argv[0]) if argv else None
+    return [program, *argv[1:]] if program else None
 
 
 @lru_cache(maxsize=1)
 def load_kernels() -> NativeKernels:
-    """Build and load the kernel once per process (NativeUnavailable when it cannot be built)."""
+    """Build and load the kernels once per process (NativeUnavailable when they cannot be built or loaded)."""
     cc = compiler()
     if cc is None:
-        raise NativeUnavailable(f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH "
+        raise NativeUnavailable(f"no C compiler: {os.environ.get('CC') or 'cc'!r} is not on PATH "
                                 "(set CC, or serve without --native-kernels)")
     source = resources.files("semguard.detector").joinpath(SOURCE)
-    with tempfile.TemporaryDirectory(prefix="semguard-native-") as folder:  # mode 0700: this process's alone
-        c_file, library = os.path.join(folder, "reductions.c"), os.path.join(folder, "reductions.so")
-        with open(c_file, "wb") as f:
-            f.write(source.read_bytes())
-        done = subprocess.run([cc, *FLAGS, c_file, "-o", library, "-lm"], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise NativeUnavailable(f"{cc} could not build {SOURCE}: {done.stderr.strip()[-500:]}")
-        return NativeKernels(ctypes.CDLL(library))  # the mapping outlives the deleted file
+    try:
+        with tempfile.TemporaryDirectory(prefix="semguard-native-") as folder:  # mode 0700: this process's alone
+            c_file, library = os.path.join(folder, "reductions.c"), os.path.join(folder, "reductions.so")
+            with open(c_file, "wb") as f:
+                f.write(source.read_bytes())
+            done = subprocess.run([*cc, *FLAGS, c_file, "-o", library, "-lm"], capture_output=True, text=True,
+                                  errors="replace", timeout=BUILD_TIMEOUT_S)
+            if done.returncode != 0:
+                raise NativeUnavailable(f"{' '.join(cc)} could not build {SOURCE}: {done.stderr.strip()[-500:]}")
+            return NativeKernels(ctypes.CDLL(library))  # the mapping outlives the deleted file
+    except (OSError, subprocess.TimeoutExpired) as e:  # no temp space, a noexec mount, a foreign-architecture build
+        raise NativeUnavailable(f"{' '.join(cc)}: the kernels of {SOURCE} could not be built and loaded: {e}") from None

@@ -3,6 +3,7 @@ per-layer loops kept as a slow reference): scores equal to 1e-6 relative and fla
 test bundles (tiny CNN: gaussian exact bank, ensemble on a sketched bank, logistic on a projected bank
 with a subset of alternatives; a tiny WorldNet) and on the embedded world's bundle (slow)."""
 import dataclasses
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -95,8 +96,48 @@ def test_the_native_pass_keeps_the_verdicts(task, tmp_path, name):
     calibrate_guard(task.model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
                     task.words, task.images, task.labels, tmp_path, attack_images=attack, config=cfg)
     guard = Guard.load(tmp_path, native_kernels=True)
-    assert guard.recipe.kernels is not None
+    calls = spy_on_kernels(guard)
     assert_same_verdicts(guard, probe_images(task))
+    assert calls["sketch_and_channel_means"] > 0 and calls["one_vs_two_margins"] > 0  # the kernels did the work
+
+
+def spy_on_kernels(guard: Guard) -> Counter:
+    """Count the guard's calls into its native kernels (a test that compared eager with eager would pass too)."""
+    calls, kernels = Counter(), guard.recipe.kernels
+    assert kernels is not None
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*args):
+                calls[name] += 1
+                return getattr(kernels, name)(*args)
+            return call
+    guard.recipe = dataclasses.replace(guard.recipe, kernels=Spy())
+    return calls
+
+
+def test_what_the_kernels_cannot_do_stays_eager(task, tmp_path):
+    """A projected bank is reduced by torch (only the Mahalanobis channel means go native), and a call that
+    wants gradients (the adaptive attacks) never reaches the kernels."""
+    from semguard.detector.features import one_pass_reductions
+
+    kernels_or_skip()
+    cfg = CONFIGS["logistic-projection"]
+    attack = (task.images[:40] + 0.3 * torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(7))).clamp(0, 1)
+    calibrate_guard(task.model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
+                    task.words, task.images, task.labels, tmp_path, attack_images=attack, config=cfg)
+    guard = Guard.load(tmp_path, native_kernels=True)
+    recipe = guard.recipe
+    with torch.no_grad():
+        acts = guard.tap(task.images[:5]).acts
+        sketched, pooled = one_pass_reductions(acts, recipe.bank, recipe.mahalanobis, recipe.kernels)
+    assert sketched == {} and set(pooled) == {n for n in recipe.mahalanobis.layers
+                                             if recipe.mahalanobis.reduction(n).kind == "channel_pool"} != set()
+    with torch.enable_grad():
+        assert one_pass_reductions(acts, recipe.bank, recipe.mahalanobis, recipe.kernels) == ({}, {})
+    calls = spy_on_kernels(guard)
+    assert_same_verdicts(guard, probe_images(task), batches=(32,))
+    assert calls["sketch_and_channel_means"] > 0
 
 
 def test_a_changed_computation_is_caught(task, tmp_path):
@@ -138,4 +179,7 @@ def test_world_bundle_keeps_its_verdicts(tmp_path):
     noisy = (test + 0.1 * torch.randn(test.shape, generator=torch.Generator().manual_seed(4))).clamp(0, 1)
     assert_same_verdicts(Guard.load(bundle), torch.cat([test, noisy]), batches=(5, 32))
     kernels_or_skip()  # and with the native pass (its channel means; the world's bank is exact)
-    assert_same_verdicts(Guard.load(bundle, native_kernels=True), torch.cat([test, noisy]), batches=(5, 32))
+    native = Guard.load(bundle, native_kernels=True)
+    calls = spy_on_kernels(native)
+    assert_same_verdicts(native, torch.cat([test, noisy]), batches=(5, 32))
+    assert calls["sketch_and_channel_means"] > 0 and calls["one_vs_two_margins"] > 0

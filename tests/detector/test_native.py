@@ -90,6 +90,22 @@ def test_a_missing_compiler_is_named(monkeypatch):
         native.load_kernels.cache_clear()
 
 
+def test_a_compiler_with_arguments_and_a_failed_load_are_named(monkeypatch, tmp_path):
+    """CC may carry arguments ("ccache gcc"); a library the loader refuses (here: not a shared object) is
+    NativeUnavailable, not an OSError escaping `semguard serve`."""
+    cc = tmp_path / "fakecc"
+    cc.write_text("#!/bin/sh\n[ \"$1\" = --wrapped ] || exit 3\nwhile [ \"$1\" != -o ]; do shift; done\n"
+                  "echo 'not a library' > \"$2\"\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", f"{cc} --wrapped")
+    native.load_kernels.cache_clear()
+    try:
+        with pytest.raises(native.NativeUnavailable, match="could not be built and loaded"):
+            native.load_kernels()
+    finally:
+        native.load_kernels.cache_clear()
+
+
 def test_a_failed_build_is_named(monkeypatch, tmp_path):
     cc = tmp_path / "cc"
     cc.write_text("#!/bin/sh\necho 'cc: error: out of luck' >&2\nexit 1\n")
@@ -137,6 +153,24 @@ def test_margins_check_their_shapes():
     with pytest.raises(ValueError, match="do not match"):
         kernels.one_vs_two_margins(torch.rand(2, 3, 5, dtype=torch.float64), torch.zeros(3, dtype=torch.long), terms,
                                    torch.ones(3, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\)"):  # read by index in C: checked first
-        kernels.one_vs_two_margins(torch.rand(2, 3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long), terms,
-                                   torch.full((3, 2), 6, dtype=torch.long))
+    for predicted, alternative in ((0, 6), (-1, 1), (6, 1)):  # read by index in C: checked first
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\)"):
+            kernels.one_vs_two_margins(torch.rand(2, 3, 4, dtype=torch.float64), torch.full((3,), predicted), terms,
+                                       torch.full((3, 2), alternative, dtype=torch.long))
+    with pytest.raises(ValueError, match="label terms must be"):
+        kernels.one_vs_two_margins(torch.rand(2, 3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long),
+                                   terms._replace(padded=terms.padded[:, :4]), torch.ones(3, 2, dtype=torch.long))
+
+
+def test_the_sketch_is_float32_whatever_the_default_dtype():
+    kernels = kernels_or_skip()
+    x = torch.rand(3, 40, generator=torch.Generator().manual_seed(2))
+    signs = sketch_signs(40, 7, 0, torch.float32)[0]
+    want = kernels.sketch_and_channel_means(x, signs, 7, 4)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = kernels.sketch_and_channel_means(x, signs, 7, 4)
+    finally:
+        torch.set_default_dtype(default)
+    assert got[0].dtype == torch.float32 and all(torch.equal(a, b) for a, b in zip(got, want))

@@ -119,6 +119,9 @@ def test_cli_registers_detector_commands_and_formats(tiny_world):
     assert cfg.detector.bank_projection_dim == 509
     from semguard.commands.detector import _checked_config
 
+    with pytest.raises(SystemExit, match=r"bank_projection_dim \(--bank-dim\) must be >= 2, got 1"):
+        _checked_config(build_parser().parse_args(["detector", "calibrate", "--out", "b", "--bank-dim", "1"]))
+
     bad = build_parser().parse_args(["detector", "calibrate", "--out", "b", "--features", "fraction,words"])
     with pytest.raises(SystemExit, match="semguard detector calibrate: features must be"):
         _checked_config(bad)  # before the world is built or any attack runs
