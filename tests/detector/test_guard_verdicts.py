@@ -70,15 +70,29 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(scope="module")
+def bundle_dir(task, tmp_path_factory):
+    """name -> the directory of that CONFIGS bundle, calibrated once for the module."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            cfg, made[name] = CONFIGS[name], tmp_path_factory.mktemp(name)
+            attack = None
+            if cfg.method != "gaussian":
+                noise = 0.3 * torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+                attack = (task.images[:40] + noise).clamp(0, 1)
+            calibrate_guard(task.model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS,
+                            [f"c{i}" for i in range(N_CLASSES)], task.words, task.images, task.labels, made[name],
+                            attack_images=attack, config=cfg)
+        return made[name]
+    return get
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_tiny_cnn_bundles_keep_their_verdicts(task, tmp_path, name):
+def test_tiny_cnn_bundles_keep_their_verdicts(task, bundle_dir, name):
     cfg = CONFIGS[name]
-    attack = None
-    if cfg.method != "gaussian":
-        attack = (task.images[:40] + 0.3 * torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(7))).clamp(0, 1)
-    calibrate_guard(task.model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
-                    task.words, task.images, task.labels, tmp_path, attack_images=attack, config=cfg)
-    guard = Guard.load(tmp_path)
+    guard = Guard.load(bundle_dir(name))
     assert guard.bundle.flagger.method == cfg.method
     if cfg.bank_max_width:
         assert {r.kind for r in guard.bundle.bank.reductions.values()} == {cfg.bank_reduction}
@@ -86,16 +100,10 @@ def test_tiny_cnn_bundles_keep_their_verdicts(task, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["ensemble-sketch", "gaussian-exact"])
-def test_the_native_pass_keeps_the_verdicts(task, tmp_path, name):
+def test_the_native_pass_keeps_the_verdicts(task, bundle_dir, name):
     """`Guard(native_kernels=True)`: the sketch (ensemble-sketch) and the channel means from the C kernel."""
     kernels_or_skip()
-    cfg = CONFIGS[name]
-    attack = None
-    if cfg.method != "gaussian":
-        attack = (task.images[:40] + 0.3 * torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(7))).clamp(0, 1)
-    calibrate_guard(task.model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
-                    task.words, task.images, task.labels, tmp_path, attack_images=attack, config=cfg)
-    guard = Guard.load(tmp_path, native_kernels=True)
+    guard = Guard.load(bundle_dir(name), native_kernels=True)
     calls = spy_on_kernels(guard)
     assert_same_verdicts(guard, probe_images(task))
     assert calls["sketch_and_channel_means"] > 0 and calls["one_vs_two_margins"] > 0  # the kernels did the work
@@ -116,17 +124,13 @@ def spy_on_kernels(guard: Guard) -> Counter:
     return calls
 
 
-def test_what_the_kernels_cannot_do_stays_eager(task, tmp_path):
+def test_what_the_kernels_cannot_do_stays_eager(task, bundle_dir):
     """A projected bank is reduced by torch (only the Mahalanobis channel means go native), and a call that
     wants gradients (the adaptive attacks) never reaches the kernels."""
     from semguard.detector.features import one_pass_reductions
 
     kernels_or_skip()
-    cfg = CONFIGS["logistic-projection"]
-    attack = (task.images[:40] + 0.3 * torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(7))).clamp(0, 1)
-    calibrate_guard(task.model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
-                    task.words, task.images, task.labels, tmp_path, attack_images=attack, config=cfg)
-    guard = Guard.load(tmp_path, native_kernels=True)
+    guard = Guard.load(bundle_dir("logistic-projection"), native_kernels=True)
     recipe = guard.recipe
     with torch.no_grad():
         acts = guard.tap(task.images[:5]).acts
@@ -140,15 +144,12 @@ def test_what_the_kernels_cannot_do_stays_eager(task, tmp_path):
     assert calls["sketch_and_channel_means"] > 0
 
 
-def test_a_changed_computation_is_caught(task, tmp_path):
+def test_a_changed_computation_is_caught(task, bundle_dir):
     """The comparison can fail: a guard whose flagger threshold moved by one clean score's gap disagrees."""
-    cfg = CONFIGS["gaussian-exact"]
-    calibrate_guard(task.model, ModelSpec("tiny_cnn_test", {"width": 6}), LAYERS, [f"c{i}" for i in range(N_CLASSES)],
-                    task.words, task.images, task.labels, tmp_path, config=cfg)
-    guard = Guard.load(tmp_path)
+    guard = Guard.load(bundle_dir("gaussian-exact"))
     bent = dataclasses.replace(guard.bundle.flagger, center=guard.bundle.flagger.center * (1 + 1e-4))
     guard.bundle = dataclasses.replace(guard.bundle, flagger=bent)
-    old_guard = Guard.load(tmp_path)
+    old_guard = Guard.load(bundle_dir("gaussian-exact"))
     x = probe_images(task)[:32]
     with pytest.raises(AssertionError):
         np.testing.assert_allclose(guard.inspect_arrays(x).score, frozen_verdicts(old_guard, x).score, rtol=SCORE_RTOL)

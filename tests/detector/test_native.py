@@ -80,17 +80,21 @@ def test_bad_inputs_are_named():
         kernels.sketch_and_channel_means(torch.zeros(2, 8), torch.ones(7), 4, 0)
 
 
-def test_a_missing_compiler_is_named(monkeypatch):
-    monkeypatch.setenv("CC", "semguard-no-such-cc")
+@pytest.fixture
+def uncached():
+    """load_kernels builds afresh in the test (its once-per-process cache cleared before and after)."""
     native.load_kernels.cache_clear()
-    try:
-        with pytest.raises(native.NativeUnavailable, match="semguard-no-such-cc"):
-            native.load_kernels()
-    finally:
-        native.load_kernels.cache_clear()
+    yield native.load_kernels
+    native.load_kernels.cache_clear()
 
 
-def test_a_compiler_with_arguments_and_a_failed_load_are_named(monkeypatch, tmp_path):
+def test_a_missing_compiler_is_named(monkeypatch, uncached):
+    monkeypatch.setenv("CC", "semguard-no-such-cc")
+    with pytest.raises(native.NativeUnavailable, match="semguard-no-such-cc"):
+        uncached()
+
+
+def test_a_compiler_with_arguments_and_a_failed_load_are_named(monkeypatch, tmp_path, uncached):
     """CC may carry arguments ("ccache gcc"); a library the loader refuses (here: not a shared object) is
     NativeUnavailable, not an OSError escaping `semguard serve`."""
     cc = tmp_path / "fakecc"
@@ -98,25 +102,17 @@ def test_a_compiler_with_arguments_and_a_failed_load_are_named(monkeypatch, tmp_
                   "echo 'not a library' > \"$2\"\n")
     cc.chmod(0o755)
     monkeypatch.setenv("CC", f"{cc} --wrapped")
-    native.load_kernels.cache_clear()
-    try:
-        with pytest.raises(native.NativeUnavailable, match="could not be built and loaded"):
-            native.load_kernels()
-    finally:
-        native.load_kernels.cache_clear()
+    with pytest.raises(native.NativeUnavailable, match="could not be built and loaded"):
+        uncached()
 
 
-def test_a_failed_build_is_named(monkeypatch, tmp_path):
+def test_a_failed_build_is_named(monkeypatch, tmp_path, uncached):
     cc = tmp_path / "cc"
     cc.write_text("#!/bin/sh\necho 'cc: error: out of luck' >&2\nexit 1\n")
     cc.chmod(0o755)
     monkeypatch.setenv("CC", str(cc))
-    native.load_kernels.cache_clear()
-    try:
-        with pytest.raises(native.NativeUnavailable, match="out of luck"):
-            native.load_kernels()
-    finally:
-        native.load_kernels.cache_clear()
+    with pytest.raises(native.NativeUnavailable, match="out of luck"):
+        uncached()
 
 
 @pytest.mark.parametrize("layers,batch,k,classes,m", [(3, 5, 9, 12, 4), (2, 1, 30, 30, 29), (4, 7, 5, 6, 2), (5, 32, 40, 300, 299)])
