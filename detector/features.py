@@ -99,9 +99,9 @@ def one_pass_reductions(acts: Mapping[str, torch.Tensor], bank: ReferenceBank, m
     """
     if torch.is_grad_enabled():
         return {}, {}
-    sketched, pooled = {}, {}
     bank_layers = set(bank.layers)
     maha_layers = set(mahalanobis.layers) if mahalanobis is not None else set()
+    jobs = []  # (name, x, the bank's sketch or None, the Mahalanobis channel pool or None, (signs, folded) or None)
     for name in dict.fromkeys([*bank.layers, *(mahalanobis.layers if mahalanobis is not None else ())]):
         x = acts[name]
         sketch = bank.reduction(name) if name in bank_layers else None
@@ -110,11 +110,17 @@ def one_pass_reductions(acts: Mapping[str, torch.Tensor], bank: ReferenceBank, m
         pool = pool if pool is not None and pool.kind == "channel_pool" else None
         if (sketch is None and pool is None) or x.dtype != torch.float32 or x.device.type != "cpu" or x.ndim != 2:
             continue
-        signs, folded = sketch_signs(x.shape[1], sketch.dim, sketch.seed, x.dtype) if sketch else (None, None)
-        fold, mean, channels = kernels.sketch_and_channel_means(x, signs, sketch.dim if sketch else 0,
-                                                                pool.channels if pool else 0)
+        signs = sketch_signs(x.shape[1], sketch.dim, sketch.seed, x.dtype) if sketch else None  # made here, not in threads
+        jobs.append((name, x, sketch, pool, signs))
+
+    def one(job):
+        _, x, sketch, pool, signs = job
+        return kernels.sketch_and_channel_means(x, signs[0] if signs else None, sketch.dim if sketch else 0,
+                                                pool.channels if pool else 0)
+    sketched, pooled = {}, {}
+    for (name, _, sketch, pool, signs), (fold, mean, channels) in zip(jobs, kernels.map(one, jobs)):
         if sketch is not None:
-            sketched[name] = fold - mean.float()[:, None] * folded  # count_sketch's centring
+            sketched[name] = fold - mean.float()[:, None] * signs[1]  # count_sketch's centring
         if pool is not None:
             pooled[name] = channels
     return sketched, pooled

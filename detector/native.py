@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from importlib import resources
 
@@ -50,6 +51,19 @@ class NativeKernels:
         self._margins = library.semguard_one_vs_two_margins
         self._margins.argtypes = [p, p, p, p, i, i, i, i, i, p, p, p, p, p, p, d, p]
         self._margins.restype = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def map(self, fn, items: list) -> list:
+        """[fn(item)] on torch's intra-op thread count: a kernel call releases the GIL (ctypes), so calls on
+        different layers run side by side; each call's arithmetic is the same on any number of threads."""
+        threads = torch.get_num_threads()
+        if threads <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        if self._executor is None or self._executor._max_workers != threads:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+            self._executor = ThreadPoolExecutor(threads, thread_name_prefix="semguard-native")
+        return list(self._executor.map(fn, items))
 
     def one_vs_two_margins(self, profiles: torch.Tensor, predicted: torch.Tensor, terms: LabelTerms,
                            alternatives: torch.Tensor) -> torch.Tensor:
@@ -80,9 +94,16 @@ class NativeKernels:
         pos, dpad = terms.position.long().contiguous(), terms.padded.double().contiguous()
         dsum, dsq = terms.sums.double().contiguous(), terms.squares.double().contiguous()
         out = torch.empty(layers, b, m, dtype=torch.float64)
-        self._margins(i.data_ptr(), sums.data_ptr(), squares.data_ptr(), g.data_ptr(), layers, b, k, c, m,
-                      p.data_ptr(), a.data_ptr(), pos.data_ptr(), dpad.data_ptr(), dsum.data_ptr(), dsq.data_ptr(),
-                      _ZERO_VARIANCE, out.data_ptr())
+
+        def span(first_last: tuple[int, int]) -> None:  # layers [first, last): every array is layer-major
+            first, last = first_last
+            f8 = 8 * first * b  # bytes before the first layer's rows, per float64 per row-width
+            self._margins(i.data_ptr() + f8 * k, sums.data_ptr() + f8, squares.data_ptr() + f8, g.data_ptr() + f8 * c,
+                          last - first, b, k, c, m, p.data_ptr(), a.data_ptr(), pos.data_ptr(), dpad.data_ptr(),
+                          dsum.data_ptr(), dsq.data_ptr(), _ZERO_VARIANCE, out.data_ptr() + f8 * m)
+        parts = min(layers, torch.get_num_threads())
+        bounds = [layers * j // parts for j in range(parts + 1)] if parts else [0, 0]
+        self.map(span, [(bounds[j], bounds[j + 1]) for j in range(len(bounds) - 1)])
         return out
 
     def sketch_and_channel_means(self, acts: torch.Tensor, signs: torch.Tensor | None, dim: int,

@@ -170,3 +170,33 @@ def test_the_sketch_is_float32_whatever_the_default_dtype():
     finally:
         torch.set_default_dtype(default)
     assert got[0].dtype == torch.float32 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_threads_change_no_bit():
+    """With torch threads > 1 the kernels run on several layers (margins: layer ranges) at once; every call's
+    arithmetic is its own, so the results equal the one-thread results exactly."""
+    from semguard.detector.reference import label_terms
+
+    kernels = kernels_or_skip()
+    gen = torch.Generator().manual_seed(4)
+    maps = [torch.rand(3, c * 36, generator=gen) for c in (4, 8, 16, 2, 6)]
+    signs = [sketch_signs(x.shape[1], 13, 0, torch.float32)[0] for x in maps]
+    terms = label_terms(torch.rand(40, 9, dtype=torch.float64, generator=gen), torch.randperm(40, generator=gen)[:9].numpy())
+    profiles = torch.rand(7, 3, 9, dtype=torch.float64, generator=gen)
+    predicted = torch.tensor([0, 5, 39])
+    alternatives = torch.stack([torch.tensor([a for a in range(40) if a != int(p)]) for p in predicted])
+
+    def run():
+        passes = kernels.map(lambda job: kernels.sketch_and_channel_means(job[0], job[1], 13, job[0].shape[1] // 36),
+                             list(zip(maps, signs)))
+        return passes, kernels.one_vs_two_margins(profiles, predicted, terms, alternatives)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(3)
+        many = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[1], many[1])
+    assert all(torch.equal(a, b) for p, q in zip(one[0], many[0]) for a, b in zip(p, q))
