@@ -52,6 +52,7 @@ class NativeKernels:
         self._margins.argtypes = [p, p, p, p, i, i, i, i, i, p, p, p, p, p, p, d, p]
         self._margins.restype = None
         self._executor: ThreadPoolExecutor | None = None
+        self._workers = 0  # the executor's thread count
 
     def map(self, fn, items: list) -> list:
         """[fn(item)] on torch's intra-op thread count: a kernel call releases the GIL (ctypes), so calls on
@@ -59,10 +60,11 @@ class NativeKernels:
         threads = torch.get_num_threads()
         if threads <= 1 or len(items) <= 1:
             return [fn(item) for item in items]
-        if self._executor is None or self._executor._max_workers != threads:
+        if self._workers != threads:  # first use, or torch's thread count changed
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
             self._executor = ThreadPoolExecutor(threads, thread_name_prefix="semguard-native")
+            self._workers = threads
         return list(self._executor.map(fn, items))
 
     def one_vs_two_margins(self, profiles: torch.Tensor, predicted: torch.Tensor, terms: LabelTerms,

@@ -199,7 +199,8 @@ def signature_parts(
     matmul (float32 for serving; the moment algebra is float64 either way). eligible: (C,) bool
     labels with a word vector, the only alternatives (`alternative_table`); None: all. reduced: layers
     already through the bank's reduction (`ReferenceBank.layer_profiles`). kernels: the native margins
-    (`detector.native`, bit for bit the eager ones) where no gradient is wanted and the profiles are on the CPU.
+    (`detector.native`: the eager float64 operations, equal but for a last bit where torch's sqrt rounds
+    otherwise) where no gradient is wanted and the profiles are on the CPU.
     """
     profiles = bank.layer_profiles(acts, dtype=dtype, reduced=reduced)  # (L, B, K)
     p = np.asarray(predicted.cpu() if isinstance(predicted, torch.Tensor) else predicted).astype(np.int64)

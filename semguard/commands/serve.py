@@ -57,8 +57,8 @@ FLAGS: tuple[Flag, ...] = (
          "library's default); by default the server keeps it for reuse, so large activations are not faulted in "
          "afresh on every forward pass (its memory stays at its peak)"),
     Flag("--native-kernels", "native_kernels", "compute the guard's count sketches and channel means in one read of "
-         "each activation, by a C kernel built at start-up with the machine's C compiler ($CC, else cc); scores equal "
-         "the default path's to float32 rounding"),
+         "each activation and its 1 vs 2 margins in one pass, by C kernels built at start-up with the machine's C "
+         "compiler ($CC, else cc); scores equal the default path's to float32 rounding"),
     Flag("--query-defence", "query.mode", "stateful query-attack defence: annotate answers with the query verdict, "
          "block refuses near-duplicate queries of suspected clients, ban refuses all their queries for a while",
          QUERY_DEFENCE_MODES),
